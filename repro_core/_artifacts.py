@@ -1,0 +1,159 @@
+"""One ``log_artifact`` call, validated up front and then written (used by the manager).
+
+Splitting *validate* (pure, no I/O) from *write* (blob, then registry row) is what lets the
+manager promise that bad input never touches disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .directory import ingest_directory, materialize_directory, read_manifest, scan_directory
+from .errors import InvalidArgumentError, MissingFileError, SerializationError
+from .registry import NewVersion, Registry, VersionRow
+from .serialize import Payload, canonical_json, prepare
+from .store.local import LocalStorageBackend
+from .types import (
+    ArtifactMetadata,
+    ArtifactType,
+    ParsedKey,
+    parse_key,
+    validate_alias,
+    validate_name,
+)
+
+__all__ = ["ArtifactWriter", "metadata_from_row"]
+
+
+@dataclass(frozen=True)
+class ArtifactWriter:
+    """A validated ``log_artifact`` request."""
+
+    name: str
+    type: ArtifactType
+    payload: Payload | None
+    file_path: Path | None
+    metadata: dict[str, Any]
+    parents: tuple[ParsedKey, ...]
+    aliases: tuple[str, ...]
+
+    @classmethod
+    def validate(
+        cls,
+        name: object,
+        type: object,
+        data: object,
+        file_path: object,
+        metadata: object,
+        parent_artifacts: object,
+        aliases: object,
+    ) -> ArtifactWriter:
+        """Check every argument; raise a typed error naming the fix. No I/O beyond ``stat``."""
+        validate_name(name)
+        assert isinstance(name, str)
+        artifact_type = ArtifactType.coerce(type)  # type: ignore[arg-type]
+        if (data is None) == (file_path is None):
+            raise InvalidArgumentError(
+                "give exactly one of data= (an in-memory value) or file_path= (a file or "
+                f"directory); got {'both' if data is not None else 'neither'}",
+                argument="data",
+            )
+        payload = prepare(data) if data is not None else None
+        path = _check_path(file_path) if file_path is not None else None
+        meta = _check_metadata(metadata)
+        parents = tuple(parse_key(k) for k in _check_list(parent_artifacts, "parent_artifacts"))
+        alias_list = tuple(validate_alias(a) for a in _check_list(aliases, "aliases"))
+        if "latest" in alias_list:
+            raise InvalidArgumentError("'latest' is set automatically; drop it from aliases",
+                                       argument="aliases")
+        return cls(name, artifact_type, payload, path, meta, parents, alias_list)
+
+    def write(self, store: LocalStorageBackend, registry: Registry,
+              run_id: str | None) -> ArtifactMetadata:
+        """Blob(s) first, then one registry transaction."""
+        parent_ids = [registry.resolve(p).id for p in self.parents]  # unknown parent: no I/O
+        digest, size, fmt, blobs = self._store_content(store)
+        row, _created = registry.add_version(NewVersion(
+            name=self.name, type=self.type.value, digest=digest, size=size, format=fmt,
+            run_id=run_id, metadata=self.metadata, parent_ids=parent_ids,
+            aliases=self.aliases, blobs=blobs,
+        ))
+        path = self.check_content(store, registry, row, full=False)
+        return metadata_from_row(registry, row, path)
+
+    def _store_content(self, store: LocalStorageBackend
+                       ) -> tuple[str, int, str, list[tuple[str, int]]]:
+        if self.payload is not None:
+            with store.open_writer() as writer:
+                self.payload.write(writer)
+                digest, size = writer.commit()
+            return digest, size, self.payload.format, [(digest, size)]
+        assert self.file_path is not None
+        if self.file_path.is_dir():
+            manifest = ingest_directory(store, self.file_path)
+            return manifest.digest, manifest.total_size, "directory", manifest.blobs
+        digest, size = store.ingest_file(self.file_path)
+        return digest, size, "file", [(digest, size)]
+
+    @staticmethod
+    def check_content(store: LocalStorageBackend, registry: Registry, row: VersionRow,
+                      *, full: bool) -> Path:
+        """Size always, digest if ``full``; directories file by file. Returns a local path."""
+        if row.format != "directory":
+            return store.check(row.digest, row.size, full=full)
+        manifest_size = dict(registry.blobs_of(row.id))[row.digest]
+        manifest_path = store.check(row.digest, manifest_size, full=full)
+        for record in read_manifest(manifest_path)["files"]:
+            store.check(record["digest"], record["size"], full=full)
+        return materialize_directory(store, row.digest)
+
+
+def metadata_from_row(registry: Registry, row: VersionRow, path: Path | None) -> ArtifactMetadata:
+    return ArtifactMetadata(
+        name=row.name, type=ArtifactType.coerce(row.type), version=f"v{row.version}",
+        hash=row.digest, size_bytes=row.size, created_at=row.created_at, run_id=row.run_id,
+        parent_artifacts=[p.key for p in registry.parents_of(row.id)],
+        metadata=row.metadata, aliases=registry.aliases_of(row.id), format=row.format,
+        path=path,
+    )
+
+
+def _check_path(file_path: object) -> Path:
+    if not isinstance(file_path, (str, Path)):
+        raise InvalidArgumentError(
+            f"file_path must be a str or Path, got {type(file_path).__name__}",
+            argument="file_path",
+        )
+    if isinstance(file_path, str) and "\x00" in file_path:
+        raise InvalidArgumentError("file_path contains a NUL byte", argument="file_path")
+    path = Path(file_path).expanduser()
+    if not path.exists():
+        raise MissingFileError(f"file_path {str(path)!r} does not exist", path=path)
+    if path.is_dir():
+        scan_directory(path)  # refuses directory symlinks and special files before any write
+    elif not path.is_file():
+        raise InvalidArgumentError(f"{path} is neither a regular file nor a directory",
+                                   argument="file_path")
+    return path
+
+
+def _check_metadata(metadata: object) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise SerializationError(
+            f"metadata must be a dict, got {type(metadata).__name__}", path="metadata"
+        )
+    canonical_json(metadata, root="metadata")
+    return dict(metadata)
+
+
+def _check_list(value: object, what: str) -> Sequence[Any]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise InvalidArgumentError(f"{what} must be a list, got {value!r}", argument=what)
+    return value

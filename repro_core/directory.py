@@ -1,0 +1,163 @@
+"""Directory artifacts: a manifest of relative paths and digests, itself content-addressed.
+
+Each file becomes an ordinary blob (so two versions of a dataset share unchanged files, as in
+DVC); the manifest is canonical JSON, and *its* digest is the artifact's digest::
+
+    {"format": "repro.directory/1",
+     "files": [{"path": "train/0.csv", "digest": "blake3:…", "size": 123, "executable": false}],
+     "dirs": ["empty/subdir"]}
+
+``use_artifact`` materialises a directory once under ``cache/dirs/<algo>/<hex>/`` with hard
+links to the read-only blobs (a copy where links are not possible), built in ``tmp/`` and renamed
+into place so a half-built tree is never visible.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgumentError, StorageError
+from .hashing import parse_digest
+from .serialize import canonical_json
+from .store.local import LocalStorageBackend
+
+__all__ = ["Manifest", "ingest_directory", "materialize_directory", "read_manifest",
+           "scan_directory"]
+
+MANIFEST_FORMAT = "repro.directory/1"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    rel: str
+    abs: Path
+    executable: bool
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A stored directory: the manifest's own digest/size and every blob it needs."""
+
+    digest: str
+    manifest_size: int
+    total_size: int
+    blobs: list[tuple[str, int]]
+    files: int
+
+
+def scan_directory(root: Path) -> tuple[list[_Entry], list[str]]:
+    """List files (following file symlinks) and empty directories, sorted; validate first.
+
+    A symlink to a directory is refused rather than followed: it could loop, and silently
+    skipping it would lose data.
+    """
+    files: list[_Entry] = []
+    empty_dirs: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        for d in dirnames:
+            if (here / d).is_symlink():
+                raise InvalidArgumentError(
+                    f"{here / d} is a symlink to a directory; repro does not follow those. "
+                    "Copy the target in or log it as its own artifact",
+                    argument="file_path",
+                )
+        dirnames.sort()
+        if not dirnames and not filenames and here != root:
+            empty_dirs.append(here.relative_to(root).as_posix())
+        for name in sorted(filenames):
+            path = here / name
+            try:
+                st = path.stat()
+            except OSError as exc:
+                raise InvalidArgumentError(
+                    f"cannot read {path}: {exc}", argument="file_path"
+                ) from exc
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidArgumentError(
+                    f"{path} is not a regular file (socket, fifo or device)", argument="file_path"
+                )
+            files.append(_Entry(path.relative_to(root).as_posix(), path,
+                                bool(st.st_mode & stat.S_IXUSR)))
+    return files, empty_dirs
+
+
+def ingest_directory(store: LocalStorageBackend, root: Path) -> Manifest:
+    """Store every file of ``root`` and the manifest; return what the registry must record."""
+    files, empty_dirs = scan_directory(root)
+    records: list[dict[str, Any]] = []
+    blobs: list[tuple[str, int]] = []
+    total = 0
+    for entry in files:
+        digest, size = store.ingest_file(entry.abs)
+        records.append({"path": entry.rel, "digest": digest, "size": size,
+                        "executable": entry.executable})
+        blobs.append((digest, size))
+        total += size
+    body = canonical_json({"format": MANIFEST_FORMAT, "files": records, "dirs": empty_dirs})
+    with store.open_writer() as writer:
+        writer.write(body)
+        digest, size = writer.commit()
+    blobs.append((digest, size))
+    return Manifest(digest=digest, manifest_size=size, total_size=total, blobs=blobs,
+                    files=len(records))
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_bytes())
+    if data.get("format") != MANIFEST_FORMAT:
+        raise StorageError(f"{path} is not a repro directory manifest", path=path)
+    return data
+
+
+def materialize_directory(store: LocalStorageBackend, manifest_digest: str) -> Path:
+    """Return ``cache/dirs/<algo>/<hex>``, building it atomically on first use."""
+    algorithm, hexdigest = parse_digest(manifest_digest)
+    final = store.root / "cache" / "dirs" / algorithm / hexdigest
+    if final.is_dir():
+        return final
+    manifest = read_manifest(store.blob_path(manifest_digest))
+    store.ensure_layout()
+    build = store.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.dir"
+    try:
+        build.mkdir()
+        lock_fd = os.open(build, os.O_RDONLY)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # marks the build as live for sweep_tmp()
+        try:
+            _populate(store, manifest, build)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(build, final)
+            except OSError:
+                if not final.is_dir():  # someone else won the race: theirs is identical
+                    raise
+        finally:
+            os.close(lock_fd)
+    except OSError as exc:
+        raise StorageError(f"materialising {manifest_digest} failed: {exc}", path=final) from exc
+    finally:
+        if build.exists():
+            shutil.rmtree(build, ignore_errors=True)
+    return final
+
+
+def _populate(store: LocalStorageBackend, manifest: dict[str, Any], build: Path) -> None:
+    for rel in manifest["dirs"]:
+        (build / rel).mkdir(parents=True, exist_ok=True)
+    for record in manifest["files"]:
+        target = build / record["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = store.blob_path(record["digest"])
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+            os.chmod(target, 0o555 if record["executable"] else 0o444)

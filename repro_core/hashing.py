@@ -1,0 +1,164 @@
+"""Streaming content digests: ``blake3:<64 hex>`` (default) or ``sha256:<64 hex>``.
+
+Digests are self-describing strings so a store can hold either and a key can name one by prefix.
+Files are hashed in one pass: BLAKE3 through ``mmap`` with every core on big files (it is a tree
+hash, parallel inside one file), SHA-256 with 16 MiB ``readinto`` calls (``hashlib`` releases the
+GIL on big buffers). Memory stays flat whatever the file size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Protocol
+
+from . import constants
+from .errors import InvalidArgumentError
+
+__all__ = [
+    "Hasher",
+    "copy_and_hash",
+    "hash_bytes",
+    "hash_file",
+    "new_hasher",
+    "parse_digest",
+]
+
+_DIGEST_RE = re.compile(r"(blake3|sha256):([0-9a-f]{64})")
+
+
+class Hasher(Protocol):
+    """What every incremental hasher offers (``hashlib`` and ``blake3`` both fit)."""
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> object: ...
+    def hexdigest(self) -> str: ...
+
+
+class _Digester:
+    """An incremental hasher that knows its algorithm name and returns prefixed digests."""
+
+    __slots__ = ("_h", "algorithm")
+
+    def __init__(self, algorithm: str, *, parallel: bool) -> None:
+        self.algorithm = _check_algorithm(algorithm)
+        if algorithm == "blake3":
+            import blake3
+
+            threads = blake3.blake3.AUTO if parallel else 1
+            self._h: Hasher = blake3.blake3(max_threads=threads)
+        else:
+            self._h = hashlib.sha256()
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._h.update(data)
+
+    def update_file(self, path: str | os.PathLike[str]) -> None:
+        """Feed a whole file (mmap for BLAKE3, big reads otherwise)."""
+        if self.algorithm == "blake3" and os.path.getsize(path) > 0:
+            self._h.update_mmap(os.fspath(path))  # type: ignore[attr-defined]
+            return
+        with open(path, "rb", buffering=0) as f:
+            _feed_fd(self, f.fileno())
+
+    def digest(self) -> str:
+        return f"{self.algorithm}:{self._h.hexdigest()}"
+
+
+def new_hasher(algorithm: str = "blake3", *, parallel: bool = False) -> _Digester:
+    """An incremental hasher; ``parallel=True`` lets BLAKE3 use every core per update."""
+    return _Digester(algorithm, parallel=parallel)
+
+
+def hash_bytes(data: bytes | bytearray | memoryview, algorithm: str = "blake3") -> str:
+    """Digest of an in-memory buffer."""
+    h = new_hasher(algorithm, parallel=len(data) >= constants.PARALLEL_HASH_MIN)
+    h.update(data)
+    return h.digest()
+
+
+def hash_file(path: str | os.PathLike[str], algorithm: str = "blake3") -> str:
+    """Digest of a file in one streaming pass with flat memory."""
+    size = os.path.getsize(path)
+    h = new_hasher(algorithm, parallel=size >= constants.PARALLEL_HASH_MIN)
+    h.update_file(path)
+    return h.digest()
+
+
+def parse_digest(digest: object) -> tuple[str, str]:
+    """Split ``algo:hex`` into its parts, or raise ``InvalidArgumentError``."""
+    if isinstance(digest, str):
+        match = _DIGEST_RE.fullmatch(digest)
+        if match:
+            return match.group(1), match.group(2)
+    raise InvalidArgumentError(
+        f"invalid digest {digest!r}: expected 'blake3:<64 hex>' or 'sha256:<64 hex>'",
+        argument="content_hash",
+    )
+
+
+def copy_and_hash(src_fd: int, dst_fd: int, hasher: _Digester, write: _WriteFn) -> int:
+    """Copy ``src_fd`` to ``dst_fd`` while hashing, reading every byte exactly once.
+
+    The digest describes the bytes written, not whatever the source holds later, so a file that
+    changes while it is logged can never yield a blob that mismatches its name. Hashing of chunk
+    *i* overlaps the write of chunk *i-1* (both release the GIL); memory is two chunk buffers.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    chunk = constants.IO_CHUNK
+    buffers = [bytearray(chunk), bytearray(chunk)]
+    total = 0
+    pending: Future[int] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="repro-write") as pool:
+        index = 0
+        while True:
+            view = memoryview(buffers[index])
+            n = _readinto_full(src_fd, view)
+            if n == 0:
+                break
+            hasher.update(view[:n])
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(write, dst_fd, view[:n])
+            total += n
+            index ^= 1
+        if pending is not None:
+            pending.result()
+    return total
+
+
+class _WriteFn(Protocol):
+    def __call__(self, fd: int, data: memoryview, /) -> int: ...
+
+
+def _readinto_full(fd: int, view: memoryview) -> int:
+    """Fill ``view`` as far as the file allows (``readv`` may return short counts)."""
+    got = 0
+    while got < len(view):
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def _feed_fd(hasher: _Digester, fd: int) -> None:
+    buf = bytearray(constants.IO_CHUNK)
+    view = memoryview(buf)
+    while True:
+        n = _readinto_full(fd, view)
+        if n == 0:
+            return
+        hasher.update(view[:n])
+
+
+def _check_algorithm(algorithm: str) -> str:
+    if algorithm not in constants.HASH_ALGORITHMS:
+        raise InvalidArgumentError(
+            f"unknown hash algorithm {algorithm!r}; expected one of "
+            f"{', '.join(constants.HASH_ALGORITHMS)}",
+            argument="algorithm",
+        )
+    return algorithm
+
