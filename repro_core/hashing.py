@@ -97,39 +97,57 @@ def parse_digest(digest: object) -> tuple[str, str]:
     )
 
 
-def copy_and_hash(src_fd: int, dst_fd: int, hasher: _Digester, write: _WriteFn) -> int:
-    """Copy ``src_fd`` to ``dst_fd`` while hashing, reading every byte exactly once.
+def copy_and_hash(src_fd: int, dst_fd: int, hasher: _Digester, copy: _CopyFn) -> int:
+    """Copy ``src_fd`` into ``dst_fd`` and hash exactly the bytes that landed in ``dst_fd``.
 
-    The digest describes the bytes written, not whatever the source holds later, so a file that
-    changes while it is logged can never yield a blob that mismatches its name. Hashing of chunk
-    *i* overlaps the write of chunk *i-1* (both release the GIL); memory is two chunk buffers.
+    The copy runs in the kernel (``copy_file_range``, as ``cp`` does: no trip through user
+    space); each copied chunk is then hashed from the destination's page cache in a worker
+    thread while the next chunk is copied, so the total time is about that of ``cp``. Hashing
+    the destination (not the source) means a source file that changes while it is logged can
+    never produce a blob that mismatches its digest. ``dst_fd`` must be opened for reading too.
+    Memory: one chunk buffer.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
     chunk = constants.IO_CHUNK
-    buffers = [bytearray(chunk), bytearray(chunk)]
-    total = 0
-    pending: Future[int] | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="repro-write") as pool:
-        index = 0
-        while True:
-            view = memoryview(buffers[index])
-            n = _readinto_full(src_fd, view)
+    view = memoryview(bytearray(chunk))
+    offset = 0
+    pending: Future[None] | None = None
+
+    def hash_region(start: int, length: int) -> None:
+        got = 0
+        while got < length:
+            n = os.preadv(dst_fd, [view[got:length]], start + got)
             if n == 0:
-                break
-            hasher.update(view[:n])
+                raise OSError(f"destination shrank while hashing at offset {start + got}")
+            got += n
+        hasher.update(view[:length])
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="repro-hash") as pool:
+        while True:
+            n = _copy_full(src_fd, dst_fd, chunk, copy)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(write, dst_fd, view[:n])
-            total += n
-            index ^= 1
-        if pending is not None:
-            pending.result()
-    return total
+            if n == 0:
+                break
+            pending = pool.submit(hash_region, offset, n)
+            offset += n
+    return offset
 
 
-class _WriteFn(Protocol):
-    def __call__(self, fd: int, data: memoryview, /) -> int: ...
+class _CopyFn(Protocol):
+    def __call__(self, src_fd: int, dst_fd: int, count: int, /) -> int: ...
+
+
+def _copy_full(src_fd: int, dst_fd: int, count: int, copy: _CopyFn) -> int:
+    """Copy up to ``count`` bytes (the kernel may copy less per call); 0 means end of file."""
+    done = 0
+    while done < count:
+        n = copy(src_fd, dst_fd, count - done)
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 def _readinto_full(fd: int, view: memoryview) -> int:

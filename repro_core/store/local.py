@@ -91,15 +91,11 @@ class BlobWriter:
         return False
 
     def copy_from_fd(self, src_fd: int) -> None:
-        """Stream another file in, reading it once (used to ingest files and directories)."""
-
-        def _write(fd: int, data: memoryview) -> int:
-            return _fsio.write_all(fd, data)
-
+        """Stream another file in (kernel copy, hashed from our temp file's page cache)."""
         self._size += _storage_errors(
             "copying into the store",
             self.temp_path,
-            lambda: copy_and_hash(src_fd, self._fd, self._hasher, _write),
+            lambda: copy_and_hash(src_fd, self._fd, self._hasher, _fsio.copy_range),
         )
 
     def commit(self) -> tuple[str, int]:
@@ -310,7 +306,7 @@ class LocalStorageBackend(StorageBackend):
         path = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.part"
 
         def _open() -> int:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             fcntl.flock(fd, fcntl.LOCK_EX)
             return fd
 

@@ -1,0 +1,294 @@
+"""ArtifactManager end to end on a real store: round trips, versions, aliases, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from repro_core import (
+    ArtifactManager,
+    ArtifactNotFoundError,
+    ArtifactType,
+    InvalidArgumentError,
+    InvalidNameError,
+    MissingFileError,
+    RunState,
+    RunStateError,
+    SerializationError,
+    verify_store,
+)
+from repro_core.registry import Registry
+
+from test_types import HOSTILE_NAMES
+
+
+def _store_files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_manager_is_a_singleton(manager: ArtifactManager) -> None:
+    assert ArtifactManager() is manager
+    assert ArtifactManager.reset_instance() is not manager
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"b": [1, 2.5, None, True], "a": {"nested": "ü"}},
+        [1, "two", {"three": 3.0}],
+        "plain text ✓",
+        b"\x00\x01binary\xff",
+    ],
+    ids=["dict", "list", "str", "bytes"],
+)
+def test_round_trip_plain_data(manager: ArtifactManager, run: object, data: object) -> None:
+    meta = manager.log_artifact("thing", "dataset", data=data)
+    assert meta.path is not None and meta.path.is_file()
+    assert manager.load_artifact("thing:v0") == data
+    assert manager.use_artifact("thing").path.read_bytes() == meta.path.read_bytes()
+
+
+def test_round_trip_tensors_is_real_safetensors(manager: ArtifactManager, run: object) -> None:
+    state = {
+        "w": torch.randn(7, 3),
+        "b16": torch.randn(5).to(torch.bfloat16),
+        "idx": torch.arange(4, dtype=torch.int64),
+        "mask": torch.tensor([True, False]),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 3),
+        "strided": torch.randn(4, 6)[:, ::2],  # non-contiguous view
+    }
+    meta = manager.log_artifact("model", ArtifactType.MODEL, data=state)
+    assert meta.format == "safetensors"
+    loaded = load_file(str(manager.use_artifact("model").path))  # the official reader
+    assert loaded.keys() == state.keys()
+    for key, tensor in state.items():
+        assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor), key
+
+
+def test_tensor_order_and_identity(manager: ArtifactManager, run: object) -> None:
+    """Same tensors in another dict order give the same digest (no new version)."""
+    a = {"x": torch.ones(2), "y": torch.zeros(3)}
+    first = manager.log_artifact("m", "model", data=a)
+    second = manager.log_artifact("m", "model", data={"y": torch.zeros(3), "x": torch.ones(2)})
+    assert (second.version, second.hash) == (first.version, first.hash)
+
+
+def test_round_trip_numpy(manager: ArtifactManager, run: object) -> None:
+    arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    manager.log_artifact("arr", "dataset", data=arr)
+    back = manager.load_artifact("arr")
+    assert back.dtype == arr.dtype and np.array_equal(back, arr)
+
+
+def test_round_trip_file_and_directory(manager: ArtifactManager, run: object,
+                                       tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub" / "deep").mkdir(parents=True)
+    (src / "empty").mkdir()
+    files = {"a.txt": b"alpha", "sub/b.bin": os.urandom(5000), "sub/deep/c": b"",
+             "dup1": b"same", "dup2": b"same"}
+    for rel, content in files.items():
+        (src / rel).write_bytes(content)
+    single = manager.log_artifact("one", "dataset", file_path=src / "a.txt")
+    assert manager.use_artifact("one").path.read_bytes() == b"alpha"
+    assert single.format == "file" and single.size_bytes == 5
+
+    meta = manager.log_artifact("tree", "dataset", file_path=src)
+    assert meta.format == "directory" and meta.size_bytes == sum(map(len, files.values()))
+    used = manager.use_artifact("tree:v0")
+    assert used.path is not None
+    for rel, content in files.items():
+        assert (used.path / rel).read_bytes() == content, rel
+    assert (used.path / "empty").is_dir()
+    # Logging the same tree again is the same version; a changed file makes v1.
+    assert manager.log_artifact("tree", "dataset", file_path=src).version == "v0"
+    (src / "a.txt").write_bytes(b"changed")
+    assert manager.log_artifact("tree", "dataset", file_path=src).version == "v1"
+    assert (manager.use_artifact("tree:v0").path / "a.txt").read_bytes() == b"alpha"
+
+
+def test_versions_dedup_and_numeric_latest(manager: ArtifactManager, run: object) -> None:
+    for i in range(12):
+        assert manager.log_artifact("ds", "dataset", data={"i": i}).version == f"v{i}"
+    again = manager.log_artifact("ds", "dataset", data={"i": 11})
+    assert again.version == "v11"  # identical to latest: no new version
+    assert manager.use_artifact("ds").version == "v11"  # v11 after v9, not "v9" > "v11"
+    assert manager.use_artifact("ds", "latest").version == "v11"
+    # Content equal to an *older* version is a new version (W&B semantics).
+    assert manager.log_artifact("ds", "dataset", data={"i": 0}).version == "v12"
+    assert [m.version for m in manager.list_artifacts("ds")] == [f"v{i}" for i in range(13)]
+
+
+def test_aliases_and_digest_prefix(manager: ArtifactManager, run: object) -> None:
+    v0 = manager.log_artifact("m", "model", data=b"zero", aliases=["best"])
+    v1 = manager.log_artifact("m", "model", data=b"one")
+    assert manager.use_artifact("m:best").version == "v0"
+    assert sorted(v1.aliases) == ["latest"]
+    manager.log_artifact("m", "model", data=b"one", aliases=["best"])  # moves 'best' to v1
+    assert manager.use_artifact("m", "best").version == "v1"
+    assert v0.hash is not None
+    prefix = v0.hash[: len("blake3:") + 8]
+    assert manager.use_artifact(f"m@{prefix}").version == "v0"
+    assert manager.use_artifact("m", prefix).version == "v0"
+
+
+def test_lookup_errors(manager: ArtifactManager, run: object) -> None:
+    manager.log_artifact("m", "model", data=b"x")
+    with pytest.raises(ArtifactNotFoundError, match="versions v0..v0") as info:
+        manager.use_artifact("m:v5")
+    assert info.value.key == "m:v5"
+    with pytest.raises(ArtifactNotFoundError):
+        manager.use_artifact("m:nosuchalias")
+    with pytest.raises(ArtifactNotFoundError, match="no artifact named"):
+        manager.use_artifact("other")
+    with pytest.raises(ArtifactNotFoundError, match="not 'dataset'"):
+        manager.use_artifact("m", type="dataset")
+    with pytest.raises(InvalidArgumentError, match="has type 'model'"):
+        manager.log_artifact("m", "dataset", data=b"y")
+
+
+def test_use_records_lineage_edges(manager: ArtifactManager, store_root: Path) -> None:
+    first = manager.init_run("producer")
+    ds = manager.log_artifact("ds", "dataset", data={"x": 1})
+    manager.finalize_run()
+    second = manager.init_run("consumer")
+    manager.use_artifact("ds")
+    model = manager.log_artifact("model", "model", data=b"w", parent_artifacts=["ds:v0"])
+    manager.finalize_run()
+    assert model.parent_artifacts == ["ds:v0"]
+    lineage = manager.get_lineage("ds:v0")
+    assert lineage["produced_by"]["id"] == first.id
+    assert lineage["used_by"] == [second.id]
+    assert lineage["children"] == ["model:v0"]
+    assert manager.get_lineage("model")["run_inputs"] == ["ds:v0"]
+    exported = json.loads((store_root / "runs" / second.id / "run.json").read_text())
+    assert exported["inputs"] == ["ds:v0"] and exported["outputs"] == ["model:v0"]
+    assert exported["run"]["state"] == "completed"
+    assert ds.run_id == first.id
+
+
+def test_run_lifecycle(manager: ArtifactManager, store_root: Path) -> None:
+    run = manager.init_run("r", config={"lr": 0.1}, project="proj", tags=["a"])
+    assert run.id and run.is_rank_zero and run.dir == store_root / "runs" / run.id
+    assert json.loads((run.dir / "config.json").read_text()) == {"lr": 0.1}
+    with pytest.raises(RunStateError, match="still active"):
+        manager.init_run("again")
+    manager.set_run_state(RunState.FAILED, reason="diverged")
+    manager.finalize_run()
+    manager.finalize_run()  # idempotent
+    stored = manager.get_run(run.id)
+    assert stored["state"] == "failed" and stored["ended_at"]
+    assert [s[0] for s in stored["states"]] == ["running", "failed", "failed"]
+
+
+def test_no_active_run(manager: ArtifactManager) -> None:
+    with pytest.raises(RunStateError, match="init_run"):
+        manager.log_artifact("x", "dataset", data=b"x")
+    with pytest.raises(RunStateError):
+        manager.set_run_state("completed")
+
+
+def test_bad_input_touches_nothing(manager: ArtifactManager, run: object, tmp_path: Path,
+                                   store_root: Path) -> None:
+    before = _store_files(store_root)
+    cases: list[tuple[type[Exception], dict[str, object]]] = [
+        (InvalidArgumentError, {"type": "weights", "data": b"x"}),
+        (InvalidArgumentError, {"type": "model"}),
+        (InvalidArgumentError, {"type": "model", "data": b"x", "file_path": tmp_path}),
+        (MissingFileError, {"type": "model", "file_path": tmp_path / "missing.bin"}),
+        (SerializationError, {"type": "model", "data": {"a": {"b": float("nan")}}}),
+        (SerializationError, {"type": "model", "data": {"a": object()}}),
+        (SerializationError, {"type": "model", "data": {1: "int key"}}),
+        (SerializationError, {"type": "model", "data": np.array([object()])}),
+        (SerializationError, {"type": "model", "data": {"t": torch.ones(1), "s": "str"}}),
+        (SerializationError, {"type": "model", "data": 42}),
+        (SerializationError, {"type": "model", "data": b"x", "metadata": {"m": {1, 2}}}),
+        (ArtifactNotFoundError, {"type": "model", "data": b"x", "parent_artifacts": ["nope"]}),
+        (InvalidArgumentError, {"type": "model", "data": b"x", "aliases": "best"}),
+        (InvalidNameError, {"type": "model", "data": b"x", "aliases": ["v1"]}),
+    ]
+    for error, kwargs in cases:
+        with pytest.raises(error):
+            manager.log_artifact("victim", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(SerializationError, match=r"data\['a'\]\['b'\]"):
+        manager.log_artifact("victim", "model", data={"a": {"b": float("inf")}})
+    assert _store_files(store_root) == before
+    assert manager.list_artifacts() == []
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_names_write_nothing(manager: ArtifactManager, run: object, tmp_path: Path,
+                                     name: object) -> None:
+    with pytest.raises(InvalidNameError):
+        manager.log_artifact(name, "dataset", data=b"x")  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_log_large_artifact_streams(manager: ArtifactManager, run: object,
+                                    tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    meta = manager.log_large_artifact("ckpt", big, chunk_size=8192)
+    assert meta.type is ArtifactType.MODEL and meta.size_bytes == 3 << 20
+    assert manager.use_artifact("ckpt").path.read_bytes() == big.read_bytes()
+    with pytest.raises(InvalidArgumentError):
+        manager.log_large_artifact("ckpt", big, chunk_size=0)
+
+
+def test_threads_share_one_run(manager: ArtifactManager, run: object) -> None:
+    """RLock, no deadlock: 8 threads log concurrently (the seed's original deadlocked)."""
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for j in range(10):
+                manager.log_artifact(f"t{i}", "metrics", data={"j": j})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert len(manager.list_artifacts()) == 80
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_reopens_registry(manager: ArtifactManager, run: object,
+                               store_root: Path) -> None:
+    manager.log_artifact("pre", "dataset", data=b"parent")
+    pid = os.fork()
+    if pid == 0:  # child: must open its own SQLite connection
+        code = 0
+        try:
+            manager.log_artifact("child", "dataset", data=b"child")
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    manager.log_artifact("post", "dataset", data=b"parent again")
+    names = {m.name for m in manager.list_artifacts()}
+    assert names == {"pre", "child", "post"}
+    assert verify_store(store_root).ok
+
+
+def test_registry_schema_and_wal(manager: ArtifactManager, run: object,
+                                 store_root: Path) -> None:
+    manager.log_artifact("x", "dataset", data=b"x")
+    reg = Registry(store_root / "registry.sqlite")
+    assert reg._read("PRAGMA journal_mode")[0][0] == "wal"
+    assert reg._read("SELECT version FROM schema_version")[0][0] == 1
+    assert reg.hash_algorithm() == "blake3"
+    assert (store_root / "CACHEDIR.TAG").read_text().startswith("Signature: 8a477f59")
+    reg.close()
