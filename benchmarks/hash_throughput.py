@@ -3,7 +3,8 @@
     python benchmarks/hash_throughput.py --size 4GB [--dir /path/on/target/disk] [--repeat 3]
 
 Anchors: hashlib sha256 in 8 KiB chunks (the seed's method), md5 (W&B / DVC), ``dd`` to
-/dev/null (read bound; ``cat`` may splice without reading), ``cp`` of the same file (copy bound; ``cp`` does not fsync).
+/dev/null (read bound; ``cat`` may splice without reading), ``cp`` of the same file (copy
+bound; ``cp`` does not fsync) and ``cp`` + ``sync`` of the copy (what a durable copy costs).
 ``log_large_artifact`` runs in a child process with ``REPRO_FSYNC=full`` (default) and ``none``;
 its peak RSS growth is measured there. The source file is read once first so every row reads
 from the page cache. Prints a Markdown table (best of ``--repeat``); ratios are against ``cp``.

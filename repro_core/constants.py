@@ -3,15 +3,16 @@
 Other modules read ``constants.X`` at call time (never ``from constants import X``) so tests
 and users can monkeypatch a value without re-importing anything.
 
-| variable                 | meaning                                                     | default        |
-|--------------------------|-------------------------------------------------------------|----------------|
-| ``REPRO_HOME``           | store root                                                  | ``./repro_store`` |
-| ``REPRO_OFFLINE``        | never talk to a remote tracker                              | off            |
-| ``REPRO_HASH``           | digest algorithm of *new* stores: ``blake3`` or ``sha256``  | ``blake3``     |
-| ``REPRO_VERIFY``         | ``full`` re-hashes on ``use_artifact``; ``size`` checks size only | ``full``  |
-| ``REPRO_FSYNC``          | ``full``: fsync blobs, directories and SQLite; ``none``: no fsync | ``full``  |
-| ``REPRO_BARRIER_TIMEOUT``| seconds a rank waits for the others (finalize, broadcasts)  | ``300``        |
-| ``REPRO_STALE_TMP_SECONDS`` | temp files older than this are swept even if lock state is unknown | ``86400`` |
+Variables (README's "Settings" table says the same):
+
+- ``REPRO_HOME``: store root (default ``./repro_store``).
+- ``REPRO_OFFLINE``: never talk to a remote tracker (default off).
+- ``REPRO_HASH``: digest algorithm of *new* stores, ``blake3`` (default) or ``sha256``.
+- ``REPRO_VERIFY``: ``full`` re-hashes on ``use_artifact`` (default); ``size`` checks size only.
+- ``REPRO_FSYNC``: ``full`` fsyncs blobs, directories and SQLite (default); ``none`` skips them.
+- ``REPRO_BARRIER_TIMEOUT``: seconds a rank waits for the others (default 300).
+- ``REPRO_STALE_TMP_SECONDS``: temp files older than this are swept even if their lock state
+  is unknown (default 86400).
 """
 
 from __future__ import annotations

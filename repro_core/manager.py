@@ -48,6 +48,7 @@ class ArtifactManager:
 
     _instance: ArtifactManager | None = None
     _instance_lock = threading.Lock()
+    _initialized: bool
 
     def __new__(cls) -> ArtifactManager:
         with cls._instance_lock:
@@ -329,7 +330,7 @@ class ArtifactManager:
 
     def list_artifacts(self, name: str | None = None) -> list[ArtifactMetadata]:
         """Metadata of every artifact version (or of one artifact's versions)."""
-        store, registry = self._open()
+        _, registry = self._open()
         return [metadata_from_row(registry, row, None)
                 for row in registry.list_versions(name)]
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_types import HOSTILE_NAMES
 
 from repro_core import (
     ArtifactManager,
@@ -25,8 +26,6 @@ from repro_core import (
     verify_store,
 )
 from repro_core.registry import Registry
-
-from test_types import HOSTILE_NAMES
 
 
 def _store_files(root: Path) -> set[str]:
@@ -142,7 +141,7 @@ def test_aliases_and_digest_prefix(manager: ArtifactManager, run: object) -> Non
 
 def test_lookup_errors(manager: ArtifactManager, run: object) -> None:
     manager.log_artifact("m", "model", data=b"x")
-    with pytest.raises(ArtifactNotFoundError, match="versions v0..v0") as info:
+    with pytest.raises(ArtifactNotFoundError, match=r"versions v0\.\.v0") as info:
         manager.use_artifact("m:v5")
     assert info.value.key == "m:v5"
     with pytest.raises(ArtifactNotFoundError):

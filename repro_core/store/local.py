@@ -22,6 +22,7 @@ A temp file whose flock can be taken belongs to a dead writer and is swept when 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -110,10 +111,8 @@ class BlobWriter:
             return
         self._closed = True
         os.close(self._fd)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.temp_path)
-        except FileNotFoundError:
-            pass
 
     def _close_fd(self) -> None:
         if not self._closed:
@@ -343,10 +342,8 @@ def _existing_blob_ok(final: Path, size: int) -> bool:
         return False
     if st.st_size != size:
         return False
-    try:
+    with contextlib.suppress(OSError):
         os.utime(final)
-    except OSError:
-        pass
     return True
 
 
