@@ -1,4 +1,4 @@
-"""Store-wide checks: re-hash every blob, cross-check the registry, and report what is wrong.
+"""Store-wide upkeep: verify (re-hash every blob, cross-check the registry) and gc.
 
 ``verify_store`` never repairs anything: a corrupt blob is evidence, and deleting it would hide
 which versions were affected. The report names every bad blob and the versions that need it.
@@ -13,9 +13,10 @@ from pathlib import Path
 from . import constants
 from .errors import IntegrityError, InvalidArgumentError
 from .registry import Registry
-from .store.local import LocalStorageBackend
+from .store.local import LocalStorageBackend, is_stale_temp
+from .types import parse_key
 
-__all__ = ["Problem", "VerifyReport", "verify_store"]
+__all__ = ["GcReport", "Problem", "VerifyReport", "collect_garbage", "verify_store"]
 
 
 @dataclass(frozen=True)
@@ -49,24 +50,27 @@ def verify_store(
     *,
     full: bool = True,
     progress: Callable[[int], None] | None = None,
+    key: str | None = None,
 ) -> VerifyReport:
-    """Check every blob on disk and every blob the registry references.
+    """Check every blob on disk and every blob the registry references (or one version's).
 
-    ``full`` re-hashes content (otherwise sizes only); ``progress`` receives bytes checked.
+    ``full`` re-hashes content (otherwise sizes only); ``progress`` receives bytes checked;
+    ``key`` (``name:v3``, an alias…) limits the check to the blobs that version needs.
     Unreferenced blobs (left by a crash between blob and registry row) are listed, not errors.
     """
-    root_path = Path(root or constants.REPRO_HOME or constants.DEFAULT_HOME).absolute()
-    if not (root_path / "registry.sqlite").is_file():
-        raise InvalidArgumentError(f"{root_path} is not a repro store (no registry.sqlite)",
-                                   argument="root")
+    root_path = _store_root(root)
     registry = Registry(root_path / "registry.sqlite")
     try:
         store = LocalStorageBackend(root_path, algorithm=registry.hash_algorithm())
         report = VerifyReport(root=root_path, registry_integrity=registry.integrity_check())
-        referenced = dict(registry.blob_references())
         users = _versions_by_digest(registry)
-        on_disk = set(store.iter_digests())
-        for digest in sorted(on_disk | referenced.keys()):
+        if key is not None:
+            referenced = dict(registry.blobs_of(registry.resolve(parse_key(key)).id))
+            candidates = set(referenced)
+        else:
+            referenced = dict(registry.blob_references())
+            candidates = set(store.iter_digests()) | referenced.keys()
+        for digest in sorted(candidates):
             size = referenced.get(digest)
             if size is None:
                 report.unreferenced.append(digest)
@@ -75,6 +79,15 @@ def verify_store(
             if progress is not None:
                 progress(size)
         return report
+    finally:
+        registry.close()
+
+
+def total_referenced_bytes(root: str | Path | None = None) -> int:
+    """Bytes a full verify will read (for progress bars)."""
+    registry = Registry(_store_root(root) / "registry.sqlite")
+    try:
+        return sum(size for _, size in registry.blob_references())
     finally:
         registry.close()
 
@@ -97,3 +110,77 @@ def _versions_by_digest(registry: Registry) -> dict[str, tuple[str, ...]]:
         for digest, _ in registry.blobs_of(row.id):
             users.setdefault(digest, []).append(row.key)
     return {d: tuple(v) for d, v in users.items()}
+
+
+@dataclass
+class GcReport:
+    """What ``collect_garbage`` removed (or would remove, in a dry run)."""
+
+    root: Path
+    dry_run: bool
+    blobs: list[str] = field(default_factory=list)
+    blob_bytes: int = 0
+    temp_files: int = 0
+    materialized_dirs: int = 0
+    kept_young: int = 0
+
+    @property
+    def bytes_freed(self) -> int:
+        return self.blob_bytes
+
+
+def collect_garbage(
+    root: str | Path | None = None, *, dry_run: bool = True, grace_seconds: float = 3600.0
+) -> GcReport:
+    """Remove blobs no version references, dead writers' temp files, stale directory caches.
+
+    Dry run by default (like ``dvc gc``, deleting needs an explicit choice). Blobs younger than
+    ``grace_seconds`` are kept: a writer publishes its blob *before* committing the registry
+    row, and a dedup hit refreshes the existing blob's mtime, so the grace period is what makes
+    gc safe to run beside live writers.
+    """
+    import shutil
+    import time
+
+    root_path = _store_root(root)
+    registry = Registry(root_path / "registry.sqlite")
+    try:
+        store = LocalStorageBackend(root_path, algorithm=registry.hash_algorithm())
+        referenced = {d for d, _ in registry.blob_references()}
+        directories = {v.digest for v in registry.list_versions() if v.format == "directory"}
+    finally:
+        registry.close()
+    report = GcReport(root=root_path, dry_run=dry_run)
+    now = time.time()
+    for digest in list(store.iter_digests()):
+        if digest in referenced:
+            continue
+        st = store.blob_path(digest).stat()
+        if now - st.st_mtime < grace_seconds:
+            report.kept_young += 1
+            continue
+        report.blobs.append(digest)
+        report.blob_bytes += st.st_size
+        if not dry_run:
+            store.delete(digest)
+    for cached in sorted((root_path / "cache" / "dirs").glob("*/*")):
+        if f"{cached.parent.name}:{cached.name}" not in directories:
+            report.materialized_dirs += 1
+            if not dry_run:
+                shutil.rmtree(cached, ignore_errors=True)
+    report.temp_files = store.sweep_tmp() if not dry_run else _count_stale_tmp(store, now)
+    return report
+
+
+def _count_stale_tmp(store: LocalStorageBackend, now: float) -> int:
+    if not store.tmp_dir.is_dir():
+        return 0
+    return sum(1 for entry in store.tmp_dir.iterdir() if is_stale_temp(entry, now))
+
+
+def _store_root(root: str | Path | None) -> Path:
+    root_path = Path(root or constants.REPRO_HOME or constants.DEFAULT_HOME).absolute()
+    if not (root_path / "registry.sqlite").is_file():
+        raise InvalidArgumentError(f"no repro store at {root_path} (no registry.sqlite)",
+                                   argument="root")
+    return root_path

@@ -266,7 +266,7 @@ class LocalStorageBackend(StorageBackend):
         removed = 0
         now = time.time()
         for entry in self.tmp_dir.iterdir():
-            if _is_stale(entry, now):
+            if is_stale_temp(entry, now):
                 _remove_entry(entry)
                 removed += 1
         return removed
@@ -347,7 +347,8 @@ def _existing_blob_ok(final: Path, size: int) -> bool:
     return True
 
 
-def _is_stale(entry: Path, now: float) -> bool:
+def is_stale_temp(entry: Path, now: float) -> bool:
+    """A temp entry is stale when its writer's flock can be taken, or it is very old."""
     try:
         age = now - entry.lstat().st_mtime
     except FileNotFoundError:
