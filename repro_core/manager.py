@@ -330,14 +330,29 @@ class ArtifactManager:
 
     def list_artifacts(self, name: str | None = None) -> list[ArtifactMetadata]:
         """Metadata of every artifact version (or of one artifact's versions)."""
-        _, registry = self._open()
-        return [metadata_from_row(registry, row, None)
-                for row in registry.list_versions(name)]
+        if name is not None:
+            parse_key(name)  # validates the name before any I/O
+
+        def query() -> list[ArtifactMetadata]:
+            registry = self._open()[1]
+            return [metadata_from_row(registry, row, None)
+                    for row in registry.list_versions(name)]
+
+        result = self._exchange.run_on_zero(
+            "list", query, encode=lambda ms: [m.to_dict() for m in ms],
+            decode=lambda ds: [ArtifactMetadata.from_dict(d) for d in ds],
+        )
+        return result or []
 
     def get_lineage(self, artifact_key: str) -> dict[str, Any]:
         """Parents, children, producing run and consuming runs of one artifact version."""
         key = parse_key(artifact_key)
-        _, registry = self._open()
+        result = self._exchange.run_on_zero("lineage", lambda: self._lineage(key),
+                                            encode=_identity, decode=_identity)
+        return result or {}
+
+    def _lineage(self, key: Any) -> dict[str, Any]:
+        registry = self._open()[1]
         row = registry.resolve(key)
         producer = registry.get_run(row.run_id).__dict__ if row.run_id else None
         return {
@@ -351,14 +366,23 @@ class ArtifactManager:
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         """The stored record of a run, with its state history, inputs and outputs."""
-        _, registry = self._open()
-        row = registry.get_run(run_id)
-        return {
-            **row.__dict__,
-            "states": registry.run_state_history(run_id),
-            "inputs": [v.key for v in registry.inputs_of(run_id)],
-            "outputs": [v.key for v in registry.outputs_of(run_id)],
-        }
+
+        def query() -> dict[str, Any]:
+            registry = self._open()[1]
+            row = registry.get_run(run_id)
+            return {
+                **row.__dict__,
+                "states": [list(s) for s in registry.run_state_history(run_id)],
+                "inputs": [v.key for v in registry.inputs_of(run_id)],
+                "outputs": [v.key for v in registry.outputs_of(run_id)],
+            }
+
+        return self._exchange.run_on_zero("run", query, encode=_identity,
+                                          decode=_identity) or {}
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 def _default_root() -> Path:
