@@ -18,7 +18,9 @@ from .errors import (
     StorageError,
 )
 from .hashing import hash_bytes, hash_file
-from .maintenance import VerifyReport, verify_store
+from .lineage import LineageNode, LineageTracker
+from .lineage_render import render_svg
+from .maintenance import GcReport, VerifyReport, collect_garbage, verify_store
 from .manager import ArtifactManager
 from .store import LocalStorageBackend, StorageBackend
 from .types import ArtifactMetadata, ArtifactType, Run, RunState
@@ -32,9 +34,12 @@ __all__ = [
     "ArtifactNotFoundError",
     "ArtifactType",
     "DistributedTimeoutError",
+    "GcReport",
     "IntegrityError",
     "InvalidArgumentError",
     "InvalidNameError",
+    "LineageNode",
+    "LineageTracker",
     "LocalStorageBackend",
     "MissingFileError",
     "ReproError",
@@ -45,7 +50,9 @@ __all__ = [
     "StorageBackend",
     "StorageError",
     "VerifyReport",
+    "collect_garbage",
     "hash_bytes",
     "hash_file",
+    "render_svg",
     "verify_store",
 ]

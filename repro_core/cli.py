@@ -25,6 +25,7 @@ from rich.table import Table
 from . import constants
 from .errors import ReproError
 from .registry import Registry, RunRow, VersionRow
+from .types import parse_key
 
 __all__ = ["main"]
 
@@ -184,6 +185,73 @@ def artifacts(name: str | None, root: Path | None, as_json: bool) -> None:
         table.add_row(r["key"], r["type"], ", ".join(r["aliases"]), r["digest"][:19],
                       _size(r["size"]), r["run_id"] or "-", r["created_at"][:19])
     _console().print(table)
+
+
+@main.command()
+@click.argument("key")
+@click.option("--format", "fmt", type=click.Choice(["tree", "mermaid", "dot", "svg", "json"]),
+              default="tree", show_default=True)
+@click.option("--depth", type=click.IntRange(min=0), default=None, help="Max edges away.")
+@click.option("--up", "direction", flag_value="up", help="Only where KEY came from.")
+@click.option("--down", "direction", flag_value="down", help="Only what was built from KEY.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Write to this file instead of stdout.")
+@_root_option
+def lineage(key: str, fmt: str, depth: int | None, direction: str | None,
+            output: Path | None, root: Path | None) -> None:
+    """Show where KEY (an artifact key or run:<id>) came from and what was built from it."""
+    from .lineage import LineageTracker
+    from .lineage_render import render_svg
+
+    with open_registry(root) as registry:
+        node = key if key.startswith("run:") else registry.resolve(parse_key(key)).key
+        tracker = LineageTracker.from_registry(registry)
+    if node not in tracker.graph:
+        raise _Usage(f"no lineage node {key!r} (runs are named run:<id>)")
+    up = tracker.get_ancestors(node, depth) if direction != "down" else set()
+    down = tracker.get_descendants(node, depth) if direction != "up" else set()
+    focused = tracker.subgraph({node} | up | down)
+    if fmt == "tree":
+        _console().print(_lineage_tree(focused, node, direction))
+        return
+    text = {
+        "mermaid": focused.export_to_mermaid,
+        "dot": focused.export_to_dot,
+        "svg": lambda: render_svg(focused),
+        "json": lambda: json.dumps({"node": node, "ancestors": sorted(up),
+                                    "descendants": sorted(down)}, indent=2),
+    }[fmt]()
+    if output is None:
+        click.echo(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+
+
+def _lineage_tree(tracker: Any, root_id: str, direction: str | None) -> Any:
+    """A rich Tree: upstream under "came from", downstream under "built into"."""
+    from rich.tree import Tree
+
+    tree = Tree(f"[bold]{root_id}[/bold]")
+    if direction != "down":
+        _grow(tree.add("[cyan]came from[/cyan]"), tracker.graph.predecessors, root_id)
+    if direction != "up":
+        _grow(tree.add("[green]built into[/green]"), tracker.graph.successors, root_id)
+    return tree
+
+
+def _grow(branch: Any, neighbours: Callable[[str], Iterator[str]], start: str) -> None:
+    """Depth-first, iterative (no recursion limit); a node seen before is printed once."""
+    seen = {start}
+    stack = [(branch, n) for n in sorted(neighbours(start), reverse=True)]
+    while stack:
+        parent, node = stack.pop()
+        if node in seen:
+            parent.add(f"{node} [dim](see above)[/dim]")
+            continue
+        seen.add(node)
+        child = parent.add(node)
+        stack.extend((child, n) for n in sorted(neighbours(node), reverse=True))
 
 
 @main.command()

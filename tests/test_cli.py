@@ -149,3 +149,34 @@ def test_subprocess_with_env_root(populated: dict[str, str], store_root: Path) -
     bad = subprocess.run([sys.executable, "-m", "repro_core.cli", "show", "zzz"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("repro: error:")
+
+
+def test_lineage_formats(populated: dict[str, str], store_root: Path, tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    root = ["--root", str(store_root)]
+    code, out = invoke("lineage", "evaluation", *root, "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["node"] == "evaluation:v0" and data["descendants"] == []
+    assert set(data["ancestors"]) == {"dataset:v0", "model:v0", f"run:{populated['a']}",
+                                      f"run:{populated['b']}"}
+    code, out = invoke("lineage", "evaluation:v0", *root, "--format", "json", "--depth", "1")
+    assert json.loads(out)["ancestors"] == [f"run:{populated['b']}"]
+    code, out = invoke("lineage", "dataset", *root, "--down", "--format", "json")
+    assert set(json.loads(out)["descendants"]) >= {"model:v0", "evaluation:v0"}
+    assert json.loads(out)["ancestors"] == []
+
+    code, out = invoke("lineage", "evaluation", *root)
+    assert code == 0 and "came from" in out and "dataset:v0" in out
+    code, out = invoke("lineage", f"run:{populated['b']}", *root, "--format", "mermaid")
+    assert code == 0 and out.startswith("flowchart TD")
+    code, out = invoke("lineage", "model", *root, "--format", "dot")
+    assert code == 0 and out.lstrip().startswith("digraph") and '"model:v0"' in out
+    svg = tmp_path / "lineage.svg"
+    code, _ = invoke("lineage", "evaluation", *root, "--format", "svg", "-o", str(svg))
+    assert code == 0 and ET.parse(svg).getroot().tag.endswith("svg")
+
+    code, out = invoke("lineage", "nope", *root)
+    assert code == 2 and out.startswith("repro: error:")
+    code, out = invoke("lineage", "run:nope", *root)
+    assert code == 2 and "no lineage node" in out

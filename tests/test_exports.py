@@ -17,7 +17,6 @@ SEED_NAMES = {
 # until they really work (no stubs); move a name out of this set when its issue lands.
 PENDING = {
     "ConfigCapture", "EnvironmentCaptureLevel", "HardwareMonitor",  # issue 4: capture
-    "LineageNode", "LineageTracker",  # issue 3: lineage graph
     "ExperimentContext", "TTRLContext", "checkpoint", "reproducible",  # issue 5: contexts
     "track_artifacts",  # issue 5: decorators
     "WandBStorageBackend",  # wandb backend issue
@@ -26,7 +25,7 @@ ADDITIONS = {
     "AmbiguousRankError", "ArtifactNotFoundError", "DistributedTimeoutError", "IntegrityError",
     "InvalidArgumentError", "InvalidNameError", "MissingFileError", "ReproError", "Run",
     "RunStateError", "SerializationError", "StorageError", "VerifyReport", "hash_bytes",
-    "hash_file", "verify_store",
+    "hash_file", "verify_store", "GcReport", "collect_garbage", "render_svg",
 }
 
 
