@@ -27,8 +27,8 @@ def read_registry(registry: Registry, *, with_blobs: bool
     # Versions and runs are never deleted and an edge only names rows that existed when it was
     # written, so each later read covers everything the earlier ones refer to, even when a
     # writer commits in between.
-    parent_rows = registry._read("SELECT parent_id, child_id FROM artifact_parents")
-    input_rows = registry._read("SELECT version_id, run_id FROM run_inputs ORDER BY used_at")
+    parent_rows = registry.parent_edges()
+    input_rows = registry.input_edges()
     versions = registry.list_versions()
     runs = registry.list_runs()
     keys = {v.id: v.key for v in versions}
@@ -79,7 +79,7 @@ def _blob_refs(registry: Registry, versions: Sequence[VersionRow],
                keys: dict[int, str]) -> dict[str, tuple[str, ...]]:
     """Each version's own digest plus every blob it lists (a directory lists its files)."""
     refs: dict[str, set[str]] = {v.key: {v.digest} for v in versions}
-    for version_id, digest in registry._read("SELECT version_id, digest FROM version_blobs"):
+    for version_id, digest in registry.version_blob_pairs():
         key = keys.get(version_id)
         if key is not None:  # committed after list_versions(): not part of this graph
             refs[key].add(digest)

@@ -488,6 +488,21 @@ class Registry:
         return [(r[0], int(r[1])) for r in self._read(
             "SELECT digest, size FROM version_blobs WHERE version_id = ?", (version_id,))]
 
+    def parent_edges(self) -> list[tuple[int, int]]:
+        """Every ``(parent_id, child_id)`` artifact edge, in one read (for graph builders)."""
+        return [(int(a), int(b)) for a, b in self._read(
+            "SELECT parent_id, child_id FROM artifact_parents")]
+
+    def input_edges(self) -> list[tuple[int, str]]:
+        """Every ``(version_id, run_id)`` used-by edge, oldest first, in one read."""
+        return [(int(a), str(b)) for a, b in self._read(
+            "SELECT version_id, run_id FROM run_inputs ORDER BY used_at")]
+
+    def version_blob_pairs(self) -> list[tuple[int, str]]:
+        """Every ``(version_id, digest)`` a version needs, in one read."""
+        return [(int(a), str(b)) for a, b in self._read(
+            "SELECT version_id, digest FROM version_blobs")]
+
     def blob_references(self) -> list[tuple[str, int]]:
         """Every ``(digest, size)`` some version needs (manifests and their files included)."""
         return [(r[0], int(r[1])) for r in self._read(
