@@ -345,17 +345,25 @@ class ArtifactManager:
         return result or []
 
     def get_lineage(self, artifact_key: str) -> dict[str, Any]:
-        """Parents, children, producing run and consuming runs of one artifact version."""
+        """Full lineage of one artifact version: its transitive ``ancestors`` and
+        ``descendants`` in the artifact → run → artifact graph (runs are ``run:<id>``), plus
+        direct parents, children, producing run and consuming runs. For graph work use
+        ``LineageTracker.from_store(root)``."""
         key = parse_key(artifact_key)
         result = self._exchange.run_on_zero("lineage", lambda: self._lineage(key),
                                             encode=_identity, decode=_identity)
         return result or {}
 
     def _lineage(self, key: Any) -> dict[str, Any]:
+        from .lineage import LineageTracker
+
         registry = self._open()[1]
         row = registry.resolve(key)
         producer = registry.get_run(row.run_id).__dict__ if row.run_id else None
+        graph = LineageTracker.from_registry(registry)
         return {
+            "ancestors": sorted(graph.get_ancestors(row.key)),
+            "descendants": sorted(graph.get_descendants(row.key)),
             "artifact": metadata_from_row(registry, row, None).to_dict(),
             "produced_by": producer,
             "run_inputs": [v.key for v in registry.inputs_of(row.run_id)] if row.run_id else [],

@@ -180,3 +180,19 @@ def test_lineage_formats(populated: dict[str, str], store_root: Path, tmp_path: 
     assert code == 2 and out.startswith("repro: error:")
     code, out = invoke("lineage", "run:nope", *root)
     assert code == 2 and "no lineage node" in out
+
+
+def test_subprocess_verify_and_gc(populated: dict[str, str], manager: ArtifactManager,
+                                  store_root: Path) -> None:
+    """The installed entry point on a real store: exit codes a script can rely on."""
+    cli = [sys.executable, "-m", "repro_core.cli"]
+    root = ["--root", str(store_root)]
+    assert subprocess.run([*cli, "verify", *root], capture_output=True).returncode == 0
+    blob = manager.use_artifact("dataset", verify=False).path
+    assert blob is not None
+    _flip_first_byte(blob)
+    bad = subprocess.run([*cli, "verify", *root], capture_output=True, text=True)
+    assert bad.returncode == 1 and "DIGEST" in bad.stdout and "dataset:v0" in bad.stdout
+    gc = subprocess.run([*cli, "gc", "--delete", "--grace", "0", *root, "--json"],
+                        capture_output=True, text=True, check=True)
+    assert json.loads(gc.stdout)["blobs"] == []  # corrupt but referenced: gc never hides it

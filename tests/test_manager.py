@@ -168,6 +168,9 @@ def test_use_records_lineage_edges(manager: ArtifactManager, store_root: Path) -
     assert lineage["used_by"] == [second.id]
     assert lineage["children"] == ["model:v0"]
     assert manager.get_lineage("model")["run_inputs"] == ["ds:v0"]
+    assert lineage["descendants"] == sorted([f"run:{second.id}", "model:v0"])
+    assert manager.get_lineage("model")["ancestors"] == sorted(
+        ["ds:v0", f"run:{first.id}", f"run:{second.id}"])
     exported = json.loads((store_root / "runs" / second.id / "run.json").read_text())
     assert exported["inputs"] == ["ds:v0"] and exported["outputs"] == ["model:v0"]
     assert exported["run"]["state"] == "completed"
