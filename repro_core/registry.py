@@ -36,11 +36,10 @@ from .types import ParsedKey, utc_now
 
 __all__ = ["Registry", "RunRow", "VersionRow", "detect_network_fs"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _NETWORK_FS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "beegfs", "9p")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, project TEXT NOT NULL, state TEXT NOT NULL,
@@ -70,6 +69,35 @@ CREATE TABLE IF NOT EXISTS run_inputs (
     run_id TEXT NOT NULL REFERENCES runs(id), version_id INTEGER NOT NULL REFERENCES versions(id),
     used_at TEXT NOT NULL, PRIMARY KEY (run_id, version_id));
 """
+
+# v2: metrics and Test-Time RL records. Hot tables carry no foreign keys (a lookup per row
+# would halve the insert rate); rows are written only by the manager, which knows the run.
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS metric_series (
+    id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, key TEXT NOT NULL, UNIQUE (run_id, key));
+CREATE TABLE IF NOT EXISTS metrics (
+    series_id INTEGER NOT NULL, step INTEGER NOT NULL, value REAL, time REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS metrics_series ON metrics (series_id, step);
+CREATE TABLE IF NOT EXISTS experiences (
+    id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, experience_id TEXT NOT NULL,
+    input TEXT, output TEXT, payload_digest TEXT, metadata TEXT NOT NULL, time REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS experiences_run ON experiences (run_id, experience_id);
+CREATE TABLE IF NOT EXISTS online_updates (
+    id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, update_id TEXT NOT NULL,
+    experience_id TEXT NOT NULL, reward REAL, confidence REAL, kl_divergence REAL,
+    model_version_id INTEGER, metadata TEXT NOT NULL, time REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS online_updates_run ON online_updates (run_id, model_version_id);
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run ``;``-separated DDL inside the caller's transaction (executescript would commit)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
 
 _VERSION_COLUMNS = (
     "v.id, v.name, a.type, v.version, v.digest, v.size, v.format, v.run_id, v.created_at, "
@@ -192,24 +220,28 @@ class Registry:
         conn.execute(f"PRAGMA synchronous = {sync}")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Create a new registry at the current schema, or upgrade an older one in place."""
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = conn.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
+            current = 0 if row is None else int(row[0])
+            if current > SCHEMA_VERSION:
+                raise StorageError(
+                    f"registry {self.path} has schema v{current}, newer than this repro "
+                    f"(v{SCHEMA_VERSION}); upgrade repro-lightning",
+                    path=self.path,
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                _run_script(conn, _MIGRATIONS[version])
+            if current == 0:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 conn.execute(
                     "INSERT INTO store_meta (key, value) VALUES ('hash_algorithm', ?)",
                     (self._algorithm,),
                 )
-            elif row[0] > SCHEMA_VERSION:
-                raise StorageError(
-                    f"registry {self.path} has schema v{row[0]}, newer than this repro "
-                    f"(v{SCHEMA_VERSION}); upgrade repro-lightning",
-                    path=self.path,
-                )
+            elif current < SCHEMA_VERSION:
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

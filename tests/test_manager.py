@@ -23,9 +23,10 @@ from repro_core import (
     RunState,
     RunStateError,
     SerializationError,
+    StorageError,
     verify_store,
 )
-from repro_core.registry import Registry
+from repro_core.registry import _SCHEMA_V1, SCHEMA_VERSION, Registry, _run_script
 
 
 def _store_files(root: Path) -> set[str]:
@@ -290,7 +291,34 @@ def test_registry_schema_and_wal(manager: ArtifactManager, run: object,
     manager.log_artifact("x", "dataset", data=b"x")
     reg = Registry(store_root / "registry.sqlite")
     assert reg._read("PRAGMA journal_mode")[0][0] == "wal"
-    assert reg._read("SELECT version FROM schema_version")[0][0] == 1
+    assert reg._read("SELECT version FROM schema_version")[0][0] == SCHEMA_VERSION
     assert reg.hash_algorithm() == "blake3"
     assert (store_root / "CACHEDIR.TAG").read_text().startswith("Signature: 8a477f59")
     reg.close()
+
+
+def test_v1_registry_is_migrated_in_place(tmp_path: Path) -> None:
+    """A store written by the first release opens, keeps its rows and gains the new tables."""
+    import sqlite3
+
+    path = tmp_path / "registry.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    _run_script(conn, _SCHEMA_V1)
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    conn.execute("INSERT INTO store_meta VALUES ('hash_algorithm', 'sha256')")
+    conn.execute("INSERT INTO artifacts VALUES ('old', 'dataset', '2026-01-01')")
+    conn.execute("COMMIT")
+    conn.close()
+    reg = Registry(path)
+    assert reg._read("SELECT version FROM schema_version")[0][0] == SCHEMA_VERSION
+    assert reg.hash_algorithm() == "sha256"
+    assert reg._read("SELECT name FROM artifacts") == [("old",)]
+    assert reg._read("SELECT COUNT(*) FROM metrics") == [(0,)]
+    reg.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.close()
+    with pytest.raises(StorageError, match="newer than this repro"):
+        Registry(path).integrity_check()
