@@ -31,6 +31,7 @@ from .errors import (
     RunStateError,
     SerializationError,
 )
+from .metrics import MetricsWriter, read_metrics
 from .registry import Registry, RunRow
 from .serialize import canonical_json, load_payload
 from .store.local import LocalStorageBackend
@@ -67,6 +68,7 @@ class ArtifactManager:
         self._store: LocalStorageBackend | None = None
         self._registry: Registry | None = None
         self._exchange = distributed.Exchange()
+        self._metrics: MetricsWriter | None = None
         self._initialized = True
 
     @classmethod
@@ -198,6 +200,14 @@ class ArtifactManager:
 
     def _finish(self, run: Run, state: RunState, *, reason: str | None = None) -> str:
         assert run.id is not None
+        writer, self._metrics = self._metrics, None
+        if writer is not None:
+            try:
+                writer.close()  # every buffered metric is durable before the run is "done"
+            except BaseException as exc:
+                state, reason = RunState.FAILED, f"flushing metrics failed: {exc}"
+                self._open()[1].set_run_state(run.id, state.value, reason=reason, ended=True)
+                raise
         run.state = state
         registry = self._open()[1]
         registry.set_run_state(run.id, state.value, reason=reason, ended=True)
@@ -227,6 +237,38 @@ class ArtifactManager:
                 "(or use ExperimentContext)"
             )
         return self._run
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> int | None:
+        """Log scalars for the active run; returns the step used (None on other ranks).
+
+        Buffered and written by a background thread at least every second, at finalize and at
+        exit. Steps count up from 0 per run unless given. NaN and ±inf are kept.
+        """
+        with self._lock:
+            run = self._require_run("log_metrics")
+            if not run.is_rank_zero or run.id is None:
+                return None
+            if self._metrics is None:
+                self._metrics = MetricsWriter(self._open()[0].root / "registry.sqlite", run.id)
+            writer = self._metrics
+        return writer.log(metrics, step)
+
+    def get_metrics(self, run_id: str | None = None, keys: list[str] | None = None
+                    ) -> dict[str, list[tuple[int, float, float]]]:
+        """``{key: [(step, value, unix_time), …]}`` for a run (default: the active one)."""
+        with self._lock:
+            if run_id is None:
+                run_id = self._require_run("get_metrics").id
+            if self._metrics is not None:
+                self._metrics.flush()
+        assert run_id is not None
+        result = self._exchange.run_on_zero(
+            "metrics", lambda: read_metrics(self._open()[1], run_id, keys),
+            encode=_identity, decode=lambda d: {k: [tuple(r) for r in v] for k, v in d.items()},
+        )
+        return result or {}
 
     # -- artifacts --------------------------------------------------------------------------
 

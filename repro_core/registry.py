@@ -70,14 +70,19 @@ CREATE TABLE IF NOT EXISTS run_inputs (
     used_at TEXT NOT NULL, PRIMARY KEY (run_id, version_id));
 """
 
-# v2: metrics and Test-Time RL records. Hot tables carry no foreign keys (a lookup per row
-# would halve the insert rate); rows are written only by the manager, which knows the run.
+# v2: metrics and Test-Time RL records. Metrics are stored column-wise in chunks (one row per
+# series per flush: little-endian int64 steps, float64 values and unix times), so the writer
+# does O(series) work per flush instead of O(points) and keeps up with any logging rate; NaN
+# and ±inf survive bit-exactly. Hot tables carry no foreign keys (a lookup per row would halve
+# the insert rate); rows are written only by the manager, which knows the run.
 _SCHEMA_V2 = """
 CREATE TABLE IF NOT EXISTS metric_series (
     id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, key TEXT NOT NULL, UNIQUE (run_id, key));
-CREATE TABLE IF NOT EXISTS metrics (
-    series_id INTEGER NOT NULL, step INTEGER NOT NULL, value REAL, time REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS metrics_series ON metrics (series_id, step);
+CREATE TABLE IF NOT EXISTS metric_chunks (
+    id INTEGER PRIMARY KEY, series_id INTEGER NOT NULL, count INTEGER NOT NULL,
+    first_step INTEGER NOT NULL, last_step INTEGER NOT NULL,
+    steps BLOB NOT NULL, vals BLOB NOT NULL, times BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS metric_chunks_series ON metric_chunks (series_id, id);
 CREATE TABLE IF NOT EXISTS experiences (
     id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, experience_id TEXT NOT NULL,
     input TEXT, output TEXT, payload_digest TEXT, metadata TEXT NOT NULL, time REAL NOT NULL);

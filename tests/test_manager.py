@@ -315,7 +315,7 @@ def test_v1_registry_is_migrated_in_place(tmp_path: Path) -> None:
     assert reg._read("SELECT version FROM schema_version")[0][0] == SCHEMA_VERSION
     assert reg.hash_algorithm() == "sha256"
     assert reg._read("SELECT name FROM artifacts") == [("old",)]
-    assert reg._read("SELECT COUNT(*) FROM metrics") == [(0,)]
+    assert reg._read("SELECT COUNT(*) FROM metric_chunks") == [(0,)]
     reg.close()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("UPDATE schema_version SET version = 99")
