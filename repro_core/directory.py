@@ -14,10 +14,8 @@ into place so a half-built tree is never visible.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import secrets
 import shutil
 import stat
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from typing import Any
 from .errors import InvalidArgumentError, StorageError
 from .hashing import parse_digest
 from .serialize import canonical_json
-from .store.local import LocalStorageBackend
+from .store.local import LocalStorageBackend, new_locked_temp
 
 __all__ = ["Manifest", "ingest_directory", "materialize_directory", "read_manifest",
            "scan_directory"]
@@ -126,12 +124,9 @@ def materialize_directory(store: LocalStorageBackend, manifest_digest: str) -> P
         return final
     manifest = read_manifest(store.blob_path(manifest_digest))
     store.ensure_layout()
-    build = store.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.dir"
+    build, lock_fd = new_locked_temp(store.tmp_dir, ".dir", directory=True)
     try:
-        build.mkdir()
-        lock_fd = os.open(build, os.O_RDONLY)
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # marks the build as live for sweep_tmp()
-        try:
+        try:  # the flock marks the build as live for sweep_tmp()
             _populate(store, manifest, build)
             final.parent.mkdir(parents=True, exist_ok=True)
             try:

@@ -36,7 +36,7 @@ from typing import Any
 
 import networkx as nx
 
-from ._fsio import fsync, replace, write_all
+from . import _fsio
 from .errors import (
     ArtifactNotFoundError,
     InvalidArgumentError,
@@ -486,11 +486,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
-            write_all(fd, data)
-            fsync(fd)
+            _fsio.write_all(fd, data)
+            _fsio.fsync(fd)
         finally:
             os.close(fd)
-        replace(tmp, path)
+        _fsio.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise StorageError(f"cannot write {path}: {exc}", path=path, errno=exc.errno) from exc

@@ -14,6 +14,7 @@ whose blob is missing or a half-written blob.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -23,13 +24,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import constants, distributed
+from . import _fsio, constants, distributed
 from ._artifacts import ArtifactWriter, metadata_from_row
 from .errors import (
     ArtifactNotFoundError,
     InvalidArgumentError,
+    ReproError,
     RunStateError,
     SerializationError,
+    StorageError,
 )
 from .metrics import MetricsWriter, read_metrics
 from .registry import Registry, RunRow
@@ -158,7 +161,14 @@ class ArtifactManager:
             tags=run.tags, config=run.config, created_at=run.created_at, ended_at=None,
             host=socket.gethostname(), pid=os.getpid(), world_size=distributed.world_size(),
         ))
-        self._export_run(run.id, config=run.config)
+        try:
+            self._export_run(run.id, config=run.config)
+        except StorageError as exc:
+            # The row is committed; do not leave it RUNNING with nobody holding it.
+            with contextlib.suppress(ReproError):
+                registry.set_run_state(run.id, RunState.FAILED.value, reason=str(exc),
+                                       ended=True)
+            raise
         return run.id
 
     @property
@@ -471,14 +481,14 @@ def _check_config(config: object) -> dict[str, Any]:
 def _write_json_atomic(path: Path, value: Any) -> None:
     """Temp file + rename: a reader never sees half a JSON file (the seed's artifacts.json was
     left half-written by a crash in finalize)."""
-    from ._fsio import replace
-
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
-        replace(tmp, path)
+        _fsio.replace(tmp, path)
+    except OSError as exc:
+        raise StorageError(f"writing {path} failed: {exc}", path=path, errno=exc.errno) from exc
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
 

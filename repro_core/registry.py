@@ -23,8 +23,9 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,28 @@ CREATE INDEX IF NOT EXISTS online_updates_run ON online_updates (run_id, model_v
 """
 
 _MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
+
+def _retry_busy(statement: Callable[[], object]) -> None:
+    """Retry a statement SQLite refuses with SQLITE_BUSY without calling the busy handler.
+
+    Switching a fresh database to WAL while another process holds its lock (two processes
+    creating the same store) fails at once with "database is locked"; we wait like any other
+    busy write, up to ``SQLITE_BUSY_TIMEOUT_MS``.
+    """
+    deadline = time.monotonic() + constants.SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.001
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
@@ -220,7 +243,7 @@ class Registry:
             )
             conn.execute("PRAGMA journal_mode = DELETE")
         else:
-            conn.execute("PRAGMA journal_mode = WAL")
+            _retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"))
         sync = "FULL" if constants.REPRO_FSYNC == "full" else "OFF"
         conn.execute(f"PRAGMA synchronous = {sync}")
 

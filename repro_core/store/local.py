@@ -38,7 +38,7 @@ from ..errors import IntegrityError, StorageError
 from ..hashing import copy_and_hash, hash_file, new_hasher, parse_digest
 from .base import StorageBackend
 
-__all__ = ["BlobWriter", "LocalStorageBackend"]
+__all__ = ["BlobWriter", "LocalStorageBackend", "is_stale_temp", "new_locked_temp"]
 
 _T = TypeVar("_T")
 _CACHEDIR_TAG = (
@@ -280,8 +280,8 @@ class LocalStorageBackend(StorageBackend):
             for d in (self.root, self.blobs_dir / self.algorithm, self.tmp_dir):
                 d.mkdir(parents=True, exist_ok=True)
             tag = self.root / "CACHEDIR.TAG"
-            if not tag.exists():
-                tmp = self.tmp_dir / f"CACHEDIR.TAG.{os.getpid()}.{secrets.token_hex(4)}"
+            if not tag.exists():  # temp name outside tmp/, so no sweep can take it
+                tmp = self.root / f".CACHEDIR.TAG.{os.getpid()}.{secrets.token_hex(4)}"
                 tmp.write_text(_CACHEDIR_TAG)
                 os.replace(tmp, tag)
 
@@ -302,14 +302,7 @@ class LocalStorageBackend(StorageBackend):
 
     def _new_temp_file(self) -> tuple[Path, int]:
         self.ensure_layout()
-        path = self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.part"
-
-        def _open() -> int:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            return fd
-
-        return path, _storage_errors("creating a temp file", path, _open)
+        return new_locked_temp(self.tmp_dir, ".part")
 
     def _publish(self, writer: BlobWriter, digest: str, size: int) -> None:
         """fsync → read-only → rename into place → fsync dir. Dedup if the blob exists."""
@@ -347,14 +340,48 @@ def _existing_blob_ok(final: Path, size: int) -> bool:
     return True
 
 
+def new_locked_temp(tmp_dir: Path, suffix: str, *, directory: bool = False) -> tuple[Path, int]:
+    """Create ``tmp/<pid>-<token><suffix>`` already flock()ed by us; return (path, fd).
+
+    The entry is born under a dot-name that ``sweep_tmp`` leaves alone, locked, and only then
+    renamed to its sweepable name (the lock follows the open file across the rename). Creating
+    it under the final name and locking it after would let a concurrent sweep delete a live
+    writer's file in between.
+    """
+    name = f"{os.getpid()}-{secrets.token_hex(8)}{suffix}"
+    hidden, final = tmp_dir / f".{name}", tmp_dir / name
+
+    def _create() -> int:
+        if directory:
+            hidden.mkdir()
+            fd = os.open(hidden, os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(hidden, final)
+        except BaseException:
+            os.close(fd)
+            _remove_entry(hidden)
+            raise
+        return fd
+
+    return final, _storage_errors("creating a temp file", final, _create)
+
+
 def is_stale_temp(entry: Path, now: float) -> bool:
-    """A temp entry is stale when its writer's flock can be taken, or it is very old."""
+    """A temp entry is stale when its writer's flock can be taken, or it is very old.
+
+    Dot-names are entries being born (see ``new_locked_temp``): only age makes them stale.
+    """
     try:
         age = now - entry.lstat().st_mtime
     except FileNotFoundError:
         return False
     if age > constants.REPRO_STALE_TMP_SECONDS:
         return True
+    if entry.name.startswith("."):
+        return False
     try:
         fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
