@@ -22,6 +22,7 @@ from .lineage import LineageNode, LineageTracker
 from .lineage_render import render_svg
 from .maintenance import GcReport, VerifyReport, collect_garbage, verify_store
 from .manager import ArtifactManager
+from .monitor import HardwareMonitor
 from .store import LocalStorageBackend, StorageBackend
 from .types import ArtifactMetadata, ArtifactType, Run, RunState
 
@@ -35,6 +36,7 @@ __all__ = [
     "ArtifactType",
     "DistributedTimeoutError",
     "GcReport",
+    "HardwareMonitor",
     "IntegrityError",
     "InvalidArgumentError",
     "InvalidNameError",

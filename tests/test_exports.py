@@ -16,7 +16,7 @@ SEED_NAMES = {
 # Seed names whose implementation lands with a later issue. They are deliberately NOT exported
 # until they really work (no stubs); move a name out of this set when its issue lands.
 PENDING = {
-    "ConfigCapture", "EnvironmentCaptureLevel", "HardwareMonitor",  # issue 4: capture
+    "ConfigCapture", "EnvironmentCaptureLevel",  # issue 4: capture
     "ExperimentContext", "TTRLContext", "checkpoint", "reproducible",  # issue 5: contexts
     "track_artifacts",  # issue 5: decorators
     "WandBStorageBackend",  # wandb backend issue
