@@ -4,6 +4,16 @@ Importing this package never imports torch, lightning or wandb; they are loaded 
 tensor, a GPU or a backend is actually used.
 """
 
+from .capture import (
+    ConfigCapture,
+    EnvironmentCaptureLevel,
+    capture_config,
+    capture_environment,
+    seed_everything,
+    validate_environment,
+)
+from .context import ExperimentContext
+from .decorators import checkpoint, reproducible, track_artifacts
 from .errors import (
     AmbiguousRankError,
     ArtifactNotFoundError,
@@ -24,6 +34,7 @@ from .maintenance import GcReport, VerifyReport, collect_garbage, verify_store
 from .manager import ArtifactManager
 from .monitor import HardwareMonitor
 from .store import LocalStorageBackend, StorageBackend
+from .ttrl import TTRLContext
 from .types import ArtifactMetadata, ArtifactType, Run, RunState
 
 __version__ = "0.1.0"
@@ -34,7 +45,10 @@ __all__ = [
     "ArtifactMetadata",
     "ArtifactNotFoundError",
     "ArtifactType",
+    "ConfigCapture",
     "DistributedTimeoutError",
+    "EnvironmentCaptureLevel",
+    "ExperimentContext",
     "GcReport",
     "HardwareMonitor",
     "IntegrityError",
@@ -51,10 +65,18 @@ __all__ = [
     "SerializationError",
     "StorageBackend",
     "StorageError",
+    "TTRLContext",
     "VerifyReport",
+    "capture_config",
+    "capture_environment",
+    "checkpoint",
     "collect_garbage",
     "hash_bytes",
     "hash_file",
     "render_svg",
+    "reproducible",
+    "seed_everything",
+    "track_artifacts",
+    "validate_environment",
     "verify_store",
 ]

@@ -27,13 +27,14 @@ def read_registry(registry: Registry, *, with_blobs: bool
     # Versions and runs are never deleted and an edge only names rows that existed when it was
     # written, so each later read covers everything the earlier ones refer to, even when a
     # writer commits in between.
+    output_rows = registry.output_edges()
     parent_rows = registry.parent_edges()
     input_rows = registry.input_edges()
     versions = registry.list_versions()
     runs = registry.list_runs()
     keys = {v.id: v.key for v in versions}
     nodes = [_run_node(r) for r in runs] + [_version_node(v) for v in versions]
-    edges = list(_store_edges(versions, parent_rows, input_rows, keys))
+    edges = list(_store_edges(output_rows, parent_rows, input_rows, keys))
     blobs = _blob_refs(registry, versions, keys) if with_blobs else {}
     return nodes, edges, blobs
 
@@ -55,16 +56,16 @@ def _version_node(version: VersionRow) -> LineageNode:
     )
 
 
-def _store_edges(versions: Sequence[VersionRow], parent_rows: Sequence[tuple[Any, ...]],
+def _store_edges(output_rows: Sequence[tuple[Any, ...]], parent_rows: Sequence[tuple[Any, ...]],
                  input_rows: Sequence[tuple[Any, ...]], keys: dict[int, str]) -> Iterator[_Edge]:
-    """produced-by (run → version), parent-of (version → version), used-by (version → run).
+    """logged-by (run → version; the creator and every run whose identical content
+    deduplicated to it), parent-of (version → version), used-by (version → run).
 
     A row naming a version id missing from ``keys`` (possible only with foreign keys off)
     becomes a dangling ``version-id:N`` reference: reported by validation, never dropped.
     """
-    for version in versions:
-        if version.run_id is not None:
-            yield run_node_id(version.run_id), version.key
+    for run_id, version_id in output_rows:
+        yield run_node_id(run_id), _key(keys, version_id)
     for parent_id, child_id in parent_rows:
         yield _key(keys, parent_id), _key(keys, child_id)
     for version_id, run_id in input_rows:

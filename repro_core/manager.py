@@ -114,6 +114,18 @@ class ArtifactManager:
                 self._root, self._store, self._registry = root, store, registry
             return self._store, self._registry
 
+    def store(self) -> LocalStorageBackend:
+        """The blob store (opened on first use). For integrations; prefer the logging API."""
+        return self._open()[0]
+
+    def registry(self) -> Registry:
+        """The registry (opened on first use). For integrations and queries."""
+        return self._open()[1]
+
+    def version_id(self, key: str) -> int:
+        """The registry id of the version ``key`` names (``name:v3``, ``name:best``, …)."""
+        return self.registry().resolve(parse_key(key)).id
+
     def _close_store(self) -> None:
         if self._registry is not None:
             self._registry.close()
@@ -256,14 +268,18 @@ class ArtifactManager:
         Buffered and written by a background thread at least every second, at finalize and at
         exit. Steps count up from 0 per run unless given. NaN and ±inf are kept.
         """
+        writer = self.metrics_writer()
+        return None if writer is None else writer.log(metrics, step)
+
+    def metrics_writer(self) -> MetricsWriter | None:
+        """The active run's batching writer (created on first use); None on other ranks."""
         with self._lock:
             run = self._require_run("log_metrics")
             if not run.is_rank_zero or run.id is None:
                 return None
             if self._metrics is None:
                 self._metrics = MetricsWriter(self._open()[0].root / "registry.sqlite", run.id)
-            writer = self._metrics
-        return writer.log(metrics, step)
+            return self._metrics
 
     def get_metrics(self, run_id: str | None = None, keys: list[str] | None = None
                     ) -> dict[str, list[tuple[int, float, float]]]:

@@ -76,6 +76,9 @@ CREATE TABLE IF NOT EXISTS run_inputs (
 # does O(series) work per flush instead of O(points) and keeps up with any logging rate; NaN
 # and ±inf survive bit-exactly. Hot tables carry no foreign keys (a lookup per row would halve
 # the insert rate); rows are written only by the manager, which knows the run.
+# run_outputs records every run that logged a version — also when its content equalled
+# ``latest`` and no new version was made — so "what did run B log?" has an answer; it is
+# back-filled from versions.run_id for v1 stores.
 _SCHEMA_V2 = """
 CREATE TABLE IF NOT EXISTS metric_series (
     id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, key TEXT NOT NULL, UNIQUE (run_id, key));
@@ -93,6 +96,12 @@ CREATE TABLE IF NOT EXISTS online_updates (
     experience_id TEXT NOT NULL, reward REAL, confidence REAL, kl_divergence REAL,
     model_version_id INTEGER, metadata TEXT NOT NULL, time REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS online_updates_run ON online_updates (run_id, model_version_id);
+CREATE TABLE IF NOT EXISTS run_outputs (
+    run_id TEXT NOT NULL REFERENCES runs(id), version_id INTEGER NOT NULL REFERENCES versions(id),
+    logged_at TEXT NOT NULL, PRIMARY KEY (run_id, version_id));
+INSERT INTO run_outputs (run_id, version_id, logged_at)
+    SELECT run_id, id, created_at FROM versions WHERE run_id IS NOT NULL
+    ON CONFLICT (run_id, version_id) DO NOTHING;
 """
 
 _MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
@@ -391,6 +400,7 @@ class Registry:
             latest = _fetch_version(conn, "a2.alias = 'latest'", (new.name,), join_alias=True)
             if latest is not None and latest.digest == new.digest:
                 self._set_aliases(conn, new.name, latest.id, new.aliases)
+                _record_output(conn, new.run_id, latest.id)
                 return latest, False
             number = conn.execute(
                 "SELECT COALESCE(MAX(version) + 1, 0) FROM versions WHERE name = ?", (new.name,)
@@ -413,6 +423,7 @@ class Registry:
                 [(version_id, p) for p in new.parent_ids],
             )
             self._set_aliases(conn, new.name, version_id, ["latest", *new.aliases])
+            _record_output(conn, new.run_id, version_id)
             row = _fetch_version(conn, "v.id = ?", (version_id,))
         assert row is not None
         return row, True
@@ -528,19 +539,22 @@ class Registry:
             "SELECT version_id FROM run_inputs WHERE run_id = ? ORDER BY used_at", (run_id,))]
 
     def outputs_of(self, run_id: str) -> list[VersionRow]:
+        """Versions the run logged, including ones that deduplicated to an existing version."""
         rows = self._read(
-            f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN artifacts a ON a.name = v.name "
-            "WHERE v.run_id = ? ORDER BY v.id",
+            f"SELECT {_VERSION_COLUMNS} FROM run_outputs o JOIN versions v ON v.id = o.version_id"
+            " JOIN artifacts a ON a.name = v.name WHERE o.run_id = ? ORDER BY o.logged_at, v.id",
             (run_id,),
         )
         return [_version_row(r) for r in rows]
 
     def record_use(self, run_id: str, version_id: int) -> None:
         with self._write() as conn:
+            # A run reading back what it logged is not an input (that would be a cycle).
             conn.execute(
-                "INSERT INTO run_inputs (run_id, version_id, used_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (run_id, version_id) DO NOTHING",
-                (run_id, version_id, utc_now()),
+                "INSERT INTO run_inputs (run_id, version_id, used_at) SELECT ?, ?, ?"
+                " WHERE NOT EXISTS (SELECT 1 FROM run_outputs WHERE run_id = ? AND"
+                " version_id = ?) ON CONFLICT (run_id, version_id) DO NOTHING",
+                (run_id, version_id, utc_now(), run_id, version_id),
             )
 
     def blobs_of(self, version_id: int) -> list[tuple[str, int]]:
@@ -553,6 +567,11 @@ class Registry:
         return [(int(a), int(b)) for a, b in self._read(
             "SELECT parent_id, child_id FROM artifact_parents")]
 
+    def output_edges(self) -> list[tuple[str, int]]:
+        """Every ``(run_id, version_id)`` logged-by edge, in one read."""
+        return [(str(a), int(b)) for a, b in self._read(
+            "SELECT run_id, version_id FROM run_outputs ORDER BY logged_at")]
+
     def input_edges(self) -> list[tuple[int, str]]:
         """Every ``(version_id, run_id)`` used-by edge, oldest first, in one read."""
         return [(int(a), str(b)) for a, b in self._read(
@@ -562,6 +581,30 @@ class Registry:
         """Every ``(version_id, digest)`` a version needs, in one read."""
         return [(int(a), str(b)) for a, b in self._read(
             "SELECT version_id, digest FROM version_blobs")]
+
+    def online_updates(self, run_id: str, model_version_id: int | None
+                       ) -> list[dict[str, Any]]:
+        """A run's online updates made under one model version (None: before any), in order."""
+        where = "model_version_id IS NULL" if model_version_id is None else "model_version_id = ?"
+        params: list[Any] = [run_id] if model_version_id is None else [run_id, model_version_id]
+        rows = self._read(
+            "SELECT update_id, experience_id, reward, confidence, kl_divergence, metadata, time"
+            f" FROM online_updates WHERE run_id = ? AND {where} ORDER BY id", params)
+        return [{"update_id": r[0], "experience_id": r[1], "reward": r[2], "confidence": r[3],
+                 "kl_divergence": r[4], "metadata": json.loads(r[5]), "timestamp": r[6]}
+                for r in rows]
+
+    def experiences(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's experiences in order; ``input``/``output`` decoded unless stored as a blob
+        (then ``payload_digest`` names it)."""
+        rows = self._read(
+            "SELECT experience_id, input, output, payload_digest, metadata, time"
+            " FROM experiences WHERE run_id = ? ORDER BY id", [run_id])
+        return [{"experience_id": r[0],
+                 "input": None if r[3] else json.loads(r[1]),
+                 "output": None if r[3] else json.loads(r[2]),
+                 "payload_digest": r[3], "metadata": json.loads(r[4]), "timestamp": r[5]}
+                for r in rows]
 
     def blob_references(self) -> list[tuple[str, int]]:
         """Every ``(digest, size)`` some version needs (manifests and their files included)."""
@@ -594,6 +637,18 @@ def detect_network_fs(path: str | Path, mountinfo: str | None = None) -> str | N
     if best_type.startswith("fuse") or best_type.split(".")[0] in _NETWORK_FS:
         return best_type
     return None
+
+
+def _record_output(conn: sqlite3.Connection, run_id: str | None, version_id: int) -> None:
+    """Link the run to what it logged, unless it used that very version (no cycles)."""
+    if run_id is None:
+        return
+    conn.execute(
+        "INSERT INTO run_outputs (run_id, version_id, logged_at) SELECT ?, ?, ?"
+        " WHERE NOT EXISTS (SELECT 1 FROM run_inputs WHERE run_id = ? AND version_id = ?)"
+        " ON CONFLICT (run_id, version_id) DO NOTHING",
+        (run_id, version_id, utc_now(), run_id, version_id),
+    )
 
 
 def _key_text(key: ParsedKey) -> str:

@@ -16,16 +16,14 @@ SEED_NAMES = {
 # Seed names whose implementation lands with a later issue. They are deliberately NOT exported
 # until they really work (no stubs); move a name out of this set when its issue lands.
 PENDING = {
-    "ConfigCapture", "EnvironmentCaptureLevel",  # issue 4: capture
-    "ExperimentContext", "TTRLContext", "checkpoint", "reproducible",  # issue 5: contexts
-    "track_artifacts",  # issue 5: decorators
-    "WandBStorageBackend",  # wandb backend issue
+    "WandBStorageBackend",  # the wandb backend issue
 }
 ADDITIONS = {
     "AmbiguousRankError", "ArtifactNotFoundError", "DistributedTimeoutError", "IntegrityError",
     "InvalidArgumentError", "InvalidNameError", "MissingFileError", "ReproError", "Run",
     "RunStateError", "SerializationError", "StorageError", "VerifyReport", "hash_bytes",
     "hash_file", "verify_store", "GcReport", "collect_garbage", "render_svg",
+    "capture_config", "capture_environment", "seed_everything", "validate_environment",
 }
 
 

@@ -322,3 +322,22 @@ def test_v1_registry_is_migrated_in_place(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(StorageError, match="newer than this repro"):
         Registry(path).integrity_check()
+
+
+def test_dedup_still_links_the_logging_run(manager: ArtifactManager) -> None:
+    """Run B logging content identical to latest gets no new version, but the registry still
+    says B logged it (W&B links the artifact to both runs); re-logging what B used is no edge."""
+    a = manager.init_run("a")
+    manager.log_artifact("env", "environment", data={"python": "3.11"})
+    manager.finalize_run()
+    b = manager.init_run("b")
+    same = manager.log_artifact("env", "environment", data={"python": "3.11"})
+    used = manager.use_artifact("env")
+    manager.log_artifact("env", "environment", data={"python": "3.11"})
+    manager.finalize_run()
+    assert a.id and b.id and same.version == "v0" and same.run_id == a.id
+    assert manager.get_run(b.id)["outputs"] == ["env:v0"]
+    assert manager.get_run(b.id)["inputs"] == []  # logged first, so reading it back is no input
+    assert used.key == "env:v0"
+    lineage = manager.get_lineage("env:v0")
+    assert f"run:{b.id}" in lineage["ancestors"] and lineage["descendants"] == []

@@ -1,0 +1,230 @@
+"""``ExperimentContext``: one ``with`` block = one fully recorded run.
+
+On enter: a run is opened, the config is captured (artifact ``config``), the environment is
+captured (artifact ``environment``; at COMPLETE the uncommitted git patch as ``git_patch``), the
+hardware monitor starts, and SIGTERM is turned into an orderly INTERRUPTED finish.
+On exit: the monitor stops (artifact ``hardware_usage`` + ``runs/<id>/hardware.jsonl``), metrics
+are flushed and the run is finalized: COMPLETED, FAILED (traceback kept with the run and as an
+``error_trace`` artifact) or INTERRUPTED (KeyboardInterrupt, SIGTERM). The user's exception is
+always re-raised unchanged; a failure while finalizing is reported as a warning then, never in
+its place (the seed's original crashed on exit of every offline run and masked the real error).
+
+Contexts do not nest: one process holds one run at a time (``RunStateError`` says so).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import threading
+import traceback
+import warnings
+from datetime import datetime
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Literal
+
+from . import constants
+from .capture import EnvironmentCaptureLevel, capture_config, capture_environment
+from .capture.environment import coerce_level
+from .errors import RunStateError
+from .manager import ArtifactManager
+from .monitor import HardwareMonitor
+from .types import ArtifactMetadata, ArtifactType, Run, RunState
+
+__all__ = ["ExperimentContext", "Terminated", "detect_offline"]
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread when SIGTERM arrives inside a context (exit status 143)."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def detect_offline() -> bool:
+    """Offline unless wandb is installed, not disabled, and logged in (an API key is known)."""
+    if constants.REPRO_OFFLINE or os.environ.get("WANDB_MODE", "").lower() in (
+        "offline", "disabled", "dryrun"
+    ):
+        return True
+    if importlib.util.find_spec("wandb") is None:
+        return True
+    return not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().is_file())
+
+
+class ExperimentContext:
+    """Context manager for comprehensive experiment tracking.
+
+    Automatically captures configuration, environment, hardware usage and artifacts.
+    """
+
+    _default_prefix = "exp"
+    _default_level = EnvironmentCaptureLevel.STANDARD
+
+    def __init__(
+        self,
+        config: Any | None = None,
+        name: str | None = None,
+        project: str = "default",
+        tags: list[str] | None = None,
+        capture_level: EnvironmentCaptureLevel | int | None = None,
+        monitor_hardware: bool = True,
+        offline_mode: bool | None = None,
+        *,
+        root: str | Path | None = None,
+        monitor_interval: float = 5.0,
+    ) -> None:
+        """Validate everything now, before any run is opened or file written.
+
+        ``offline_mode=None`` auto-detects (see :func:`detect_offline`). Every store is local
+        today, so offline and online runs are recorded the same way; the resolved mode is kept
+        in the run's config under ``_repro.offline`` for the remote backends to honour.
+        """
+        self.capture_level = coerce_level(capture_level if capture_level is not None
+                                          else self._default_level)
+        self.config = capture_config(config) if config is not None else {}
+        self.name = name or f"{self._default_prefix}_{datetime.now():%Y%m%d_%H%M%S}"
+        self.project, self.tags, self.root = project, list(tags or []), root
+        self.offline = detect_offline() if offline_mode is None else bool(offline_mode)
+        self.monitor = HardwareMonitor(monitor_interval) if monitor_hardware else None
+        self.manager = ArtifactManager()
+        self.run: Run | None = None
+        self.config_artifact: ArtifactMetadata | None = None
+        self._last_checkpoint: ArtifactMetadata | None = None
+        self._previous_sigterm: Any = None
+
+    # -- enter / exit -------------------------------------------------------------------------
+
+    def __enter__(self) -> ExperimentContext:
+        """Enter context and capture initial state."""
+        if self.manager.current_run is not None:
+            raise RunStateError(
+                f"{type(self).__name__} cannot nest: run {self.manager.current_run.name!r} is "
+                "active. Finish it first, or log into it directly"
+            )
+        config = {**self.config, "_repro": {"offline": self.offline}}
+        self.run = self.manager.init_run(self.name, config=config, project=self.project,
+                                         tags=self.tags, root=self.root)
+        try:
+            self._capture()
+            if self.monitor is not None:
+                self.monitor.start()
+            self._install_sigterm()
+        except BaseException:
+            self._finish(RunState.FAILED, None)
+            raise
+        return self
+
+    def _capture(self) -> None:
+        self.config_artifact = self.manager.log_artifact("config", ArtifactType.CONFIG,
+                                                         data=self.config)
+        env = capture_environment(self.capture_level)
+        patch = env.get("git", {}).pop("patch", None) if isinstance(env.get("git"), dict) \
+            else None
+        self.manager.log_artifact("environment", ArtifactType.ENVIRONMENT, data=env)
+        if patch:
+            self.manager.log_artifact("git_patch", ArtifactType.CODE, data=patch)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        """Exit context and finalize tracking; never swallows or replaces the user's error."""
+        state = _state_for(exc)
+        if exc is None:
+            self._finish(state, None)
+            return False
+        try:
+            self._finish(state, exc)
+        except Exception as finish_error:  # report, but let the user's exception propagate
+            warnings.warn(f"repro could not finalize run {self.name!r}: {finish_error!r}",
+                          RuntimeWarning, stacklevel=2)
+        return False
+
+    def _finish(self, state: RunState, exc: BaseException | None) -> None:
+        self._restore_sigterm()
+        try:
+            self._stop_monitor()
+            if exc is not None and state is RunState.FAILED:
+                trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                self.manager.log_artifact("error_trace", ArtifactType.CODE, data=trace)
+        finally:
+            if self.manager.current_run is not None:
+                reason = None if exc is None else f"{type(exc).__name__}: {exc}"
+                if state is not RunState.COMPLETED:
+                    self.manager.set_run_state(state, reason=reason)
+                self.manager.finalize_run()
+
+    def _stop_monitor(self) -> None:
+        if self.monitor is None or not self.monitor.running:
+            return
+        summary = self.monitor.stop()
+        self.manager.log_artifact("hardware_usage", ArtifactType.METRICS,
+                                  data=capture_config(summary))  # NaN-safe JSON
+        run_dir = self.run.dir if self.run is not None else None
+        if run_dir is not None and self.run is not None and self.run.is_rank_zero:
+            self.monitor.write_jsonl(run_dir / "hardware.jsonl")
+
+    # -- SIGTERM --------------------------------------------------------------------------------
+
+    def _install_sigterm(self) -> None:
+        """Turn SIGTERM into :class:`Terminated` so ``__exit__`` records INTERRUPTED.
+
+        A handler the program installed earlier is called first (chained); signals can only
+        be handled in the main thread, so elsewhere nothing is installed.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if callable(previous):
+                previous(signum, frame)
+            raise Terminated()
+
+        self._previous_sigterm = previous
+        signal.signal(signal.SIGTERM, handler)
+
+    def _restore_sigterm(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+
+    # -- logging --------------------------------------------------------------------------------
+
+    def log_artifact(self, *args: Any, **kwargs: Any) -> ArtifactMetadata:
+        """Convenience method to log artifact within context."""
+        meta = self.manager.log_artifact(*args, **kwargs)
+        if meta is not None and meta.type is ArtifactType.CHECKPOINT:
+            self._last_checkpoint = meta
+        return meta
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> int | None:
+        """Log metrics to the run's metrics store (batched; durable at exit)."""
+        return self.manager.log_metrics(metrics, step)
+
+    def log_model_checkpoint(self, model_path: Path, step: int,
+                             metrics: dict[str, float] | None = None, *,
+                             name: str = "checkpoint") -> ArtifactMetadata:
+        """Log a checkpoint file/directory with its step and metrics; its parents are the run's
+        previous checkpoint and the config artifact, so the chain of checkpoints is traceable."""
+        parents = [a.key for a in (self._last_checkpoint, self.config_artifact) if a is not None]
+        return self.log_artifact(
+            name, ArtifactType.CHECKPOINT, file_path=model_path,
+            metadata={"step": step, "metrics": dict(metrics or {})}, parent_artifacts=parents,
+        )
+
+    @property
+    def last_checkpoint(self) -> ArtifactMetadata | None:
+        """The most recent checkpoint logged through this context."""
+        return self._last_checkpoint
+
+
+def _state_for(exc: BaseException | None) -> RunState:
+    if exc is None:
+        return RunState.COMPLETED
+    if isinstance(exc, (KeyboardInterrupt, Terminated)):
+        return RunState.INTERRUPTED
+    if isinstance(exc, SystemExit) and exc.code in (None, 0):
+        return RunState.COMPLETED
+    return RunState.FAILED

@@ -1,0 +1,232 @@
+"""``TTRLContext``: an ExperimentContext for online Test-Time RL loops.
+
+Every experience is stored (input, output and metadata — the seed's original kept only a
+counter), every online update is a row in ``online_updates`` linked to its experience and to
+the **model version in force** (the last checkpoint logged in this run), so "which updates
+produced checkpoint v7?" is one query (:meth:`TTRLContext.updates_for`). The same scalars go
+to the metrics store under the names the original used (``online/reward``, …) so existing
+dashboards keep working. All of it goes through the batching writer: ``log_online_update``
+is a few microseconds, and everything is durable once the context exits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .capture import EnvironmentCaptureLevel, capture_config
+from .context import ExperimentContext
+from .errors import InvalidArgumentError, RunStateError
+from .metrics import MetricsWriter, to_number
+from .serialize import canonical_json
+from .types import ArtifactMetadata, ArtifactType
+
+__all__ = ["TTRLContext"]
+
+# Payloads bigger than this go to a blob; the row keeps the digest.
+INLINE_PAYLOAD_BYTES = 64 * 1024
+_UPDATE_COLUMNS = ("run_id", "update_id", "experience_id", "reward", "confidence",
+                   "kl_divergence", "model_version_id", "metadata", "time")
+_EXPERIENCE_COLUMNS = ("run_id", "experience_id", "input", "output", "payload_digest",
+                       "metadata", "time")
+
+
+class TTRLContext(ExperimentContext):
+    """Specialized context for Test-Time Reinforcement Learning experiments.
+
+    Adds experience storage, online-update records linked to model versions, periodic
+    experience-buffer snapshots and running aggregates for loggers.
+    """
+
+    _default_prefix = "ttrl"
+    _default_level = EnvironmentCaptureLevel.COMPLETE
+
+    def __init__(
+        self,
+        config: Any | None = None,
+        name: str | None = None,
+        experience_snapshot_interval: float = 3600,
+        *,
+        window: int = 100,
+        clock: Callable[[], float] = time.monotonic,
+        **kwargs: Any,
+    ) -> None:
+        """``experience_snapshot_interval`` seconds between buffer snapshots; ``window`` is
+        how many recent updates the running means cover; ``clock`` is injectable for tests."""
+        if not isinstance(experience_snapshot_interval, (int, float)) or \
+                experience_snapshot_interval < 0:
+            raise InvalidArgumentError(
+                "experience_snapshot_interval must be a number of seconds >= 0, got "
+                f"{experience_snapshot_interval!r}", argument="experience_snapshot_interval")
+        if not isinstance(window, int) or window < 1:
+            raise InvalidArgumentError(f"window must be a positive int, got {window!r}",
+                                       argument="window")
+        super().__init__(config=config, name=name, **kwargs)
+        self.experience_snapshot_interval = float(experience_snapshot_interval)
+        self._clock = clock
+        self._recent: deque[tuple[float, float, float | None]] = deque(maxlen=window)
+        self._update_count = 0
+        self._experience_count = 0
+        self._started = clock()
+        self._last_snapshot = self._started
+        self._model_version_id: int | None = None
+
+    def __enter__(self) -> TTRLContext:
+        super().__enter__()
+        self._started = self._last_snapshot = self._clock()
+        return self
+
+    # -- hot path -------------------------------------------------------------------------------
+
+    def log_experience(self, experience_id: str, input_data: Any, output_data: Any,
+                       metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Store one experience (JSON-safe input/output; large payloads as a blob)."""
+        writer, run_id = self._writer("log_experience")
+        record = {"experience_id": _check_id(experience_id), "input": capture_value(input_data),
+                  "output": capture_value(output_data), "timestamp": time.time(),
+                  "metadata": dict(metadata or {})}
+        inline, digest = self._payload(record)
+        writer.append("experiences", _EXPERIENCE_COLUMNS, (
+            run_id, record["experience_id"], inline and inline[0], inline and inline[1],
+            digest, _json(record["metadata"]), record["timestamp"]))
+        self._experience_count += 1
+        hours = max(self._clock() - self._started, 1e-9) / 3600
+        writer.log({"online/experience_count": self._experience_count,
+                    "online/experiences_per_hour": self._experience_count / hours})
+        return record
+
+    def log_online_update(self, experience_id: str, reward: float, confidence: float,
+                          kl_divergence: float | None = None,
+                          metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Record one online learning update, linked to the current model version."""
+        writer, run_id = self._writer("log_online_update")
+        reward_value = to_number("reward", reward)
+        confidence_value = to_number("confidence", confidence)
+        values = {"online/reward": reward_value, "online/confidence": confidence_value}
+        kl = None if kl_divergence is None else to_number("kl_divergence", kl_divergence)
+        if kl is not None:
+            values["online/kl_divergence"] = kl
+        self._update_count += 1
+        values["online/update_count"] = self._update_count
+        now = time.time()
+        record = {"update_id": f"{run_id}-u{self._update_count}",
+                  "experience_id": _check_id(experience_id), "reward": reward_value,
+                  "confidence": confidence_value, "kl_divergence": kl,
+                  "timestamp": now, "metadata": dict(metadata) if metadata else {}}
+        writer.append("online_updates", _UPDATE_COLUMNS, (
+            run_id, record["update_id"], record["experience_id"], reward_value,
+            confidence_value, kl, self._model_version_id,
+            _json(metadata) if metadata else "{}", now))
+        writer.log(values)
+        self._recent.append((reward_value, confidence_value, kl))
+        return record
+
+    def log_experience_buffer(self, buffer_data: Any, force: bool = False
+                              ) -> ArtifactMetadata | None:
+        """Snapshot the experience buffer if the interval has passed (or ``force``)."""
+        now = self._clock()
+        if not force and now - self._last_snapshot < self.experience_snapshot_interval:
+            return None
+        data = buffer_data if isinstance(buffer_data, (bytes, str)) else capture_value(
+            buffer_data)
+        meta = self.log_artifact("experience_buffer", ArtifactType.EXPERIENCE, data=data,
+                                 metadata={"experience_count": self._experience_count,
+                                           "update_count": self._update_count})
+        self._last_snapshot = now
+        return meta
+
+    # -- model versions and queries -----------------------------------------------------------
+
+    def log_artifact(self, *args: Any, **kwargs: Any) -> ArtifactMetadata:
+        """As ExperimentContext; a checkpoint becomes the model version later updates link to."""
+        meta = super().log_artifact(*args, **kwargs)
+        if meta is not None and meta.type is ArtifactType.CHECKPOINT:
+            self._model_version_id = self._version_id(meta.key)
+        return meta
+
+    def _version_id(self, key: str) -> int:
+        return self.manager.version_id(key)
+
+    def updates_for(self, checkpoint_key: str | None) -> list[dict[str, Any]]:
+        """The online updates made while ``checkpoint_key`` was the current model (None: before
+        any checkpoint), oldest first."""
+        writer, run_id = self._writer("updates_for")
+        writer.flush()
+        version_id = None if checkpoint_key is None else self._version_id(checkpoint_key)
+        return self.manager.registry().online_updates(run_id, version_id)
+
+    def experiences(self) -> list[dict[str, Any]]:
+        """Every stored experience of this run, payloads restored, oldest first."""
+        writer, run_id = self._writer("experiences")
+        writer.flush()
+        store = self.manager.store()
+        out = []
+        for record in self.manager.registry().experiences(run_id):
+            digest = record.pop("payload_digest")
+            if digest is not None:
+                blob = store.blob_path(digest)
+                payload = json.loads(store.check(digest, blob.stat().st_size).read_bytes())
+                record["input"], record["output"] = payload["input"], payload["output"]
+            out.append(record)
+        return out
+
+    def aggregates(self) -> dict[str, Any]:
+        """Counts and means over the last ``window`` updates (for progress bars and loggers)."""
+        recent = list(self._recent)
+        kls = [k for _, _, k in recent if k is not None]
+        return {
+            "update_count": self._update_count,
+            "experience_count": self._experience_count,
+            "mean_reward": _mean([r for r, _, _ in recent]),
+            "mean_confidence": _mean([c for _, c, _ in recent]),
+            "mean_kl_divergence": _mean(kls),
+            "window": len(recent),
+        }
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _writer(self, what: str) -> tuple[MetricsWriter, str]:
+        run = self.manager.current_run
+        if run is None or self.run is None or run.id != self.run.id or run.id is None:
+            raise RunStateError(f"{what}() needs the context to be entered (use `with ...:`)")
+        writer = self.manager.metrics_writer()
+        if writer is None:  # another rank: nothing is written there
+            raise RunStateError(f"{what}() is only recorded on global rank 0")
+        return writer, run.id
+
+    def _payload(self, record: dict[str, Any]) -> tuple[tuple[str, str] | None, str | None]:
+        """Inline JSON for small payloads; a content-addressed blob for large ones."""
+        inp, out = _json(record["input"]), _json(record["output"])
+        if len(inp) + len(out) <= INLINE_PAYLOAD_BYTES:
+            return (inp, out), None
+        with self.manager.store().open_writer() as blob:
+            blob.write(canonical_json({"input": record["input"], "output": record["output"]}))
+            digest, _ = blob.commit()
+        return None, digest
+
+
+def capture_value(value: Any) -> Any:
+    """Any input/output made JSON-safe with the config converter (tensors summarised, NaN as
+    text). Key-name redaction is off: this is data, and a field called ``key`` is not a
+    secret; credentials inside URLs are still scrubbed."""
+    return capture_config({"v": value}, redact_allow=["*"])["v"]
+
+
+def _json(value: Any) -> str:
+    return canonical_json(value).decode("utf-8")
+
+
+def _check_id(experience_id: object) -> str:
+    if not isinstance(experience_id, str) or not experience_id or len(experience_id) > 256:
+        raise InvalidArgumentError(
+            f"experience_id must be a non-empty str of at most 256 characters, got "
+            f"{experience_id!r}", argument="experience_id")
+    return experience_id
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
