@@ -14,6 +14,7 @@ from .capture import (
 )
 from .context import ExperimentContext
 from .decorators import checkpoint, reproducible, track_artifacts
+from .diff import diff_runs
 from .errors import (
     AmbiguousRankError,
     ArtifactNotFoundError,
@@ -71,6 +72,7 @@ __all__ = [
     "capture_environment",
     "checkpoint",
     "collect_garbage",
+    "diff_runs",
     "hash_bytes",
     "hash_file",
     "render_svg",

@@ -11,6 +11,7 @@ creates a store that is not there. Listing commands take ``--json`` for scripts.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -85,7 +86,18 @@ def open_registry(root: Path | None) -> Iterator[Registry]:
 
 
 def _emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+    """Strict JSON for scripts: NaN/inf become the strings "nan"/"inf"/"-inf"."""
+    click.echo(json.dumps(_finite(value), indent=2, sort_keys=True, default=str))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _duration(run: RunRow) -> str:
@@ -294,6 +306,50 @@ def verify(key: str | None, check_all: bool, size_only: bool, root: Path | None,
                       f"{status}")
     if not report.ok:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("run_a")
+@click.argument("run_b")
+@_root_option
+@_json_option
+def diff(run_a: str, run_b: str, root: Path | None, as_json: bool) -> None:
+    """Why two runs differ: config, packages, git, CUDA/GPU, determinism, seeds, metrics."""
+    from .diff import diff_runs
+
+    try:
+        result = diff_runs(run_a, run_b, root=resolve_root(root))
+    except ReproError as exc:
+        raise _Usage(str(exc)) from exc
+    if as_json:
+        _emit_json(result)
+        return
+    console = _console()
+    a, b = result["runs"]["a"], result["runs"]["b"]
+    console.print(f"[bold]a[/bold] = {a['name']} ({a['id']}, {a['state']})   "
+                  f"[bold]b[/bold] = {b['name']} ({b['id']}, {b['state']})")
+    for section in ("config", "packages", "git", "cuda", "gpu", "determinism", "seeds"):
+        _print_section(console, section, result[section])
+    if result["metrics"]:
+        table = _table("metric", "a", "b")
+        for key, (left, right) in result["metrics"].items():
+            table.add_row(key, _fmt(left), _fmt(right))
+        console.print("[bold]final metrics[/bold]")
+        console.print(table)
+
+
+def _print_section(console: Console, section: str, change: dict[str, Any]) -> None:
+    lines = [f"  ~ {k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in change["changed"].items()]
+    lines += [f"  + {k}: {_fmt(v)}" for k, v in change["added"].items()]
+    lines += [f"  - {k}: {_fmt(v)}" for k, v in change["removed"].items()]
+    status = f"{len(lines)} difference(s)" if lines else "same"
+    console.print(f"[bold]{section}[/bold]: {status}")
+    for line in lines:
+        console.print(line, markup=False)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else json.dumps(_finite(value), default=str)
 
 
 @main.command()

@@ -23,6 +23,8 @@ import itertools
 import json
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -69,7 +71,7 @@ def global_rank() -> int:
             return _as_int(var)
     if os.environ.get("LOCAL_RANK", "").strip():
         world = _as_int_or("WORLD_SIZE", 1)
-        local_world = _as_int_or("LOCAL_WORLD_SIZE", world)
+        local_world = _as_int_or("LOCAL_WORLD_SIZE", 1 if world > 1 else world)
         if world > local_world:
             raise AmbiguousRankError(
                 f"LOCAL_RANK={os.environ['LOCAL_RANK']} but WORLD_SIZE={world} > "
@@ -104,20 +106,25 @@ def _as_int_or(var: str, default: int) -> int:
 
 
 class Exchange:
-    """Rank 0 publishes results; other ranks fetch them, matched by per-kind call order.
+    """Rank 0 publishes results; other ranks fetch them, matched by call signature and order.
 
-    The n-th ``log_artifact`` on rank 1 receives what the n-th ``log_artifact`` on rank 0
-    produced; ranks must therefore make the same calls in the same order (as DDP code does).
+    ``call`` names the call by what every rank knows alike (``log:model``, ``use:data:v3``);
+    the n-th ``log:model`` on rank 1 receives what the n-th ``log:model`` on rank 0 produced.
+    A call rank 0 makes alone (inside ``if rank == 0:``) therefore never shifts the pairing of
+    other calls. Counters live for the whole process (one module-level exchange), so a fresh
+    ``ArtifactManager`` cannot read the previous one's answers.
     """
 
     def __init__(self) -> None:
         self._counters: dict[str, itertools.count[int]] = {}
+        self._lock = threading.Lock()
 
-    def _next_key(self, kind: str) -> str:
-        counter = self._counters.setdefault(kind, itertools.count())
-        return f"{_PREFIX}{kind}/{next(counter)}"
+    def _next_key(self, call: str) -> str:
+        with self._lock:
+            counter = self._counters.setdefault(call, itertools.count())
+            return f"{_PREFIX}{call}/{next(counter)}"
 
-    def run_on_zero(self, kind: str, fn: Callable[[], _T], encode: Callable[[_T], Any],
+    def run_on_zero(self, call: str, fn: Callable[[], _T], encode: Callable[[_T], Any],
                     decode: Callable[[Any], _T]) -> _T | None:
         """Run ``fn`` on rank 0 and share its outcome; other ranks return the shared value.
 
@@ -127,7 +134,7 @@ class Exchange:
         """
         dist = _dist()
         if global_rank() == 0:
-            key = self._next_key(kind) if dist is not None else None
+            key = self._next_key(call) if dist is not None else None
             outcome: dict[str, Any] = {"ok": False, "error": "RuntimeError",
                                        "message": "rank 0 was interrupted"}
             try:
@@ -142,10 +149,13 @@ class Exchange:
                     _store_set(key, outcome)
         if dist is None:
             return None
-        outcome = _store_get(self._next_key(kind), f"rank 0's {kind}")
+        outcome = _store_get(self._next_key(call), f"rank 0's answer to {call}")
         if not outcome["ok"]:
             raise _rebuild_error(outcome)
         return decode(outcome["value"])
+
+
+EXCHANGE = Exchange()
 
 
 def barrier(name: str, timeout: float | None = None) -> None:
@@ -192,14 +202,17 @@ def _store_set(key: str, value: dict[str, Any]) -> None:
 def _store_get(key: str, what: str) -> dict[str, Any]:
     timeout = constants.REPRO_BARRIER_TIMEOUT
     store = _store()
+    start = time.monotonic()
     try:
         store.wait([key], timedelta(seconds=timeout))
         raw = store.get(key)
     except Exception as exc:
+        waited = time.monotonic() - start
+        why = (f"waited {timeout:.0f}s (REPRO_BARRIER_TIMEOUT)" if waited >= timeout * 0.9
+               else f"lost the process group's store after {waited:.1f}s ({exc})")
         raise DistributedTimeoutError(
-            f"waited {timeout:.0f}s (REPRO_BARRIER_TIMEOUT) for {what} and got nothing: rank 0 "
-            "died, or did not make the same call (every rank must call repro's API in the same "
-            "order)"
+            f"{why} for {what}: rank 0 died, or did not make the same call (every rank must "
+            "call repro's API alike)"
         ) from exc
     decoded: dict[str, Any] = json.loads(raw)
     return decoded

@@ -20,6 +20,7 @@ import os
 import secrets
 import socket
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from . import _fsio, constants, distributed
 from ._artifacts import ArtifactWriter, metadata_from_row
 from .errors import (
     ArtifactNotFoundError,
+    DistributedTimeoutError,
     InvalidArgumentError,
     ReproError,
     RunStateError,
@@ -70,7 +72,7 @@ class ArtifactManager:
         self._root: Path | None = None
         self._store: LocalStorageBackend | None = None
         self._registry: Registry | None = None
-        self._exchange = distributed.Exchange()
+        self._exchange = distributed.EXCHANGE
         self._metrics: MetricsWriter | None = None
         self._initialized = True
 
@@ -214,11 +216,22 @@ class ArtifactManager:
                 raise
             try:
                 final = run.state if run.state.is_terminal else RunState.COMPLETED
-                self._exchange.run_on_zero(
+                state = self._exchange.run_on_zero(
                     "finalize", lambda: self._finish(run, final), encode=str, decode=str
                 )
+                run.state = RunState.coerce(state or final)
             finally:
                 self._run = None
+            self._wait_for_ranks(run)
+
+    def _wait_for_ranks(self, run: Run) -> None:
+        """Keep rank 0 (which may host the process group's store) alive until every rank has
+        read its finalize answer; a rank that vanished meanwhile is only worth a warning."""
+        try:
+            distributed.barrier(f"finalized/{run.id}")
+        except DistributedTimeoutError as exc:
+            warnings.warn(f"run {run.id} is finalized, but {exc}", RuntimeWarning,
+                          stacklevel=3)
 
     def _finish(self, run: Run, state: RunState, *, reason: str | None = None) -> str:
         assert run.id is not None
@@ -291,7 +304,7 @@ class ArtifactManager:
                 self._metrics.flush()
         assert run_id is not None
         result = self._exchange.run_on_zero(
-            "metrics", lambda: read_metrics(self._open()[1], run_id, keys),
+            f"metrics:{run_id}", lambda: read_metrics(self._open()[1], run_id, keys),
             encode=_identity, decode=lambda d: {k: [tuple(r) for r in v] for k, v in d.items()},
         )
         return result or {}
@@ -315,19 +328,22 @@ class ArtifactManager:
         ``file_path`` (a file or a directory). Content identical to ``latest`` returns that
         version instead of creating a new one.
         """
-        writer = ArtifactWriter.validate(name, type, data, file_path, metadata,
-                                         parent_artifacts, aliases)
         with self._lock:
             run = self._require_run("log_artifact")
+
+        def validate_and_write() -> ArtifactMetadata:
+            # Validated on rank 0 only: a check that reads the filesystem (file_path) could
+            # disagree on another rank, and rank 0's verdict reaches every rank anyway.
+            writer = ArtifactWriter.validate(name, type, data, file_path, metadata,
+                                             parent_artifacts, aliases)
+            store, registry = self._open()
+            return writer.write(store, registry, run.id)
+
         result = self._exchange.run_on_zero(
-            "log", lambda: self._write_artifact(writer, run),
+            f"log:{name}", validate_and_write,
             encode=ArtifactMetadata.to_dict, decode=ArtifactMetadata.from_dict,
         )
         return result  # type: ignore[return-value]
-
-    def _write_artifact(self, writer: ArtifactWriter, run: Run) -> ArtifactMetadata:
-        store, registry = self._open()
-        return writer.write(store, registry, run.id)
 
     def log_large_artifact(
         self,
@@ -370,7 +386,7 @@ class ArtifactManager:
         with self._lock:
             run = self._run
         result = self._exchange.run_on_zero(
-            "use", lambda: self._use(key, wanted, full, run),
+            f"use:{name}:{version}", lambda: self._use(key, wanted, full, run),
             encode=ArtifactMetadata.to_dict, decode=ArtifactMetadata.from_dict,
         )
         return result  # type: ignore[return-value]
@@ -407,7 +423,7 @@ class ArtifactManager:
                     for row in registry.list_versions(name)]
 
         result = self._exchange.run_on_zero(
-            "list", query, encode=lambda ms: [m.to_dict() for m in ms],
+            f"list:{name}", query, encode=lambda ms: [m.to_dict() for m in ms],
             decode=lambda ds: [ArtifactMetadata.from_dict(d) for d in ds],
         )
         return result or []
@@ -418,7 +434,7 @@ class ArtifactManager:
         direct parents, children, producing run and consuming runs. For graph work use
         ``LineageTracker.from_store(root)``."""
         key = parse_key(artifact_key)
-        result = self._exchange.run_on_zero("lineage", lambda: self._lineage(key),
+        result = self._exchange.run_on_zero(f"lineage:{artifact_key}", lambda: self._lineage(key),
                                             encode=_identity, decode=_identity)
         return result or {}
 
@@ -453,7 +469,7 @@ class ArtifactManager:
                 "outputs": [v.key for v in registry.outputs_of(run_id)],
             }
 
-        return self._exchange.run_on_zero("run", query, encode=_identity,
+        return self._exchange.run_on_zero(f"run:{run_id}", query, encode=_identity,
                                           decode=_identity) or {}
 
 
