@@ -23,7 +23,7 @@ ADDITIONS = {
     "InvalidArgumentError", "InvalidNameError", "MissingFileError", "ReproError", "Run",
     "RunStateError", "SerializationError", "StorageError", "VerifyReport", "hash_bytes",
     "hash_file", "verify_store", "GcReport", "collect_garbage", "render_svg",
-    "capture_config", "capture_environment", "seed_everything", "validate_environment",
+    "capture_config", "capture_environment", "diff_runs", "seed_everything", "validate_environment",
 }
 
 
