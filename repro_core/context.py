@@ -161,9 +161,25 @@ class ExperimentContext:
         summary = self.monitor.stop()
         self.manager.log_artifact("hardware_usage", ArtifactType.METRICS,
                                   data=capture_config(summary))  # NaN-safe JSON
+        self._store_hardware_series(self.monitor.samples)
         run_dir = self.run.dir if self.run is not None else None
         if run_dir is not None and self.run is not None and self.run.is_rank_zero:
             self.monitor.write_jsonl(run_dir / "hardware.jsonl")
+
+    def _store_hardware_series(self, samples: list[dict[str, Any]]) -> None:
+        """Samples become metric series ``hardware/<metric>`` (and ``hardware/gpu<i>/<m>``),
+        indexed by sample number, so the time series lives in the registry with the run."""
+        writer = self.manager.metrics_writer()
+        if writer is None:
+            return
+        for index, sample in enumerate(samples):
+            values = {f"hardware/{k}": v for k, v in sample.items()
+                      if k not in ("t", "gpus") and isinstance(v, (int, float))}
+            values["hardware/t"] = sample["t"]
+            for gpu in sample.get("gpus", []):
+                values.update({f"hardware/gpu{gpu['index']}/{k}": v for k, v in gpu.items()
+                               if k != "index" and isinstance(v, (int, float))})
+            writer.log(values, step=index, advance=False)
 
     # -- SIGTERM --------------------------------------------------------------------------------
 

@@ -59,8 +59,13 @@ class MetricsWriter:
 
     # -- producer side (hot path) -------------------------------------------------------------
 
-    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> int:
-        """Validate and buffer one step of scalars; return the step used."""
+    def log(self, metrics: Mapping[str, Any], step: int | None = None, *,
+            advance: bool = True) -> int:
+        """Validate and buffer one step of scalars; return the step used.
+
+        ``advance=False`` (with an explicit step) leaves the run's step counter alone: for
+        side series such as hardware samples, whose index is not a training step.
+        """
         self._raise_pending()
         if not isinstance(metrics, Mapping):
             raise SerializationError(
@@ -70,7 +75,7 @@ class MetricsWriter:
         values = [(_check_key(k), to_number(k, v)) for k, v in metrics.items()]
         now = time.time()
         with self._lock:
-            used = self._next_step(step)
+            used = self._next_step(step) if advance or step is None else _check_step(step)
             columns = self._columns_by_key
             for key, value in values:
                 col = columns.get(key)
@@ -86,10 +91,7 @@ class MetricsWriter:
         if step is None:
             self._step += 1
             return self._step
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise InvalidArgumentError(f"step must be a non-negative int, got {step!r}",
-                                       argument="step")
-        self._step = max(self._step, step)
+        self._step = max(self._step, _check_step(step))
         return step
 
     def append(self, table: str, columns: Sequence[str], row: tuple[Any, ...]) -> None:
@@ -215,6 +217,13 @@ def to_number(key: str, value: Any) -> float:
         "scalars only (use log_artifact for tensors, text or tables)",
         path=key,
     )
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise InvalidArgumentError(f"step must be a non-negative int, got {step!r}",
+                                   argument="step")
+    return step
 
 
 def _numel(value: Any) -> int:

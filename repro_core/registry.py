@@ -23,176 +23,27 @@ import json
 import os
 import sqlite3
 import threading
-import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import constants
+from ._mounts import detect_network_fs
+from ._records import NewVersion, RunRow, VersionRow, run_row, version_row
+from ._schema import SCHEMA_VERSION, migrations, retry_busy
 from .errors import ArtifactNotFoundError, InvalidArgumentError, StorageError
 from .types import ParsedKey, utc_now
 
-__all__ = ["Registry", "RunRow", "VersionRow", "detect_network_fs"]
-
-SCHEMA_VERSION = 2
-_NETWORK_FS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "beegfs", "9p")
-
-_SCHEMA_V1 = """
-CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, project TEXT NOT NULL, state TEXT NOT NULL,
-    tags TEXT NOT NULL, config TEXT NOT NULL, created_at TEXT NOT NULL, ended_at TEXT,
-    host TEXT, pid INTEGER, world_size INTEGER);
-CREATE TABLE IF NOT EXISTS run_states (
-    run_id TEXT NOT NULL REFERENCES runs(id), state TEXT NOT NULL, at TEXT NOT NULL, reason TEXT);
-CREATE TABLE IF NOT EXISTS artifacts (
-    name TEXT PRIMARY KEY, type TEXT NOT NULL, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS versions (
-    id INTEGER PRIMARY KEY, name TEXT NOT NULL REFERENCES artifacts(name),
-    version INTEGER NOT NULL, digest TEXT NOT NULL, size INTEGER NOT NULL,
-    format TEXT NOT NULL, run_id TEXT REFERENCES runs(id), created_at TEXT NOT NULL,
-    metadata TEXT NOT NULL, UNIQUE (name, version));
-CREATE INDEX IF NOT EXISTS versions_digest ON versions (digest);
-CREATE TABLE IF NOT EXISTS aliases (
-    name TEXT NOT NULL, alias TEXT NOT NULL,
-    version_id INTEGER NOT NULL REFERENCES versions(id), PRIMARY KEY (name, alias));
-CREATE TABLE IF NOT EXISTS version_blobs (
-    version_id INTEGER NOT NULL REFERENCES versions(id), digest TEXT NOT NULL,
-    size INTEGER NOT NULL, PRIMARY KEY (version_id, digest));
-CREATE INDEX IF NOT EXISTS version_blobs_digest ON version_blobs (digest);
-CREATE TABLE IF NOT EXISTS artifact_parents (
-    child_id INTEGER NOT NULL REFERENCES versions(id),
-    parent_id INTEGER NOT NULL REFERENCES versions(id), PRIMARY KEY (child_id, parent_id));
-CREATE TABLE IF NOT EXISTS run_inputs (
-    run_id TEXT NOT NULL REFERENCES runs(id), version_id INTEGER NOT NULL REFERENCES versions(id),
-    used_at TEXT NOT NULL, PRIMARY KEY (run_id, version_id));
-"""
-
-# v2: metrics and Test-Time RL records. Metrics are stored column-wise in chunks (one row per
-# series per flush: little-endian int64 steps, float64 values and unix times), so the writer
-# does O(series) work per flush instead of O(points) and keeps up with any logging rate; NaN
-# and ±inf survive bit-exactly. Hot tables carry no foreign keys (a lookup per row would halve
-# the insert rate); rows are written only by the manager, which knows the run.
-# run_outputs records every run that logged a version — also when its content equalled
-# ``latest`` and no new version was made — so "what did run B log?" has an answer; it is
-# back-filled from versions.run_id for v1 stores.
-_SCHEMA_V2 = """
-CREATE TABLE IF NOT EXISTS metric_series (
-    id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, key TEXT NOT NULL, UNIQUE (run_id, key));
-CREATE TABLE IF NOT EXISTS metric_chunks (
-    id INTEGER PRIMARY KEY, series_id INTEGER NOT NULL, count INTEGER NOT NULL,
-    first_step INTEGER NOT NULL, last_step INTEGER NOT NULL,
-    steps BLOB NOT NULL, vals BLOB NOT NULL, times BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS metric_chunks_series ON metric_chunks (series_id, id);
-CREATE TABLE IF NOT EXISTS experiences (
-    id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, experience_id TEXT NOT NULL,
-    input TEXT, output TEXT, payload_digest TEXT, metadata TEXT NOT NULL, time REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS experiences_run ON experiences (run_id, experience_id);
-CREATE TABLE IF NOT EXISTS online_updates (
-    id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, update_id TEXT NOT NULL,
-    experience_id TEXT NOT NULL, reward REAL, confidence REAL, kl_divergence REAL,
-    model_version_id INTEGER, metadata TEXT NOT NULL, time REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS online_updates_run ON online_updates (run_id, model_version_id);
-CREATE TABLE IF NOT EXISTS run_outputs (
-    run_id TEXT NOT NULL REFERENCES runs(id), version_id INTEGER NOT NULL REFERENCES versions(id),
-    logged_at TEXT NOT NULL, PRIMARY KEY (run_id, version_id));
-INSERT INTO run_outputs (run_id, version_id, logged_at)
-    SELECT run_id, id, created_at FROM versions WHERE run_id IS NOT NULL
-    ON CONFLICT (run_id, version_id) DO NOTHING;
-"""
-
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
-
-
-def _retry_busy(statement: Callable[[], object]) -> None:
-    """Retry a statement SQLite refuses with SQLITE_BUSY without calling the busy handler.
-
-    Switching a fresh database to WAL while another process holds its lock (two processes
-    creating the same store) fails at once with "database is locked"; we wait like any other
-    busy write, up to ``SQLITE_BUSY_TIMEOUT_MS``.
-    """
-    deadline = time.monotonic() + constants.SQLITE_BUSY_TIMEOUT_MS / 1000
-    delay = 0.001
-    while True:
-        try:
-            statement()
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
-
-def _run_script(conn: sqlite3.Connection, script: str) -> None:
-    """Run ``;``-separated DDL inside the caller's transaction (executescript would commit)."""
-    for statement in script.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-
+__all__ = [
+    "SCHEMA_VERSION", "NewVersion", "Registry", "RunRow", "VersionRow", "detect_network_fs",
+]
 
 _VERSION_COLUMNS = (
     "v.id, v.name, a.type, v.version, v.digest, v.size, v.format, v.run_id, v.created_at, "
     "v.metadata"
 )
-
-
-@dataclass(frozen=True)
-class VersionRow:
-    """One artifact version as stored."""
-
-    id: int
-    name: str
-    type: str
-    version: int
-    digest: str
-    size: int
-    format: str
-    run_id: str | None
-    created_at: str
-    metadata: dict[str, Any]
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}:v{self.version}"
-
-
-@dataclass(frozen=True)
-class RunRow:
-    """One run as stored."""
-
-    id: str
-    name: str
-    project: str
-    state: str
-    tags: list[str]
-    config: dict[str, Any]
-    created_at: str
-    ended_at: str | None
-    host: str | None
-    pid: int | None
-    world_size: int | None
-
-
-@dataclass(frozen=True)
-class NewVersion:
-    """Everything ``add_version`` needs, validated and hashed by the caller beforehand."""
-
-    name: str
-    type: str
-    digest: str
-    size: int
-    format: str
-    run_id: str | None
-    metadata: dict[str, Any]
-    parent_ids: Sequence[int] = ()
-    aliases: Sequence[str] = ()
-    blobs: Sequence[tuple[str, int]] = ()
 
 
 def dumps(value: Any) -> str:
@@ -252,7 +103,7 @@ class Registry:
             )
             conn.execute("PRAGMA journal_mode = DELETE")
         else:
-            _retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"))
+            retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"))
         sync = "FULL" if constants.REPRO_FSYNC == "full" else "OFF"
         conn.execute(f"PRAGMA synchronous = {sync}")
 
@@ -269,8 +120,8 @@ class Registry:
                     f"(v{SCHEMA_VERSION}); upgrade repro-lightning",
                     path=self.path,
                 )
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                _run_script(conn, _MIGRATIONS[version])
+            for script in migrations(current):
+                _run_script(conn, script)
             if current == 0:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
                 conn.execute(
@@ -369,14 +220,14 @@ class Registry:
         )
         if not rows:
             raise ArtifactNotFoundError(f"no run with id {run_id!r}", key=run_id)
-        return _run_row(rows[0])
+        return run_row(rows[0])
 
     def list_runs(self) -> list[RunRow]:
         rows = self._read(
             "SELECT id, name, project, state, tags, config, created_at, ended_at, host, pid,"
             " world_size FROM runs ORDER BY created_at"
         )
-        return [_run_row(r) for r in rows]
+        return [run_row(r) for r in rows]
 
     def run_state_history(self, run_id: str) -> list[tuple[str, str, str | None]]:
         return [
@@ -484,7 +335,7 @@ class Registry:
                 f"({len(digests)} matches); give more hex digits",
                 key=_key_text(key),
             )
-        return _version_row(rows[0]) if rows else None
+        return version_row(rows[0]) if rows else None
 
     def _not_found_message(self, key: ParsedKey) -> str:
         versions = self._read("SELECT version FROM versions WHERE name = ? ORDER BY version",
@@ -512,7 +363,7 @@ class Registry:
             f"{where} ORDER BY v.name, v.version",
             params,
         )
-        return [_version_row(r) for r in rows]
+        return [version_row(r) for r in rows]
 
     def aliases_of(self, version_id: int) -> list[str]:
         return [r[0] for r in self._read(
@@ -545,7 +396,7 @@ class Registry:
             " JOIN artifacts a ON a.name = v.name WHERE o.run_id = ? ORDER BY o.logged_at, v.id",
             (run_id,),
         )
-        return [_version_row(r) for r in rows]
+        return [version_row(r) for r in rows]
 
     def record_use(self, run_id: str, version_id: int) -> None:
         with self._write() as conn:
@@ -612,31 +463,11 @@ class Registry:
             "SELECT DISTINCT digest, size FROM version_blobs ORDER BY digest")]
 
 
-def detect_network_fs(path: str | Path, mountinfo: str | None = None) -> str | None:
-    """Return the filesystem type if ``path`` lives on a network/FUSE filesystem, else None.
-
-    Reads ``/proc/self/mountinfo`` (or the given text, for tests) and picks the longest mount
-    point that contains ``path``.
-    """
-    if mountinfo is None:
-        try:
-            mountinfo = Path("/proc/self/mountinfo").read_text()
-        except OSError:
-            return None
-    target = os.path.realpath(path)
-    best, best_type = "", ""
-    for line in mountinfo.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5 or not right.split():
-            continue
-        mount_point = fields[4].replace("\\040", " ")
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= len(best):
-            best, best_type = mount_point, right.split()[0]
-    if best_type.startswith("fuse") or best_type.split(".")[0] in _NETWORK_FS:
-        return best_type
-    return None
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run ``;``-separated DDL inside the caller's transaction (executescript would commit)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 def _record_output(conn: sqlite3.Connection, run_id: str | None, version_id: int) -> None:
@@ -668,15 +499,4 @@ def _fetch_version(conn: sqlite3.Connection, where: str, params: Sequence[Any],
         sql = (f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN artifacts a ON a.name = v.name"
                f" WHERE {where}")
     row = conn.execute(sql, params).fetchone()
-    return _version_row(row) if row else None
-
-
-def _version_row(r: Sequence[Any]) -> VersionRow:
-    return VersionRow(id=r[0], name=r[1], type=r[2], version=r[3], digest=r[4], size=r[5],
-                      format=r[6], run_id=r[7], created_at=r[8], metadata=json.loads(r[9]))
-
-
-def _run_row(r: Sequence[Any]) -> RunRow:
-    return RunRow(id=r[0], name=r[1], project=r[2], state=r[3], tags=json.loads(r[4]),
-                  config=json.loads(r[5]), created_at=r[6], ended_at=r[7], host=r[8], pid=r[9],
-                  world_size=r[10])
+    return version_row(row) if row else None

@@ -26,7 +26,8 @@ from repro_core import (
     StorageError,
     verify_store,
 )
-from repro_core.registry import _SCHEMA_V1, SCHEMA_VERSION, Registry, _run_script
+from repro_core._schema import _SCHEMA_V1
+from repro_core.registry import SCHEMA_VERSION, Registry, _run_script
 
 
 def _store_files(root: Path) -> set[str]:
