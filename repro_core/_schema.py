@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS online_updates (
     id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, update_id TEXT NOT NULL,
     experience_id TEXT NOT NULL, reward REAL, confidence REAL, kl_divergence REAL,
     model_version_id INTEGER, metadata TEXT NOT NULL, time REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS online_updates_run ON online_updates (run_id, model_version_id);
+CREATE INDEX IF NOT EXISTS online_updates_version ON online_updates (model_version_id);
 CREATE TABLE IF NOT EXISTS run_outputs (
     run_id TEXT NOT NULL REFERENCES runs(id), version_id INTEGER NOT NULL REFERENCES versions(id),
     logged_at TEXT NOT NULL, PRIMARY KEY (run_id, version_id));

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -158,7 +160,11 @@ class _Tracker:
                  outputs: list[ArtifactType], capture_args: bool, capture_source: bool) -> None:
         self.fn, self.inputs, self.outputs = fn, inputs, outputs
         self.capture_args, self.capture_source = capture_args, capture_source
-        self.manager = ArtifactManager()
+
+    @property
+    def manager(self) -> ArtifactManager:
+        """Looked up at call time: the singleton may have been reset since decoration."""
+        return ArtifactManager()
 
     def session(self) -> Any:
         """The active run, or a context for this call alone (never log without a run)."""
@@ -173,9 +179,16 @@ class _Tracker:
         if self.capture_args:
             metadata["args"] = capture_config(dict(bound.arguments))
         if self.capture_source:
-            source = self.manager.log_artifact(f"{self.fn.__name__}-source", ArtifactType.CODE,
-                                               data=inspect.getsource(self.fn))
-            parents.append(source.key)
+            try:
+                text = inspect.getsource(self.fn)
+            except (OSError, TypeError) as exc:  # REPL / exec: no file to read the source from
+                warnings.warn(f"capture_source: no source for {self.fn.__qualname__}: {exc}",
+                              RuntimeWarning, stacklevel=4)
+                metadata["source"] = f"unavailable: {exc}"
+            else:
+                source = self.manager.log_artifact(f"{self.fn.__name__}-source",
+                                                   ArtifactType.CODE, data=text)
+                parents.append(source.key)
         return parents, metadata
 
     def after(self, result: Any, parents: list[str], metadata: dict[str, Any]
@@ -292,8 +305,9 @@ class _CheckpointState:
 
     def _save(self, manager: ArtifactManager, model: Any, score: float,
               metrics: dict[str, Any]) -> ArtifactMetadata:
-        improved = self.best is None or (score < self.best if self.mode == "min"
-                                         else score > self.best)
+        # NaN is the worst score (as in Lightning): it never becomes, nor displaces, the best.
+        improved = not math.isnan(score) and (
+            self.best is None or (score < self.best if self.mode == "min" else score > self.best))
         aliases = ["best"] if self.save_best and improved else []
         meta = manager.log_artifact(
             "checkpoint", ArtifactType.CHECKPOINT, data=model.state_dict(),

@@ -245,7 +245,10 @@ class ArtifactManager:
                 raise
         run.state = state
         registry = self._open()[1]
-        registry.set_run_state(run.id, state.value, reason=reason, ended=True)
+        current = registry.get_run(run.id)
+        if current.state != state.value or current.ended_at is None or reason is not None:
+            # not already recorded by set_run_state(): one history row per transition
+            registry.set_run_state(run.id, state.value, reason=reason, ended=True)
         self._export_run(run.id)
         return state.value
 

@@ -32,6 +32,9 @@ __all__ = ["MetricsWriter", "read_metrics"]
 
 _Columns = tuple["array[int]", "array[float]", "array[float]"]
 _LIVE: weakref.WeakSet[MetricsWriter] = weakref.WeakSet()
+# Rows (not metric points: those cost the writer O(keys)) that wake the writer before its
+# interval, so a fast producer's backlog is written alongside it instead of at finalize.
+_EARLY_FLUSH_ROWS = 20_000
 
 
 class MetricsWriter:
@@ -73,6 +76,15 @@ class MetricsWriter:
                 path="metrics",
             )
         values = [(_check_key(k), to_number(k, v)) for k, v in metrics.items()]
+        return self._buffer(values, step, advance)
+
+    def log_numbers(self, values: Mapping[str, float]) -> int:
+        """``log`` for callers inside repro whose keys and floats are already valid (TTRL's
+        fixed ``online/*`` names): the same buffering without per-call validation."""
+        self._raise_pending()
+        return self._buffer(values.items(), None, True)
+
+    def _buffer(self, values: Any, step: int | None, advance: bool) -> int:
         now = time.time()
         with self._lock:
             used = self._next_step(step) if advance or step is None else _check_step(step)
@@ -99,7 +111,10 @@ class MetricsWriter:
         self._raise_pending()
         with self._lock:
             self._columns.setdefault(table, tuple(columns))
-            self._tables.setdefault(table, []).append(row)
+            rows = self._tables.setdefault(table, [])
+            rows.append(row)
+            if len(rows) % _EARLY_FLUSH_ROWS == 0:
+                self._wake.set()  # write in the background now rather than all at finalize
 
     # -- writer side ---------------------------------------------------------------------------
 

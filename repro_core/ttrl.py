@@ -3,7 +3,7 @@
 Every experience is stored (input, output and metadata — the seed's original kept only a
 counter), every online update is a row in ``online_updates`` linked to its experience and to
 the **model version in force** (the last checkpoint logged in this run), so "which updates
-produced checkpoint v7?" is one query (:meth:`TTRLContext.updates_for`). The same scalars go
+produced checkpoint v7?" is one query (:meth:`TTRLContext.updates_producing`). The same scalars go
 to the metrics store under the names the original used (``online/reward``, …) so existing
 dashboards keep working. All of it goes through the batching writer: ``log_online_update``
 is a few microseconds, and everything is durable once the context exits.
@@ -73,11 +73,16 @@ class TTRLContext(ExperimentContext):
         self._started = clock()
         self._last_snapshot = self._started
         self._model_version_id: int | None = None
+        self._active: tuple[MetricsWriter, str] | None = None
 
     def __enter__(self) -> TTRLContext:
         super().__enter__()
         self._started = self._last_snapshot = self._clock()
         return self
+
+    def _finish(self, state: Any, exc: BaseException | None) -> None:
+        self._active = None  # the writer is closed by finalize; never hand it out again
+        super()._finish(state, exc)
 
     # -- hot path -------------------------------------------------------------------------------
 
@@ -101,28 +106,33 @@ class TTRLContext(ExperimentContext):
     def log_online_update(self, experience_id: str, reward: float, confidence: float,
                           kl_divergence: float | None = None,
                           metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Record one online learning update, linked to the current model version."""
+        """Record one online learning update, linked to the current model version.
+
+        Everything is validated before anything is counted or buffered, so a rejected call
+        leaves no trace (and uses up no update number).
+        """
         writer, run_id = self._writer("log_online_update")
+        experience = _check_id(experience_id)
         reward_value = to_number("reward", reward)
         confidence_value = to_number("confidence", confidence)
-        values = {"online/reward": reward_value, "online/confidence": confidence_value}
         kl = None if kl_divergence is None else to_number("kl_divergence", kl_divergence)
+        meta_json = _json(_check_metadata(metadata)) if metadata else "{}"
+        count = self._update_count + 1
+        now = time.time()
+        update_id = f"{run_id}-u{count}"
+        writer.append("online_updates", _UPDATE_COLUMNS, (
+            run_id, update_id, experience, reward_value, confidence_value, kl,
+            self._model_version_id, meta_json, now))
+        values = {"online/reward": reward_value, "online/confidence": confidence_value,
+                  "online/update_count": float(count)}
         if kl is not None:
             values["online/kl_divergence"] = kl
-        self._update_count += 1
-        values["online/update_count"] = self._update_count
-        now = time.time()
-        record = {"update_id": f"{run_id}-u{self._update_count}",
-                  "experience_id": _check_id(experience_id), "reward": reward_value,
-                  "confidence": confidence_value, "kl_divergence": kl,
-                  "timestamp": now, "metadata": dict(metadata) if metadata else {}}
-        writer.append("online_updates", _UPDATE_COLUMNS, (
-            run_id, record["update_id"], record["experience_id"], reward_value,
-            confidence_value, kl, self._model_version_id,
-            _json(metadata) if metadata else "{}", now))
-        writer.log(values)
+        writer.log_numbers(values)
+        self._update_count = count
         self._recent.append((reward_value, confidence_value, kl))
-        return record
+        return {"update_id": update_id, "experience_id": experience, "reward": reward_value,
+                "confidence": confidence_value, "kl_divergence": kl, "timestamp": now,
+                "metadata": dict(metadata) if metadata else {}}
 
     def log_experience_buffer(self, buffer_data: Any, force: bool = False
                               ) -> ArtifactMetadata | None:
@@ -152,16 +162,30 @@ class TTRLContext(ExperimentContext):
 
     def updates_for(self, checkpoint_key: str | None) -> list[dict[str, Any]]:
         """The online updates made while ``checkpoint_key`` was the current model (None: before
-        any checkpoint), oldest first."""
-        writer, run_id = self._writer("updates_for")
-        writer.flush()
+        any checkpoint), oldest first — i.e. the updates that led to the *next* checkpoint."""
+        run_id = self._flushed_run_id()
         version_id = None if checkpoint_key is None else self._version_id(checkpoint_key)
         return self.manager.registry().online_updates(run_id, version_id)
 
+    def updates_producing(self, checkpoint_key: str) -> list[dict[str, Any]]:
+        """Which updates produced this checkpoint: those made under the run's previous
+        checkpoint (its parent), or before any checkpoint if it is the first."""
+        registry = self.manager.registry()
+        row = registry.get_version(self._version_id(checkpoint_key))
+        previous = [p for p in registry.parents_of(row.id) if p.type == "checkpoint"]
+        return self.updates_for(previous[-1].key if previous else None)
+
+    def _flushed_run_id(self) -> str:
+        """The run's id, with buffered rows written first; works after the context exited."""
+        if self._active is not None:
+            self._active[0].flush()
+        if self.run is None or self.run.id is None:
+            raise RunStateError("this context was never entered, so it has no run to read")
+        return self.run.id
+
     def experiences(self) -> list[dict[str, Any]]:
         """Every stored experience of this run, payloads restored, oldest first."""
-        writer, run_id = self._writer("experiences")
-        writer.flush()
+        run_id = self._flushed_run_id()
         store = self.manager.store()
         out = []
         for record in self.manager.registry().experiences(run_id):
@@ -189,13 +213,17 @@ class TTRLContext(ExperimentContext):
     # -- helpers --------------------------------------------------------------------------------
 
     def _writer(self, what: str) -> tuple[MetricsWriter, str]:
+        cached = self._active
+        if cached is not None:  # hot path: one attribute read per call
+            return cached
         run = self.manager.current_run
         if run is None or self.run is None or run.id != self.run.id or run.id is None:
             raise RunStateError(f"{what}() needs the context to be entered (use `with ...:`)")
         writer = self.manager.metrics_writer()
         if writer is None:  # another rank: nothing is written there
             raise RunStateError(f"{what}() is only recorded on global rank 0")
-        return writer, run.id
+        self._active = (writer, run.id)
+        return self._active
 
     def _payload(self, record: dict[str, Any]) -> tuple[tuple[str, str] | None, str | None]:
         """Inline JSON for small payloads; a content-addressed blob for large ones."""
@@ -225,6 +253,13 @@ def _check_id(experience_id: object) -> str:
             f"experience_id must be a non-empty str of at most 256 characters, got "
             f"{experience_id!r}", argument="experience_id")
     return experience_id
+
+
+def _check_metadata(metadata: object) -> dict[str, Any]:
+    if not isinstance(metadata, dict):
+        raise InvalidArgumentError(f"metadata must be a dict, got {type(metadata).__name__}",
+                                   argument="metadata")
+    return metadata
 
 
 def _mean(values: list[float]) -> float | None:

@@ -1,0 +1,376 @@
+"""ExperimentContext: run states, the user's exception, captured artifacts, monitor, SIGTERM.
+
+What each group proves (the failure it would catch):
+
+- success / exception / KeyboardInterrupt / SystemExit end the run COMPLETED / FAILED /
+  INTERRUPTED in the registry, and the user's exception object propagates unchanged;
+- ``config``, ``environment``, ``error_trace`` (with the traceback text) and, when monitoring,
+  ``hardware_usage`` + ``runs/<id>/hardware.jsonl`` are recorded;
+- a failure while finalizing never replaces the user's exception (a RuntimeWarning instead),
+  and is raised when there is no user exception;
+- SIGTERM in a child process ends the run INTERRUPTED, chaining a previously installed handler
+  and restoring it afterwards;
+- contexts do not nest; metrics logged through the context are readable after exit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from repro_core import ArtifactManager, RunStateError
+from repro_core.capture import EnvironmentCaptureLevel
+from repro_core.context import ExperimentContext, Terminated
+
+
+def _ctx(root: Path, **kwargs: Any) -> ExperimentContext:
+    kwargs.setdefault("monitor_hardware", False)
+    kwargs.setdefault("capture_level", 1)
+    return ExperimentContext(root=root, **kwargs)
+
+
+def _state(run_id: str | None) -> str:
+    assert run_id is not None
+    return str(ArtifactManager().get_run(run_id)["state"])
+
+
+def _outputs(run_id: str | None) -> list[str]:
+    assert run_id is not None
+    return list(ArtifactManager().get_run(run_id)["outputs"])
+
+
+# -- states and the user's exception ----------------------------------------------------------
+
+
+def test_success_completes_and_records_config_and_environment(
+        manager: ArtifactManager, store_root: Path) -> None:
+    with _ctx(store_root, config={"lr": 0.1, "layers": [1, 2]}, name="ok",
+              tags=["t1"]) as ctx:
+        assert manager.current_run is not None and manager.current_run.name == "ok"
+        assert ctx.run is not None
+        assert _state(ctx.run.id) == "running"
+    assert manager.current_run is None
+    record = manager.get_run(ctx.run.id or "")
+    assert record["state"] == "completed" and record["ended_at"] is not None
+    assert record["tags"] == ["t1"]
+    assert record["config"]["lr"] == 0.1
+    assert [s[0] for s in record["states"]] == ["running", "completed"]
+    outputs = record["outputs"]
+    assert any(k.startswith("config:") for k in outputs)
+    assert any(k.startswith("environment:") for k in outputs)
+    assert not any(k.startswith("error_trace:") for k in outputs)
+    assert manager.load_artifact("config") == {"lr": 0.1, "layers": [1, 2]}
+    env = manager.load_artifact("environment")
+    assert env["capture_level"] == "BASIC"
+    assert env["python"]["executable"] == sys.executable
+
+
+def test_exception_fails_run_propagates_same_object_and_keeps_trace(
+        manager: ArtifactManager, store_root: Path) -> None:
+    error = ValueError("bad batch 0xC0FFEE")
+
+    def body_that_raises() -> None:
+        raise error
+
+    with pytest.raises(ValueError) as info, _ctx(store_root, name="boom") as ctx:
+        body_that_raises()
+    assert info.value is error and type(info.value) is ValueError
+    assert ctx.run is not None
+    record = manager.get_run(ctx.run.id or "")
+    assert record["state"] == "failed"
+    assert ["failed", "ValueError: bad batch 0xC0FFEE"] in [[s, r] for s, _, r in record["states"]]
+    assert any(k.startswith("error_trace:") for k in record["outputs"])
+    trace = manager.load_artifact("error_trace")
+    assert isinstance(trace, str)
+    assert "Traceback (most recent call last)" in trace
+    assert "body_that_raises" in trace and "ValueError: bad batch 0xC0FFEE" in trace
+
+
+def test_keyboard_interrupt_is_interrupted_without_error_trace(
+        manager: ArtifactManager, store_root: Path) -> None:
+    with pytest.raises(KeyboardInterrupt), _ctx(store_root) as ctx:
+        raise KeyboardInterrupt
+    assert ctx.run is not None
+    assert _state(ctx.run.id) == "interrupted"
+    assert not any(k.startswith("error_trace:") for k in _outputs(ctx.run.id))
+
+
+@pytest.mark.parametrize(("code", "state"), [(0, "completed"), (None, "completed"),
+                                             (3, "failed")])
+def test_system_exit_state_follows_exit_code(manager: ArtifactManager, store_root: Path,
+                                             code: int | None, state: str) -> None:
+    with pytest.raises(SystemExit) as info, _ctx(store_root) as ctx:
+        raise SystemExit(code)
+    assert info.value.code == code
+    assert ctx.run is not None
+    assert _state(ctx.run.id) == state
+
+
+def test_context_restores_sigterm_handler(manager: ArtifactManager, store_root: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with _ctx(store_root):
+        inside = signal.getsignal(signal.SIGTERM)
+        assert inside is not before and callable(inside)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_context_in_worker_thread_leaves_signals_alone(manager: ArtifactManager,
+                                                       store_root: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    seen: dict[str, Any] = {}
+
+    def work() -> None:
+        with _ctx(store_root) as ctx:
+            seen["handler"] = signal.getsignal(signal.SIGTERM)
+        seen["run_id"] = ctx.run.id if ctx.run else None
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(30)
+    assert seen["handler"] is before
+    assert _state(seen["run_id"]) == "completed"
+
+
+# -- finalize failures never mask the user's exception --------------------------------------
+
+
+def test_finalize_failure_during_exception_warns_and_keeps_user_error(
+        manager: ArtifactManager, store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    error = ValueError("the real problem")
+    original = ArtifactManager.finalize_run
+
+    def broken_finalize(self: ArtifactManager) -> None:
+        raise RuntimeError("disk on fire")
+
+    ctx = _ctx(store_root)
+    with pytest.warns(RuntimeWarning, match="disk on fire"), \
+            pytest.raises(ValueError) as info, ctx:
+        monkeypatch.setattr(ArtifactManager, "finalize_run", broken_finalize)
+        raise error
+    assert info.value is error
+    assert ctx.run is not None
+    assert _state(ctx.run.id) == "failed"  # the state is set before finalize is attempted
+    monkeypatch.setattr(ArtifactManager, "finalize_run", original)
+    manager.finalize_run()
+    assert _state(ctx.run.id) == "failed"
+
+
+def test_error_trace_failure_still_finalizes_failed(manager: ArtifactManager, store_root: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    error = KeyError("x")
+
+    def broken_log(self: ArtifactManager, *args: Any, **kwargs: Any) -> Any:
+        raise OSError("read-only store")
+
+    ctx = _ctx(store_root)
+    with pytest.warns(RuntimeWarning, match="read-only store"), \
+            pytest.raises(KeyError) as info, ctx:
+        monkeypatch.setattr(ArtifactManager, "log_artifact", broken_log)
+        raise error
+    assert info.value is error
+    assert manager.current_run is None  # finalize ran despite the error_trace failure
+    assert ctx.run is not None
+    assert _state(ctx.run.id) == "failed"
+
+
+def test_finalize_failure_without_user_error_is_raised(
+        manager: ArtifactManager, store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_finalize(self: ArtifactManager) -> None:
+        raise RuntimeError("cannot write run.json")
+
+    with pytest.raises(RuntimeError, match=r"cannot write run\.json"), _ctx(store_root):
+        monkeypatch.setattr(ArtifactManager, "finalize_run", broken_finalize)
+
+
+# -- nesting, names, options --------------------------------------------------------------------
+
+
+def test_nested_context_raises_and_outer_run_survives(manager: ArtifactManager,
+                                                      store_root: Path) -> None:
+    with _ctx(store_root, name="outer") as outer:
+        with pytest.raises(RunStateError, match="outer"), _ctx(store_root, name="inner"):
+            pass  # pragma: no cover - never entered
+        assert manager.current_run is not None and manager.current_run.name == "outer"
+        outer.log_metrics({"still_logging": 1.0})
+    assert outer.run is not None
+    assert _state(outer.run.id) == "completed"
+    assert [r.name for r in manager.registry().list_runs()] == ["outer"]
+
+
+def test_nesting_inside_manual_run_is_refused(manager: ArtifactManager, run: Any,
+                                              store_root: Path) -> None:
+    with pytest.raises(RunStateError), _ctx(store_root):
+        pass  # pragma: no cover
+    assert manager.current_run is run
+
+
+def test_default_name_and_level(manager: ArtifactManager) -> None:
+    ctx = ExperimentContext(monitor_hardware=False)
+    assert re.fullmatch(r"exp_\d{8}_\d{6}", ctx.name)
+    assert ctx.capture_level == EnvironmentCaptureLevel.STANDARD == 2
+    assert ExperimentContext(name="mine", monitor_hardware=False).name == "mine"
+
+
+def test_offline_mode_is_recorded(manager: ArtifactManager, store_root: Path) -> None:
+    with _ctx(store_root, offline_mode=True, config={"a": 1}) as ctx:
+        pass
+    assert ctx.run is not None
+    assert manager.get_run(ctx.run.id or "")["config"] == {"a": 1, "_repro": {"offline": True}}
+    assert manager.load_artifact("config") == {"a": 1}  # the artifact is the user's config
+
+
+def test_log_metrics_readable_after_exit(manager: ArtifactManager, store_root: Path) -> None:
+    with _ctx(store_root) as ctx:
+        for step in range(50):
+            ctx.log_metrics({"loss": 1.0 / (step + 1), "acc": step / 50})
+        assert ctx.log_metrics({"loss": 0.0}, step=100) == 100
+    assert ctx.run is not None and ctx.run.id is not None
+    got = ArtifactManager().get_metrics(ctx.run.id)
+    assert [s for s, _, _ in got["loss"]] == [*range(50), 100]
+    assert [v for _, v, _ in got["loss"]] == [1.0 / (s + 1) for s in range(50)] + [0.0]
+    assert len(got["acc"]) == 50 and got["acc"][-1][1] == 49 / 50
+
+
+def test_log_model_checkpoint_chains_parents(manager: ArtifactManager, store_root: Path,
+                                             tmp_path: Path) -> None:
+    with _ctx(store_root, config={"lr": 1}) as ctx:
+        keys = []
+        for step in (10, 20):
+            path = tmp_path / f"ckpt{step}.bin"
+            path.write_bytes(bytes([step]) * 100)
+            keys.append(ctx.log_model_checkpoint(path, step, metrics={"loss": step / 10}).key)
+        assert ctx.last_checkpoint is not None and ctx.last_checkpoint.key == keys[1]
+    assert keys == ["checkpoint:v0", "checkpoint:v1"]
+    second = manager.use_artifact("checkpoint:v1")
+    assert second.metadata == {"step": 20, "metrics": {"loss": 2.0}}
+    assert sorted(second.parent_artifacts) == ["checkpoint:v0", "config:v0"]
+    assert manager.use_artifact("checkpoint:v0").parent_artifacts == ["config:v0"]
+
+
+# -- hardware monitor ---------------------------------------------------------------------------
+
+
+def test_monitor_writes_hardware_usage_and_jsonl(manager: ArtifactManager,
+                                                 store_root: Path) -> None:
+    with _ctx(store_root, monitor_hardware=True, monitor_interval=0.05) as ctx:
+        assert ctx.monitor is not None and ctx.monitor.running
+        time.sleep(0.4)
+    assert not ctx.monitor.running
+    assert ctx.run is not None and ctx.run.dir is not None
+    assert any(k.startswith("hardware_usage:") for k in _outputs(ctx.run.id))
+    usage = manager.load_artifact("hardware_usage")
+    assert usage["sample_count"] >= 2
+    lines = (ctx.run.dir / "hardware.jsonl").read_text().splitlines()
+    assert len(lines) == usage["sample_count"]
+    samples = [json.loads(line) for line in lines]
+    # the same samples are metric series of the run, indexed by sample number
+    series = manager.get_metrics(ctx.run.id, keys=["hardware/t"])["hardware/t"]
+    assert [(step, value) for step, value, _ in series] == [
+        (i, s["t"]) for i, s in enumerate(samples)]
+
+
+def test_monitor_off_writes_no_hardware_files(manager: ArtifactManager,
+                                              store_root: Path) -> None:
+    with _ctx(store_root) as ctx:
+        pass
+    assert ctx.run is not None and ctx.run.dir is not None
+    assert not (ctx.run.dir / "hardware.jsonl").exists()
+    assert not any(k.startswith("hardware_usage:") for k in _outputs(ctx.run.id))
+
+
+def test_monitor_data_kept_on_failure(manager: ArtifactManager, store_root: Path) -> None:
+    with pytest.raises(ZeroDivisionError), \
+            _ctx(store_root, monitor_hardware=True, monitor_interval=0.05) as ctx:
+        time.sleep(0.15)
+        _ = 1 / 0
+    assert ctx.run is not None and ctx.run.dir is not None
+    assert (ctx.run.dir / "hardware.jsonl").is_file()
+    outputs = _outputs(ctx.run.id)
+    assert any(k.startswith("hardware_usage:") for k in outputs)
+    assert any(k.startswith("error_trace:") for k in outputs)
+
+
+# -- SIGTERM in a child process -----------------------------------------------------------------
+
+_CHILD = textwrap.dedent("""
+    import signal, sys, time
+    from repro_core.context import ExperimentContext
+
+    root, chain = sys.argv[1], sys.argv[2] == "1"
+    previous = None
+    if chain:
+        def previous(signum, frame):
+            print("previous handler called", signum, flush=True)
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        with ExperimentContext(name="sigterm-child", root=root, monitor_hardware=False,
+                               capture_level=1) as ctx:
+            print("run", ctx.run.id, flush=True)
+            print("ready", flush=True)
+            for _ in range(1200):
+                time.sleep(0.05)
+    except SystemExit as exc:
+        restored = signal.getsignal(signal.SIGTERM)
+        print("exit", exc.code, "restored", restored is previous if chain
+              else restored == signal.SIG_DFL, flush=True)
+        raise
+""")
+
+
+def _sigterm_child(store_root: Path, chain: bool) -> tuple[str, list[str], int]:
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(store_root), "1" if chain else "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if line.strip() == "ready":
+                break
+        assert lines and lines[-1] == "ready", proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err, err  # SystemExit(143): a clean exit, no crash
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines += out.split("\n")
+    run_id = next(line.split()[1] for line in lines if line.startswith("run "))
+    return run_id, [line for line in lines if line], proc.returncode
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sigterm_in_child_ends_run_interrupted(manager: ArtifactManager,
+                                               store_root: Path) -> None:
+    run_id, lines, code = _sigterm_child(store_root, chain=False)
+    assert code == 128 + signal.SIGTERM == Terminated().code
+    assert f"exit {128 + signal.SIGTERM} restored True" in lines
+    record = manager.get_run(run_id)
+    assert record["state"] == "interrupted"
+    assert record["ended_at"] is not None
+    assert any(s == "interrupted" and (r or "").startswith("Terminated")
+               for s, _, r in record["states"])
+    assert any(k.startswith("environment:") for k in record["outputs"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sigterm_chains_previous_handler(manager: ArtifactManager, store_root: Path) -> None:
+    run_id, lines, code = _sigterm_child(store_root, chain=True)
+    assert f"previous handler called {int(signal.SIGTERM)}" in lines
+    assert lines.index(f"previous handler called {int(signal.SIGTERM)}") < lines.index(
+        f"exit {128 + signal.SIGTERM} restored True")
+    assert code == 128 + signal.SIGTERM
+    assert manager.get_run(run_id)["state"] == "interrupted"
