@@ -3,7 +3,7 @@
     python benchmarks/lineage_scale.py [--artifacts 100000] [--queries 200]
 
 The registry is filled with bulk SQL in one transaction (the rows ``log_artifact`` would write:
-versions, produced-by runs, parent edges, used-by edges; blobs are not needed for lineage).
+versions, logged-by runs, parent edges, used-by edges; blobs are not needed for lineage).
 Half of the artifacts form chains of 1,000 (deep ancestry), half form fan-outs of 100 children
 per parent (wide descendants); every 100 versions belong to one run, and inside a chain each
 run uses the previous run's last output (so a chain's ancestry crosses its 10 runs).
@@ -45,6 +45,8 @@ def build_registry(root: Path, n: int) -> list[str]:
             " metadata) VALUES (?, ?, 0, ?, 0, 'bytes', ?, ?, ?)",
             [(i + 1, f"a{i:06d}", DIGEST, f"run{i // 100:06d}", now, dumps({})) for i in range(n)],
         )
+        conn.executemany("INSERT INTO run_outputs VALUES (?, ?, ?)",
+                         [(f"run{i // 100:06d}", i + 1, now) for i in range(n)])
         conn.executemany("INSERT INTO artifact_parents VALUES (?, ?)", list(_edges(n)))
         conn.executemany(
             "INSERT INTO run_inputs VALUES (?, ?, ?)",
