@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import tempfile
+from pathlib import Path
 
 from . import constants
+from .errors import StorageError
 
-__all__ = ["copy_range", "fsync", "fsync_dir", "replace", "write_all"]
+__all__ = ["copy_range", "fsync", "fsync_dir", "replace", "write_all", "write_file_atomic"]
 
 # errnos for which copy_file_range is unsupported rather than a real I/O failure.
 _FALLBACK_ERRNOS = {_errno.EXDEV, _errno.ENOSYS, _errno.EOPNOTSUPP, _errno.EINVAL, _errno.EPERM}
@@ -65,3 +68,27 @@ def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Atomically move ``src`` over ``dst`` (same filesystem)."""
     os.replace(src, dst)
 
+
+
+def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Replace ``path`` with ``data`` all at once: unique temp file beside it, fsync, rename,
+    fsync the directory. A reader sees the old file or the new one, never half of either
+    (the seed's original left ``artifacts.json`` half-written when it crashed)."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            try:
+                write_all(fd, data)
+                fsync(fd)
+            finally:
+                os.close(fd)
+            replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_dir(target.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot write {target}: {exc}", path=target, errno=exc.errno) from exc
+    return target

@@ -29,34 +29,6 @@ _CONFIG_NAMES = ("config", "cfg", "conf", "args")
 _MODEL_NAMES = ("model", "net", "network")
 
 
-def _wrap(fn: _F, around: Callable[[Callable[[], Any], inspect.BoundArguments], Any]) -> _F:
-    """Apply ``around(call, bound_args)`` to sync and async functions alike."""
-    signature = inspect.signature(fn)
-    if inspect.iscoroutinefunction(fn):
-
-        @functools.wraps(fn)
-        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            result_box: list[Any] = []
-
-            async def call() -> None:
-                result_box.append(await fn(*args, **kwargs))
-
-            await around(call, bound)
-            return result_box[0]
-
-        return async_wrapper  # type: ignore[return-value]
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return around(lambda: fn(*args, **kwargs), bound)
-
-    return wrapper  # type: ignore[return-value]
-
-
 def _find(bound: inspect.BoundArguments, names: Sequence[str]) -> Any:
     for name in names:
         if name in bound.arguments:
@@ -79,25 +51,30 @@ def reproducible(name: str | None = None, capture_level: int = 2,
             f"{capture_level!r}", argument="capture_level")
 
     def decorate(fn: _F) -> _F:
-        def context(bound: inspect.BoundArguments) -> ExperimentContext:
-            return ExperimentContext(config=_find(bound, _CONFIG_NAMES),
-                                     name=name or fn.__qualname__.replace("<", "").replace(
-                                         ">", ""),
+        signature = inspect.signature(fn)
+        run_name = name or fn.__qualname__.replace("<", "").replace(">", "")
+
+        def context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ExperimentContext:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return ExperimentContext(config=_find(bound, _CONFIG_NAMES), name=run_name,
                                      capture_level=capture_level, offline_mode=offline_mode)
 
         if inspect.iscoroutinefunction(fn):
-            async def around_async(call: Callable[[], Any], bound: inspect.BoundArguments
-                                   ) -> None:
-                with context(bound):
-                    await call()
 
-            return _wrap(fn, around_async)
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with context(args, kwargs):  # spans the awaited body, not coroutine creation
+                    return await fn(*args, **kwargs)
 
-        def around(call: Callable[[], Any], bound: inspect.BoundArguments) -> Any:
-            with context(bound):
-                return call()
+            return async_wrapper  # type: ignore[return-value]
 
-        return _wrap(fn, around)
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with context(args, kwargs):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
 
     return decorate
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import enum
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -42,7 +40,6 @@ from .errors import (
     InvalidArgumentError,
     MissingFileError,
     SerializationError,
-    StorageError,
 )
 from .registry import Registry
 from .serialize import canonical_json
@@ -294,7 +291,7 @@ class LineageTracker:
 
         text = to_dot(self)
         if output_path is not None:
-            _write_atomic(Path(output_path), text.encode("utf-8"))
+            _fsio.write_file_atomic(Path(output_path), text.encode("utf-8"))
         return text
 
     def export_to_mermaid(self) -> str:
@@ -319,7 +316,7 @@ class LineageTracker:
             "edges": sorted([u, v] for u, v in self.graph.edges),
         }
         data = canonical_json(document, root="lineage")
-        _write_atomic(Path(path), data + b"\n")
+        _fsio.write_file_atomic(Path(path), data + b"\n")
 
     def load(self, path: Path) -> None:
         """Replace this tracker's graph with the one saved at ``path``.
@@ -475,22 +472,3 @@ def _parse_document(document: object,
         raise SerializationError(f"{path} is a damaged lineage file: {exc!r}",
                                  path=str(path)) from exc
     return nodes, edges
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a unique temp file + ``os.replace``.
-
-    A crash mid-write leaves the previous file intact instead of a truncated one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            _fsio.write_all(fd, data)
-            _fsio.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsio.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise StorageError(f"cannot write {path}: {exc}", path=path, errno=exc.errno) from exc

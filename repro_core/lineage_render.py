@@ -26,8 +26,9 @@ from xml.sax.saxutils import escape as _xml_escape
 
 import networkx as nx
 
+from . import _fsio
 from .errors import InvalidArgumentError, ReproError
-from .lineage import RUN_KIND, LineageNode, LineageTracker, _write_atomic
+from .lineage import RUN_KIND, LineageNode, LineageTracker
 
 __all__ = ["render_svg", "to_dot", "to_mermaid"]
 
@@ -169,7 +170,7 @@ def render_svg(tracker: LineageTracker, output_path: Path | None = None, *,
     use_dot = dot is not None and engine != "python"
     svg = _svg_with_dot(dot, tracker) if use_dot and dot else _svg_python(tracker)
     if output_path is not None:
-        _write_atomic(Path(output_path), svg.encode("utf-8"))
+        _fsio.write_file_atomic(Path(output_path), svg.encode("utf-8"))
     return svg
 
 

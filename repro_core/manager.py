@@ -514,16 +514,6 @@ def _check_config(config: object) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
-    """Temp file + rename: a reader never sees half a JSON file (the seed's artifacts.json was
-    left half-written by a crash in finalize)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str))
-        _fsio.replace(tmp, path)
-    except OSError as exc:
-        raise StorageError(f"writing {path} failed: {exc}", path=path, errno=exc.errno) from exc
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
+    """Exports are replaced atomically (see ``_fsio.write_file_atomic``)."""
+    text = json.dumps(value, indent=2, sort_keys=True, default=str)
+    _fsio.write_file_atomic(path, text.encode("utf-8"))

@@ -24,7 +24,6 @@ import importlib
 import json
 import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from typing import Any
 import psutil
 
 from . import _fsio
-from .errors import InvalidArgumentError, RunStateError, StorageError
+from .errors import InvalidArgumentError, RunStateError
 
 __all__ = ["CPU_METRICS", "GPU_METRICS", "MONITOR_THREAD_NAME", "HardwareMonitor"]
 
@@ -275,25 +274,7 @@ class HardwareMonitor:
         target = Path(path)
         data = "".join(json.dumps(s, allow_nan=False, separators=(",", ":")) + "\n"
                        for s in self.samples).encode()
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            try:
-                try:
-                    _fsio.write_all(fd, data)
-                    _fsio.fsync(fd)
-                finally:
-                    os.close(fd)
-                _fsio.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
-            _fsio.fsync_dir(target.parent)
-        except OSError as exc:
-            raise StorageError(f"cannot write hardware samples to {target}: {exc}",
-                               path=target, errno=exc.errno) from exc
-        return target
+        return _fsio.write_file_atomic(target, data)
 
     # -- sampling thread ---------------------------------------------------------------------
 
