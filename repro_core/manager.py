@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _fsio, constants, distributed
+from . import _exit, _fsio, constants, distributed
 from ._artifacts import ArtifactWriter, metadata_from_row
 from .errors import (
     ArtifactNotFoundError,
@@ -165,6 +165,7 @@ class ArtifactManager:
             )
             run.id = run_id if run_id is not None else os.environ.get("REPRO_RUN_ID")
             self._run = run
+            _exit.install()
             return run
 
     def _create_run(self, run: Run) -> str:

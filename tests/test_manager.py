@@ -342,3 +342,31 @@ def test_dedup_still_links_the_logging_run(manager: ArtifactManager) -> None:
     assert used.key == "env:v0"
     lineage = manager.get_lineage("env:v0")
     assert f"run:{b.id}" in lineage["ancestors"] and lineage["descendants"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("tail", "state", "reason"), [
+    ("pass", "completed", "finalize_run() was not called"),
+    ("raise ValueError('boom')", "failed", "uncaught ValueError: boom"),
+])
+def test_open_run_is_finished_at_exit(tmp_path: Path, tail: str, state: str,
+                                      reason: str) -> None:
+    """A script that never calls finalize_run() does not leave its run RUNNING forever."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom repro_core import ArtifactManager\n"
+        "m = ArtifactManager(); r = m.init_run('forgot', root=sys.argv[1]); print(r.id)\n"
+        "m.log_metrics({'loss': 1.0})\n" + tail + "\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")],
+                          capture_output=True, text=True)
+    run_id = proc.stdout.split()[0]
+    manager = ArtifactManager.reset_instance()
+    manager.set_root(tmp_path / "s")
+    stored = manager.get_run(run_id)
+    assert stored["state"] == state and stored["ended_at"]
+    assert reason in stored["states"][-1][2]
+    assert manager.get_metrics(run_id)["loss"][0][1] == 1.0  # flushed before the state
+    ArtifactManager.reset_instance()
