@@ -96,6 +96,16 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         p50, p95 = percentiles(times)
         rows.append((f"{name} (mean result {statistics.mean(sizes):.0f} nodes)", p50, p95))
+    focused = []
+    registry = Registry(root / "registry.sqlite")
+    for key in picks[:50]:
+        t = time.perf_counter()
+        around = LineageTracker.from_registry(registry, around=key)
+        around.get_ancestors(key)
+        focused.append(time.perf_counter() - t)
+    registry.close()
+    rows.append(("from_registry(around=KEY) + get_ancestors (focused load)",
+                 *percentiles(focused)))
     cli = []
     for key in picks[:5]:
         t = time.perf_counter()

@@ -15,7 +15,7 @@ from .lineage import RUN_KIND, LineageNode, run_node_id
 from .registry import Registry, RunRow, VersionRow
 from .store.local import LocalStorageBackend
 
-__all__ = ["missing_blobs", "read_registry"]
+__all__ = ["missing_blobs", "read_registry", "run_node", "version_node"]
 
 _Edge = tuple[str, str]
 
@@ -33,13 +33,13 @@ def read_registry(registry: Registry, *, with_blobs: bool
     versions = registry.list_versions()
     runs = registry.list_runs()
     keys = {v.id: v.key for v in versions}
-    nodes = [_run_node(r) for r in runs] + [_version_node(v) for v in versions]
+    nodes = [run_node(r) for r in runs] + [version_node(v) for v in versions]
     edges = list(_store_edges(output_rows, parent_rows, input_rows, keys))
     blobs = _blob_refs(registry, versions, keys) if with_blobs else {}
     return nodes, edges, blobs
 
 
-def _run_node(run: RunRow) -> LineageNode:
+def run_node(run: RunRow) -> LineageNode:
     return LineageNode(
         artifact_id=run_node_id(run.id), artifact_name=run.name, artifact_type=RUN_KIND,
         version="", created_at=run.created_at, run_id=run.id,
@@ -48,7 +48,7 @@ def _run_node(run: RunRow) -> LineageNode:
     )
 
 
-def _version_node(version: VersionRow) -> LineageNode:
+def version_node(version: VersionRow) -> LineageNode:
     return LineageNode(
         artifact_id=version.key, artifact_name=version.name, artifact_type=version.type,
         version=f"v{version.version}", created_at=version.created_at, run_id=version.run_id,

@@ -76,6 +76,9 @@ CREATE INDEX IF NOT EXISTS online_updates_version ON online_updates (model_versi
 CREATE TABLE IF NOT EXISTS run_outputs (
     run_id TEXT NOT NULL REFERENCES runs(id), version_id INTEGER NOT NULL REFERENCES versions(id),
     logged_at TEXT NOT NULL, PRIMARY KEY (run_id, version_id));
+CREATE INDEX IF NOT EXISTS run_outputs_version ON run_outputs (version_id);
+CREATE INDEX IF NOT EXISTS run_inputs_version ON run_inputs (version_id);
+CREATE INDEX IF NOT EXISTS artifact_parents_parent ON artifact_parents (parent_id);
 INSERT INTO run_outputs (run_id, version_id, logged_at)
     SELECT run_id, id, created_at FROM versions WHERE run_id IS NOT NULL
     ON CONFLICT (run_id, version_id) DO NOTHING;

@@ -217,12 +217,10 @@ def lineage(key: str, fmt: str, depth: int | None, direction: str | None,
 
     with open_registry(root) as registry:
         node = key if key.startswith("run:") else registry.resolve(parse_key(key)).key
-        tracker = LineageTracker.from_registry(registry)
-    if node not in tracker.graph:
-        raise _Usage(f"no lineage node {key!r} (runs are named run:<id>)")
-    up = tracker.get_ancestors(node, depth) if direction != "down" else set()
-    down = tracker.get_descendants(node, depth) if direction != "up" else set()
-    focused = tracker.subgraph({node} | up | down)
+        focused = LineageTracker.from_registry(registry, around=node, depth=depth,
+                                               direction=direction)
+    up = focused.get_ancestors(node) if direction != "down" else set()
+    down = focused.get_descendants(node) if direction != "up" else set()
     if fmt == "tree":
         _console().print(_lineage_tree(focused, node, direction))
         return

@@ -352,14 +352,21 @@ class LineageTracker:
     # -- store ------------------------------------------------------------------------------
 
     @classmethod
-    def from_registry(cls, registry: Registry, root: Path | None = None) -> LineageTracker:
+    def from_registry(cls, registry: Registry, root: Path | None = None, *,
+                      around: str | None = None, depth: int | None = None,
+                      direction: str | None = None) -> LineageTracker:
         """Build the artifact → run → artifact graph of a registry in a few bulk reads.
 
         With ``root`` (the store directory), ``validate_lineage`` also reports versions whose
-        blobs are missing from ``root/blobs``.
+        blobs are missing from ``root/blobs``. With ``around`` (``name:vN``, an alias key or
+        ``run:<id>``) only that node's neighbourhood is read — ``depth`` edges away,
+        ``direction`` ``"up"``/``"down"``/None for both — in indexed queries per level, so
+        the cost does not grow with the store.
         """
         from ._lineage_store import read_registry
 
+        if around is not None:
+            return cls._focused(registry, around, _check_depth(depth), direction)
         tracker = cls()
         nodes, edges, blob_refs = read_registry(registry, with_blobs=root is not None)
         for node in nodes:
@@ -368,6 +375,21 @@ class LineageTracker:
         if root is not None:
             tracker._blob_store = LocalStorageBackend(root)
             tracker._blob_refs = blob_refs
+        return tracker
+
+    @classmethod
+    def _focused(cls, registry: Registry, around: str, depth: int | None,
+                 direction: str | None) -> LineageTracker:
+        from ._lineage_focus import read_neighbourhood
+
+        if direction not in (None, "up", "down"):
+            raise InvalidArgumentError(f"direction must be 'up', 'down' or None, got "
+                                       f"{direction!r}", argument="direction")
+        tracker = cls()
+        nodes, edges = read_neighbourhood(registry, around, depth=depth, direction=direction)
+        for node in nodes:
+            tracker._insert(node)
+        tracker.graph.add_edges_from(edges)
         return tracker
 
     @classmethod

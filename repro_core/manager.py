@@ -448,7 +448,7 @@ class ArtifactManager:
         registry = self._open()[1]
         row = registry.resolve(key)
         producer = registry.get_run(row.run_id).__dict__ if row.run_id else None
-        graph = LineageTracker.from_registry(registry)
+        graph = LineageTracker.from_registry(registry, around=row.key)
         return {
             "ancestors": sorted(graph.get_ancestors(row.key)),
             "descendants": sorted(graph.get_descendants(row.key)),

@@ -356,6 +356,28 @@ class Registry:
             raise ArtifactNotFoundError(f"no version with id {version_id}", key=str(version_id))
         return row
 
+    def versions_by_id(self, ids: Sequence[int]) -> list[VersionRow]:
+        """The versions with these ids (any order), in chunks small enough for SQLite."""
+        return [version_row(r) for chunk in _chunks(list(ids)) for r in self._read(
+            f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN artifacts a ON a.name = v.name"
+            f" WHERE v.id IN ({', '.join('?' * len(chunk))})", chunk)]
+
+    def runs_by_id(self, ids: Sequence[str]) -> list[RunRow]:
+        return [run_row(r) for chunk in _chunks(list(ids)) for r in self._read(
+            "SELECT id, name, project, state, tags, config, created_at, ended_at, host, pid,"
+            f" world_size FROM runs WHERE id IN ({', '.join('?' * len(chunk))})", chunk)]
+
+    def edges_touching(self, table: str, column: str, ids: Sequence[Any]
+                       ) -> list[tuple[Any, Any]]:
+        """Rows of one lineage edge table whose ``column`` is in ``ids`` (indexed lookups);
+        for breadth-first walks that must not load the whole graph."""
+        columns = _EDGE_COLUMNS[table]
+        if column not in columns:
+            raise InvalidArgumentError(f"{table} has no edge column {column!r}")
+        return [(a, b) for chunk in _chunks(list(ids)) for a, b in self._read(
+            f"SELECT {columns[0]}, {columns[1]} FROM {table}"
+            f" WHERE {column} IN ({', '.join('?' * len(chunk))})", chunk)]
+
     def list_versions(self, name: str | None = None) -> list[VersionRow]:
         where, params = ("WHERE v.name = ?", (name,)) if name else ("", ())
         rows = self._read(
@@ -461,6 +483,17 @@ class Registry:
         """Every ``(digest, size)`` some version needs (manifests and their files included)."""
         return [(r[0], int(r[1])) for r in self._read(
             "SELECT DISTINCT digest, size FROM version_blobs ORDER BY digest")]
+
+
+# (source column, target column) of each edge table, in edge direction.
+_EDGE_COLUMNS = {"artifact_parents": ("parent_id", "child_id"),
+                 "run_outputs": ("run_id", "version_id"),
+                 "run_inputs": ("version_id", "run_id")}
+
+
+def _chunks(ids: list[Any], size: int = 500) -> Iterator[list[Any]]:
+    for start in range(0, len(ids), size):
+        yield ids[start:start + size]
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:

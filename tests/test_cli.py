@@ -179,7 +179,7 @@ def test_lineage_formats(populated: dict[str, str], store_root: Path, tmp_path: 
     code, out = invoke("lineage", "nope", *root)
     assert code == 2 and out.startswith("repro: error:")
     code, out = invoke("lineage", "run:nope", *root)
-    assert code == 2 and "no lineage node" in out
+    assert code == 2 and "no run with id 'nope'" in out
 
 
 def test_subprocess_verify_and_gc(populated: dict[str, str], manager: ArtifactManager,
