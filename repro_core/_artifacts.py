@@ -75,12 +75,13 @@ class ArtifactWriter:
               run_id: str | None) -> ArtifactMetadata:
         """Blob(s) first, then one registry transaction."""
         parent_ids = [registry.resolve(p).id for p in self.parents]  # unknown parent: no I/O
-        digest, size, fmt, blobs = self._store_content(store)
-        row, _created = registry.add_version(NewVersion(
-            name=self.name, type=self.type.value, digest=digest, size=size, format=fmt,
-            run_id=run_id, metadata=self.metadata, parent_ids=parent_ids,
-            aliases=self.aliases, blobs=blobs,
-        ))
+        with store.publish_guard():  # gc must not see the blob before its row
+            digest, size, fmt, blobs = self._store_content(store)
+            row, _created = registry.add_version(NewVersion(
+                name=self.name, type=self.type.value, digest=digest, size=size, format=fmt,
+                run_id=run_id, metadata=self.metadata, parent_ids=parent_ids,
+                aliases=self.aliases, blobs=blobs,
+            ))
         path = self.check_content(store, registry, row, full=False)
         return metadata_from_row(registry, row, path)
 

@@ -1,20 +1,23 @@
 """A run left open when the interpreter exits is finished, not left RUNNING forever.
 
 ``wandb.init()`` without ``finish()`` behaves the same way: a clean exit marks the run
-COMPLETED; an uncaught exception (seen through a chained ``sys.excepthook``) marks it FAILED
-with the exception as the reason. Only rank 0 writes, and no barrier is attempted at exit
-(the other ranks may be gone). ``kill -9`` cannot be caught: such a run stays RUNNING, which
-is the truth as far as anyone can tell.
+COMPLETED; ``sys.exit(code)`` with a non-zero code marks it FAILED (``sys.exit`` is wrapped to
+see the code, as wandb does); an uncaught exception (seen through a chained
+``sys.excepthook``) marks it FAILED, or INTERRUPTED for Ctrl-C. Only the process that opened the
+run acts (a ``fork()`` child exiting must not finish its parent's run), only rank 0 writes, and
+no barrier is attempted at exit (other ranks may be gone). ``kill -9`` cannot be caught: such a
+run stays RUNNING, which is the truth as far as anyone can tell.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import sys
 import threading
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from .types import RunState
 
@@ -25,26 +28,39 @@ __all__ = ["install"]
 
 _lock = threading.Lock()
 _installed = False
-_uncaught: str | None = None
+_outcome: tuple[RunState, str] | None = None
 
 
 def install() -> None:
-    """Hook ``sys.excepthook`` and ``atexit`` once per process (idempotent)."""
+    """Hook ``sys.excepthook``, ``sys.exit`` and ``atexit`` once per process (idempotent)."""
     global _installed
     with _lock:
         if _installed:
             return
-        previous = sys.excepthook
+        previous_hook, previous_exit = sys.excepthook, sys.exit
 
         def hook(kind: type[BaseException], exc: BaseException,
                  tb: TracebackType | None) -> None:
-            global _uncaught
-            _uncaught = f"uncaught {kind.__name__}: {exc}"
-            previous(kind, exc, tb)
+            state = (RunState.INTERRUPTED if issubclass(kind, KeyboardInterrupt)
+                     else RunState.FAILED)
+            _set_outcome(state, f"uncaught {kind.__name__}: {exc}")
+            previous_hook(kind, exc, tb)
+
+        def exit_(status: object = None) -> NoReturn:
+            if status not in (None, 0):
+                _set_outcome(RunState.FAILED, f"sys.exit({status!r})")
+            previous_exit(status)  # type: ignore[arg-type]
+            raise SystemExit(status)  # unreachable: sys.exit always raises
 
         sys.excepthook = hook
+        sys.exit = exit_
         atexit.register(_finish_open_run)
         _installed = True
+
+
+def _set_outcome(state: RunState, reason: str) -> None:
+    global _outcome
+    _outcome = (state, reason)
 
 
 def _finish_open_run() -> None:
@@ -54,8 +70,10 @@ def _finish_open_run() -> None:
     run = manager.current_run if manager is not None else None
     if manager is None or run is None or not run.is_rank_zero or run.id is None:
         return
-    if _uncaught is not None:
-        state, reason = RunState.FAILED, _uncaught
+    if manager._run_pid != os.getpid():
+        return  # a forked child: the run belongs to the parent
+    if _outcome is not None:
+        state, reason = _outcome
     else:
         state = run.state if run.state.is_terminal else RunState.COMPLETED
         reason = "finalized at interpreter exit (finalize_run() was not called)"

@@ -66,7 +66,9 @@ CREATE TABLE IF NOT EXISTS metric_chunks (
 CREATE INDEX IF NOT EXISTS metric_chunks_series ON metric_chunks (series_id, id);
 CREATE TABLE IF NOT EXISTS experiences (
     id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, experience_id TEXT NOT NULL,
-    input TEXT, output TEXT, payload_digest TEXT, metadata TEXT NOT NULL, time REAL NOT NULL);
+    input TEXT, output TEXT, payload_digest TEXT, payload_size INTEGER,
+    metadata TEXT NOT NULL, time REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS experiences_payload ON experiences (payload_digest);
 CREATE INDEX IF NOT EXISTS experiences_run ON experiences (run_id, experience_id);
 CREATE TABLE IF NOT EXISTS online_updates (
     id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, update_id TEXT NOT NULL,

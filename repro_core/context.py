@@ -94,6 +94,7 @@ class ExperimentContext:
         self.config_artifact: ArtifactMetadata | None = None
         self._last_checkpoint: ArtifactMetadata | None = None
         self._previous_sigterm: Any = None
+        self._sigterm_installed = False
 
     # -- enter / exit -------------------------------------------------------------------------
 
@@ -192,6 +193,8 @@ class ExperimentContext:
         if threading.current_thread() is not threading.main_thread():
             return
         previous = signal.getsignal(signal.SIGTERM)
+        if previous is signal.SIG_IGN or previous is None:
+            return  # ignored on purpose, or a handler installed from C: leave it alone
 
         def handler(signum: int, frame: FrameType | None) -> None:
             if callable(previous):
@@ -199,12 +202,13 @@ class ExperimentContext:
             raise Terminated()
 
         self._previous_sigterm = previous
+        self._sigterm_installed = True
         signal.signal(signal.SIGTERM, handler)
 
     def _restore_sigterm(self) -> None:
-        if self._previous_sigterm is not None:
+        if self._sigterm_installed:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
-            self._previous_sigterm = None
+            self._sigterm_installed = False
 
     # -- logging --------------------------------------------------------------------------------
 

@@ -290,8 +290,19 @@ class _CheckpointState:
             "checkpoint", ArtifactType.CHECKPOINT, data=model.state_dict(),
             metadata={"call": self.calls, "metrics": capture_config(metrics),
                       "monitor": self.metric, "mode": self.mode},
-            parent_artifacts=[self.previous] if self.previous else None, aliases=aliases)
+            parent_artifacts=self._parents(manager), aliases=aliases)
         if improved:
             self.best = score
         self.previous = meta.key
         return meta
+
+    def _parents(self, manager: ArtifactManager) -> list[str]:
+        """DESIGN: a checkpoint's parents are the run's config, what the run consumed (its
+        datasets) and the previous checkpoint."""
+        run = manager.current_run
+        record = manager.get_run(run.id) if run is not None and run.id else {}
+        configs = [k for k in record.get("outputs", []) if k.startswith("config:")]
+        parents = [*configs, *record.get("inputs", [])]
+        if self.previous:
+            parents.append(self.previous)
+        return list(dict.fromkeys(parents))

@@ -83,8 +83,14 @@ def scan_directory(root: Path) -> tuple[list[_Entry], list[str]]:
                 raise InvalidArgumentError(
                     f"{path} is not a regular file (socket, fifo or device)", argument="file_path"
                 )
-            files.append(_Entry(path.relative_to(root).as_posix(), path,
-                                bool(st.st_mode & stat.S_IXUSR)))
+            rel = path.relative_to(root).as_posix()
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidArgumentError(
+                    f"{path!r} has a name that is not valid UTF-8; rename it (manifests store "
+                    "names as UTF-8 text)", argument="file_path") from None
+            files.append(_Entry(rel, path, bool(st.st_mode & stat.S_IXUSR)))
     return files, empty_dirs
 
 
@@ -151,8 +157,12 @@ def _populate(store: LocalStorageBackend, manifest: dict[str, Any], build: Path)
         target = build / record["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
         source = store.blob_path(record["digest"])
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
-            os.chmod(target, 0o555 if record["executable"] else 0o444)
+        if not record["executable"]:
+            try:
+                os.link(source, target)  # read-only blob shared, no copy
+                continue
+            except OSError:
+                pass
+        # Executable files are copied: a hard link shares the blob's 0444 mode.
+        shutil.copyfile(source, target)
+        os.chmod(target, 0o555 if record["executable"] else 0o444)

@@ -110,9 +110,12 @@ class Exchange:
 
     ``call`` names the call by what every rank knows alike (``log:model``, ``use:data:v3``);
     the n-th ``log:model`` on rank 1 receives what the n-th ``log:model`` on rank 0 produced.
-    A call rank 0 makes alone (inside ``if rank == 0:``) therefore never shifts the pairing of
-    other calls. Counters live for the whole process (one module-level exchange), so a fresh
-    ``ArtifactManager`` cannot read the previous one's answers.
+    A call rank 0 makes alone (inside ``if rank == 0:``) therefore does not shift the pairing
+    of calls that name something else; a rank-0-only ``log_artifact("model")`` followed by a
+    shared ``log_artifact("model")`` would. Counters live for the whole process (one
+    module-level exchange), so a fresh ``ArtifactManager`` cannot read the previous one's
+    answers. Keys stay in the process group's store until the job ends (a few hundred bytes
+    per call).
     """
 
     def __init__(self) -> None:

@@ -6,6 +6,8 @@ which versions were affected. The report names every bad blob and the versions t
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +76,10 @@ def verify_store(
             size = referenced.get(digest)
             if size is None:
                 report.unreferenced.append(digest)
-                size = store.blob_path(digest).stat().st_size
+                try:
+                    size = store.blob_path(digest).stat().st_size
+                except FileNotFoundError:  # gc'd while we looked: nothing to verify
+                    continue
             _check_one(store, digest, size, full, users.get(digest, ()), report)
             if progress is not None:
                 progress(size)
@@ -105,10 +110,11 @@ def _check_one(store: LocalStorageBackend, digest: str, size: int, full: bool,
 
 
 def _versions_by_digest(registry: Registry) -> dict[str, tuple[str, ...]]:
+    keys = {row.id: row.key for row in registry.list_versions()}
     users: dict[str, list[str]] = {}
-    for row in registry.list_versions():
-        for digest, _ in registry.blobs_of(row.id):
-            users.setdefault(digest, []).append(row.key)
+    for version_id, digest in registry.version_blob_pairs():
+        if version_id in keys:
+            users.setdefault(digest, []).append(keys[version_id])
     return {d: tuple(v) for d, v in users.items()}
 
 
@@ -134,42 +140,55 @@ def collect_garbage(
 ) -> GcReport:
     """Remove blobs no version references, dead writers' temp files, stale directory caches.
 
-    Dry run by default (like ``dvc gc``, deleting needs an explicit choice). Blobs younger than
-    ``grace_seconds`` are kept: a writer publishes its blob *before* committing the registry
-    row, and a dedup hit refreshes the existing blob's mtime, so the grace period is what makes
-    gc safe to run beside live writers.
+    Dry run by default (like ``dvc gc``, deleting needs an explicit choice). Artifact writers
+    hold the store's publish guard from blob to registry row, and gc takes it exclusively, so
+    no logged version can lose its blob. Unreferenced blobs younger than ``grace_seconds`` are
+    kept too: a TTRL experience payload is published before the metrics writer commits its
+    row (within a second), and a crashed writer's blob is evidence for a while.
     """
-    import shutil
-    import time
-
     root_path = _store_root(root)
     registry = Registry(root_path / "registry.sqlite")
+    report = GcReport(root=root_path, dry_run=dry_run)
     try:
         store = LocalStorageBackend(root_path, algorithm=registry.hash_algorithm())
-        referenced = {d for d, _ in registry.blob_references()}
-        directories = {v.digest for v in registry.list_versions() if v.format == "directory"}
+        # Exclusive: no writer is between publishing a blob and committing its row, so the
+        # registry read inside the lock is the truth for every blob it does not list.
+        with store.publish_guard(exclusive=True):
+            referenced = {d for d, _ in registry.blob_references()}
+            directories = {v.digest for v in registry.list_versions()
+                           if v.format == "directory"}
+            _collect_blobs(store, referenced, grace_seconds, report)
     finally:
         registry.close()
-    report = GcReport(root=root_path, dry_run=dry_run)
-    now = time.time()
-    for digest in list(store.iter_digests()):
-        if digest in referenced:
-            continue
-        st = store.blob_path(digest).stat()
-        if now - st.st_mtime < grace_seconds:
-            report.kept_young += 1
-            continue
-        report.blobs.append(digest)
-        report.blob_bytes += st.st_size
-        if not dry_run:
-            store.delete(digest)
     for cached in sorted((root_path / "cache" / "dirs").glob("*/*")):
         if f"{cached.parent.name}:{cached.name}" not in directories:
             report.materialized_dirs += 1
             if not dry_run:
                 shutil.rmtree(cached, ignore_errors=True)
-    report.temp_files = store.sweep_tmp() if not dry_run else _count_stale_tmp(store, now)
+    report.temp_files = (store.sweep_tmp() if not dry_run
+                         else _count_stale_tmp(store, time.time()))
     return report
+
+
+def _collect_blobs(store: LocalStorageBackend, referenced: set[str], grace_seconds: float,
+                   report: GcReport) -> None:
+    """Unreferenced blobs older than the grace period (payload blobs whose rows are still in a
+    metrics writer's buffer are young) are reported, and deleted unless it is a dry run."""
+    now = time.time()
+    for digest in list(store.iter_digests()):
+        if digest in referenced:
+            continue
+        try:
+            st = store.blob_path(digest).stat()
+        except FileNotFoundError:  # removed meanwhile by another gc
+            continue
+        if now - st.st_mtime < grace_seconds:
+            report.kept_young += 1
+            continue
+        report.blobs.append(digest)
+        report.blob_bytes += st.st_size
+        if not report.dry_run:
+            store.delete(digest)
 
 
 def _count_stale_tmp(store: LocalStorageBackend, now: float) -> int:

@@ -74,6 +74,7 @@ class ArtifactManager:
         self._registry: Registry | None = None
         self._exchange = distributed.EXCHANGE
         self._metrics: MetricsWriter | None = None
+        self._run_pid = os.getpid()
         self._initialized = True
 
     @classmethod
@@ -82,8 +83,12 @@ class ArtifactManager:
         for programs that switch stores; an active run is abandoned, not finalized."""
         with cls._instance_lock:
             old, cls._instance = cls._instance, None
-        if old is not None and old._registry is not None:
-            old._registry.close()
+        if old is not None:
+            if old._metrics is not None and old._run_pid == os.getpid():
+                with contextlib.suppress(ReproError):  # write what was logged; stop its thread
+                    old._metrics.close()
+            if old._registry is not None:
+                old._registry.close()
         return cls()
 
     # -- store ------------------------------------------------------------------------------
@@ -165,6 +170,7 @@ class ArtifactManager:
             )
             run.id = run_id if run_id is not None else os.environ.get("REPRO_RUN_ID")
             self._run = run
+            self._run_pid = os.getpid()
             _exit.install()
             return run
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgumentError, SerializationError, StorageError
+from .errors import InvalidArgumentError, RunStateError, SerializationError, StorageError
 from .registry import Registry
 
 __all__ = ["MetricsWriter", "read_metrics"]
@@ -42,6 +43,7 @@ class MetricsWriter:
 
     def __init__(self, registry_path: Path, run_id: str, *, interval: float = 1.0) -> None:
         self._registry = Registry(registry_path)
+        self._pid = os.getpid()  # a forked child must not flush the parent's buffer
         self._run_id = run_id
         self._interval = interval
         self._lock = threading.Lock()
@@ -131,7 +133,9 @@ class MetricsWriter:
             self._wake.set()
             self._thread.join()
         try:
-            self.flush()
+            self._write_batch()
+            if self._error is not None:
+                raise StorageError(f"writing metrics failed: {self._error}") from self._error
         finally:
             self._registry.close()
             _LIVE.discard(self)
@@ -152,9 +156,11 @@ class MetricsWriter:
                 return 0
             try:
                 self._insert(columns, tables)
-            except Exception as exc:  # keep the data; report on the next call
+            except BaseException as exc:  # keep the data; report on the next call
                 self._series.clear()  # ids cached inside the rolled-back transaction are void
                 self._requeue(columns, tables, points)
+                if not isinstance(exc, Exception):  # Ctrl-C / SIGTERM: data kept, re-raise
+                    raise
                 self._error = exc
                 return 0
             self._error = None
@@ -208,6 +214,10 @@ class MetricsWriter:
         return self._series
 
     def _raise_pending(self) -> None:
+        if self._stop.is_set():
+            raise RunStateError(
+                f"the metrics writer of run {self._run_id} is closed (the run was finalized); "
+                "nothing more can be logged to it")
         error = self._error
         if error is not None:
             raise StorageError(f"writing metrics failed (rows kept, will retry): {error}"
@@ -258,6 +268,10 @@ def _check_key(key: object) -> str:
 def read_metrics(registry: Registry, run_id: str, keys: Sequence[str] | None = None
                  ) -> dict[str, list[tuple[int, float, float]]]:
     """``{key: [(step, value, unix_time), …]}`` in logging order."""
+    if keys is not None and (isinstance(keys, str) or not all(isinstance(k, str)
+                                                               for k in keys)):
+        raise InvalidArgumentError(f"keys must be a list of metric names, got {keys!r}",
+                                   argument="keys")
     sql = ("SELECT s.key, c.steps, c.vals, c.times FROM metric_chunks c JOIN metric_series s"
            " ON s.id = c.series_id WHERE s.run_id = ?")
     params: list[Any] = [run_id]
@@ -291,6 +305,8 @@ def _unpack(typecode: str, data: bytes) -> array[Any]:
 @atexit.register
 def _flush_all_at_exit() -> None:
     for writer in list(_LIVE):
+        if writer._pid != os.getpid():
+            continue  # inherited through fork(): the parent owns (and will flush) it
         # Nothing sensible can be done about a failure at exit; never mask the exit itself.
         with contextlib.suppress(Exception):
             writer.close()

@@ -86,7 +86,7 @@ class Registry:
             conn.execute("PRAGMA foreign_keys = ON")
             self._configure_journal(conn)
             self._migrate(conn)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open registry {self.path}: {exc}", path=self.path) from exc
         return conn
 
@@ -160,11 +160,8 @@ class Registry:
         conn.execute("COMMIT")
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                return self._conn().execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise StorageError(f"registry query failed: {exc}", path=self.path) from exc
+        with self._lock, _translated(self.path):
+            return self._conn().execute(sql, params).fetchall()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -250,7 +247,10 @@ class Registry:
             self._ensure_artifact(conn, new.name, new.type)
             latest = _fetch_version(conn, "a2.alias = 'latest'", (new.name,), join_alias=True)
             if latest is not None and latest.digest == new.digest:
+                # Same content: no new version, but what this call adds is kept (aliases,
+                # parent edges, the logging run); metadata stays that of the version.
                 self._set_aliases(conn, new.name, latest.id, new.aliases)
+                _add_parents(conn, latest.id, [p for p in new.parent_ids if p != latest.id])
                 _record_output(conn, new.run_id, latest.id)
                 return latest, False
             number = conn.execute(
@@ -268,11 +268,7 @@ class Registry:
                 " ON CONFLICT (version_id, digest) DO NOTHING",
                 [(version_id, d, s) for d, s in new.blobs],
             )
-            conn.executemany(
-                "INSERT INTO artifact_parents (child_id, parent_id) VALUES (?, ?)"
-                " ON CONFLICT (child_id, parent_id) DO NOTHING",
-                [(version_id, p) for p in new.parent_ids],
-            )
+            _add_parents(conn, version_id, new.parent_ids)
             self._set_aliases(conn, new.name, version_id, ["latest", *new.aliases])
             _record_output(conn, new.run_id, version_id)
             row = _fetch_version(conn, "v.id = ?", (version_id,))
@@ -302,13 +298,9 @@ class Registry:
             [(name, a, version_id) for a in aliases],
         )
 
-    def add_aliases(self, version_id: int, name: str, aliases: Sequence[str]) -> None:
-        with self._write() as conn:
-            self._set_aliases(conn, name, version_id, aliases)
-
     def resolve(self, key: ParsedKey) -> VersionRow:
         """Find the version a parsed key names, or raise ``ArtifactNotFoundError``."""
-        with self._lock:
+        with self._lock, _translated(self.path):
             conn = self._conn()
             if key.version is not None:
                 row = _fetch_version(conn, "v.name = ? AND v.version = ?", (key.name, key.version))
@@ -350,7 +342,7 @@ class Registry:
         )
 
     def get_version(self, version_id: int) -> VersionRow:
-        with self._lock:
+        with self._lock, _translated(self.path):
             row = _fetch_version(self._conn(), "v.id = ?", (version_id,))
         if row is None:
             raise ArtifactNotFoundError(f"no version with id {version_id}", key=str(version_id))
@@ -471,18 +463,30 @@ class Registry:
         """A run's experiences in order; ``input``/``output`` decoded unless stored as a blob
         (then ``payload_digest`` names it)."""
         rows = self._read(
-            "SELECT experience_id, input, output, payload_digest, metadata, time"
+            "SELECT experience_id, input, output, payload_digest, payload_size, metadata, time"
             " FROM experiences WHERE run_id = ? ORDER BY id", [run_id])
         return [{"experience_id": r[0],
                  "input": None if r[3] else json.loads(r[1]),
                  "output": None if r[3] else json.loads(r[2]),
-                 "payload_digest": r[3], "metadata": json.loads(r[4]), "timestamp": r[5]}
+                 "payload_digest": r[3], "payload_size": r[4], "metadata": json.loads(r[5]),
+                 "timestamp": r[6]}
                 for r in rows]
 
     def blob_references(self) -> list[tuple[str, int]]:
-        """Every ``(digest, size)`` some version needs (manifests and their files included)."""
+        """Every ``(digest, size)`` the registry needs: version blobs (manifests and their
+        files included) and TTRL experience payloads. gc keeps exactly these."""
         return [(r[0], int(r[1])) for r in self._read(
-            "SELECT DISTINCT digest, size FROM version_blobs ORDER BY digest")]
+            "SELECT digest, size FROM version_blobs UNION SELECT payload_digest, payload_size"
+            " FROM experiences WHERE payload_digest IS NOT NULL ORDER BY 1")]
+
+
+@contextmanager
+def _translated(path: Path) -> Iterator[None]:
+    """sqlite3 errors (locked past the busy timeout, I/O errors) become ``StorageError``."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StorageError(f"registry query failed: {exc}", path=path) from exc
 
 
 # (source column, target column) of each edge table, in edge direction.
@@ -501,6 +505,14 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
     for statement in script.split(";"):
         if statement.strip():
             conn.execute(statement)
+
+
+def _add_parents(conn: sqlite3.Connection, child_id: int, parent_ids: Sequence[int]) -> None:
+    conn.executemany(
+        "INSERT INTO artifact_parents (child_id, parent_id) VALUES (?, ?)"
+        " ON CONFLICT (child_id, parent_id) DO NOTHING",
+        [(child_id, p) for p in parent_ids],
+    )
 
 
 def _record_output(conn: sqlite3.Connection, run_id: str | None, version_id: int) -> None:

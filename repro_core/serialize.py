@@ -78,10 +78,19 @@ def canonical_json(value: object, *, root: str = "value") -> bytes:
     ).encode("utf-8")
 
 
+_MAX_DEPTH = 500
+
+
 def _check_json(value: object, path: str) -> None:
-    stack: list[tuple[object, str]] = [(value, path)]
+    stack: list[tuple[object, str, int]] = [(value, path, 0)]
     while stack:
-        item, where = stack.pop()
+        item, where, depth = stack.pop()
+        if depth > _MAX_DEPTH:  # also how a self-referencing container shows up
+            raise SerializationError(
+                f"{where[:200]}… is nested more than {_MAX_DEPTH} levels deep: does the data "
+                "contain itself? Break the cycle or flatten it",
+                path=where[:200],
+            )
         if item is None or isinstance(item, (str, bool, int)):
             continue
         if isinstance(item, float):
@@ -100,10 +109,10 @@ def _check_json(value: object, path: str) -> None:
                         "be str (convert it with str() if that is what you mean)",
                         path=where,
                     )
-                stack.append((v, f"{where}[{k!r}]"))
+                stack.append((v, f"{where}[{k!r}]", depth + 1))
             continue
         if isinstance(item, (list, tuple)):
-            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(item))
             continue
         raise SerializationError(
             f"{where} is a {type(item).__module__}.{type(item).__qualname__}, which is not "

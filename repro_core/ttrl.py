@@ -31,7 +31,7 @@ INLINE_PAYLOAD_BYTES = 64 * 1024
 _UPDATE_COLUMNS = ("run_id", "update_id", "experience_id", "reward", "confidence",
                    "kl_divergence", "model_version_id", "metadata", "time")
 _EXPERIENCE_COLUMNS = ("run_id", "experience_id", "input", "output", "payload_digest",
-                       "metadata", "time")
+                       "payload_size", "metadata", "time")
 
 
 class TTRLContext(ExperimentContext):
@@ -92,15 +92,16 @@ class TTRLContext(ExperimentContext):
         writer, run_id = self._writer("log_experience")
         record = {"experience_id": _check_id(experience_id), "input": capture_value(input_data),
                   "output": capture_value(output_data), "timestamp": time.time(),
-                  "metadata": dict(metadata or {})}
-        inline, digest = self._payload(record)
+                  "metadata": dict(_check_metadata(metadata)) if metadata else {}}
+        meta_json = _json(record["metadata"])  # validated before the payload is written
+        inline, digest, size = self._payload(record)
         writer.append("experiences", _EXPERIENCE_COLUMNS, (
             run_id, record["experience_id"], inline and inline[0], inline and inline[1],
-            digest, _json(record["metadata"]), record["timestamp"]))
+            digest, size, meta_json, record["timestamp"]))
         self._experience_count += 1
         hours = max(self._clock() - self._started, 1e-9) / 3600
-        writer.log({"online/experience_count": self._experience_count,
-                    "online/experiences_per_hour": self._experience_count / hours})
+        writer.log_numbers({"online/experience_count": float(self._experience_count),
+                            "online/experiences_per_hour": self._experience_count / hours})
         return record
 
     def log_online_update(self, experience_id: str, reward: float, confidence: float,
@@ -189,10 +190,9 @@ class TTRLContext(ExperimentContext):
         store = self.manager.store()
         out = []
         for record in self.manager.registry().experiences(run_id):
-            digest = record.pop("payload_digest")
-            if digest is not None:
-                blob = store.blob_path(digest)
-                payload = json.loads(store.check(digest, blob.stat().st_size).read_bytes())
+            digest, size = record.pop("payload_digest"), record.pop("payload_size")
+            if digest is not None:  # size and digest checked: IntegrityError if damaged
+                payload = json.loads(store.check(digest, size).read_bytes())
                 record["input"], record["output"] = payload["input"], payload["output"]
             out.append(record)
         return out
@@ -225,15 +225,16 @@ class TTRLContext(ExperimentContext):
         self._active = (writer, run.id)
         return self._active
 
-    def _payload(self, record: dict[str, Any]) -> tuple[tuple[str, str] | None, str | None]:
+    def _payload(self, record: dict[str, Any]
+                 ) -> tuple[tuple[str, str] | None, str | None, int | None]:
         """Inline JSON for small payloads; a content-addressed blob for large ones."""
         inp, out = _json(record["input"]), _json(record["output"])
         if len(inp) + len(out) <= INLINE_PAYLOAD_BYTES:
-            return (inp, out), None
+            return (inp, out), None, None
         with self.manager.store().open_writer() as blob:
             blob.write(canonical_json({"input": record["input"], "output": record["output"]}))
-            digest, _ = blob.commit()
-        return None, digest
+            digest, size = blob.commit()
+        return None, digest, size
 
 
 def capture_value(value: Any) -> Any:

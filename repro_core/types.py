@@ -222,7 +222,7 @@ def _parse_selector(name: str, selector: str, key: str) -> ParsedKey:
         raise InvalidNameError(
             f"invalid digest selector in {key!r}: expected name@blake3:<4-64 hex chars>", name=key
         )
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         text = f"v{int(text)}"
     if _VERSION_RE.fullmatch(text):
         return ParsedKey(name=name, version=int(text[1:]))

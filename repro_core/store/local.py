@@ -23,7 +23,6 @@ A temp file whose flock can be taken belongs to a dead writer and is swept when 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import secrets
@@ -251,8 +250,12 @@ class LocalStorageBackend(StorageBackend):
         return path
 
     def verify(self, content_hash: str) -> None:
-        """Re-hash in place (no copy needed locally)."""
-        self.check(content_hash, self.blob_path(content_hash).stat().st_size, full=True)
+        """Re-hash in place (no copy needed locally); a missing blob is an IntegrityError."""
+        try:
+            size = self.blob_path(content_hash).stat().st_size
+        except FileNotFoundError:
+            size = -1  # check() reports it as missing
+        self.check(content_hash, size, full=True)
 
     def sweep_tmp(self) -> int:
         """Delete temp files of dead writers; return how many were removed.
@@ -271,14 +274,42 @@ class LocalStorageBackend(StorageBackend):
                 removed += 1
         return removed
 
+    @contextlib.contextmanager
+    def publish_guard(self, *, exclusive: bool = False) -> Iterator[None]:
+        """Writers hold this shared from publishing a blob until its registry row commits;
+        gc holds it exclusively while deleting, so it never sees a blob between the two
+        steps (when the row is not there yet) and deletes it under a writer's feet."""
+        self.ensure_layout()
+        path = self.root / ".gc.lock"
+
+        def _lock() -> int:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            return fd
+
+        fd = _storage_errors("locking the store", path, _lock)
+        try:
+            yield
+        finally:
+            os.close(fd)
+
     def ensure_layout(self) -> None:
         """Create the directory skeleton and CACHEDIR.TAG (idempotent)."""
         if self._layout_ready:
             return
 
         def _make() -> None:
-            for d in (self.root, self.blobs_dir / self.algorithm, self.tmp_dir):
+            algo_dir = self.blobs_dir / self.algorithm
+            fresh = not (algo_dir / "ff").is_dir()
+            for d in (self.root, algo_dir, self.tmp_dir):
                 d.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                # All 256 shards up front: publishing then never creates a directory, and the
+                # directory entries are made durable once here rather than per blob.
+                for i in range(256):
+                    (algo_dir / f"{i:02x}").mkdir(exist_ok=True)
+                for d in (self.root.parent, self.root, self.blobs_dir, algo_dir):
+                    _fsio.fsync_dir(d)
             tag = self.root / "CACHEDIR.TAG"
             if not tag.exists():  # temp name outside tmp/, so no sweep can take it
                 tmp = self.root / f".CACHEDIR.TAG.{os.getpid()}.{secrets.token_hex(4)}"
@@ -305,17 +336,21 @@ class LocalStorageBackend(StorageBackend):
         return new_locked_temp(self.tmp_dir, ".part")
 
     def _publish(self, writer: BlobWriter, digest: str, size: int) -> None:
-        """fsync → read-only → rename into place → fsync dir. Dedup if the blob exists."""
+        """fsync → read-only → rename into place → fsync dir (dedup: same digest, same path)."""
         final = self.blob_path(digest)
 
         def _do() -> None:
+            # Always rename our verified bytes into place, even over an existing blob of the
+            # same name: the rename is atomic and as cheap as a check, it repairs a blob that
+            # rotted on disk, and the fresh mtime keeps gc's grace period honest.
             _fsio.fsync(writer._fd)
-            if _existing_blob_ok(final, size):
-                writer.abort()
-                return
             os.fchmod(writer._fd, 0o444)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            _fsio.replace(writer.temp_path, final)
+            try:
+                _fsio.replace(writer.temp_path, final)
+            except FileNotFoundError:  # shard removed by hand: recreate it durably
+                final.parent.mkdir(parents=True, exist_ok=True)
+                _fsio.fsync_dir(final.parent.parent)
+                _fsio.replace(writer.temp_path, final)
             writer._close_fd()
             _fsio.fsync_dir(final.parent)
 
@@ -324,20 +359,6 @@ class LocalStorageBackend(StorageBackend):
         except BaseException:
             writer.abort()
             raise
-
-
-def _existing_blob_ok(final: Path, size: int) -> bool:
-    """An existing blob of the right size is reused; its mtime is refreshed so gc's grace
-    period protects it until our registry row lands. A wrong-sized one is replaced."""
-    try:
-        st = final.stat()
-    except FileNotFoundError:
-        return False
-    if st.st_size != size:
-        return False
-    with contextlib.suppress(OSError):
-        os.utime(final)
-    return True
 
 
 def new_locked_temp(tmp_dir: Path, suffix: str, *, directory: bool = False) -> tuple[Path, int]:
@@ -388,20 +409,17 @@ def is_stale_temp(entry: Path, now: float) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return False
-        raise
+    except OSError:  # held by a live writer (EWOULDBLOCK), or unknowable: leave it
+        return False
     finally:
         os.close(fd)
     return True
 
 
 def _remove_entry(entry: Path) -> None:
-    try:
+    """Best effort: a temp entry we cannot remove (permissions) is left for ``repro gc``."""
+    with contextlib.suppress(OSError):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink()
-    except FileNotFoundError:
-        pass
