@@ -246,7 +246,7 @@ def _blob_once(root: Path, i: int) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("what", "trials"), [("layout", 2000), ("blob", 6000)])
+@pytest.mark.parametrize(("what", "trials"), [("layout", 100), ("blob", 6000)])
 def test_sweep_spares_live_writers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    what: str, trials: int) -> None:
     """Opening a store sweeps dead writers' temp files while other processes may be writing:
