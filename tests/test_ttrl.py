@@ -314,3 +314,51 @@ def test_snapshot_with_nonfinite_values(manager: ArtifactManager, store_root: Pa
         meta = ctx.log_experience_buffer({"r": [1.0, math.inf]}, force=True)
     assert meta is not None
     assert manager.load_artifact(meta.key) == {"r": [1.0, "inf"]}  # valid JSON, not Infinity
+
+
+_BUSY_LOOP = """
+import sys
+from repro_core import ArtifactManager, TTRLContext
+ctx = TTRLContext(name="busy", root=sys.argv[1], monitor_hardware=False, capture_level=1)
+ctx.__enter__()
+print(ctx.run.id, flush=True)
+i = 0
+while True:
+    ctx.log_online_update(f"e{i}", 0.5, 0.9)
+    i += 1
+    if i % 20000 == 0:
+        print(i, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_updates_are_durable_while_the_loop_keeps_running(tmp_path: Path) -> None:
+    """The writer must make progress beside a loop that never lets go of the GIL: a SIGKILL
+    loses only the last seconds. (``executemany`` re-takes the GIL per row and starved here:
+    minutes for a batch; one ``json_each`` statement releases it for the whole insert.)"""
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+
+    root = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(root)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    run_id = proc.stdout.readline().strip()
+    seen: list[tuple[float, int]] = []
+    start = time.monotonic()
+    while time.monotonic() - start < 6.0:
+        seen.append((time.monotonic(), int(proc.stdout.readline())))
+    proc.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    proc.wait()
+    conn = sqlite3.connect(root / "registry.sqlite")
+    try:
+        (stored,) = conn.execute("SELECT COUNT(*) FROM online_updates WHERE run_id = ?",
+                                 (run_id,)).fetchone()
+    finally:
+        conn.close()
+    must_have = max(i for t, i in seen if t <= killed_at - 3.0)
+    assert stored >= must_have > 0, (stored, must_have, seen[-1])
