@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
-import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.kill_loop import kill_after
 
 from repro_core import ArtifactManager, RunStateError, SerializationError
 from repro_core.errors import InvalidArgumentError
@@ -128,22 +127,9 @@ def test_million_rows_all_durable_after_exit(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_sigkill_loses_at_most_the_last_interval(tmp_path: Path) -> None:
     root = tmp_path / "s"
-    proc = subprocess.Popen([sys.executable, "-c", _LOOP, str(root), str(10**9)],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    run_id = proc.stdout.readline().strip()
-    seen: list[tuple[float, int]] = []
-    start = time.monotonic()
-    while time.monotonic() - start < 6.0:
-        line = proc.stdout.readline()
-        seen.append((time.monotonic(), int(line)))
-    proc.send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    proc.wait()
+    # Everything logged more than interval (1 s) + 2 s slack before the kill is durable.
+    run_id, must_have, logged = kill_after(_LOOP, [str(root), str(10**9)], 6.0, slack=3.0)
     count, top = _count(root, run_id)
     assert count == top + 1  # batches commit whole and in order: a gap-free prefix survived
-    # Everything logged more than interval (1 s) + 2 s slack before the kill is durable.
-    must_have = max(i for t, i in seen if t <= killed_at - 3.0)
     assert count > must_have > 0
-    logged = seen[-1][1]
     print(f"logged >= {logged}, durable {count} ({logged - count} lost at most)")

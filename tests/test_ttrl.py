@@ -337,28 +337,16 @@ def test_updates_are_durable_while_the_loop_keeps_running(tmp_path: Path) -> Non
     """The writer must make progress beside a loop that never lets go of the GIL: a SIGKILL
     loses only the last seconds. (``executemany`` re-takes the GIL per row and starved here:
     minutes for a batch; one ``json_each`` statement releases it for the whole insert.)"""
-    import signal
     import sqlite3
-    import subprocess
-    import sys
+
+    from helpers.kill_loop import kill_after
 
     root = tmp_path / "s"
-    proc = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(root)],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    run_id = proc.stdout.readline().strip()
-    seen: list[tuple[float, int]] = []
-    start = time.monotonic()
-    while time.monotonic() - start < 6.0:
-        seen.append((time.monotonic(), int(proc.stdout.readline())))
-    proc.send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    proc.wait()
+    run_id, must_have, _ = kill_after(_BUSY_LOOP, [str(root)], 6.0, slack=3.0)
     conn = sqlite3.connect(root / "registry.sqlite")
     try:
         (stored,) = conn.execute("SELECT COUNT(*) FROM online_updates WHERE run_id = ?",
                                  (run_id,)).fetchone()
     finally:
         conn.close()
-    must_have = max(i for t, i in seen if t <= killed_at - 3.0)
-    assert stored >= must_have > 0, (stored, must_have, seen[-1])
+    assert stored >= must_have > 0, (stored, must_have)
