@@ -82,7 +82,7 @@ class ArtifactWriter:
                 run_id=run_id, metadata=self.metadata, parent_ids=parent_ids,
                 aliases=self.aliases, blobs=blobs,
             ))
-        path = self.check_content(store, registry, row, full=False)
+            path = self.check_content(store, registry, row, full=False)
         return metadata_from_row(registry, row, path)
 
     def _store_content(self, store: LocalStorageBackend

@@ -6,7 +6,9 @@ see the code, as wandb does); an uncaught exception (seen through a chained
 ``sys.excepthook``) marks it FAILED, or INTERRUPTED for Ctrl-C. Only the process that opened the
 run acts (a ``fork()`` child exiting must not finish its parent's run), only rank 0 writes, and
 no barrier is attempted at exit (other ranks may be gone). ``kill -9`` cannot be caught: such a
-run stays RUNNING, which is the truth as far as anyone can tell.
+run stays RUNNING, which is the truth as far as anyone can tell. Limits: ``raise SystemExit(n)``
+bypasses ``sys.exit`` and reads as a clean exit, and a ``sys.exit(n)`` caught by the program
+(argparse's, say) still counts; use ``ExperimentContext``, which sees the real exit.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def install() -> None:
             previous_hook(kind, exc, tb)
 
         def exit_(status: object = None) -> NoReturn:
-            if status not in (None, 0):
+            # sys.exit in a thread ends only that thread: not the process's outcome.
+            if status not in (None, 0) and threading.current_thread() is threading.main_thread():
                 _set_outcome(RunState.FAILED, f"sys.exit({status!r})")
             previous_exit(status)  # type: ignore[arg-type]
             raise SystemExit(status)  # unreachable: sys.exit always raises
@@ -61,6 +64,12 @@ def install() -> None:
 def _set_outcome(state: RunState, reason: str) -> None:
     global _outcome
     _outcome = (state, reason)
+
+
+def reset() -> None:
+    """Forget what an earlier run saw (a caught ``sys.exit`` must not fail the next run)."""
+    global _outcome
+    _outcome = None
 
 
 def _finish_open_run() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._lineage_store import run_node, version_node
-from .errors import ArtifactNotFoundError
+from .errors import ArtifactNotFoundError, InvalidNameError
 from .lineage import LineageNode, run_node_id
 from .registry import Registry
 from .types import parse_key
@@ -45,10 +45,16 @@ def read_neighbourhood(registry: Registry, node_id: str, *, depth: int | None = 
 
 
 def _start_node(registry: Registry, node_id: str) -> _Node:
+    """``run:<id>`` names a run when such a run exists; otherwise the text is an artifact key
+    (an artifact may be called ``run``: ``run:v0`` is then its version 0)."""
     if node_id.startswith("run:"):
         run_id = node_id.removeprefix("run:")
-        registry.get_run(run_id)  # raises ArtifactNotFoundError for an unknown run
-        return ("r", run_id)
+        if registry.runs_by_id([run_id]):
+            return ("r", run_id)
+        try:
+            return ("v", registry.resolve(parse_key(node_id)).id)
+        except (ArtifactNotFoundError, InvalidNameError):
+            registry.get_run(run_id)  # the clearer error: no such run
     return ("v", registry.resolve(parse_key(node_id)).id)
 
 
@@ -87,5 +93,21 @@ def _materialise(registry: Registry, seen: set[_Node], edges: set[tuple[_Node, _
         return keys[value]
 
     nodes = [run_node(r) for r in runs] + [version_node(v) for v in versions]
-    kept = [(name(a), name(b)) for a, b in edges if a in seen and b in seen]
+    everything = edges | _edges_among(registry, seen)  # as a whole-graph subgraph would have
+    kept = {(name(a), name(b)) for a, b in everything if a in seen and b in seen}
     return nodes, sorted(kept)
+
+
+def _edges_among(registry: Registry, seen: set[_Node]) -> set[tuple[_Node, _Node]]:
+    """Every edge between two visited nodes, also those the walk did not travel (a dataset →
+    model parent edge seen from the run between them)."""
+    versions = [v for k, v in seen if k == "v"]
+    runs = [r for k, r in seen if k == "r"]
+    found: set[tuple[_Node, _Node]] = set()
+    for table, column, ids in (("artifact_parents", "parent_id", versions),
+                               ("run_outputs", "run_id", runs),
+                               ("run_inputs", "version_id", versions)):
+        src_kind, dst_kind = _KINDS[table]
+        found.update(((src_kind, a), (dst_kind, b))
+                     for a, b in registry.edges_touching(table, column, ids))
+    return found

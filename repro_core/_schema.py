@@ -15,7 +15,7 @@ from . import constants
 
 __all__ = ["SCHEMA_VERSION", "migrations", "retry_busy"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,9 +66,7 @@ CREATE TABLE IF NOT EXISTS metric_chunks (
 CREATE INDEX IF NOT EXISTS metric_chunks_series ON metric_chunks (series_id, id);
 CREATE TABLE IF NOT EXISTS experiences (
     id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, experience_id TEXT NOT NULL,
-    input TEXT, output TEXT, payload_digest TEXT, payload_size INTEGER,
-    metadata TEXT NOT NULL, time REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS experiences_payload ON experiences (payload_digest);
+    input TEXT, output TEXT, payload_digest TEXT, metadata TEXT NOT NULL, time REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS experiences_run ON experiences (run_id, experience_id);
 CREATE TABLE IF NOT EXISTS online_updates (
     id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, update_id TEXT NOT NULL,
@@ -78,15 +76,23 @@ CREATE INDEX IF NOT EXISTS online_updates_version ON online_updates (model_versi
 CREATE TABLE IF NOT EXISTS run_outputs (
     run_id TEXT NOT NULL REFERENCES runs(id), version_id INTEGER NOT NULL REFERENCES versions(id),
     logged_at TEXT NOT NULL, PRIMARY KEY (run_id, version_id));
-CREATE INDEX IF NOT EXISTS run_outputs_version ON run_outputs (version_id);
-CREATE INDEX IF NOT EXISTS run_inputs_version ON run_inputs (version_id);
-CREATE INDEX IF NOT EXISTS artifact_parents_parent ON artifact_parents (parent_id);
 INSERT INTO run_outputs (run_id, version_id, logged_at)
     SELECT run_id, id, created_at FROM versions WHERE run_id IS NOT NULL
     ON CONFLICT (run_id, version_id) DO NOTHING;
 """
 
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# v3: experience payload sizes (gc and verify count payload blobs as references; NULL for
+# rows written by v2, whose size is read from the blob), and indexes for walking lineage
+# edges in both directions (focused lineage loads).
+_SCHEMA_V3 = """
+ALTER TABLE experiences ADD COLUMN payload_size INTEGER;
+CREATE INDEX IF NOT EXISTS experiences_payload ON experiences (payload_digest);
+CREATE INDEX IF NOT EXISTS run_outputs_version ON run_outputs (version_id);
+CREATE INDEX IF NOT EXISTS run_inputs_version ON run_inputs (version_id);
+CREATE INDEX IF NOT EXISTS artifact_parents_parent ON artifact_parents (parent_id);
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 def retry_busy(statement: Callable[[], object]) -> None:

@@ -206,7 +206,9 @@ class ExperimentContext:
         signal.signal(signal.SIGTERM, handler)
 
     def _restore_sigterm(self) -> None:
-        if self._sigterm_installed:
+        if self._sigterm_installed and threading.current_thread() is threading.main_thread():
+            # (exited from another thread: signals cannot be touched there; ours stays and
+            # still chains to the previous handler)
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._sigterm_installed = False
 

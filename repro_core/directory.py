@@ -70,7 +70,7 @@ def scan_directory(root: Path) -> tuple[list[_Entry], list[str]]:
                 )
         dirnames.sort()
         if not dirnames and not filenames and here != root:
-            empty_dirs.append(here.relative_to(root).as_posix())
+            empty_dirs.append(_utf8_name(here, here.relative_to(root).as_posix()))
         for name in sorted(filenames):
             path = here / name
             try:
@@ -83,15 +83,19 @@ def scan_directory(root: Path) -> tuple[list[_Entry], list[str]]:
                 raise InvalidArgumentError(
                     f"{path} is not a regular file (socket, fifo or device)", argument="file_path"
                 )
-            rel = path.relative_to(root).as_posix()
-            try:
-                rel.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidArgumentError(
-                    f"{path!r} has a name that is not valid UTF-8; rename it (manifests store "
-                    "names as UTF-8 text)", argument="file_path") from None
+            rel = _utf8_name(path, path.relative_to(root).as_posix())
             files.append(_Entry(rel, path, bool(st.st_mode & stat.S_IXUSR)))
     return files, empty_dirs
+
+
+def _utf8_name(path: Path, rel: str) -> str:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(
+            f"{path!r} has a name that is not valid UTF-8; rename it (manifests store names "
+            "as UTF-8 text)", argument="file_path") from None
+    return rel
 
 
 def ingest_directory(store: LocalStorageBackend, root: Path) -> Manifest:
@@ -126,9 +130,11 @@ def materialize_directory(store: LocalStorageBackend, manifest_digest: str) -> P
     """Return ``cache/dirs/<algo>/<hex>``, building it atomically on first use."""
     algorithm, hexdigest = parse_digest(manifest_digest)
     final = store.root / "cache" / "dirs" / algorithm / hexdigest
-    if final.is_dir():
-        return final
     manifest = read_manifest(store.blob_path(manifest_digest))
+    if final.is_dir():
+        if _still_linked(store, manifest, final):
+            return final
+        _discard(store, final)  # a blob was replaced (repaired): rebuild from the blobs
     store.ensure_layout()
     build, lock_fd = new_locked_temp(store.tmp_dir, ".dir", directory=True)
     try:
@@ -148,6 +154,28 @@ def materialize_directory(store: LocalStorageBackend, manifest_digest: str) -> P
         if build.exists():
             shutil.rmtree(build, ignore_errors=True)
     return final
+
+
+def _still_linked(store: LocalStorageBackend, manifest: dict[str, Any], built: Path) -> bool:
+    """Hard-linked files are the blobs themselves; if a blob was replaced since (publishing
+    renames verified bytes over a rotted blob) the cache still holds the old inode."""
+    try:
+        return all(os.path.samefile(built / r["path"], store.blob_path(r["digest"]))
+                   for r in manifest["files"] if not r["executable"])
+    except OSError:
+        return False
+
+
+def _discard(store: LocalStorageBackend, built: Path) -> None:
+    """Move a stale cache tree into tmp/ (atomic), then delete it."""
+    trash, fd = new_locked_temp(store.tmp_dir, ".dir", directory=True)
+    try:
+        os.rename(built, trash / "old")
+    except OSError:
+        pass  # another process discarded it first
+    finally:
+        os.close(fd)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _populate(store: LocalStorageBackend, manifest: dict[str, Any], build: Path) -> None:

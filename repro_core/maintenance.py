@@ -66,6 +66,7 @@ def verify_store(
         store = LocalStorageBackend(root_path, algorithm=registry.hash_algorithm())
         report = VerifyReport(root=root_path, registry_integrity=registry.integrity_check())
         users = _versions_by_digest(registry)
+        referenced: dict[str, int | None]
         if key is not None:
             referenced = dict(registry.blobs_of(registry.resolve(parse_key(key)).id))
             candidates = set(referenced)
@@ -74,12 +75,15 @@ def verify_store(
             candidates = set(store.iter_digests()) | referenced.keys()
         for digest in sorted(candidates):
             size = referenced.get(digest)
-            if size is None:
+            if digest not in referenced:
                 report.unreferenced.append(digest)
+            if size is None:  # unreferenced, or a payload row written before sizes were kept
                 try:
                     size = store.blob_path(digest).stat().st_size
-                except FileNotFoundError:  # gc'd while we looked: nothing to verify
-                    continue
+                except FileNotFoundError:
+                    if digest not in referenced:
+                        continue  # gc'd while we looked: nothing to verify
+                    size = -1  # referenced but gone: reported as missing
             _check_one(store, digest, size, full, users.get(digest, ()), report)
             if progress is not None:
                 progress(size)
@@ -92,7 +96,7 @@ def total_referenced_bytes(root: str | Path | None = None) -> int:
     """Bytes a full verify will read (for progress bars)."""
     registry = Registry(_store_root(root) / "registry.sqlite")
     try:
-        return sum(size for _, size in registry.blob_references())
+        return sum(size or 0 for _, size in registry.blob_references())
     finally:
         registry.close()
 
@@ -158,13 +162,13 @@ def collect_garbage(
             directories = {v.digest for v in registry.list_versions()
                            if v.format == "directory"}
             _collect_blobs(store, referenced, grace_seconds, report)
+            for cached in sorted((root_path / "cache" / "dirs").glob("*/*")):
+                if f"{cached.parent.name}:{cached.name}" not in directories:
+                    report.materialized_dirs += 1
+                    if not dry_run:
+                        shutil.rmtree(cached, ignore_errors=True)
     finally:
         registry.close()
-    for cached in sorted((root_path / "cache" / "dirs").glob("*/*")):
-        if f"{cached.parent.name}:{cached.name}" not in directories:
-            report.materialized_dirs += 1
-            if not dry_run:
-                shutil.rmtree(cached, ignore_errors=True)
     report.temp_files = (store.sweep_tmp() if not dry_run
                          else _count_stale_tmp(store, time.time()))
     return report

@@ -172,6 +172,7 @@ class ArtifactManager:
             self._run = run
             self._run_pid = os.getpid()
             _exit.install()
+            _exit.reset()
             return run
 
     def _create_run(self, run: Run) -> str:

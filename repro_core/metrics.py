@@ -49,7 +49,9 @@ class MetricsWriter:
         self._run_id = run_id
         self._interval = interval
         self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._requested = 0  # flushes asked for
+        self._completed = 0  # flushes the writer thread has done
         self._columns_by_key: dict[str, _Columns] = {}
         self._pending_points = 0
         self._tables: dict[str, list[tuple[Any, ...]]] = {}
@@ -121,52 +123,66 @@ class MetricsWriter:
                 self._wake.set()  # write in the background now rather than all at finalize
 
     # -- writer side ---------------------------------------------------------------------------
+    # Only the writer thread ever writes. A caller that wants its data on disk (get_metrics,
+    # finalize) asks and waits; a signal in the caller (Ctrl-C, SIGTERM) can interrupt that
+    # wait, but never an insert half-way, so rows are neither lost nor written twice.
 
-    def flush(self) -> int:
-        """Write everything buffered now; return rows written. Raises the writer's error."""
-        written = self._write_batch()
-        self._raise_pending()
-        return written
+    def flush(self) -> None:
+        """Have the writer thread write everything buffered so far; wait until it has."""
+        if self._thread.is_alive():
+            with self._cond:
+                self._requested += 1
+                target = self._requested
+            self._wake.set()
+            with self._cond:
+                while self._completed < target and self._thread.is_alive():
+                    self._cond.wait(0.5)
+        self._raise_error()
 
     def close(self) -> None:
-        """Stop the thread and write what is left (finalize and interpreter exit call this)."""
+        """Stop the thread after a last write (finalize and interpreter exit call this)."""
         if not self._stop.is_set():
             self._stop.set()
             self._wake.set()
+        if self._thread.is_alive():
             self._thread.join()
         try:
-            self._write_batch()
-            if self._error is not None:
-                raise StorageError(f"writing metrics failed: {self._error}") from self._error
+            self._raise_error()
         finally:
             self._registry.close()
             _LIVE.discard(self)
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        while True:
             self._wake.wait(self._interval)
             self._wake.clear()
+            with self._cond:
+                target = self._requested
+            stopping = self._stop.is_set()
             self._write_batch()
+            with self._cond:
+                self._completed = max(self._completed, target)
+                self._cond.notify_all()
+            if stopping:
+                self._write_batch()  # anything appended while the last batch was written
+                return
 
     def _write_batch(self) -> int:
-        with self._flush_lock:
-            with self._lock:
-                columns, self._columns_by_key = self._columns_by_key, {}
-                tables, self._tables = self._tables, {}
-                points, self._pending_points = self._pending_points, 0
-            if not columns and not tables:
-                return 0
-            try:
-                self._insert(columns, tables)
-            except BaseException as exc:  # keep the data; report on the next call
-                self._series.clear()  # ids cached inside the rolled-back transaction are void
-                self._requeue(columns, tables, points)
-                if not isinstance(exc, Exception):  # Ctrl-C / SIGTERM: data kept, re-raise
-                    raise
-                self._error = exc
-                return 0
-            self._error = None
-            return points + sum(len(r) for r in tables.values())
+        with self._lock:
+            columns, self._columns_by_key = self._columns_by_key, {}
+            tables, self._tables = self._tables, {}
+            points, self._pending_points = self._pending_points, 0
+        if not columns and not tables:
+            return 0
+        try:
+            self._insert(columns, tables)
+        except Exception as exc:  # keep the data; report on the next call
+            self._series.clear()  # ids cached inside the rolled-back transaction are void
+            self._requeue(columns, tables, points)
+            self._error = exc
+            return 0
+        self._error = None
+        return points + sum(len(r) for r in tables.values())
 
     def _insert(self, columns: dict[str, _Columns],
                 tables: dict[str, list[tuple[Any, ...]]]) -> None:
@@ -212,10 +228,14 @@ class MetricsWriter:
         return self._series
 
     def _raise_pending(self) -> None:
+        """Before buffering: refuse a closed writer, report an earlier write failure."""
         if self._stop.is_set():
             raise RunStateError(
                 f"the metrics writer of run {self._run_id} is closed (the run was finalized); "
                 "nothing more can be logged to it")
+        self._raise_error()
+
+    def _raise_error(self) -> None:
         error = self._error
         if error is not None:
             raise StorageError(f"writing metrics failed (rows kept, will retry): {error}"
@@ -230,12 +250,15 @@ def insert_rows(conn: sqlite3.Connection, table: str, columns: Sequence[str],
     the GIL busy each re-acquisition waits a switch interval: 200,000 rows took over two
     minutes next to a busy thread, versus 0.45 s here, where the whole insert runs inside
     SQLite with the GIL released. ``executemany`` remains the fallback for rows JSON cannot
-    carry (NaN, ±inf) and for SQLite builds without JSON1.
+    carry faithfully (NaN, ±inf, NUL characters) and for SQLite builds without JSON1.
     """
     global _json1
     names, marks = ", ".join(columns), ", ".join("?" * len(columns))
-    text = json.dumps(rows, allow_nan=True)  # one C call
-    if _json1 and "NaN" not in text and "Infinity" not in text:
+    try:
+        text: str | None = json.dumps(rows, allow_nan=False)  # one C call
+    except ValueError:  # NaN or ±inf: JSON cannot carry them
+        text = None
+    if _json1 and text is not None and "\\u0000" not in text:  # NUL would cut a string
         extract = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(columns)))
         try:
             conn.execute(f"INSERT INTO {table} ({names}) SELECT {extract} FROM json_each(?)",

@@ -32,6 +32,7 @@ from typing import Any
 from . import constants
 from ._mounts import detect_network_fs
 from ._records import NewVersion, RunRow, VersionRow, run_row, version_row
+from ._registry_queries import _VERSION_COLUMNS, BulkQueries
 from ._schema import SCHEMA_VERSION, migrations, retry_busy
 from .errors import ArtifactNotFoundError, InvalidArgumentError, StorageError
 from .types import ParsedKey, utc_now
@@ -40,18 +41,13 @@ __all__ = [
     "SCHEMA_VERSION", "NewVersion", "Registry", "RunRow", "VersionRow", "detect_network_fs",
 ]
 
-_VERSION_COLUMNS = (
-    "v.id, v.name, a.type, v.version, v.digest, v.size, v.format, v.run_id, v.created_at, "
-    "v.metadata"
-)
-
 
 def dumps(value: Any) -> str:
     """Canonical JSON for registry columns (sorted keys, never NaN)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-class Registry:
+class Registry(BulkQueries):
     """SQLite-backed registry. Thread-safe; reopens itself after ``fork()``."""
 
     def __init__(self, path: str | Path, *, algorithm: str = "blake3") -> None:
@@ -249,9 +245,20 @@ class Registry:
             if latest is not None and latest.digest == new.digest:
                 # Same content: no new version, but what this call adds is kept (aliases,
                 # parent edges, the logging run); metadata stays that of the version.
+                downstream_versions, downstream_runs = _downstream(conn, latest.id)
+                looping = [p for p in new.parent_ids if p in downstream_versions]
+                if looping:
+                    keys = [r.key for p in looping
+                            if (r := _fetch_version(conn, "v.id = ?", (p,))) is not None]
+                    raise InvalidArgumentError(
+                        f"{latest.key} already holds this content and {', '.join(keys)} "
+                        "descend from it: making them its parents would make a lineage "
+                        "cycle. Log the new content under another name, or drop those "
+                        "parents", argument="parent_artifacts")
                 self._set_aliases(conn, new.name, latest.id, new.aliases)
-                _add_parents(conn, latest.id, [p for p in new.parent_ids if p != latest.id])
-                _record_output(conn, new.run_id, latest.id)
+                _add_parents(conn, latest.id, new.parent_ids)
+                if new.run_id not in downstream_runs:  # else: run → it → … → run, a cycle
+                    _record_output(conn, new.run_id, latest.id)
                 return latest, False
             number = conn.execute(
                 "SELECT COALESCE(MAX(version) + 1, 0) FROM versions WHERE name = ?", (new.name,)
@@ -348,28 +355,6 @@ class Registry:
             raise ArtifactNotFoundError(f"no version with id {version_id}", key=str(version_id))
         return row
 
-    def versions_by_id(self, ids: Sequence[int]) -> list[VersionRow]:
-        """The versions with these ids (any order), in chunks small enough for SQLite."""
-        return [version_row(r) for chunk in _chunks(list(ids)) for r in self._read(
-            f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN artifacts a ON a.name = v.name"
-            f" WHERE v.id IN ({', '.join('?' * len(chunk))})", chunk)]
-
-    def runs_by_id(self, ids: Sequence[str]) -> list[RunRow]:
-        return [run_row(r) for chunk in _chunks(list(ids)) for r in self._read(
-            "SELECT id, name, project, state, tags, config, created_at, ended_at, host, pid,"
-            f" world_size FROM runs WHERE id IN ({', '.join('?' * len(chunk))})", chunk)]
-
-    def edges_touching(self, table: str, column: str, ids: Sequence[Any]
-                       ) -> list[tuple[Any, Any]]:
-        """Rows of one lineage edge table whose ``column`` is in ``ids`` (indexed lookups);
-        for breadth-first walks that must not load the whole graph."""
-        columns = _EDGE_COLUMNS[table]
-        if column not in columns:
-            raise InvalidArgumentError(f"{table} has no edge column {column!r}")
-        return [(a, b) for chunk in _chunks(list(ids)) for a, b in self._read(
-            f"SELECT {columns[0]}, {columns[1]} FROM {table}"
-            f" WHERE {column} IN ({', '.join('?' * len(chunk))})", chunk)]
-
     def list_versions(self, name: str | None = None) -> list[VersionRow]:
         where, params = ("WHERE v.name = ?", (name,)) if name else ("", ())
         rows = self._read(
@@ -427,55 +412,11 @@ class Registry:
         return [(r[0], int(r[1])) for r in self._read(
             "SELECT digest, size FROM version_blobs WHERE version_id = ?", (version_id,))]
 
-    def parent_edges(self) -> list[tuple[int, int]]:
-        """Every ``(parent_id, child_id)`` artifact edge, in one read (for graph builders)."""
-        return [(int(a), int(b)) for a, b in self._read(
-            "SELECT parent_id, child_id FROM artifact_parents")]
-
-    def output_edges(self) -> list[tuple[str, int]]:
-        """Every ``(run_id, version_id)`` logged-by edge, in one read."""
-        return [(str(a), int(b)) for a, b in self._read(
-            "SELECT run_id, version_id FROM run_outputs ORDER BY logged_at")]
-
-    def input_edges(self) -> list[tuple[int, str]]:
-        """Every ``(version_id, run_id)`` used-by edge, oldest first, in one read."""
-        return [(int(a), str(b)) for a, b in self._read(
-            "SELECT version_id, run_id FROM run_inputs ORDER BY used_at")]
-
-    def version_blob_pairs(self) -> list[tuple[int, str]]:
-        """Every ``(version_id, digest)`` a version needs, in one read."""
-        return [(int(a), str(b)) for a, b in self._read(
-            "SELECT version_id, digest FROM version_blobs")]
-
-    def online_updates(self, run_id: str, model_version_id: int | None
-                       ) -> list[dict[str, Any]]:
-        """A run's online updates made under one model version (None: before any), in order."""
-        where = "model_version_id IS NULL" if model_version_id is None else "model_version_id = ?"
-        params: list[Any] = [run_id] if model_version_id is None else [run_id, model_version_id]
-        rows = self._read(
-            "SELECT update_id, experience_id, reward, confidence, kl_divergence, metadata, time"
-            f" FROM online_updates WHERE run_id = ? AND {where} ORDER BY id", params)
-        return [{"update_id": r[0], "experience_id": r[1], "reward": r[2], "confidence": r[3],
-                 "kl_divergence": r[4], "metadata": json.loads(r[5]), "timestamp": r[6]}
-                for r in rows]
-
-    def experiences(self, run_id: str) -> list[dict[str, Any]]:
-        """A run's experiences in order; ``input``/``output`` decoded unless stored as a blob
-        (then ``payload_digest`` names it)."""
-        rows = self._read(
-            "SELECT experience_id, input, output, payload_digest, payload_size, metadata, time"
-            " FROM experiences WHERE run_id = ? ORDER BY id", [run_id])
-        return [{"experience_id": r[0],
-                 "input": None if r[3] else json.loads(r[1]),
-                 "output": None if r[3] else json.loads(r[2]),
-                 "payload_digest": r[3], "payload_size": r[4], "metadata": json.loads(r[5]),
-                 "timestamp": r[6]}
-                for r in rows]
-
-    def blob_references(self) -> list[tuple[str, int]]:
+    def blob_references(self) -> list[tuple[str, int | None]]:
         """Every ``(digest, size)`` the registry needs: version blobs (manifests and their
-        files included) and TTRL experience payloads. gc keeps exactly these."""
-        return [(r[0], int(r[1])) for r in self._read(
+        files included) and TTRL experience payloads (size None if written before v3).
+        gc keeps exactly these."""
+        return [(r[0], None if r[1] is None else int(r[1])) for r in self._read(
             "SELECT digest, size FROM version_blobs UNION SELECT payload_digest, payload_size"
             " FROM experiences WHERE payload_digest IS NOT NULL ORDER BY 1")]
 
@@ -489,22 +430,28 @@ def _translated(path: Path) -> Iterator[None]:
         raise StorageError(f"registry query failed: {exc}", path=path) from exc
 
 
-# (source column, target column) of each edge table, in edge direction.
-_EDGE_COLUMNS = {"artifact_parents": ("parent_id", "child_id"),
-                 "run_outputs": ("run_id", "version_id"),
-                 "run_inputs": ("version_id", "run_id")}
-
-
-def _chunks(ids: list[Any], size: int = 500) -> Iterator[list[Any]]:
-    for start in range(0, len(ids), size):
-        yield ids[start:start + size]
-
-
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     """Run ``;``-separated DDL inside the caller's transaction (executescript would commit)."""
     for statement in script.split(";"):
         if statement.strip():
             conn.execute(statement)
+
+
+def _downstream(conn: sqlite3.Connection, version_id: int) -> tuple[set[int], set[str]]:
+    """Every version and run reachable downstream of a version (itself included), through
+    parent edges, runs that used it and what those runs logged."""
+    rows = conn.execute(
+        "WITH RECURSIVE down(kind, id) AS (SELECT 'v', ?"
+        " UNION SELECT 'v', ap.child_id FROM artifact_parents ap JOIN down"
+        " ON down.kind = 'v' AND ap.parent_id = down.id"
+        " UNION SELECT 'r', ri.run_id FROM run_inputs ri JOIN down"
+        " ON down.kind = 'v' AND ri.version_id = down.id"
+        " UNION SELECT 'v', ro.version_id FROM run_outputs ro JOIN down"
+        " ON down.kind = 'r' AND ro.run_id = down.id)"
+        " SELECT kind, id FROM down",
+        (version_id,),
+    ).fetchall()
+    return ({int(i) for k, i in rows if k == "v"}, {str(i) for k, i in rows if k == "r"})
 
 
 def _add_parents(conn: sqlite3.Connection, child_id: int, parent_ids: Sequence[int]) -> None:

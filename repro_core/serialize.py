@@ -73,52 +73,81 @@ def canonical_json(value: object, *, root: str = "value") -> bytes:
     arbitrary objects) with the path of the offending entry, e.g. ``data['lr'][2]``.
     """
     _check_json(value, root)
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SerializationError(
+            f"{root} holds a string that is not valid Unicode (a lone surrogate, e.g. from a "
+            f"mis-decoded file name): {exc}; decode it properly or store it as bytes",
+            path=root,
+        ) from exc
 
 
 _MAX_DEPTH = 500
+_LEAVE = object()  # stack marker: the container below it is no longer on the current path
 
 
 def _check_json(value: object, path: str) -> None:
+    """Depth-first, iterative; the containers on the current path are tracked by id, so data
+    that contains itself is an error at once (shared, non-cyclic sub-objects are fine)."""
+    on_path: set[int] = set()
     stack: list[tuple[object, str, int]] = [(value, path, 0)]
     while stack:
         item, where, depth = stack.pop()
-        if depth > _MAX_DEPTH:  # also how a self-referencing container shows up
-            raise SerializationError(
-                f"{where[:200]}… is nested more than {_MAX_DEPTH} levels deep: does the data "
-                "contain itself? Break the cycle or flatten it",
-                path=where[:200],
-            )
+        if where is _LEAVE:  # type: ignore[comparison-overlap]
+            on_path.discard(id(item))
+            continue
         if item is None or isinstance(item, (str, bool, int)):
             continue
         if isinstance(item, float):
-            if not math.isfinite(item):
-                raise SerializationError(
-                    f"{where} is {item!r}, which JSON cannot represent; store it as a string "
-                    "or None",
-                    path=where,
-                )
+            _check_float(item, where)
             continue
-        if isinstance(item, Mapping):
-            for k, v in item.items():
-                if not isinstance(k, str):
-                    raise SerializationError(
-                        f"{where} has a key {k!r} of type {type(k).__name__}; JSON keys must "
-                        "be str (convert it with str() if that is what you mean)",
-                        path=where,
-                    )
-                stack.append((v, f"{where}[{k!r}]", depth + 1))
-            continue
-        if isinstance(item, (list, tuple)):
-            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(item))
+        if isinstance(item, (Mapping, list, tuple)):
+            _enter(item, where, depth, on_path)
+            stack.append((item, _LEAVE, depth))  # type: ignore[arg-type]
+            stack.extend(_children(item, where, depth))
             continue
         raise SerializationError(
             f"{where} is a {type(item).__module__}.{type(item).__qualname__}, which is not "
             "JSON-serializable; convert it to str/int/float/bool/list/dict first",
             path=where,
         )
+
+
+def _check_float(item: float, where: str) -> None:
+    if not math.isfinite(item):
+        raise SerializationError(
+            f"{where} is {item!r}, which JSON cannot represent; store it as a string or None",
+            path=where,
+        )
+
+
+def _enter(item: object, where: str, depth: int, on_path: set[int]) -> None:
+    if id(item) in on_path:
+        raise SerializationError(
+            f"{where} is a container that contains itself (directly or through its contents); "
+            "the data would contain itself for ever: break the cycle", path=where)
+    if depth >= _MAX_DEPTH:
+        raise SerializationError(
+            f"{where[:200]}… is nested more than {_MAX_DEPTH} levels deep; flatten it",
+            path=where[:200])
+    on_path.add(id(item))
+
+
+def _children(item: Mapping[Any, Any] | list[Any] | tuple[Any, ...], where: str,
+              depth: int) -> list[tuple[object, str, int]]:
+    if not isinstance(item, Mapping):
+        return [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(item)]
+    for k in item:
+        if not isinstance(k, str):
+            raise SerializationError(
+                f"{where} has a key {k!r} of type {type(k).__name__}; JSON keys must be str "
+                "(convert it with str() if that is what you mean)",
+                path=where,
+            )
+    return [(v, f"{where}[{k!r}]", depth + 1) for k, v in item.items()]
 
 
 def _write(sink: _Sink, data: bytes | bytearray) -> None:

@@ -94,10 +94,13 @@ class TTRLContext(ExperimentContext):
                   "output": capture_value(output_data), "timestamp": time.time(),
                   "metadata": dict(_check_metadata(metadata)) if metadata else {}}
         meta_json = _json(record["metadata"])  # validated before the payload is written
-        inline, digest, size = self._payload(record)
-        writer.append("experiences", _EXPERIENCE_COLUMNS, (
-            run_id, record["experience_id"], inline and inline[0], inline and inline[1],
-            digest, size, meta_json, record["timestamp"]))
+        inp, out = _json(record["input"]), _json(record["output"])
+        if len(inp) + len(out) <= INLINE_PAYLOAD_BYTES:
+            writer.append("experiences", _EXPERIENCE_COLUMNS, (
+                run_id, record["experience_id"], inp, out, None, None, meta_json,
+                record["timestamp"]))
+        else:
+            self._store_large(run_id, record, meta_json)
         self._experience_count += 1
         hours = max(self._clock() - self._started, 1e-9) / 3600
         writer.log_numbers({"online/experience_count": float(self._experience_count),
@@ -192,6 +195,9 @@ class TTRLContext(ExperimentContext):
         for record in self.manager.registry().experiences(run_id):
             digest, size = record.pop("payload_digest"), record.pop("payload_size")
             if digest is not None:  # size and digest checked: IntegrityError if damaged
+                if size is None:  # written before sizes were recorded: the digest decides
+                    size = store.blob_path(digest).stat().st_size if store.exists(digest) \
+                        else -1
                 payload = json.loads(store.check(digest, size).read_bytes())
                 record["input"], record["output"] = payload["input"], payload["output"]
             out.append(record)
@@ -225,16 +231,18 @@ class TTRLContext(ExperimentContext):
         self._active = (writer, run.id)
         return self._active
 
-    def _payload(self, record: dict[str, Any]
-                 ) -> tuple[tuple[str, str] | None, str | None, int | None]:
-        """Inline JSON for small payloads; a content-addressed blob for large ones."""
-        inp, out = _json(record["input"]), _json(record["output"])
-        if len(inp) + len(out) <= INLINE_PAYLOAD_BYTES:
-            return (inp, out), None, None
-        with self.manager.store().open_writer() as blob:
-            blob.write(canonical_json({"input": record["input"], "output": record["output"]}))
-            digest, size = blob.commit()
-        return None, digest, size
+    def _store_large(self, run_id: str, record: dict[str, Any], meta_json: str) -> None:
+        """A large payload becomes a blob, and its row is committed at once under the store's
+        publish guard (not buffered), so gc can never see the blob without its row."""
+        store, registry = self.manager.store(), self.manager.registry()
+        body = canonical_json({"input": record["input"], "output": record["output"]})
+        with store.publish_guard():
+            with store.open_writer() as blob:
+                blob.write(body)
+                digest, size = blob.commit()
+            registry.insert_experience((run_id, record["experience_id"], None, None, digest,
+                                        size, meta_json, record["timestamp"]),
+                                       _EXPERIENCE_COLUMNS)
 
 
 def capture_value(value: Any) -> Any:
@@ -249,11 +257,24 @@ def _json(value: Any) -> str:
 
 
 def _check_id(experience_id: object) -> str:
-    if not isinstance(experience_id, str) or not experience_id or len(experience_id) > 256:
+    """Ids are stored as SQL text: no NUL (SQLite's C strings end there), valid UTF-8."""
+    valid = isinstance(experience_id, str) and 0 < len(experience_id) <= 256 \
+        and "\x00" not in experience_id and experience_id.isprintable() \
+        and _encodable(experience_id)
+    if not valid:
         raise InvalidArgumentError(
-            f"experience_id must be a non-empty str of at most 256 characters, got "
-            f"{experience_id!r}", argument="experience_id")
+            f"experience_id must be a printable str of 1-256 characters (valid UTF-8, no NUL "
+            f"or control characters), got {experience_id!r}", argument="experience_id")
+    assert isinstance(experience_id, str)
     return experience_id
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return True
 
 
 def _check_metadata(metadata: object) -> dict[str, Any]:

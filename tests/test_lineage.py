@@ -567,6 +567,8 @@ def test_focused_load_matches_the_whole_graph(tmp_path: Path) -> None:
                     expected = getattr(whole, query)(node, depth)
                     assert getattr(focused, query)(node) == expected, (node, depth, direction)
                     assert set(focused.graph.nodes) == expected | {node}
+                    sub = whole.subgraph(expected | {node})
+                    assert set(focused.graph.edges) == set(sub.graph.edges), (node, depth)
     finally:
         registry.close()
         ArtifactManager.reset_instance()

@@ -111,8 +111,13 @@ def test_self_referencing_data_is_an_error_not_a_hang(manager: ArtifactManager,
                                                       run: object) -> None:
     loop: list[object] = []
     loop.append(loop)
-    with pytest.raises(SerializationError, match="contain itself"):
+    with pytest.raises(SerializationError, match="contains itself"):
         manager.log_artifact("x", "config", data={"a": loop})
+    many = [loop] * 1000  # used to blow up memory before failing
+    with pytest.raises(SerializationError, match="contains itself"):
+        manager.log_artifact("x", "config", data={"m": many})
+    shared = [1, 2]
+    assert manager.log_artifact("ok", "config", data={"a": shared, "b": shared}).version == "v0"
     with pytest.raises(SerializationError):
         manager.log_artifact("x", "config", data={"a": 1}, metadata={"m": loop})
 
@@ -220,3 +225,156 @@ def test_checkpoint_decorator_links_config_inputs_and_previous(manager: Artifact
     assert first == {"loss": 1.0}
     second = manager.list_artifacts("checkpoint")[-1]
     assert set(second.parent_artifacts) == {"config:v0", "data:v0", "checkpoint:v0"}
+
+
+# -- second review ------------------------------------------------------------------------------
+
+
+def test_v2_store_gains_payload_sizes_by_migration(tmp_path: Path) -> None:
+    """A store written at schema v2 (experiences without payload_size) opens and works."""
+    import sqlite3
+
+    from repro_core._schema import _SCHEMA_V1, _SCHEMA_V2
+    from repro_core.registry import SCHEMA_VERSION, Registry, _run_script
+
+    path = tmp_path / "s" / "registry.sqlite"
+    path.parent.mkdir()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    _run_script(conn, _SCHEMA_V1)
+    _run_script(conn, _SCHEMA_V2)
+    conn.execute("INSERT INTO schema_version VALUES (2)")
+    conn.execute("INSERT INTO store_meta VALUES ('hash_algorithm', 'blake3')")
+    conn.execute("INSERT INTO runs VALUES ('r1', 'old', 'p', 'completed', '[]', '{}', 't',"
+                 " 't', 'h', 1, 1)")
+    conn.execute("INSERT INTO experiences (run_id, experience_id, input, output, payload_digest,"
+                 " metadata, time) VALUES ('r1', 'e', '1', '2', NULL, '{}', 1.0)")
+    conn.execute("COMMIT")
+    conn.close()
+    registry = Registry(path)
+    assert registry._read("SELECT version FROM schema_version")[0][0] == SCHEMA_VERSION == 3
+    assert registry.experiences("r1")[0]["payload_size"] is None
+    registry.close()
+    assert collect_garbage(tmp_path / "s", dry_run=False).blobs == []
+    with TTRLContext(name="new", root=tmp_path / "s", monitor_hardware=False,
+                     capture_level=1) as t:
+        t.log_experience("e2", "x" * 70_000, 1)
+    assert [e["output"] for e in t.experiences()] == [1]
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "bad\ud800", "tab\there", ""])
+def test_experience_ids_that_sql_text_would_mangle_are_refused(
+        manager: ArtifactManager, store_root: Path, bad: str) -> None:
+    with TTRLContext(name="t", root=store_root, monitor_hardware=False, capture_level=1) as t:
+        with pytest.raises(InvalidArgumentError):
+            t.log_experience(bad, 1, 2)
+        with pytest.raises(InvalidArgumentError):
+            t.log_online_update(bad, 1.0, 1.0)
+        t.log_experience("fine", {"text": "to Infinity and NaN \u2603"}, "\x00 inside data")
+    assert t.experiences()[0]["output"] == "\x00 inside data"  # data keeps its NULs
+
+
+def test_non_finite_rewards_are_stored(manager: ArtifactManager, store_root: Path) -> None:
+    with TTRLContext(name="t", root=store_root, monitor_hardware=False, capture_level=1) as t:
+        t.log_online_update("e", float("inf"), 0.5)
+        t.log_online_update("e", 1.0, 0.5, kl_divergence=float("-inf"))
+    stored = t.updates_for(None)
+    assert stored[0]["reward"] == float("inf") and stored[1]["kl_divergence"] == float("-inf")
+
+
+def test_relogging_cannot_make_a_lineage_cycle(manager: ArtifactManager, run: object) -> None:
+    from repro_core import LineageTracker
+
+    manager.log_artifact("P", "dataset", data=b"p")
+    manager.log_artifact("Q", "dataset", data=b"q", parent_artifacts=["P"])
+    with pytest.raises(InvalidArgumentError, match="cycle"):
+        manager.log_artifact("P", "dataset", data=b"p", parent_artifacts=["Q"])
+    manager.finalize_run()
+    manager.init_run("uses-q")
+    manager.use_artifact("Q")
+    assert manager.log_artifact("P", "dataset", data=b"p").version == "v0"
+    manager.finalize_run()
+    assert LineageTracker.from_store(manager.root).detect_cycles() == []
+
+
+def test_repaired_blob_rebuilds_the_directory_cache(manager: ArtifactManager, run: object,
+                                                    tmp_path: Path) -> None:
+    src = tmp_path / "d"
+    src.mkdir()
+    (src / "f.txt").write_bytes(b"important bytes")
+    used = manager.use_artifact(manager.log_artifact("d", "dataset", file_path=src).key)
+    assert used.path is not None
+    blob = LocalStorageBackend(manager.root).blob_path(
+        manager.log_artifact("f", "dataset", file_path=src / "f.txt").hash)  # type: ignore
+    os.chmod(blob, 0o644)
+    blob.write_bytes(b"hmportant bytes")  # rot, seen through the cache's hard link too
+    with pytest.raises(IntegrityError):
+        manager.use_artifact("d")
+    manager.log_artifact("g", "dataset", file_path=src / "f.txt")  # republish repairs it
+    again = manager.use_artifact("d")
+    assert again.path is not None and (again.path / "f.txt").read_bytes() == b"important bytes"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("tail", "state"), [
+    ("import threading\nt = threading.Thread(target=lambda: sys.exit(1)); t.start(); t.join()",
+     "completed"),
+    ("try:\n    sys.exit(2)\nexcept SystemExit:\n    pass\n"
+     "m.finalize_run(); r = m.init_run('second'); print(r.id, flush=True)", "completed"),
+])
+def test_exit_outcome_is_the_processes(tmp_path: Path, tail: str, state: str) -> None:
+    code = ("import sys\nfrom repro_core import ArtifactManager\nm = ArtifactManager()\n"
+            "r = m.init_run('x', root=sys.argv[1]); print(r.id, flush=True)\n" + tail + "\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=60).stdout.split()
+    manager = ArtifactManager.reset_instance()
+    manager.set_root(tmp_path / "s")
+    assert manager.get_run(out[-1])["state"] == state
+    ArtifactManager.reset_instance()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_does_not_pin_the_publish_lock(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    store = LocalStorageBackend(tmp_path / "s")
+    inside, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with store.publish_guard():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    inside.wait(10)
+    pid = os.fork()
+    if pid == 0:  # a DataLoader worker that lives on
+        time.sleep(5)
+        os._exit(0)
+    try:
+        release.set()
+        thread.join()
+        start = time.monotonic()
+        with store.publish_guard(exclusive=True):
+            pass
+        assert time.monotonic() - start < 2.0
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_gc_right_after_a_large_experience_keeps_it(manager: ArtifactManager,
+                                                    store_root: Path) -> None:
+    with TTRLContext(name="t", root=store_root, monitor_hardware=False, capture_level=1) as t:
+        t.log_experience("big", "z" * 70_000, None)
+        assert collect_garbage(store_root, dry_run=False, grace_seconds=0).blobs == []
+    assert t.experiences()[0]["input"] == "z" * 70_000
+
+
+def test_an_artifact_may_be_called_run(manager: ArtifactManager, run: object) -> None:
+    manager.log_artifact("run", "dataset", data=b"r")
+    assert manager.get_lineage("run")["artifact"]["name"] == "run"
+    assert manager.get_lineage("run:v0")["artifact"]["version"] == "v0"

@@ -284,13 +284,22 @@ class LocalStorageBackend(StorageBackend):
 
         def _lock() -> int:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                if exclusive:
+                    _flock_with_deadline(fd, path)
+                else:
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+            except BaseException:
+                os.close(fd)
+                raise
             return fd
 
         fd = _storage_errors("locking the store", path, _lock)
+        _GUARD_FDS.add(fd)
         try:
             yield
         finally:
+            _GUARD_FDS.discard(fd)
             os.close(fd)
 
     def ensure_layout(self) -> None:
@@ -359,6 +368,39 @@ class LocalStorageBackend(StorageBackend):
         except BaseException:
             writer.abort()
             raise
+
+
+# Guard descriptors open in this process. A fork() child inherits them, and the lock lives as
+# long as any copy is open: a child outliving the call would block gc for ever. The child
+# closes its copies at once (the parent's own copy still holds the lock).
+_GUARD_FDS: set[int] = set()
+
+
+def _close_guards_in_child() -> None:
+    for fd in list(_GUARD_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _GUARD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_guards_in_child)
+
+
+def _flock_with_deadline(fd: int, path: Path) -> None:
+    """gc's exclusive lock: wait for writers, but not for ever."""
+    deadline = time.monotonic() + constants.SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    f"the store is busy: a writer has held {path} for over "
+                    f"{constants.SQLITE_BUSY_TIMEOUT_MS // 1000} s; retry gc later",
+                    path=path) from None
+            time.sleep(0.05)
 
 
 def new_locked_temp(tmp_dir: Path, suffix: str, *, directory: bool = False) -> tuple[Path, int]:

@@ -1,0 +1,116 @@
+"""Registry reads for graph walks and Test-Time RL: bulk edge lists, id batches, TTRL rows.
+
+A mixin over ``Registry._read`` / ``_write``, kept apart so ``registry.py`` stays the core
+(runs, versions, aliases) and stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from ._records import RunRow, VersionRow, run_row, version_row
+from .errors import InvalidArgumentError
+
+__all__ = ["BulkQueries"]
+
+_VERSION_COLUMNS = (
+    "v.id, v.name, a.type, v.version, v.digest, v.size, v.format, v.run_id, v.created_at, "
+    "v.metadata"
+)
+# (source column, target column) of each edge table, in edge direction.
+_EDGE_COLUMNS = {"artifact_parents": ("parent_id", "child_id"),
+                 "run_outputs": ("run_id", "version_id"),
+                 "run_inputs": ("version_id", "run_id")}
+
+
+def _chunks(ids: list[Any], size: int = 500) -> Iterator[list[Any]]:
+    for start in range(0, len(ids), size):
+        yield ids[start:start + size]
+
+
+
+class BulkQueries:
+    """Read helpers that need only ``_read`` and ``_write`` from the registry."""
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError  # provided by Registry
+
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError  # provided by Registry
+
+    def versions_by_id(self, ids: Sequence[int]) -> list[VersionRow]:
+        """The versions with these ids (any order), in chunks small enough for SQLite."""
+        return [version_row(r) for chunk in _chunks(list(ids)) for r in self._read(
+            f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN artifacts a ON a.name = v.name"
+            f" WHERE v.id IN ({', '.join('?' * len(chunk))})", chunk)]
+
+    def runs_by_id(self, ids: Sequence[str]) -> list[RunRow]:
+        return [run_row(r) for chunk in _chunks(list(ids)) for r in self._read(
+            "SELECT id, name, project, state, tags, config, created_at, ended_at, host, pid,"
+            f" world_size FROM runs WHERE id IN ({', '.join('?' * len(chunk))})", chunk)]
+
+    def edges_touching(self, table: str, column: str, ids: Sequence[Any]
+                       ) -> list[tuple[Any, Any]]:
+        """Rows of one lineage edge table whose ``column`` is in ``ids`` (indexed lookups);
+        for breadth-first walks that must not load the whole graph."""
+        columns = _EDGE_COLUMNS[table]
+        if column not in columns:
+            raise InvalidArgumentError(f"{table} has no edge column {column!r}")
+        return [(a, b) for chunk in _chunks(list(ids)) for a, b in self._read(
+            f"SELECT {columns[0]}, {columns[1]} FROM {table}"
+            f" WHERE {column} IN ({', '.join('?' * len(chunk))})", chunk)]
+
+    def parent_edges(self) -> list[tuple[int, int]]:
+        """Every ``(parent_id, child_id)`` artifact edge, in one read (for graph builders)."""
+        return [(int(a), int(b)) for a, b in self._read(
+            "SELECT parent_id, child_id FROM artifact_parents")]
+
+    def output_edges(self) -> list[tuple[str, int]]:
+        """Every ``(run_id, version_id)`` logged-by edge, in one read."""
+        return [(str(a), int(b)) for a, b in self._read(
+            "SELECT run_id, version_id FROM run_outputs ORDER BY logged_at")]
+
+    def input_edges(self) -> list[tuple[int, str]]:
+        """Every ``(version_id, run_id)`` used-by edge, oldest first, in one read."""
+        return [(int(a), str(b)) for a, b in self._read(
+            "SELECT version_id, run_id FROM run_inputs ORDER BY used_at")]
+
+    def version_blob_pairs(self) -> list[tuple[int, str]]:
+        """Every ``(version_id, digest)`` a version needs, in one read."""
+        return [(int(a), str(b)) for a, b in self._read(
+            "SELECT version_id, digest FROM version_blobs")]
+
+    def online_updates(self, run_id: str, model_version_id: int | None
+                       ) -> list[dict[str, Any]]:
+        """A run's online updates made under one model version (None: before any), in order."""
+        where = "model_version_id IS NULL" if model_version_id is None else "model_version_id = ?"
+        params: list[Any] = [run_id] if model_version_id is None else [run_id, model_version_id]
+        rows = self._read(
+            "SELECT update_id, experience_id, reward, confidence, kl_divergence, metadata, time"
+            f" FROM online_updates WHERE run_id = ? AND {where} ORDER BY id", params)
+        return [{"update_id": r[0], "experience_id": r[1], "reward": r[2], "confidence": r[3],
+                 "kl_divergence": r[4], "metadata": json.loads(r[5]), "timestamp": r[6]}
+                for r in rows]
+
+    def insert_experience(self, row: tuple[Any, ...], columns: Sequence[str]) -> None:
+        """One experience row, committed now (large payloads; small ones are batched)."""
+        with self._write() as conn:
+            conn.execute(f"INSERT INTO experiences ({', '.join(columns)}) VALUES "
+                         f"({', '.join('?' * len(columns))})", row)
+
+    def experiences(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's experiences in order; ``input``/``output`` decoded unless stored as a blob
+        (then ``payload_digest`` names it)."""
+        rows = self._read(
+            "SELECT experience_id, input, output, payload_digest, payload_size, metadata, time"
+            " FROM experiences WHERE run_id = ? ORDER BY time, id", [run_id])
+        return [{"experience_id": r[0],
+                 "input": None if r[3] else json.loads(r[1]),
+                 "output": None if r[3] else json.loads(r[2]),
+                 "payload_digest": r[3], "payload_size": r[4], "metadata": json.loads(r[5]),
+                 "timestamp": r[6]}
+                for r in rows]
