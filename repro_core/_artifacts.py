@@ -106,10 +106,10 @@ class ArtifactWriter:
         if row.format != "directory":
             return store.check(row.digest, row.size, full=full)
         manifest_size = dict(registry.blobs_of(row.id))[row.digest]
-        manifest_path = store.check(row.digest, manifest_size, full=full)
-        for record in read_manifest(manifest_path)["files"]:
+        manifest = read_manifest(store.check(row.digest, manifest_size, full=full))
+        for record in manifest["files"]:
             store.check(record["digest"], record["size"], full=full)
-        return materialize_directory(store, row.digest)
+        return materialize_directory(store, row.digest, manifest)
 
 
 def metadata_from_row(registry: Registry, row: VersionRow, path: Path | None) -> ArtifactMetadata:

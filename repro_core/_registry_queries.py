@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -34,13 +34,10 @@ def _chunks(ids: list[Any], size: int = 500) -> Iterator[list[Any]]:
 
 
 class BulkQueries:
-    """Read helpers that need only ``_read`` and ``_write`` from the registry."""
+    """Read helpers that need only ``_read`` and ``_write``, which ``Registry`` provides."""
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        raise NotImplementedError  # provided by Registry
-
-    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
-        raise NotImplementedError  # provided by Registry
+    _read: Callable[..., list[tuple[Any, ...]]]
+    _write: Callable[[], AbstractContextManager[sqlite3.Connection]]
 
     def versions_by_id(self, ids: Sequence[int]) -> list[VersionRow]:
         """The versions with these ids (any order), in chunks small enough for SQLite."""

@@ -126,11 +126,16 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return data
 
 
-def materialize_directory(store: LocalStorageBackend, manifest_digest: str) -> Path:
-    """Return ``cache/dirs/<algo>/<hex>``, building it atomically on first use."""
+def materialize_directory(store: LocalStorageBackend, manifest_digest: str,
+                          manifest: dict[str, Any] | None = None) -> Path:
+    """Return ``cache/dirs/<algo>/<hex>``, building it atomically on first use.
+
+    ``manifest``: the parsed manifest, when the caller has already read (and checked) it.
+    """
     algorithm, hexdigest = parse_digest(manifest_digest)
     final = store.root / "cache" / "dirs" / algorithm / hexdigest
-    manifest = read_manifest(store.blob_path(manifest_digest))
+    if manifest is None:
+        manifest = read_manifest(store.blob_path(manifest_digest))
     if final.is_dir():
         if _still_linked(store, manifest, final):
             return final
