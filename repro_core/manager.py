@@ -148,7 +148,7 @@ class ArtifactManager:
         tags: list[str] | None = None,
         *,
         root: str | Path | None = None,
-    ) -> Run | None:
+    ) -> Run:
         """Initialize a new experimental run and record it immediately (a crash keeps it)."""
         _check_text(name, "name")
         _check_text(project, "project")
