@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 _UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -95,10 +96,27 @@ def log_large(src: Path, work: Path, fsync: str) -> dict[str, float]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def existing_dir(text: str) -> Path:
+    """``--dir`` must name an existing directory: argparse then prints one usage line and
+    exits 2, instead of ``tempfile.mkdtemp`` failing with a traceback."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing directory")
+    return path
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line and exit 2, as in the ``repro`` CLI (``-h`` has the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="4GB")
-    parser.add_argument("--dir", type=Path, default=None, help="where the test file lives")
+    parser.add_argument("--dir", type=existing_dir, default=None,
+                        help="an existing directory on the disk to measure")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     size = parse_size(args.size)

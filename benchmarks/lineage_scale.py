@@ -3,7 +3,8 @@
     python benchmarks/lineage_scale.py [--artifacts 100000] [--queries 200]
 
 The registry is filled with bulk SQL in one transaction (the rows ``log_artifact`` would write:
-versions, logged-by runs, parent edges, used-by edges; blobs are not needed for lineage).
+versions, logged-by runs, parent edges, used-by edges; blobs are not needed for lineage); the
+queried keys are read back from the registry, so they are spelled as the registry spells them.
 Half of the artifacts form chains of 1,000 (deep ancestry), half form fan-outs of 100 children
 per parent (wide descendants); every 100 versions belong to one run, and inside a chain each
 run uses the previous run's last output (so a chain's ancestry crosses its 10 runs).
@@ -15,46 +16,71 @@ from __future__ import annotations
 
 import argparse
 import random
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from repro_core.lineage import LineageTracker
 from repro_core.registry import Registry, dumps
 from repro_core.types import utc_now
 
 DIGEST = "blake3:" + "0" * 64
+PROJECT = "default"
 
 
-def build_registry(root: Path, n: int) -> list[str]:
-    """Insert ``n`` versions with chain and fan-out edges; return every artifact key."""
+def build_registry(root: Path, n: int) -> None:
+    """Insert ``n`` versions (numbered v1, as ``log_artifact`` numbers them) with chain and
+    fan-out edges."""
     registry = Registry(root / "registry.sqlite")
     now = utc_now()
-    keys: list[str] = []
+    run_count = (n + 99) // 100
     with registry.transaction() as conn:
-        runs = [(f"run{i:06d}", f"run-{i}", "bench", "completed", "[]", "{}", now, now,
-                 "bench", 0, 1) for i in range((n + 99) // 100)]
-        conn.executemany("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", runs)
-        conn.executemany("INSERT INTO artifacts VALUES (?, ?, ?)",
-                         [(f"a{i:06d}", "model", now) for i in range(n)])
-        conn.executemany(
-            "INSERT INTO versions (id, name, version, digest, size, format, run_id, created_at,"
-            " metadata) VALUES (?, ?, 0, ?, 0, 'bytes', ?, ?, ?)",
-            [(i + 1, f"a{i:06d}", DIGEST, f"run{i // 100:06d}", now, dumps({})) for i in range(n)],
-        )
-        conn.executemany("INSERT INTO run_outputs VALUES (?, ?, ?)",
-                         [(f"run{i // 100:06d}", i + 1, now) for i in range(n)])
-        conn.executemany("INSERT INTO artifact_parents VALUES (?, ?)", list(_edges(n)))
-        conn.executemany(
-            "INSERT INTO run_inputs VALUES (?, ?, ?)",
-            [(f"run{r:06d}", r * 100, now) for r in range(1, len(runs)) if r % 10 != 0],
-        )
-        keys = [f"a{i:06d}:v0" for i in range(n)]
+        _insert(conn, "runs", [
+            {"id": f"run{i:06d}", "name": f"run-{i}", "project": PROJECT, "state": "completed",
+             "tags": "[]", "config": "{}", "created_at": now, "ended_at": now, "host": "bench",
+             "pid": 0, "world_size": 1} for i in range(run_count)])
+        _insert(conn, "artifacts", [
+            {"project": PROJECT, "name": f"a{i:06d}", "type": "model", "created_at": now}
+            for i in range(n)])
+        _insert(conn, "versions", [
+            {"id": i + 1, "project": PROJECT, "name": f"a{i:06d}", "version": 1,
+             "digest": DIGEST, "size": 0, "format": "bytes", "run_id": f"run{i // 100:06d}",
+             "created_at": now, "metadata": dumps({})} for i in range(n)])
+        _insert(conn, "run_outputs", [
+            {"run_id": f"run{i // 100:06d}", "version_id": i + 1, "logged_at": now}
+            for i in range(n)])
+        _insert(conn, "artifact_parents", [
+            {"parent_id": parent, "child_id": child} for parent, child in _edges(n)])
+        _insert(conn, "run_inputs", [
+            {"run_id": f"run{r:06d}", "version_id": r * 100, "used_at": now}
+            for r in range(1, run_count) if r % 10 != 0])
     registry.close()
-    return keys
+
+
+def version_keys(root: Path) -> list[str]:
+    """Every version's key as the registry spells it (``row.key``; never formatted here)."""
+    registry = Registry(root / "registry.sqlite")
+    try:
+        return [v.key for v in registry.list_versions()]
+    finally:
+        registry.close()
+
+
+def _insert(conn: sqlite3.Connection, table: str, rows: list[dict[str, Any]]) -> None:
+    """Bulk-insert ``rows``, keeping the columns ``table`` has: the same script then fills
+    registries from before and after a schema change that adds a column (``project``)."""
+    have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    columns = [c for c in rows[0] if c in have] if rows else []
+    if not columns:
+        return
+    sql = (f"INSERT INTO {table} ({', '.join(columns)}) "
+           f"VALUES ({', '.join('?' for _ in columns)})")
+    conn.executemany(sql, [tuple(row[c] for c in columns) for row in rows])
 
 
 def _edges(n: int) -> list[tuple[int, int]]:
@@ -78,8 +104,9 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="repro-lineage-bench-"))
     start = time.perf_counter()
-    keys = build_registry(root, args.artifacts)
+    build_registry(root, args.artifacts)
     fill = time.perf_counter() - start
+    keys = version_keys(root)
 
     start = time.perf_counter()
     tracker = LineageTracker.from_store(root)

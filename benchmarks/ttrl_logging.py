@@ -1,12 +1,17 @@
 """Sustained TTRL logging rate: ``log_online_update`` and ``log_metrics`` vs W&B offline.
 
     python benchmarks/ttrl_logging.py [--n 200000] [--wandb-n 20000] [--root DIR]
+                                      [--burners K] [--skip-contended] [--skip-wandb]
 
 Each side logs the same four scalars per call (reward, confidence, KL, update count):
 
 - ``repro log_online_update``: N calls inside a ``TTRLContext`` (monitor off); each call also
   stores one ``online_updates`` row linked to the current model version;
-- ``repro log_metrics``: N ``ctx.log_metrics({...})`` calls in a second context;
+- the same under CPU contention: K sibling processes (default: one per core) burn CPU from
+  the first call until everything is durable, as other jobs on a shared node do; the writer
+  thread then competes for the cores and the GIL, and the bounded buffer (backpressure) makes
+  the loop wait for it rather than let the backlog grow;
+- ``repro log_metrics``: N ``ctx.log_metrics({...})`` calls in another context;
 - ``W&B offline run.log``: ``wandb.init(mode="offline", dir=tmp)``, then ``--wandb-n`` calls of
   ``run.log({...})`` and ``run.finish()`` (W&B is slower, so a smaller N keeps the run short;
   rates are per second either way).
@@ -22,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
 import platform
 import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +42,48 @@ from repro_core import ArtifactManager
 from repro_core.ttrl import TTRLContext
 
 
-def _timed_context(root: Path, name: str, n: int,
-                   body: Callable[[TTRLContext, int], None]) -> dict[str, Any]:
+def _burn(stop: Any) -> None:
+    while not stop.is_set():
+        for _ in range(100_000):
+            pass
+
+
+@contextlib.contextmanager
+def _cpu_burners(count: int) -> Iterator[None]:
+    """``count`` processes spinning on a core each, for the duration of the block."""
+    if count < 1:
+        yield
+        return
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process with live threads
+    stop = spawn.Event()
+    procs = [spawn.Process(target=_burn, args=(stop,), daemon=True) for _ in range(count)]
+    for proc in procs:
+        proc.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+
+
+def _timed_context(root: Path, name: str, n: int, body: Callable[[TTRLContext, int], None],
+                   burners: int = 0) -> dict[str, Any]:
     t_enter = time.perf_counter()
     ctx = TTRLContext(name=name, root=root, monitor_hardware=False)
     ctx.__enter__()
-    t0 = time.perf_counter()
-    try:
-        body(ctx, n)
-        t_loop = time.perf_counter()
-    except BaseException as exc:
-        ctx.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    ctx.__exit__(None, None, None)  # flushes every buffered row and point
-    t_durable = time.perf_counter()
+    with _cpu_burners(burners):
+        t0 = time.perf_counter()
+        try:
+            body(ctx, n)
+            t_loop = time.perf_counter()
+        except BaseException as exc:
+            ctx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        ctx.__exit__(None, None, None)  # flushes every buffered row and point
+        t_durable = time.perf_counter()
     assert ctx.run is not None and ctx.run.id is not None
     return {"n": n, "enter_s": t0 - t_enter, "loop_s": t_loop - t0,
             "durable_s": t_durable - t0, "run_id": ctx.run.id}
@@ -68,10 +102,14 @@ def _log_metrics(ctx: TTRLContext, n: int) -> None:
              "online/kl_divergence": 0.001 * (i % 7), "online/update_count": i + 1})
 
 
-def bench_repro(root: Path, n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def bench_repro(root: Path, n: int, burners: int | None
+                ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+    """Idle updates, updates beside ``burners`` CPU burners (None: skipped), idle metrics."""
     updates = _timed_context(root, "bench-online-update", n, _online_updates)
+    contended = None if burners is None else _timed_context(
+        root, "bench-online-update-contended", n, _online_updates, burners=burners)
     metrics = _timed_context(root, "bench-log-metrics", n, _log_metrics)
-    return updates, metrics
+    return updates, contended, metrics
 
 
 def bench_wandb(n: int, directory: Path) -> dict[str, Any] | str:
@@ -93,15 +131,20 @@ def bench_wandb(n: int, directory: Path) -> dict[str, Any] | str:
             "version": wandb.__version__}
 
 
-def verify(root: Path, updates: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+def verify(root: Path, updates: dict[str, Any], contended: dict[str, Any] | None,
+           metrics: dict[str, Any]) -> list[str]:
     """Read the store back in a fresh connection: every update row and metric point is there."""
-    with contextlib.closing(sqlite3.connect(root / "registry.sqlite")) as conn:
-        rows = conn.execute("SELECT COUNT(*), COUNT(DISTINCT update_id) FROM online_updates"
-                            " WHERE run_id = ?", (updates["run_id"],)).fetchone()
+    lines, ok = [], True
+    for result in (updates, contended):
+        if result is None:
+            continue
+        with contextlib.closing(sqlite3.connect(root / "registry.sqlite")) as conn:
+            rows = conn.execute("SELECT COUNT(*), COUNT(DISTINCT update_id) FROM online_updates"
+                                " WHERE run_id = ?", (result["run_id"],)).fetchone()
+        lines.append(f"online_updates rows for run {result['run_id']}: {rows[0]:,} "
+                     f"({rows[1]:,} distinct ids) of {result['n']:,} logged")
+        ok = ok and rows[0] == rows[1] == result["n"]
     manager = ArtifactManager()
-    lines = [f"online_updates rows for run {updates['run_id']}: {rows[0]:,} "
-             f"({rows[1]:,} distinct ids) of {updates['n']:,} logged"]
-    ok = rows[0] == rows[1] == updates["n"]
     for label, result in (("log_online_update", updates), ("log_metrics", metrics)):
         points = manager.get_metrics(result["run_id"], keys=["online/reward",
                                                              "online/update_count"])
@@ -135,17 +178,25 @@ def main() -> None:
     parser.add_argument("--wandb-n", type=int, default=20_000, help="W&B run.log calls")
     parser.add_argument("--root", type=Path, default=None, help="store (default: temp, removed)")
     parser.add_argument("--skip-wandb", action="store_true")
+    parser.add_argument("--burners", type=int, default=os.cpu_count() or 1,
+                        help="CPU-burning processes for the contended line (default: one per "
+                             "core)")
+    parser.add_argument("--skip-contended", action="store_true")
     args = parser.parse_args()
-    if args.n < 1 or args.wandb_n < 1:
-        parser.error("--n and --wandb-n must be >= 1")
+    if args.n < 1 or args.wandb_n < 1 or args.burners < 1:
+        parser.error("--n, --wandb-n and --burners must be >= 1")
     work = Path(tempfile.mkdtemp(prefix="repro-bench-ttrl-"))
     root = args.root or work / "store"
     try:
-        updates, metrics = bench_repro(root, args.n)
+        burners = None if args.skip_contended else args.burners
+        updates, contended, metrics = bench_repro(root, args.n, burners)
         wb = "skipped (--skip-wandb)" if args.skip_wandb else bench_wandb(args.wandb_n,
                                                                             work / "wandb")
         reference = wb if isinstance(wb, dict) else None
-        rows = [("repro `log_online_update`", updates), ("repro `log_metrics`", metrics)]
+        rows = [("repro `log_online_update`", updates)]
+        if contended is not None:
+            rows.append((f"repro `log_online_update`, {burners} CPU burners", contended))
+        rows.append(("repro `log_metrics`", metrics))
         if reference is not None:
             rows.append((f"W&B {reference['version']} offline `run.log`", reference))
         print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -155,7 +206,7 @@ def main() -> None:
         if reference is None:
             print(f"\nW&B: {wb}")
         print()
-        for line in verify(root, updates, metrics):
+        for line in verify(root, updates, contended, metrics):
             print(line)
     finally:
         if args.root is None:

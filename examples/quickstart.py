@@ -2,12 +2,15 @@
 
     python examples/quickstart.py [--root DIR]
 
-Everything is synthetic and local; nothing is downloaded.
+The store is ``./repro_store`` (or ``$REPRO_HOME``, or ``--root``), so ``repro runs`` run from
+the same directory shows the two runs afterwards. Everything is synthetic and local; nothing is
+downloaded, and the scratch data directory is removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -66,13 +69,14 @@ def make_data(directory: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=None, help="store root (default: temp)")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="store root (default: $REPRO_HOME or ./repro_store)")
     args = parser.parse_args()
-    root = args.root or Path(tempfile.mkdtemp(prefix="repro-quickstart-")) / "store"
-    work = Path(tempfile.mkdtemp(prefix="repro-quickstart-data-"))
-
     manager = ArtifactManager()
-    train_run(manager, root, make_data(work / "toy"))
+    root = (args.root or manager.root).absolute()
+
+    with tempfile.TemporaryDirectory(prefix="repro-quickstart-data-") as work:
+        train_run(manager, root, make_data(Path(work) / "toy"))
     eval_run(manager)
 
     lineage = manager.get_lineage("toy-eval")
@@ -82,6 +86,7 @@ def main() -> None:
     print(f"verify: {report.blobs_checked} blobs, {report.bytes_checked} bytes, "
           f"{'OK' if report.ok else 'PROBLEMS: ' + str(report.problems)}")
     print(f"store: {root}  (registry.sqlite, blobs/, runs/<id>/run.json)")
+    print(f"look at it: repro runs --root {shlex.quote(str(root))}")
     if not report.ok:
         raise SystemExit(1)
 

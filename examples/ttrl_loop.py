@@ -126,11 +126,13 @@ def run(args: argparse.Namespace) -> None:
     print(f"before TTRL: {_fmt(before)}")
 
     config = {key: value for key, value in vars(args).items() if key != "root"}
-    ckpt_dir = Path(tempfile.mkdtemp(prefix="ttrl-ckpt-"))
     buffer: deque[dict[str, Any]] = deque(maxlen=256)
     checkpoints: list[str] = []
-    with TTRLContext(config=config, root=args.root, monitor_interval=1.0,
-                     experience_snapshot_interval=args.snapshot_interval) as ctx:
+    # Checkpoint files are scratch: once logged, the store holds them (removed at the end).
+    with tempfile.TemporaryDirectory(prefix="ttrl-ckpt-") as scratch, \
+            TTRLContext(config=config, root=args.root, monitor_interval=1.0,
+                        experience_snapshot_interval=args.snapshot_interval) as ctx:
+        ckpt_dir = Path(scratch)
         for step in range(1, args.updates + 1):
             prompt = rng.choice(PROBLEMS)
             out = ttrl_step(policy, reference, optimizer, prompt, args.k, args.beta)
@@ -197,7 +199,7 @@ def _fmt(scores: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--root", type=Path, default=None,
-                        help="store root (default: a new temp directory)")
+                        help="store root (default: $REPRO_HOME or ./repro_store)")
     parser.add_argument("--updates", type=int, default=400, help="prompts = online updates")
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--k", type=int, default=16, help="samples per prompt")
@@ -212,7 +214,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.updates < 1 or args.checkpoint_every < 1 or args.k < 1:
         parser.error("--updates, --checkpoint-every and --k must be >= 1")
-    args.root = args.root or Path(tempfile.mkdtemp(prefix="repro-ttrl-")) / "store"
+    args.root = (args.root or ArtifactManager().root).absolute()
     run(args)
 
 

@@ -15,6 +15,7 @@ from .capture import (
 from .context import ExperimentContext
 from .decorators import checkpoint, reproducible, track_artifacts
 from .diff import diff_runs
+from .distributed import rank_zero_only
 from .errors import (
     AmbiguousRankError,
     ArtifactNotFoundError,
@@ -23,17 +24,20 @@ from .errors import (
     InvalidArgumentError,
     InvalidNameError,
     MissingFileError,
+    RankMismatchError,
+    RegistryDamagedError,
     ReproError,
     RunStateError,
     SerializationError,
     StorageError,
+    StoreNotFoundError,
 )
 from .hashing import hash_bytes, hash_file
-from .lineage import LineageNode, LineageTracker
-from .lineage_render import render_svg
+from .lineage import LineageNode, LineageTracker, render_svg
 from .maintenance import GcReport, VerifyReport, collect_garbage, verify_store
 from .manager import ArtifactManager
 from .monitor import HardwareMonitor
+from .recover import RecoverReport, recover_store
 from .store import LocalStorageBackend, StorageBackend
 from .ttrl import TTRLContext
 from .types import ArtifactMetadata, ArtifactType, Run, RunState
@@ -59,6 +63,9 @@ __all__ = [
     "LineageTracker",
     "LocalStorageBackend",
     "MissingFileError",
+    "RankMismatchError",
+    "RecoverReport",
+    "RegistryDamagedError",
     "ReproError",
     "Run",
     "RunState",
@@ -66,6 +73,7 @@ __all__ = [
     "SerializationError",
     "StorageBackend",
     "StorageError",
+    "StoreNotFoundError",
     "TTRLContext",
     "VerifyReport",
     "capture_config",
@@ -75,6 +83,8 @@ __all__ = [
     "diff_runs",
     "hash_bytes",
     "hash_file",
+    "rank_zero_only",
+    "recover_store",
     "render_svg",
     "reproducible",
     "seed_everything",

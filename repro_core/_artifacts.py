@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .directory import ingest_directory, materialize_directory, read_manifest, scan_directory
+from ._cache import serve_version
+from .capture.scrub import scrub
+from .directory import ingest_directory, scan_directory
 from .errors import InvalidArgumentError, MissingFileError, SerializationError
 from .registry import NewVersion, Registry, VersionRow
 from .serialize import Payload, canonical_json, prepare
@@ -71,19 +73,29 @@ class ArtifactWriter:
                                        argument="aliases")
         return cls(name, artifact_type, payload, path, meta, parents, alias_list)
 
-    def write(self, store: LocalStorageBackend, registry: Registry,
-              run_id: str | None) -> ArtifactMetadata:
-        """Blob(s) first, then one registry transaction."""
-        parent_ids = [registry.resolve(p).id for p in self.parents]  # unknown parent: no I/O
+    def write(self, store: LocalStorageBackend, registry: Registry, run_id: str | None,
+              project: str) -> tuple[ArtifactMetadata, VersionRow, bool]:
+        """Blob(s) first, then one registry transaction. Returns the metadata, the row and
+        whether a new version was made (False: same content as ``latest``)."""
+        # Unknown parent: an error before any I/O. Bare parent names resolve in the project.
+        parent_ids = [registry.resolve(p, project=project).id for p in self.parents]
         with store.publish_guard():  # gc must not see the blob before its row
             digest, size, fmt, blobs = self._store_content(store)
-            row, _created = registry.add_version(NewVersion(
+            row, created = registry.add_version(NewVersion(
                 name=self.name, type=self.type.value, digest=digest, size=size, format=fmt,
                 run_id=run_id, metadata=self.metadata, parent_ids=parent_ids,
-                aliases=self.aliases, blobs=blobs,
+                aliases=self.aliases, blobs=blobs, project=project,
+                filename=self._filename(fmt),
             ))
             path = self.check_content(store, registry, row, full=False)
-        return metadata_from_row(registry, row, path)
+        return metadata_from_row(registry, row, path), row, created
+
+    def _filename(self, fmt: str) -> str:
+        """The name users see at the end of ``use_artifact(...).path``: the logged file's own
+        name, or one made from the artifact name and format (tools look at extensions)."""
+        if self.file_path is not None:
+            return self.file_path.name
+        return f"{self.name}{_EXTENSIONS.get(fmt, '')}"
 
     def _store_content(self, store: LocalStorageBackend
                        ) -> tuple[str, int, str, list[tuple[str, int]]]:
@@ -101,15 +113,17 @@ class ArtifactWriter:
 
     @staticmethod
     def check_content(store: LocalStorageBackend, registry: Registry, row: VersionRow,
-                      *, full: bool) -> Path:
-        """Size always, digest if ``full``; directories file by file. Returns a local path."""
-        if row.format != "directory":
-            return store.check(row.digest, row.size, full=full)
-        manifest_size = dict(registry.blobs_of(row.id))[row.digest]
-        manifest = read_manifest(store.check(row.digest, manifest_size, full=full))
-        for record in manifest["files"]:
-            store.check(record["digest"], record["size"], full=full)
-        return materialize_directory(store, row.digest, manifest)
+                      *, full: bool, copy: bool = False, dest: Path | None = None) -> Path:
+        """Size always, digest if ``full``; directories file by file. Returns the path users
+        get: a read-only link named as logged, a directory generation, or with ``copy`` a
+        private writable copy (at ``dest`` if given; ``_cache.serve_version``). The row is
+        untrusted input."""
+        return serve_version(store, registry, row, full=full, copy=copy or dest is not None,
+                             dest=dest)
+
+
+_EXTENSIONS = {"json": ".json", "text": ".txt", "bytes": ".bin",
+               "safetensors": ".safetensors", "npy": ".npy"}
 
 
 def metadata_from_row(registry: Registry, row: VersionRow, path: Path | None) -> ArtifactMetadata:
@@ -118,7 +132,7 @@ def metadata_from_row(registry: Registry, row: VersionRow, path: Path | None) ->
         hash=row.digest, size_bytes=row.size, created_at=row.created_at, run_id=row.run_id,
         parent_artifacts=[p.key for p in registry.parents_of(row.id)],
         metadata=row.metadata, aliases=registry.aliases_of(row.id), format=row.format,
-        path=path,
+        path=path, project=row.project,
     )
 
 
@@ -142,6 +156,9 @@ def _check_path(file_path: object) -> Path:
 
 
 def _check_metadata(metadata: object) -> dict[str, Any]:
+    """Metadata is a record repro keeps (like a config), not the user's content: once it is
+    known to be JSON (no cycles, bounded depth), secrets in it are redacted. The artifact's
+    data itself is content-addressed and never altered."""
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
@@ -149,7 +166,7 @@ def _check_metadata(metadata: object) -> dict[str, Any]:
             f"metadata must be a dict, got {type(metadata).__name__}", path="metadata"
         )
     canonical_json(metadata, root="metadata")
-    return dict(metadata)
+    return scrub(dict(metadata))
 
 
 def _check_list(value: object, what: str) -> Sequence[Any]:

@@ -15,28 +15,32 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import sys
 import threading
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from .types import RunState
 
-if TYPE_CHECKING:
-    from .manager import ArtifactManager
+__all__ = ["Outcome", "install", "reset"]
 
-__all__ = ["install"]
-
+Outcome = tuple[RunState, str] | None
 _lock = threading.Lock()
 _installed = False
-_outcome: tuple[RunState, str] | None = None
+_outcome: Outcome = None
+_finisher: Callable[[Outcome], None] | None = None
 
 
-def install() -> None:
-    """Hook ``sys.excepthook``, ``sys.exit`` and ``atexit`` once per process (idempotent)."""
-    global _installed
+def install(finisher: Callable[[Outcome], None]) -> None:
+    """Hook ``sys.excepthook``, ``sys.exit`` and ``atexit`` once per process (idempotent).
+
+    ``finisher`` is called at interpreter exit with what was seen (None: a clean exit); the
+    manager hands it in, so this module needs nothing from the manager (no import cycle).
+    """
+    global _installed, _finisher
     with _lock:
+        _finisher = finisher
         if _installed:
             return
         previous_hook, previous_exit = sys.excepthook, sys.exit
@@ -73,19 +77,7 @@ def reset() -> None:
 
 
 def _finish_open_run() -> None:
-    from .manager import ArtifactManager
-
-    manager: ArtifactManager | None = ArtifactManager._instance
-    run = manager.current_run if manager is not None else None
-    if manager is None or run is None or not run.is_rank_zero or run.id is None:
+    if _finisher is None:
         return
-    if manager._run_pid != os.getpid():
-        return  # a forked child: the run belongs to the parent
-    if _outcome is not None:
-        state, reason = _outcome
-    else:
-        state = run.state if run.state.is_terminal else RunState.COMPLETED
-        reason = "finalized at interpreter exit (finalize_run() was not called)"
     with contextlib.suppress(Exception):  # never turn a clean exit into a crash
-        manager._finish(run, state, reason=reason)
-    manager._run = None
+        _finisher(_outcome)

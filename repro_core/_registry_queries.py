@@ -12,15 +12,20 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from ._records import RunRow, VersionRow, run_row, version_row
+from ._metrics_rows import decode_real
 from .errors import InvalidArgumentError
+from .registry.records import (
+    RUN_COLUMNS,
+    VERSION_COLUMNS,
+    VERSION_FROM,
+    RunRow,
+    VersionRow,
+    run_row,
+    version_row,
+)
 
 __all__ = ["BulkQueries"]
 
-_VERSION_COLUMNS = (
-    "v.id, v.name, a.type, v.version, v.digest, v.size, v.format, v.run_id, v.created_at, "
-    "v.metadata"
-)
 # (source column, target column) of each edge table, in edge direction.
 _EDGE_COLUMNS = {"artifact_parents": ("parent_id", "child_id"),
                  "run_outputs": ("run_id", "version_id"),
@@ -42,13 +47,13 @@ class BulkQueries:
     def versions_by_id(self, ids: Sequence[int]) -> list[VersionRow]:
         """The versions with these ids (any order), in chunks small enough for SQLite."""
         return [version_row(r) for chunk in _chunks(list(ids)) for r in self._read(
-            f"SELECT {_VERSION_COLUMNS} FROM versions v JOIN artifacts a ON a.name = v.name"
+            f"SELECT {VERSION_COLUMNS} FROM {VERSION_FROM}"
             f" WHERE v.id IN ({', '.join('?' * len(chunk))})", chunk)]
 
     def runs_by_id(self, ids: Sequence[str]) -> list[RunRow]:
         return [run_row(r) for chunk in _chunks(list(ids)) for r in self._read(
-            "SELECT id, name, project, state, tags, config, created_at, ended_at, host, pid,"
-            f" world_size FROM runs WHERE id IN ({', '.join('?' * len(chunk))})", chunk)]
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE id IN ({', '.join('?' * len(chunk))})",
+            chunk)]
 
     def edges_touching(self, table: str, column: str, ids: Sequence[Any]
                        ) -> list[tuple[Any, Any]]:
@@ -86,12 +91,18 @@ class BulkQueries:
         """A run's online updates made under one model version (None: before any), in order."""
         where = "model_version_id IS NULL" if model_version_id is None else "model_version_id = ?"
         params: list[Any] = [run_id] if model_version_id is None else [run_id, model_version_id]
-        rows = self._read(
-            "SELECT update_id, experience_id, reward, confidence, kl_divergence, metadata, time"
-            f" FROM online_updates WHERE run_id = ? AND {where} ORDER BY id", params)
-        return [{"update_id": r[0], "experience_id": r[1], "reward": r[2], "confidence": r[3],
-                 "kl_divergence": r[4], "metadata": json.loads(r[5]), "timestamp": r[6]}
-                for r in rows]
+        return [_update(r)[0] for r in self._read(
+            f"SELECT {_UPDATE_SELECT} FROM online_updates WHERE run_id = ? AND {where}"
+            " ORDER BY id", params)]
+
+    def run_online_updates(self, run_id: str) -> list[dict[str, Any]]:
+        """Every online update of a run, in order, each with its ``model_version_id``."""
+        out = []
+        for r in self._read(f"SELECT {_UPDATE_SELECT} FROM online_updates WHERE run_id = ?"
+                            " ORDER BY id", [run_id]):
+            update, version = _update(r)
+            out.append({**update, "model_version_id": version})
+        return out
 
     def insert_experience(self, row: tuple[Any, ...], columns: Sequence[str]) -> None:
         """One experience row, committed now (large payloads; small ones are batched)."""
@@ -111,3 +122,15 @@ class BulkQueries:
                  "payload_digest": r[3], "payload_size": r[4], "metadata": json.loads(r[5]),
                  "timestamp": r[6]}
                 for r in rows]
+
+
+_UPDATE_SELECT = ("update_id, experience_id, reward, confidence, kl_divergence, metadata, time,"
+                  " model_version_id")
+
+
+def _update(r: Sequence[Any]) -> tuple[dict[str, Any], int | None]:
+    """An online update as ``log_online_update`` returned it; NaN/±inf were stored as text
+    (SQLite would have made a NaN REAL a NULL) and become floats again."""
+    return ({"update_id": r[0], "experience_id": r[1], "reward": decode_real(r[2]),
+             "confidence": decode_real(r[3]), "kl_divergence": decode_real(r[4]),
+             "metadata": json.loads(r[5]), "timestamp": r[6]}, r[7])

@@ -1,7 +1,13 @@
-"""Every setting repro reads from the environment, parsed once.
+"""Every setting repro reads from the environment, parsed once, on first use.
 
 Other modules read ``constants.X`` at call time (never ``from constants import X``) so tests
 and users can monkeypatch a value without re-importing anything.
+
+A bad value is an :class:`~repro_core.errors.InvalidArgumentError` naming the variable, raised
+where the setting is first *used* — never at ``import repro_core``, which would turn a typo in
+one variable into a traceback in every program that merely imports the package (and in the
+CLI, which prints it as one line and exits 2). Settings are parsed lazily through the module's
+``__getattr__`` (PEP 562) and cached as ordinary attributes after the first read.
 
 Variables (README's "Settings" table says the same):
 
@@ -13,48 +19,135 @@ Variables (README's "Settings" table says the same):
 - ``REPRO_BARRIER_TIMEOUT``: seconds a rank waits for the others (default 300).
 - ``REPRO_STALE_TMP_SECONDS``: temp files older than this are swept even if their lock state
   is unknown (default 86400).
+- ``REPRO_PROGRESS``: ``0`` turns progress bars off (they show only on a terminal anyway).
+- ``REPRO_MATERIALIZE``: ``link`` (default: read-only links into the store) or ``copy``
+  (private writable copies) for what ``use_artifact`` hands out.
+- ``REPRO_GIT_TIMEOUT``: seconds each git call of a capture may take (default 10).
+- ``REPRO_MAX_PATCH_BYTES``: cap on the captured git patch (default 1 MiB).
+
+``REPRO_REDACT_ALLOW`` / ``REPRO_REDACT_DENY`` are the exception: read at every capture
+(``capture/redact.py``), so a program may change them between captures.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 _TRUE = {"1", "true", "yes", "on", "y"}
+_FALSE = {"0", "false", "no", "off", "n"}
 
 
 def _is_true(value: str | None) -> bool:
     return value is not None and value.strip().lower() in _TRUE
 
 
-def _as_float(name: str, default: float) -> float:
+def _bad(name: str, raw: str, expected: str) -> Exception:
+    from .errors import InvalidArgumentError  # errors imports nothing of ours: no cycle
+
+    return InvalidArgumentError(f"environment variable {name}={raw!r}: expected {expected}",
+                                argument=name)
+
+
+def _as_seconds(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name}={raw!r} is not a number of seconds") from exc
+        value = float(raw)
+    except ValueError:
+        raise _bad(name, raw, "a number of seconds > 0") from None
+    if not math.isfinite(value) or value <= 0:
+        raise _bad(name, raw, "a number of seconds > 0")
+    return value
 
 
 def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
-    raw = os.environ.get(name, default).strip().lower() or default
-    if raw not in allowed:
-        raise ValueError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
-    return raw
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower() or default
+    if value not in allowed:
+        raise _bad(name, raw, f"one of {', '.join(allowed)}")
+    return value
+
+
+def _positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise _bad(name, raw, "a whole number > 0") from None
+    if value <= 0:
+        raise _bad(name, raw, "a whole number > 0")
+    return value
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise _bad(name, raw, "1/0, true/false, yes/no or on/off")
 
 
 DEFAULT_HOME = "repro_store"
 HASH_ALGORITHMS = ("blake3", "sha256")
 FSYNC_MODES = ("full", "none")
 VERIFY_MODES = ("full", "size")
+MATERIALIZE_MODES = ("link", "copy")
 
-REPRO_HOME: str | None = os.environ.get("REPRO_HOME") or None
-REPRO_OFFLINE: bool = _is_true(os.environ.get("REPRO_OFFLINE"))
-REPRO_HASH: str = _choice("REPRO_HASH", "blake3", HASH_ALGORITHMS)
-REPRO_VERIFY: str = _choice("REPRO_VERIFY", "full", VERIFY_MODES)
-REPRO_FSYNC: str = _choice("REPRO_FSYNC", "full", FSYNC_MODES)
-REPRO_BARRIER_TIMEOUT: float = _as_float("REPRO_BARRIER_TIMEOUT", 300.0)
-REPRO_STALE_TMP_SECONDS: float = _as_float("REPRO_STALE_TMP_SECONDS", 86400.0)
+# Parsed on first access (see the module docstring); the annotations document the types.
+REPRO_HOME: str | None
+REPRO_OFFLINE: bool
+REPRO_HASH: str
+REPRO_VERIFY: str
+REPRO_FSYNC: str
+REPRO_BARRIER_TIMEOUT: float
+REPRO_STALE_TMP_SECONDS: float
+REPRO_PROGRESS: bool
+REPRO_MATERIALIZE: str
+REPRO_GIT_TIMEOUT: float
+REPRO_MAX_PATCH_BYTES: int
+
+_PARSERS: dict[str, Callable[[], Any]] = {
+    "REPRO_HOME": lambda: os.environ.get("REPRO_HOME") or None,
+    "REPRO_OFFLINE": lambda: _is_true(os.environ.get("REPRO_OFFLINE")),
+    "REPRO_HASH": lambda: _choice("REPRO_HASH", "blake3", HASH_ALGORITHMS),
+    "REPRO_VERIFY": lambda: _choice("REPRO_VERIFY", "full", VERIFY_MODES),
+    "REPRO_FSYNC": lambda: _choice("REPRO_FSYNC", "full", FSYNC_MODES),
+    "REPRO_BARRIER_TIMEOUT": lambda: _as_seconds("REPRO_BARRIER_TIMEOUT", 300.0),
+    "REPRO_STALE_TMP_SECONDS": lambda: _as_seconds("REPRO_STALE_TMP_SECONDS", 86400.0),
+    "REPRO_PROGRESS": lambda: _flag("REPRO_PROGRESS", True),
+    "REPRO_MATERIALIZE": lambda: _choice("REPRO_MATERIALIZE", "link", MATERIALIZE_MODES),
+    "REPRO_GIT_TIMEOUT": lambda: _as_seconds("REPRO_GIT_TIMEOUT", 10.0),
+    "REPRO_MAX_PATCH_BYTES": lambda: _positive_int("REPRO_MAX_PATCH_BYTES", 1 << 20),
+}
+#: Every setting parsed here (the CLI checks them all before running a command).
+SETTINGS = tuple(_PARSERS)
+
+
+def __getattr__(name: str) -> Any:
+    """Parse a setting the first time it is read, then keep it as a plain attribute."""
+    parser = _PARSERS.get(name)
+    if parser is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = parser()
+    globals()[name] = value
+    return value
+
+
+def reload() -> None:
+    """Forget parsed settings so the next read sees the current environment (for tests)."""
+    for name in _PARSERS:
+        globals().pop(name, None)
+
 
 # I/O sizes: big buffers keep hashing and copying near memory bandwidth.
 IO_CHUNK = 16 * 1024 * 1024

@@ -14,8 +14,6 @@ Contexts do not nest: one process holds one run at a time (``RunStateError`` say
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import signal
 import threading
 import traceback
@@ -25,8 +23,13 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal
 
-from . import constants
-from .capture import EnvironmentCaptureLevel, capture_config, capture_environment
+from ._offline import detect_offline
+from .capture import (
+    EnvironmentCaptureLevel,
+    capture_config,
+    capture_environment,
+    scrub_text,
+)
 from .capture.environment import coerce_level
 from .errors import RunStateError
 from .manager import ArtifactManager
@@ -41,17 +44,6 @@ class Terminated(SystemExit):
 
     def __init__(self) -> None:
         super().__init__(128 + signal.SIGTERM)
-
-
-def detect_offline() -> bool:
-    """Offline unless wandb is installed, not disabled, and logged in (an API key is known)."""
-    if constants.REPRO_OFFLINE or os.environ.get("WANDB_MODE", "").lower() in (
-        "offline", "disabled", "dryrun"
-    ):
-        return True
-    if importlib.util.find_spec("wandb") is None:
-        return True
-    return not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().is_file())
 
 
 class ExperimentContext:
@@ -148,7 +140,10 @@ class ExperimentContext:
             self._stop_monitor()
             if exc is not None and state is RunState.FAILED:
                 trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                self.manager.log_artifact("error_trace", ArtifactType.CODE, data=trace)
+                # A traceback quotes the exception message, and messages quote URLs with
+                # credentials: repro's own record of it is scrubbed like any other.
+                self.manager.log_artifact("error_trace", ArtifactType.CODE,
+                                          data=scrub_text(trace))
         finally:
             if self.manager.current_run is not None:
                 reason = None if exc is None else f"{type(exc).__name__}: {exc}"
@@ -174,8 +169,9 @@ class ExperimentContext:
         if writer is None:
             return
         for index, sample in enumerate(samples):
+            # ("samples": how many raw samples a merged one stands for — not a measurement)
             values = {f"hardware/{k}": v for k, v in sample.items()
-                      if k not in ("t", "gpus") and isinstance(v, (int, float))}
+                      if k not in ("t", "gpus", "samples") and isinstance(v, (int, float))}
             values["hardware/t"] = sample["t"]
             for gpu in sample.get("gpus", []):
                 values.update({f"hardware/gpu{gpu['index']}/{k}": v for k, v in gpu.items()

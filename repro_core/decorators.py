@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .capture import capture_config
+from .capture import capture_config, scrub_text
 from .context import ExperimentContext
 from .errors import InvalidArgumentError, RunStateError
 from .manager import ArtifactManager
@@ -164,7 +164,8 @@ class _Tracker:
                 metadata["source"] = f"unavailable: {exc}"
             else:
                 source = self.manager.log_artifact(f"{self.fn.__name__}-source",
-                                                   ArtifactType.CODE, data=text)
+                                                   ArtifactType.CODE,
+                                                   data=scrub_text(text, code=True))
                 parents.append(source.key)
         return parents, metadata
 
@@ -301,7 +302,7 @@ class _CheckpointState:
         datasets) and the previous checkpoint."""
         run = manager.current_run
         record = manager.get_run(run.id) if run is not None and run.id else {}
-        configs = [k for k in record.get("outputs", []) if k.startswith("config:")]
+        configs = [k for k in record.get("outputs", []) if parse_key(k).name == "config"]
         parents = [*configs, *record.get("inputs", [])]
         if self.previous:
             parents.append(self.previous)

@@ -7,28 +7,27 @@ DVC); the manifest is canonical JSON, and *its* digest is the artifact's digest:
      "files": [{"path": "train/0.csv", "digest": "blake3:…", "size": 123, "executable": false}],
      "dirs": ["empty/subdir"]}
 
-``use_artifact`` materialises a directory once under ``cache/dirs/<algo>/<hex>/`` with hard
-links to the read-only blobs (a copy where links are not possible), built in ``tmp/`` and renamed
-into place so a half-built tree is never visible.
+A manifest read back is untrusted input (``parse_manifest``): it drives the creation of one
+file per record, so every path and digest in it is checked before any I/O. ``_cache`` builds the
+tree users get from it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgumentError, StorageError
-from .hashing import parse_digest
+from ._safepath import check_digest, check_relpath
+from .errors import IntegrityError, InvalidArgumentError, StorageError
 from .serialize import canonical_json
-from .store.local import LocalStorageBackend, new_locked_temp
+from .store.local import LocalStorageBackend
 
-__all__ = ["Manifest", "ingest_directory", "materialize_directory", "read_manifest",
-           "scan_directory"]
+__all__ = ["DirManifest", "FileRecord", "Manifest", "check_manifest_row", "ingest_directory",
+           "materialize_directory", "parse_manifest", "read_manifest", "scan_directory"]
 
 MANIFEST_FORMAT = "repro.directory/1"
 
@@ -49,6 +48,29 @@ class Manifest:
     total_size: int
     blobs: list[tuple[str, int]]
     files: int
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a checked manifest: ``parts`` is ``path`` split, every part a safe name."""
+
+    path: str
+    parts: tuple[str, ...]
+    digest: str
+    size: int
+    executable: bool
+
+
+@dataclass(frozen=True)
+class DirManifest:
+    """A checked manifest: paths safe and forming one tree (see ``parse_manifest``)."""
+
+    files: tuple[FileRecord, ...]
+    dirs: tuple[tuple[str, ...], ...]
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
 
 
 def scan_directory(root: Path) -> tuple[list[_Entry], list[str]]:
@@ -95,6 +117,12 @@ def _utf8_name(path: Path, rel: str) -> str:
         raise InvalidArgumentError(
             f"{path!r} has a name that is not valid UTF-8; rename it (manifests store names "
             "as UTF-8 text)", argument="file_path") from None
+    try:  # refuse now what use_artifact would refuse to build later
+        check_relpath(rel, where=str(path))
+    except IntegrityError as exc:
+        raise InvalidArgumentError(
+            f"{path!r} cannot be stored in a directory manifest: {exc}. Rename it (a backslash "
+            "is a path separator on Windows) or flatten the tree", argument="file_path") from None
     return rel
 
 
@@ -119,83 +147,104 @@ def ingest_directory(store: LocalStorageBackend, root: Path) -> Manifest:
                     files=len(records))
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(path.read_bytes())
-    if data.get("format") != MANIFEST_FORMAT:
-        raise StorageError(f"{path} is not a repro directory manifest", path=path)
-    return data
+def read_manifest(path: Path, *, digest: str | None = None) -> DirManifest:
+    """Read and check a stored manifest (see ``parse_manifest``)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise StorageError(f"cannot read manifest {path}: {exc}", path=path) from exc
+    return parse_manifest(raw, digest=digest)
+
+
+def parse_manifest(raw: bytes, *, digest: str | None = None) -> DirManifest:
+    """Parse a manifest as untrusted input: any flaw is an ``IntegrityError`` before any I/O.
+
+    A manifest drives writes (one file per record), so besides its shape every path is checked
+    (relative, normalised, no ``..``: ``_safepath.check_relpath``) and the set of paths must
+    describe one tree: no duplicates, no file that is also a parent directory of another entry,
+    no "empty" directory with entries below it. Parsing errors of any kind (not UTF-8, not
+    JSON, nested deep enough to exhaust the parser's recursion) become ``IntegrityError`` too.
+    """
+    where = f"manifest {digest}" if digest else "manifest"
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise _bad(where, f"is not JSON ({type(exc).__name__}: {str(exc)[:200]})",
+                   digest) from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise _bad(where, f"is not a {MANIFEST_FORMAT!r} manifest", digest)
+    files, dirs = data.get("files"), data.get("dirs")
+    if not isinstance(files, list) or not isinstance(dirs, list):
+        raise _bad(where, "needs 'files' and 'dirs' lists", digest)
+    records = tuple(_file_record(r, f"{where} files[{i}]") for i, r in enumerate(files))
+    empty = tuple(check_relpath(d, where=f"{where} dirs[{i}]") for i, d in enumerate(dirs))
+    _check_tree(records, empty, where, digest)
+    return DirManifest(files=records, dirs=empty)
+
+
+def check_manifest_row(manifest: DirManifest, digest: str, size: int,
+                       blobs: dict[str, int]) -> None:
+    """The manifest must agree with its registry row: the files' sizes add up to the
+    version's size, and each file's blob is one the registry records for the version (else gc
+    could delete it and ``verify`` would never look at it)."""
+    where = f"manifest {digest}"
+    if manifest.total_size != size:
+        raise _bad(where, f"lists {manifest.total_size} bytes of files, but the registry "
+                   f"records {size} for the version", digest)
+    for record in manifest.files:
+        if blobs.get(record.digest) != record.size:
+            raise _bad(where, f"lists {record.path!r} as blob {record.digest} "
+                       f"({record.size} bytes), which the registry does not record for this "
+                       "version", digest)
+
+
+def _bad(where: str, problem: str, digest: str | None) -> IntegrityError:
+    return IntegrityError(f"{where} {problem}; the store is damaged or was tampered with "
+                          "(`repro verify` lists what is affected)", digest=digest)
+
+
+_MAX_SIZE = 2**63 - 1
+
+
+def _file_record(value: object, where: str) -> FileRecord:
+    if not isinstance(value, dict):
+        raise _bad(where, f"is a {type(value).__name__}, not an object", None)
+    path, size, executable = value.get("path"), value.get("size"), value.get("executable")
+    parts = check_relpath(path, where=where)
+    digest = check_digest(value.get("digest"), where=where)
+    if type(size) is not int or not 0 <= size <= _MAX_SIZE:
+        raise _bad(where, f"has size {size!r}, not a byte count", None)
+    if type(executable) is not bool:
+        raise _bad(where, f"has executable {executable!r}, not true/false", None)
+    return FileRecord(path="/".join(parts), parts=parts, digest=digest, size=size,
+                      executable=executable)
+
+
+def _check_tree(files: tuple[FileRecord, ...], dirs: tuple[tuple[str, ...], ...],
+                where: str, digest: str | None) -> None:
+    file_parts = {f.parts for f in files}
+    dir_parts = set(dirs)
+    if len(file_parts) != len(files) or len(dir_parts) != len(dirs) or file_parts & dir_parts:
+        raise _bad(where, "lists the same path twice", digest)
+    for parts in (*file_parts, *dir_parts):
+        for depth in range(1, len(parts)):
+            prefix = parts[:depth]
+            if prefix in file_parts:
+                raise _bad(where, f"lists {'/'.join(prefix)!r} as a file and also as a "
+                           f"directory holding {'/'.join(parts)!r}", digest)
+            if prefix in dir_parts:
+                raise _bad(where, f"lists {'/'.join(prefix)!r} as an empty directory but "
+                           f"also {'/'.join(parts)!r} inside it", digest)
 
 
 def materialize_directory(store: LocalStorageBackend, manifest_digest: str,
-                          manifest: dict[str, Any] | None = None) -> Path:
-    """Return ``cache/dirs/<algo>/<hex>``, building it atomically on first use.
+                          manifest: DirManifest | None = None) -> Path:
+    """The served, read-only tree of a stored directory (``_cache.serve_tree``).
 
     ``manifest``: the parsed manifest, when the caller has already read (and checked) it.
     """
-    algorithm, hexdigest = parse_digest(manifest_digest)
-    final = store.root / "cache" / "dirs" / algorithm / hexdigest
+    from . import _cache  # _cache imports this module
+
     if manifest is None:
-        manifest = read_manifest(store.blob_path(manifest_digest))
-    if final.is_dir():
-        if _still_linked(store, manifest, final):
-            return final
-        _discard(store, final)  # a blob was replaced (repaired): rebuild from the blobs
-    store.ensure_layout()
-    build, lock_fd = new_locked_temp(store.tmp_dir, ".dir", directory=True)
-    try:
-        try:  # the flock marks the build as live for sweep_tmp()
-            _populate(store, manifest, build)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(build, final)
-            except OSError:
-                if not final.is_dir():  # someone else won the race: theirs is identical
-                    raise
-        finally:
-            os.close(lock_fd)
-    except OSError as exc:
-        raise StorageError(f"materialising {manifest_digest} failed: {exc}", path=final) from exc
-    finally:
-        if build.exists():
-            shutil.rmtree(build, ignore_errors=True)
-    return final
-
-
-def _still_linked(store: LocalStorageBackend, manifest: dict[str, Any], built: Path) -> bool:
-    """Hard-linked files are the blobs themselves; if a blob was replaced since (publishing
-    renames verified bytes over a rotted blob) the cache still holds the old inode."""
-    try:
-        return all(os.path.samefile(built / r["path"], store.blob_path(r["digest"]))
-                   for r in manifest["files"] if not r["executable"])
-    except OSError:
-        return False
-
-
-def _discard(store: LocalStorageBackend, built: Path) -> None:
-    """Move a stale cache tree into tmp/ (atomic), then delete it."""
-    trash, fd = new_locked_temp(store.tmp_dir, ".dir", directory=True)
-    try:
-        os.rename(built, trash / "old")
-    except OSError:
-        pass  # another process discarded it first
-    finally:
-        os.close(fd)
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def _populate(store: LocalStorageBackend, manifest: dict[str, Any], build: Path) -> None:
-    for rel in manifest["dirs"]:
-        (build / rel).mkdir(parents=True, exist_ok=True)
-    for record in manifest["files"]:
-        target = build / record["path"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        source = store.blob_path(record["digest"])
-        if not record["executable"]:
-            try:
-                os.link(source, target)  # read-only blob shared, no copy
-                continue
-            except OSError:
-                pass
-        # Executable files are copied: a hard link shares the blob's 0444 mode.
-        shutil.copyfile(source, target)
-        os.chmod(target, 0o555 if record["executable"] else 0o444)
+        manifest = read_manifest(store.blob_path(manifest_digest), digest=manifest_digest)
+    return _cache.serve_tree(store, manifest_digest, manifest)

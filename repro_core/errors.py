@@ -9,10 +9,13 @@ built-in a caller would naturally catch, so ``except ValueError`` keeps working:
     ├── SerializationError(TypeError)         .path
     ├── ArtifactNotFoundError(LookupError)    .key
     ├── MissingFileError(FileNotFoundError)   .path
+    ├── StoreNotFoundError(FileNotFoundError) .path   no store where one was expected
     ├── IntegrityError                        .digest .path .expected .actual
     ├── RunStateError(RuntimeError)           no active run, run already active, …
     ├── AmbiguousRankError(RuntimeError)      rank cannot be determined safely
+    ├── RankMismatchError(RuntimeError)       .calls .rank   ranks' calls cannot be paired
     ├── StorageError(OSError)                 disk full, permission, backend failure
+    │   └── RegistryDamagedError              registry missing/empty/unreadable: `repro recover`
     └── DistributedTimeoutError(TimeoutError) a rank did not answer in time
 
 Low-level errors are translated at the boundary with ``raise … from exc`` so the
@@ -21,6 +24,7 @@ original cause stays in the traceback.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +36,13 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidNameError",
     "MissingFileError",
+    "RankMismatchError",
+    "RegistryDamagedError",
     "ReproError",
     "RunStateError",
     "SerializationError",
     "StorageError",
+    "StoreNotFoundError",
 ]
 
 
@@ -86,6 +93,17 @@ class MissingFileError(ReproError, FileNotFoundError):
         return str(self.args[0]) if self.args else ""
 
 
+class StoreNotFoundError(ReproError, FileNotFoundError):
+    """No repro store where one was expected; read-only calls never create one."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class IntegrityError(ReproError):
     """Stored content does not match its recorded size or digest."""
 
@@ -113,6 +131,25 @@ class AmbiguousRankError(ReproError, RuntimeError):
     """The global rank cannot be determined safely, so repro refuses to write."""
 
 
+class RankMismatchError(ReproError, RuntimeError):
+    """Ranks made repro calls that cannot be paired with certainty.
+
+    Raised where a rank would otherwise receive the answer to a call it did not make: a call
+    rank 0 never made (a rank-1-only call, arguments that differ between ranks), or, at
+    ``finalize_run``, a call whose answer depends on which of several identical rank-0 calls
+    it was paired with. The fix: put rank-0-only code inside
+    ``with repro_core.rank_zero_only():`` and pass the same arguments on every rank.
+    ``calls`` names the calls concerned (``use_artifact('data')``), ``rank`` the rank that
+    made them (None when unknown, e.g. when rebuilt on another rank from a message).
+    """
+
+    def __init__(self, message: str, *, calls: Sequence[str] = (),
+                 rank: int | None = None) -> None:
+        super().__init__(message)
+        self.calls = tuple(calls)
+        self.rank = rank
+
+
 class StorageError(ReproError, OSError):
     """Writing or reading the store failed (disk full, permission, backend failure)."""
 
@@ -125,6 +162,11 @@ class StorageError(ReproError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class RegistryDamagedError(StorageError):
+    """The registry is missing, empty or unreadable while the store holds data: it was lost,
+    and inventing an empty one would hide every run (and let gc delete every blob)."""
 
 
 class DistributedTimeoutError(ReproError, TimeoutError):

@@ -6,14 +6,17 @@ which versions were affected. The report names every bad blob and the versions t
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import constants
-from .errors import IntegrityError, InvalidArgumentError
+from . import _cache, constants
+from ._journal import journal_digests
+from ._safepath import check_digest
+from .directory import check_manifest_row, read_manifest
+from .errors import IntegrityError, InvalidArgumentError, StorageError
 from .registry import Registry
 from .store.local import LocalStorageBackend, is_stale_temp
 from .types import parse_key
@@ -23,7 +26,9 @@ __all__ = ["GcReport", "Problem", "VerifyReport", "collect_garbage", "verify_sto
 
 @dataclass(frozen=True)
 class Problem:
-    """One bad blob: ``kind`` is ``missing``, ``size`` or ``digest``."""
+    """One bad blob: ``kind`` is ``missing``, ``size``, ``digest``, ``type`` (not a regular
+    file), ``name`` (not a digest) or ``manifest`` (a directory's manifest that
+    ``use_artifact`` would refuse: malformed, or paths leaving the tree)."""
 
     digest: str
     kind: str
@@ -61,14 +66,15 @@ def verify_store(
     Unreferenced blobs (left by a crash between blob and registry row) are listed, not errors.
     """
     root_path = _store_root(root)
-    registry = Registry(root_path / "registry.sqlite")
+    registry = Registry(root_path / "registry.sqlite", readonly=True)
     try:
         store = LocalStorageBackend(root_path, algorithm=registry.hash_algorithm())
         report = VerifyReport(root=root_path, registry_integrity=registry.integrity_check())
         users = _versions_by_digest(registry)
         referenced: dict[str, int | None]
-        if key is not None:
-            referenced = dict(registry.blobs_of(registry.resolve(parse_key(key)).id))
+        only = registry.resolve(parse_key(key)).id if key is not None else None
+        if only is not None:
+            referenced = dict(registry.blobs_of(only))
             candidates = set(referenced)
         else:
             referenced = dict(registry.blob_references())
@@ -87,6 +93,7 @@ def verify_store(
             _check_one(store, digest, size, full, users.get(digest, ()), report)
             if progress is not None:
                 progress(size)
+        _check_manifests(store, registry, report, only)
         return report
     finally:
         registry.close()
@@ -94,7 +101,7 @@ def verify_store(
 
 def total_referenced_bytes(root: str | Path | None = None) -> int:
     """Bytes a full verify will read (for progress bars)."""
-    registry = Registry(_store_root(root) / "registry.sqlite")
+    registry = Registry(_store_root(root) / "registry.sqlite", readonly=True)
     try:
         return sum(size or 0 for _, size in registry.blob_references())
     finally:
@@ -105,12 +112,43 @@ def _check_one(store: LocalStorageBackend, digest: str, size: int, full: bool,
                versions: tuple[str, ...], report: VerifyReport) -> None:
     report.blobs_checked += 1
     try:
-        store.check(digest, size, full=full)
+        check_digest(digest, where="blob name")
+        # identity=False: a sizes-only verify stays sizes-only, even for blobs never verified
+        store.check(digest, size, full=full, identity=False)
     except IntegrityError as exc:
-        kind = "missing" if exc.actual is None else ("size" if exc.expected == size else "digest")
-        report.problems.append(Problem(digest, kind, str(exc), versions))
+        report.problems.append(Problem(digest, _problem_kind(exc, size), str(exc), versions))
         return
     report.bytes_checked += size
+
+
+def _problem_kind(exc: IntegrityError, size: int) -> str:
+    if exc.digest is None:
+        return "name"  # not a digest: a stray file under blobs/, or a forged row
+    if exc.actual is None:
+        return "missing"
+    if exc.expected == "regular file":
+        return "type"  # a symlink or special file where a blob belongs
+    return "size" if exc.expected == size else "digest"
+
+
+def _check_manifests(store: LocalStorageBackend, registry: Registry, report: VerifyReport,
+                     only: int | None) -> None:
+    """Every directory version's manifest must be one that ``use_artifact`` would accept:
+    parseable, every path relative and inside the tree, sizes adding up to the version's, every
+    file a blob the version records. A forged manifest could otherwise make a directory
+    artifact write outside the store. Manifests already reported (missing, corrupt) are skipped.
+    """
+    reported = {p.digest for p in report.problems}
+    for row in registry.list_versions():
+        if row.format != "directory" or row.digest in reported or only not in (None, row.id):
+            continue
+        try:
+            digest = check_digest(row.digest, where=f"registry row {row.key}")
+            blobs = dict(registry.blobs_of(row.id))
+            manifest = read_manifest(store.blob_path(digest), digest=digest)
+            check_manifest_row(manifest, digest, row.size, blobs)
+        except (IntegrityError, StorageError) as exc:
+            report.problems.append(Problem(row.digest, "manifest", str(exc), (row.key,)))
 
 
 def _versions_by_digest(registry: Registry) -> dict[str, tuple[str, ...]]:
@@ -151,22 +189,22 @@ def collect_garbage(
     row (within a second), and a crashed writer's blob is evidence for a while.
     """
     root_path = _store_root(root)
-    registry = Registry(root_path / "registry.sqlite")
+    registry = Registry(root_path / "registry.sqlite", readonly=True)
     report = GcReport(root=root_path, dry_run=dry_run)
     try:
         store = LocalStorageBackend(root_path, algorithm=registry.hash_algorithm())
         # Exclusive: no writer is between publishing a blob and committing its row, so the
-        # registry read inside the lock is the truth for every blob it does not list.
-        with store.publish_guard(exclusive=True):
-            referenced = {d for d, _ in registry.blob_references()}
-            directories = {v.digest for v in registry.list_versions()
-                           if v.format == "directory"}
+        # registry read inside the lock is the truth for every blob it does not list. A dry
+        # run deletes nothing, so it needs no lock (and works on a read-only store).
+        guard = contextlib.nullcontext() if dry_run else store.publish_guard(exclusive=True)
+        with guard:
+            # A blob a run journal names is kept even if no row names it (see _journal).
+            referenced = {d for d, _ in registry.blob_references()} | journal_digests(root_path)
             _collect_blobs(store, referenced, grace_seconds, report)
-            for cached in sorted((root_path / "cache" / "dirs").glob("*/*")):
-                if f"{cached.parent.name}:{cached.name}" not in directories:
-                    report.materialized_dirs += 1
-                    if not dry_run:
-                        shutil.rmtree(cached, ignore_errors=True)
+            for entry in _cache.stale_entries(store, grace_seconds):
+                report.materialized_dirs += 1
+                if not dry_run:
+                    _cache.remove_stale(store, entry)
     finally:
         registry.close()
     report.temp_files = (store.sweep_tmp() if not dry_run

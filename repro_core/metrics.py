@@ -1,70 +1,127 @@
-"""High-rate metrics (and other small records) written in batches by a background thread.
+"""High-rate metrics (and TTRL rows) written in batches by a background thread.
 
 A training loop may log hundreds of thousands of scalars a second; one SQLite transaction per
-call would cap that at a few thousand. ``log`` therefore only validates and appends to
-per-metric column arrays (``array('q')`` steps, ``array('d')`` values and times) under a lock;
-a daemon thread with its own SQLite connection writes them at least every ``interval`` seconds
-(1 s), at ``close()`` (finalize) and at interpreter exit, as one chunk row per metric — the
-writer's work grows with the number of metric *names*, not points, so it keeps up with any
-logging rate and a ``kill -9`` loses at most the last interval. A failed write keeps the data
-for the next try and surfaces the error on the next ``log``/``flush`` — never dropped silently.
+call would cap that at a few thousand. ``log`` therefore validates and appends to per-metric
+column arrays (``array('q')`` steps, ``array('d')`` values and times) under a lock; a daemon
+thread with its own SQLite connection writes them at least every ``interval`` seconds (1 s),
+at ``close()`` (finalize) and at interpreter exit, as one chunk row per metric name, so the
+writer's work grows with the number of names, not points, and a ``kill -9`` loses at most the
+last interval. Values are float64: NaN and ±inf are stored bit-exactly.
 
-Values are float64, so NaN and ±inf are stored bit-exactly (no JSON, no NULL mapping).
+What may go wrong, and what happens then:
+
+- **Bad input is refused at the call** (typed errors from :mod:`repro_core._metrics_rows`):
+  everything in a call is checked before anything is buffered, so a rejected call leaves no
+  trace and the rest of the run is unaffected.
+- **A failed write keeps its data** and is retried with backoff (0.05 s, doubling to 5 s; a
+  ``flush()`` retries at once). ``log`` warns once per failure episode; ``flush`` raises
+  ``StorageError``. At ``close()`` the writer retries for ``CLOSE_RETRY_S`` seconds, then
+  **spills** what is left to ``<root>/spill/`` and warns with the file names and counts; the
+  next open imports them (:func:`import_spills`). Only if the spill fails too does ``close``
+  raise, and then the data stays in memory: ``close()`` again (it also runs at exit) retries.
+- **Memory is bounded (blocking backpressure).** At most ``max_pending_rows`` table rows, and
+  ``max_pending_points`` metric points plus one call's, wait for the writer (the batch being
+  written may hold as many again). A producer that reaches a bound waits until the writer has
+  taken the batch; if the writer is failing, it gets ``StorageError`` at once instead (that
+  call is not recorded) rather than blocking behind a full disk.
+- **Transactions are bounded**: a batch is written in parts of at most ``max_txn_rows`` SQL
+  rows, releasing SQLite's write lock between them (see :mod:`repro_core._metrics_batch`).
+- **Distinct names are bounded**: a ``RuntimeWarning`` once a run passes ``warn_keys``
+  (10,000) names, ``InvalidArgumentError`` beyond ``max_keys`` (1,000,000). Per-item names
+  (``loss/sample_123``) belong in a step, or in a table artifact.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import json
+import math
 import os
-import sqlite3
-import sys
 import threading
 import time
+import warnings
 import weakref
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._metrics_batch import Batch, Columns, write_part
+from ._metrics_rows import MAX_STEP, check_key, check_step, to_number, unpack
+from ._metrics_spill import SpillReport, import_spills, write_spill
 from .errors import InvalidArgumentError, RunStateError, SerializationError, StorageError
 from .registry import Registry
 
-__all__ = ["MetricsWriter", "read_metrics"]
+__all__ = ["MetricsWriter", "SpillReport", "import_spills", "read_metrics", "to_number"]
 
-_Columns = tuple["array[int]", "array[float]", "array[float]"]
+# Defaults of the constructor's bounds (module attributes, so tests can lower them).
+EARLY_FLUSH_ROWS = 20_000  # rows that wake the writer before its interval
+MAX_PENDING_ROWS = 100_000
+MAX_PENDING_POINTS = 2_000_000  # 48 MB of column arrays
+MAX_TXN_ROWS = 50_000
+WARN_KEYS = 10_000
+MAX_KEYS = 1_000_000
+CLOSE_RETRY_S = 10.0  # how long close() retries a refusing registry before spilling
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.05, 5.0
+_TXN_GAP_S = 0.02  # pause between the transactions of one batch: lets a waiting process in
+
 _LIVE: weakref.WeakSet[MetricsWriter] = weakref.WeakSet()
-# Rows (not metric points: those cost the writer O(keys)) that wake the writer before its
-# interval, so a fast producer's backlog is written alongside it instead of at finalize.
-_EARLY_FLUSH_ROWS = 20_000
+
+
+def _backoff(failures: int) -> float:
+    return float(min(_RETRY_FIRST_S * 2 ** min(failures - 1, 16), _RETRY_MAX_S))
 
 
 class MetricsWriter:
-    """Buffers metric rows (and rows for other append-only tables) for one run."""
+    """Buffers metric points and TTRL rows for one run; one background thread writes them."""
 
-    def __init__(self, registry_path: Path, run_id: str, *, interval: float = 1.0) -> None:
-        self._registry = Registry(registry_path)
+    def __init__(self, registry_path: Path, run_id: str, *, interval: float = 1.0,
+                 max_pending_rows: int | None = None, max_pending_points: int | None = None,
+                 max_txn_rows: int | None = None, warn_keys: int | None = None,
+                 max_keys: int | None = None) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) \
+                or not math.isfinite(interval) or interval <= 0:
+            raise InvalidArgumentError(f"interval must be a positive number of seconds, got "
+                                       f"{interval!r}", argument="interval")
+        # never creates a registry: a store deleted under the run is a failed write (kept,
+        # retried, spilled), not a fresh empty registry that swallows the rows
+        self._registry = Registry(registry_path, create=False)
+        self._root = Path(registry_path).parent
         self._pid = os.getpid()  # a forked child must not flush the parent's buffer
         self._run_id = run_id
-        self._interval = interval
+        self._interval = float(interval)
+        self._max_rows = _positive("max_pending_rows", max_pending_rows, MAX_PENDING_ROWS)
+        self._max_points = _positive("max_pending_points", max_pending_points,
+                                     MAX_PENDING_POINTS)
+        self._txn_rows = _positive("max_txn_rows", max_txn_rows, MAX_TXN_ROWS)
+        self._warn_keys = _positive("warn_keys", warn_keys, WARN_KEYS)
+        self._max_keys = _positive("max_keys", max_keys, MAX_KEYS)
         self._lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._requested = 0  # flushes asked for
-        self._completed = 0  # flushes the writer thread has done
-        self._columns_by_key: dict[str, _Columns] = {}
-        self._pending_points = 0
+        self._cv = threading.Condition(self._lock)  # room for producers; finished flushes
+        self._columns: dict[str, Columns] = {}
         self._tables: dict[str, list[tuple[Any, ...]]] = {}
-        self._columns: dict[str, Sequence[str]] = {}
-        self._series: dict[str, int] = {}
+        self._pending_rows = self._pending_points = 0
+        self._wake_rows = min(EARLY_FLUSH_ROWS, self._max_rows)
+        self._wake_points = max(self._max_points // 2, 1)
+        self._keys: set[str] = set()  # every name admitted: validated once, counted
         self._step = -1
+        self._hold = False  # producers take the slow path (_gate): closed, failing or full
         self._error: BaseException | None = None
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"repro-metrics-{run_id}",
-                                        daemon=True)
-        self._thread.start()
+        self._episode = self._warned_episode = 0  # failure episodes, and the last one warned
+        self._warned_keys = self._closed = False
+        self._requested = self._completed = 0  # flushes asked for / done by the writer
+        self._series: dict[str, int] = {}  # name -> metric_series id (writer thread only)
+        self._spill = SpillReport()
+        self._spill_seq = 0
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = self._start(self._loop)
         _LIVE.add(self)
+
+    def _start(self, target: Any) -> threading.Thread:
+        thread = threading.Thread(target=target, name=f"repro-metrics-{self._run_id}",
+                                  daemon=True)
+        thread.start()
+        return thread
 
     # -- producer side (hot path) -------------------------------------------------------------
 
@@ -75,52 +132,130 @@ class MetricsWriter:
         ``advance=False`` (with an explicit step) leaves the run's step counter alone: for
         side series such as hardware samples, whose index is not a training step.
         """
-        self._raise_pending()
         if not isinstance(metrics, Mapping):
             raise SerializationError(
                 f"metrics must be a dict of name -> number, got {type(metrics).__name__}",
-                path="metrics",
-            )
-        values = [(_check_key(k), to_number(k, v)) for k, v in metrics.items()]
-        return self._buffer(values, step, advance)
-
-    def log_numbers(self, values: Mapping[str, float]) -> int:
-        """``log`` for callers inside repro whose keys and floats are already valid (TTRL's
-        fixed ``online/*`` names): the same buffering without per-call validation."""
-        self._raise_pending()
-        return self._buffer(values.items(), None, True)
-
-    def _buffer(self, values: Any, step: int | None, advance: bool) -> int:
+                path="metrics")
+        known, new, values = self._keys, [], []
+        for key, value in metrics.items():
+            if key not in known:
+                new.append(check_key(key))
+            values.append((key, to_number(key, value)))
+        if step is not None:
+            check_step(step)
         now = time.time()
         with self._lock:
-            used = self._next_step(step) if advance or step is None else _check_step(step)
-            columns = self._columns_by_key
-            for key, value in values:
-                col = columns.get(key)
-                if col is None:
-                    col = columns[key] = (array("q"), array("d"), array("d"))
-                col[0].append(used)
-                col[1].append(value)
-                col[2].append(now)
-            self._pending_points += len(values)
+            if self._hold:
+                self._gate()
+            if new:
+                self._admit(new)
+            used = self._next_step(step) if advance or step is None else step
+            self._put(values, used, now)
         return used
+
+    def record(self, numbers: Mapping[str, float], table: str | None = None,
+               row: tuple[Any, ...] | None = None) -> int:
+        """One step of ``numbers`` plus, optionally, one ``row`` for ``table``, in one lock
+        hold; returns the step. For callers inside repro (TTRL) whose values are floats and
+        whose row was checked for its table (see ``_metrics_rows.ROW_TABLES``)."""
+        new = None if self._keys.issuperset(numbers) else [
+            check_key(k) for k in numbers if k not in self._keys]
+        now = time.time()
+        with self._lock:
+            if self._hold:
+                self._gate()
+            if new:
+                self._admit(new)
+            step = self._next_step(None)
+            if row is not None:
+                assert table is not None
+                self._put_row(table, row)
+            self._put(numbers.items(), step, now)
+        return step
+
+    def pending(self) -> tuple[int, int]:
+        """``(rows, points)`` buffered and not yet taken by the writer."""
+        with self._lock:
+            return self._pending_rows, self._pending_points
 
     def _next_step(self, step: int | None) -> int:
         if step is None:
+            if self._step >= MAX_STEP:
+                raise InvalidArgumentError("the run's step counter reached 2**63 - 1; pass "
+                                           "explicit steps", argument="step")
             self._step += 1
             return self._step
-        self._step = max(self._step, _check_step(step))
+        self._step = max(self._step, step)
         return step
 
-    def append(self, table: str, columns: Sequence[str], row: tuple[Any, ...]) -> None:
-        """Buffer one row for an append-only table (experiences, online updates)."""
-        self._raise_pending()
-        with self._lock:
-            self._columns.setdefault(table, tuple(columns))
-            rows = self._tables.setdefault(table, [])
-            rows.append(row)
-            if len(rows) % _EARLY_FLUSH_ROWS == 0:
-                self._wake.set()  # write in the background now rather than all at finalize
+    def _put(self, values: Iterable[tuple[str, float]], step: int, now: float) -> None:
+        columns, count = self._columns, 0
+        for key, value in values:
+            col = columns.get(key)
+            if col is None:
+                col = columns[key] = (array("q"), array("d"), array("d"))
+            col[0].append(step)
+            col[1].append(value)
+            col[2].append(now)
+            count += 1
+        self._pending_points += count
+        if self._pending_points >= self._wake_points:  # take it before producers must wait
+            self._wake.set()
+            if self._pending_points >= self._max_points:
+                self._hold = True
+
+    def _put_row(self, table: str, row: tuple[Any, ...]) -> None:
+        rows = self._tables.get(table)
+        if rows is None:
+            rows = self._tables[table] = []
+        rows.append(row)
+        self._pending_rows += 1
+        if self._pending_rows >= self._wake_rows:  # write in the background now
+            self._wake.set()
+            self._wake_rows = min(self._pending_rows + EARLY_FLUSH_ROWS, self._max_rows)
+            if self._pending_rows >= self._max_rows:
+                self._hold = True
+
+    def _gate(self) -> None:
+        """The slow path before buffering (lock held): refuse a closed writer, wait for room
+        (blocking backpressure), warn once about a failing writer."""
+        while True:
+            if self._stop.is_set():
+                raise RunStateError(
+                    f"the metrics writer of run {self._run_id} is closed (the run was "
+                    "finalized); nothing more can be logged to it")
+            if self._pending_rows < self._max_rows and self._pending_points < self._max_points:
+                break
+            if self._error is not None or not self._thread.is_alive():
+                raise StorageError(
+                    f"metrics of run {self._run_id} are not being written ({self._error}); "
+                    f"{self._pending_rows} rows and {self._pending_points} points are waiting "
+                    "in memory (kept, retried, spilled at finalize). This call was not "
+                    "recorded") from self._error
+            self._wake.set()
+            self._cv.wait(1.0)
+        if self._error is not None and self._warned_episode != self._episode:
+            self._warned_episode = self._episode
+            warnings.warn(f"writing metrics of run {self._run_id} failed ({self._error}); the "
+                          "data is kept in memory and retried", RuntimeWarning, stacklevel=4)
+        self._hold = self._error is not None
+
+    def _admit(self, names: list[str]) -> None:
+        """Count new metric names against the caps (lock held; before anything is buffered)."""
+        fresh = [n for n in dict.fromkeys(names) if n not in self._keys]
+        total = len(self._keys) + len(fresh)
+        if total > self._max_keys:
+            raise InvalidArgumentError(
+                f"run {self._run_id} would have {total:,} distinct metric names, more than "
+                f"the cap of {self._max_keys:,}; nothing from this call was logged. Put "
+                "per-item ids in the step or log a table artifact instead of one name each",
+                argument="metrics")
+        self._keys.update(fresh)
+        if total > self._warn_keys and not self._warned_keys:
+            self._warned_keys = True
+            warnings.warn(f"run {self._run_id} has logged more than {self._warn_keys:,} "
+                          f"distinct metric names (refused beyond {self._max_keys:,}); is an "
+                          "id part of the name?", RuntimeWarning, stacklevel=4)
 
     # -- writer side ---------------------------------------------------------------------------
     # Only the writer thread ever writes. A caller that wants its data on disk (get_metrics,
@@ -128,191 +263,176 @@ class MetricsWriter:
     # wait, but never an insert half-way, so rows are neither lost nor written twice.
 
     def flush(self) -> None:
-        """Have the writer thread write everything buffered so far; wait until it has."""
-        if self._thread.is_alive():
-            with self._cond:
-                self._requested += 1
-                target = self._requested
-            self._wake.set()
-            with self._cond:
-                while self._completed < target and self._thread.is_alive():
-                    self._cond.wait(0.5)
+        """Have the writer write everything buffered so far; wait until it has tried.
+        ``StorageError`` if that failed (the data is kept and retried)."""
+        with self._lock:
+            self._requested += 1
+            target = self._requested
+        self._wake.set()
+        with self._lock:
+            while self._completed < target and self._thread.is_alive():
+                self._cv.wait(0.5)
         self._raise_error()
 
-    def close(self) -> None:
-        """Stop the thread after a last write (finalize and interpreter exit call this)."""
-        if not self._stop.is_set():
+    def close(self) -> SpillReport:
+        """Write everything (finalize and interpreter exit call this) and stop the thread.
+
+        Retries a refusing registry for ``CLOSE_RETRY_S`` seconds, then spills the rest to
+        ``<root>/spill/`` (returned, and warned about: the next open imports it). Raises
+        ``StorageError`` only if even the spill failed; the data then stays in memory and
+        another ``close()`` (also run at exit) tries again.
+        """
+        if self._pid != os.getpid():  # inherited through fork(): the parent owns the data
+            return SpillReport()
+        with self._lock:
             self._stop.set()
-            self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        try:
-            self._raise_error()
-        finally:
+            self._hold = True
+            self._cv.notify_all()  # producers waiting for room see the stop
+        self._wake.set()
+        if not self._thread.is_alive() and self._has_pending():  # an earlier close() gave up
+            self._thread = self._start(self._final_drain)
+        self._thread.join()
+        if self._has_pending():
+            raise StorageError(
+                f"metrics of run {self._run_id} could be neither written nor spilled "
+                f"({self._error}); {self._pending_rows} rows and {self._pending_points} points "
+                "are still in memory: free space and call close() again (it is retried at "
+                "exit)") from self._error
+        if not self._closed:
+            self._closed = True
             self._registry.close()
             _LIVE.discard(self)
+            if self._spill:
+                warnings.warn(_spill_message(self._run_id, self._error, self._spill),
+                              RuntimeWarning, stacklevel=2)
+        return self._spill
+
+    def _has_pending(self) -> bool:
+        with self._lock:
+            return bool(self._pending_rows or self._pending_points)
 
     def _loop(self) -> None:
-        while True:
-            self._wake.wait(self._interval)
-            self._wake.clear()
-            with self._cond:
-                target = self._requested
-            stopping = self._stop.is_set()
-            self._write_batch()
-            with self._cond:
-                self._completed = max(self._completed, target)
-                self._cond.notify_all()
-            if stopping:
-                self._write_batch()  # anything appended while the last batch was written
-                return
-
-    def _write_batch(self) -> int:
-        with self._lock:
-            columns, self._columns_by_key = self._columns_by_key, {}
-            tables, self._tables = self._tables, {}
-            points, self._pending_points = self._pending_points, 0
-        if not columns and not tables:
-            return 0
+        failures = 0
         try:
-            self._insert(columns, tables)
-        except Exception as exc:  # keep the data; report on the next call
-            self._series.clear()  # ids cached inside the rolled-back transaction are void
-            self._requeue(columns, tables, points)
-            self._error = exc
-            return 0
-        self._error = None
-        return points + sum(len(r) for r in tables.values())
+            while not self._stop.is_set():
+                self._wake.wait(self._interval if failures == 0 else _backoff(failures))
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
+                with self._lock:
+                    target = self._requested
+                failures = 0 if self._write_pending() else failures + 1
+                self._complete(target)
+        finally:
+            self._final_drain()
 
-    def _insert(self, columns: dict[str, _Columns],
-                tables: dict[str, list[tuple[Any, ...]]]) -> None:
-        with self._registry.transaction() as conn:
-            ids = self._series_ids(conn, set(columns))
-            conn.executemany(
-                "INSERT INTO metric_chunks (series_id, count, first_step, last_step, steps,"
-                " vals, times) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(ids[key], len(steps), min(steps), max(steps), _pack(steps), _pack(vals),
-                  _pack(times)) for key, (steps, vals, times) in columns.items()],
-            )
-            for table, rows in tables.items():
-                insert_rows(conn, table, self._columns[table], rows)
+    def _final_drain(self) -> None:
+        """Write what is left, retrying until ``CLOSE_RETRY_S``; then spill; give up (data
+        kept in memory) after twice that."""
+        start, failures, retry_s = time.monotonic(), 0, CLOSE_RETRY_S
+        try:
+            while not self._write_pending():
+                failures += 1
+                waited = time.monotonic() - start
+                if waited >= retry_s and self._spill_pending():
+                    return
+                if waited >= 2 * retry_s:
+                    return
+                time.sleep(_backoff(failures))
+        finally:
+            self._complete(self._requested)
 
-    def _requeue(self, columns: dict[str, _Columns],
-                 tables: dict[str, list[tuple[Any, ...]]], points: int) -> None:
-        """Put unwritten data back in front of whatever was logged meanwhile."""
+    def _complete(self, target: int) -> None:
         with self._lock:
-            for key, (steps, vals, times) in columns.items():
-                newer = self._columns_by_key.get(key)
-                if newer is not None:
-                    steps.extend(newer[0])
-                    vals.extend(newer[1])
-                    times.extend(newer[2])
-                self._columns_by_key[key] = (steps, vals, times)
-            for table, rows in tables.items():
-                self._tables[table] = rows + self._tables.get(table, [])
-            self._pending_points += points
+            self._completed = max(self._completed, target)
+            self._cv.notify_all()
 
-    def _series_ids(self, conn: Any, keys: set[str]) -> dict[str, int]:
-        missing = [k for k in keys if k not in self._series]
-        if missing:
-            conn.executemany(
-                "INSERT INTO metric_series (run_id, key) VALUES (?, ?)"
-                " ON CONFLICT (run_id, key) DO NOTHING",
-                [(self._run_id, k) for k in missing],
-            )
-            for key in missing:
-                self._series[key] = conn.execute(
-                    "SELECT id FROM metric_series WHERE run_id = ? AND key = ?",
-                    (self._run_id, key),
-                ).fetchone()[0]
-        return self._series
+    def _take(self) -> Batch:
+        """Take everything buffered (the producers get the room at once)."""
+        with self._lock:
+            batch = Batch(self._columns, self._tables)
+            self._columns, self._tables = {}, {}
+            self._pending_rows = self._pending_points = 0
+            self._wake_rows = min(EARLY_FLUSH_ROWS, self._max_rows)
+            self._hold = self._stop.is_set() or self._error is not None
+            self._cv.notify_all()
+        return batch
 
-    def _raise_pending(self) -> None:
-        """Before buffering: refuse a closed writer, report an earlier write failure."""
-        if self._stop.is_set():
-            raise RunStateError(
-                f"the metrics writer of run {self._run_id} is closed (the run was finalized); "
-                "nothing more can be logged to it")
-        self._raise_error()
+    def _write_pending(self) -> bool:
+        """Write everything buffered, one bounded transaction per part; False if a part
+        failed (it and the later parts are back in the buffer)."""
+        batch = self._take()
+        parts = list(batch.parts(self._txn_rows, self._series)) if batch else []
+        for index, part in enumerate(parts):
+            if index:
+                time.sleep(_TXN_GAP_S)
+            try:
+                with self._registry.transaction() as conn:
+                    write_part(conn, self._run_id, part, self._series)
+            except Exception as exc:  # keep the data; retry later, report on the next call
+                self._series.clear()  # ids cached inside the rolled-back transaction are void
+                self._requeue(parts[index:], exc)
+                return False
+        with self._lock:
+            self._error = None
+            self._hold = self._stop.is_set() or self._pending_rows >= self._max_rows \
+                or self._pending_points >= self._max_points
+        return True
+
+    def _requeue(self, parts: Sequence[Batch], exc: BaseException) -> None:
+        """Put unwritten parts back in front of whatever was logged meanwhile."""
+        older = Batch()
+        for part in parts:
+            older.extend(part)
+        with self._lock:
+            older.extend(Batch(self._columns, self._tables))
+            self._columns, self._tables = older.columns, older.rows
+            self._pending_rows, self._pending_points = older.row_count, older.points
+            if self._error is None:
+                self._episode += 1
+            self._error = exc
+            self._hold = True
+            self._cv.notify_all()
+
+    def _spill_pending(self) -> bool:
+        """Write everything buffered to spill files; False if one could not be written."""
+        parts = list(self._take().parts(self._txn_rows))
+        for index, part in enumerate(parts):
+            try:
+                path = write_spill(self._root, self._run_id, part, self._spill_seq)
+            except Exception as exc:
+                self._requeue(parts[index:], exc)
+                return False
+            self._spill_seq += 1
+            self._spill = SpillReport((*self._spill.files, path),
+                                      self._spill.points + part.points,
+                                      self._spill.rows + part.row_count)
+        return True
 
     def _raise_error(self) -> None:
         error = self._error
         if error is not None:
-            raise StorageError(f"writing metrics failed (rows kept, will retry): {error}"
+            raise StorageError(f"writing metrics of run {self._run_id} failed (rows kept, "
+                               f"will retry; spilled at finalize if it still fails): {error}"
                                ) from error
 
 
-def insert_rows(conn: sqlite3.Connection, table: str, columns: Sequence[str],
-                rows: list[tuple[Any, ...]]) -> None:
-    """Insert many rows in ONE statement (``json_each`` over a JSON array of the rows).
-
-    ``executemany`` re-acquires the GIL after every row, and while the training loop keeps
-    the GIL busy each re-acquisition waits a switch interval: 200,000 rows took over two
-    minutes next to a busy thread, versus 0.45 s here, where the whole insert runs inside
-    SQLite with the GIL released. ``executemany`` remains the fallback for rows JSON cannot
-    carry faithfully (NaN, ±inf, NUL characters) and for SQLite builds without JSON1.
-    """
-    global _json1
-    names, marks = ", ".join(columns), ", ".join("?" * len(columns))
-    try:
-        text: str | None = json.dumps(rows, allow_nan=False)  # one C call
-    except ValueError:  # NaN or ±inf: JSON cannot carry them
-        text = None
-    if _json1 and text is not None and "\\u0000" not in text:  # NUL would cut a string
-        extract = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(columns)))
-        try:
-            conn.execute(f"INSERT INTO {table} ({names}) SELECT {extract} FROM json_each(?)",
-                         (text,))
-            return
-        except sqlite3.OperationalError as exc:
-            if "no such function" not in str(exc):
-                raise
-            _json1 = False  # this SQLite has no JSON1: remember, and fall back
-    conn.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
+def _positive(name: str, value: int | None, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}",
+                                   argument=name)
+    return value
 
 
-_json1 = True
-
-
-def to_number(key: str, value: Any) -> float:
-    """A metric value as float; a clear TypeError naming ``key`` otherwise."""
-    kind = type(value)
-    if kind is float:
-        return value  # type: ignore[no-any-return]
-    if kind is int or kind is bool:
-        return float(value)
-    module = kind.__module__.split(".", 1)[0]
-    scalar_array = module == "numpy" and getattr(value, "ndim", 1) == 0
-    if scalar_array or (module == "torch" and _numel(value) == 1):
-        return to_number(key, value.item())
-    if isinstance(value, (int, float)):  # int/float subclasses (IntEnum, numpy float64)
-        return float(value)
-    raise SerializationError(
-        f"metric {key!r} is a {kind.__module__}.{kind.__qualname__}, not a number; log "
-        "scalars only (use log_artifact for tensors, text or tables)",
-        path=key,
-    )
-
-
-def _check_step(step: object) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise InvalidArgumentError(f"step must be a non-negative int, got {step!r}",
-                                   argument="step")
-    return step
-
-
-def _numel(value: Any) -> int:
-    try:
-        return int(value.numel())
-    except (AttributeError, TypeError):
-        return -1
-
-
-def _check_key(key: object) -> str:
-    if not isinstance(key, str) or not key or "\x00" in key or len(key) > 256:
-        raise SerializationError(f"metric name must be a non-empty str, got {key!r}",
-                                 path=str(key))
-    return key
+def _spill_message(run_id: str, error: BaseException | None, spill: SpillReport) -> str:
+    names = ", ".join(p.name for p in spill.files)
+    folder = spill.files[0].parent if spill.files else "spill/"
+    return (f"the registry refused the last metrics of run {run_id} at finalize ({error}); "
+            f"{spill.points} points and {spill.rows} rows were saved to {len(spill.files)} "
+            f"spill file(s) in {folder} ({names}) and are imported when the store is next "
+            "opened (repro_core.metrics.import_spills)")
 
 
 def read_metrics(registry: Registry, run_id: str, keys: Sequence[str] | None = None
@@ -330,26 +450,9 @@ def read_metrics(registry: Registry, run_id: str, keys: Sequence[str] | None = N
         params.extend(keys)
     out: dict[str, list[tuple[int, float, float]]] = {}
     for key, steps, vals, times in registry._read(sql + " ORDER BY c.series_id, c.id", params):
-        out.setdefault(key, []).extend(zip(_unpack("q", steps), _unpack("d", vals),
-                                           _unpack("d", times), strict=True))
+        out.setdefault(key, []).extend(zip(unpack("q", steps), unpack("d", vals),
+                                           unpack("d", times), strict=True))
     return out
-
-
-def _pack(values: array[Any]) -> bytes:
-    """Little-endian bytes whatever the machine (the store may move between machines)."""
-    if sys.byteorder == "little":
-        return values.tobytes()
-    swapped = array(values.typecode, values)
-    swapped.byteswap()
-    return swapped.tobytes()
-
-
-def _unpack(typecode: str, data: bytes) -> array[Any]:
-    values = array(typecode)
-    values.frombytes(data)
-    if sys.byteorder != "little":
-        values.byteswap()
-    return values
 
 
 @atexit.register

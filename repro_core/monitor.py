@@ -11,6 +11,11 @@ Three defects of the original this module exists to avoid:
 - Raw samples were discarded: here they stay in :attr:`HardwareMonitor.samples` and
   :meth:`HardwareMonitor.write_jsonl` exports them (``runs/<id>/hardware.jsonl``).
 
+Memory is bounded: ``interval`` may not be below ``MIN_INTERVAL_S`` (0.05 s; ``1e-9`` sampled
+4,000 times a second, measuring only the 10 ms tick noise of CPU times and burning a core), and
+at most ``max_samples`` samples are kept, decimated to span the whole run (see
+:mod:`repro_core._monitor_stats`); the summary stays exact over every sample taken.
+
 pynvml is imported in ``start()``, never at import time. A machine without pynvml or without a
 GPU gets CPU-only stats and a ``gpu_error`` note, never an exception: monitoring must not fail
 the user's training.
@@ -34,9 +39,11 @@ from typing import Any
 import psutil
 
 from . import _fsio
+from ._monitor_stats import Retained, SampleStats
 from .errors import InvalidArgumentError, RunStateError
 
-__all__ = ["CPU_METRICS", "GPU_METRICS", "MONITOR_THREAD_NAME", "HardwareMonitor"]
+__all__ = ["CPU_METRICS", "GPU_METRICS", "MAX_SAMPLES", "MIN_INTERVAL_S", "MONITOR_THREAD_NAME",
+           "HardwareMonitor"]
 
 Sample = dict[str, Any]
 
@@ -49,16 +56,26 @@ _JOIN_TIMEOUT_S = 30.0
 # The tail sample at stop() is skipped when shorter than this: CPU times tick every 10 ms, so a
 # few-ms interval would give a noise figure, not a measurement.
 _MIN_TAIL_S = 0.1
+# Below this a sample measures CPU-time tick noise, not load, and the thread costs a core.
+MIN_INTERVAL_S = 0.05
+MAX_SAMPLES = 10_000  # kept samples (the summary covers all); 14 h at 5 s before decimating
 
 
 def _validate_interval(interval: object) -> float:
-    """Reject what would make the thread spin (0, negative, NaN) or never sample (inf)."""
+    """Reject what would make the thread spin (0, tiny, NaN) or never sample (inf)."""
     ok = isinstance(interval, int | float) and not isinstance(interval, bool)
-    if not ok or not math.isfinite(interval) or interval <= 0:  # type: ignore[arg-type,operator]
+    if not ok or not math.isfinite(interval) or interval < MIN_INTERVAL_S:  # type: ignore
         raise InvalidArgumentError(
-            f"interval must be a positive, finite number of seconds; got {interval!r}. "
-            "Use e.g. HardwareMonitor(interval=5.0).", argument="interval")
+            f"interval must be a finite number of seconds >= {MIN_INTERVAL_S}; got "
+            f"{interval!r}. Use e.g. HardwareMonitor(interval=5.0).", argument="interval")
     return float(interval)  # type: ignore[arg-type]
+
+
+def _validate_max_samples(max_samples: object) -> int:
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
+        raise InvalidArgumentError(f"max_samples must be an int >= 2; got {max_samples!r}",
+                                   argument="max_samples")
+    return max_samples
 
 
 def _percent(part: float, whole: float, cap: float | None = None) -> float | None:
@@ -164,15 +181,6 @@ def _open_nvml(module: Any) -> tuple[_Nvml | None, str | None]:
         return None, f"NVML unavailable ({type(exc).__name__}: {exc}); CPU-only stats"
 
 
-def _stats(values: list[Any]) -> dict[str, Any]:
-    """mean/max/min/last over the readings that succeeded (None = that reading failed)."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"mean": None, "max": None, "min": None, "last": None}
-    return {"mean": math.fsum(vals) / len(vals), "max": max(vals), "min": min(vals),
-            "last": vals[-1]}
-
-
 @dataclass
 class _Session:
     """State of one start()..stop(); a fresh one per start() so a restart never mixes runs."""
@@ -184,7 +192,9 @@ class _Session:
     started_at: float | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
     # Per session, so a thread stuck past stop()'s join timeout can never write into the next one.
-    samples: list[Sample] = field(default_factory=list)
+    kept: Retained = field(default_factory=lambda: Retained(MAX_SAMPLES, CPU_METRICS,
+                                                            GPU_METRICS))
+    stats: SampleStats = field(default_factory=lambda: SampleStats(CPU_METRICS, GPU_METRICS))
     last_t: float = 0.0
     duration_s: float = 0.0
     callback_errors: int = 0
@@ -199,13 +209,17 @@ class HardwareMonitor:
     ``start()`` begins a fresh recording (samples of a previous one are dropped: write them out
     first); ``stop()`` joins the thread and returns the summary. ``nvml_module`` replaces
     ``pynvml`` (tests inject a fake); ``on_sample(sample)`` is called from the sampling thread
-    with a copy of every sample, and an exception in it is counted, never fatal. Usable as a
-    context manager.
+    with a copy of every sample, and an exception in it is counted, never fatal. At most
+    ``max_samples`` samples are kept (older ones merged into windows, see
+    :mod:`repro_core._monitor_stats`); the summary covers every sample. Usable as a context
+    manager.
     """
 
     def __init__(self, interval: float = 5.0, *, nvml_module: Any = None,
-                 on_sample: Callable[[Sample], object] | None = None) -> None:
+                 on_sample: Callable[[Sample], object] | None = None,
+                 max_samples: int = MAX_SAMPLES) -> None:
         self.interval = _validate_interval(interval)
+        self.max_samples = _validate_max_samples(max_samples)
         if on_sample is not None and not callable(on_sample):
             raise InvalidArgumentError(f"on_sample must be callable; got {on_sample!r}",
                                        argument="on_sample")
@@ -223,9 +237,10 @@ class HardwareMonitor:
 
     @property
     def samples(self) -> list[Sample]:
-        """The raw samples so far (a new list; treat the dicts as read-only)."""
+        """The kept samples so far, oldest first (a new list; treat the dicts as read-only):
+        every raw sample until ``max_samples``, then windows spanning the whole run."""
         with self._lock:
-            return list(self._session.samples)
+            return self._session.kept.snapshot()
 
     def start(self) -> None:
         """Start monitoring in a background thread; does nothing if already running."""
@@ -234,7 +249,8 @@ class HardwareMonitor:
                 return
             nvml, gpu_error = _open_nvml(self._nvml_module)
             session = _Session(cpu=_CpuSampler(), nvml=nvml, gpu_error=gpu_error,
-                               started_at=time.time())
+                               started_at=time.time(),
+                               kept=Retained(self.max_samples, CPU_METRICS, GPU_METRICS))
             session.last_t = session.t0
             self._session, self._summary = session, None
             self._thread = threading.Thread(target=self._run, args=(session,),
@@ -301,7 +317,8 @@ class HardwareMonitor:
             session.last_error = f"{type(exc).__name__}: {exc}"
             return
         with self._lock:
-            session.samples.append(sample)
+            session.stats.add(sample)
+            session.kept.add(sample)
         if self._on_sample is not None:
             try:
                 self._on_sample({**sample, "gpus": [dict(g) for g in sample["gpus"]]})
@@ -309,16 +326,24 @@ class HardwareMonitor:
                 session.callback_errors += 1
 
     def _summarize(self, session: _Session) -> dict[str, Any]:
+        nvml = session.nvml
         with self._lock:
-            samples = list(session.samples)
+            stats, kept = session.stats, session.kept
+            return {
+                "interval_s": self.interval,
+                "sample_count": stats.count,
+                "kept_samples": len(kept.snapshot()),
+                "samples_per_kept": kept.stride,
+                "duration_s": session.duration_s,
+                "started_at": session.started_at,
+                **{m: stats.cpu[m].stats() for m in CPU_METRICS},
+                "gpus": stats.gpu_summary(nvml.names if nvml else []),
+                **self._health(session),
+            }
+
+    def _health(self, session: _Session) -> dict[str, Any]:
         nvml = session.nvml
         return {
-            "interval_s": self.interval,
-            "sample_count": len(samples),
-            "duration_s": session.duration_s,
-            "started_at": session.started_at,
-            **{m: _stats([s[m] for s in samples]) for m in CPU_METRICS},
-            "gpus": _gpu_summary(samples, nvml.names if nvml else []),
             "gpu_error": session.gpu_error,
             "nvml_errors": nvml.errors if nvml else 0,
             "callback_errors": session.callback_errors,
@@ -327,14 +352,3 @@ class HardwareMonitor:
             "monitor_cpu_seconds": session.thread_cpu_s,
             "monitor_cpu_percent": _percent(session.thread_cpu_s, session.duration_s),
         }
-
-
-def _gpu_summary(samples: list[Sample], names: list[str | None]) -> list[dict[str, Any]]:
-    """Per-GPU stats; GPU ``i`` is ``sample["gpus"][i]`` in every sample (handles are fixed)."""
-    out = []
-    for i, name in enumerate(names):
-        readings = [s["gpus"][i] for s in samples]
-        totals = _stats([g["memory_total_bytes"] for g in readings])
-        out.append({"index": i, "name": name, "memory_total_bytes": totals["last"],
-                    **{m: _stats([g[m] for g in readings]) for m in GPU_METRICS}})
-    return out

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import SerializationError
+from .errors import IntegrityError, SerializationError
 
-__all__ = ["Payload", "canonical_json", "load_payload", "prepare"]
+__all__ = ["Payload", "canonical_json", "check_npy", "check_safetensors", "load_payload",
+           "prepare"]
 
 
 class _Sink(Protocol):
@@ -246,22 +248,150 @@ def _prepare_numpy(array: Any) -> Payload:
 
 
 # -- reading back -------------------------------------------------------------------------------
+#
+# A blob read back is untrusted (stores are shared, synced, downloaded): a forged one must give
+# an IntegrityError, never a MemoryError from a header that claims 8 TB, a RecursionError from
+# nested JSON, a pickle from an object-dtype array, or the parser's own exception type. Headers
+# are therefore checked against the file's real size before any loader allocates anything.
+
+_ST_MAX_HEADER = 100_000_000  # what the safetensors library itself accepts
+_ST_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+            "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+            "I64": 64, "U64": 64, "F64": 64, "C64": 64}
 
 
-def load_payload(path: Path, format: str) -> Any:
-    """Load a stored blob back into the object it was logged from."""
-    if format == "json":
-        return json.loads(path.read_bytes())
-    if format == "text":
-        return path.read_text(encoding="utf-8")
-    if format == "bytes":
-        return path.read_bytes()
-    if format == "safetensors":
-        from safetensors.torch import load_file
+def load_payload(path: Path, format: str, *, digest: str | None = None) -> Any:
+    """Load a stored blob back into the object it was logged from (a ``Path`` for files).
 
+    Malformed content of any kind is an ``IntegrityError`` naming the blob.
+    """
+    loader = _LOADERS.get(format)
+    if loader is None:
+        return path
+    try:
+        return loader(path)
+    except IntegrityError as exc:
+        exc.digest = exc.digest or digest
+        raise
+    except (ValueError, RecursionError, MemoryError, OverflowError, EOFError) as exc:
+        raise _corrupt(path, digest, format, f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def _corrupt(path: Path, digest: str | None, format: str, problem: str) -> IntegrityError:
+    return IntegrityError(f"{path} is not valid {format} content ({problem}); the store is "
+                          "damaged or was tampered with", digest=digest, path=path)
+
+
+def _load_json(path: Path) -> Any:
+    return json.loads(path.read_bytes())
+
+
+def _load_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8")
+
+
+def _load_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _load_safetensors(path: Path) -> Any:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_safetensors(path)
+    try:
         return load_file(str(path))
-    if format == "npy":
-        import numpy as np
+    except SafetensorError as exc:  # what our checks did not foresee is still typed
+        raise _corrupt(path, None, "safetensors", str(exc)[:300]) from exc
 
-        return np.load(path, allow_pickle=False)
-    return path
+
+def _load_npy(path: Path) -> Any:
+    import numpy as np
+
+    check_npy(path)
+    return np.load(path, allow_pickle=False)
+
+
+_LOADERS: dict[str, Callable[[Path], Any]] = {
+    "json": _load_json, "text": _load_text, "bytes": _load_bytes,
+    "safetensors": _load_safetensors, "npy": _load_npy,
+}
+
+
+def check_safetensors(path: Path) -> None:
+    """Validate a safetensors header as the format requires, before the library maps the file:
+    length ≤ 100 MB and within the file, a JSON object, each tensor's dtype known, its shape
+    non-negative ints whose size matches its byte span, and the spans tiling the data area
+    exactly (sorted, no overlap, no gap, nothing after) — as the library itself demands."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise _corrupt(path, None, "safetensors", "shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", head)
+        if length > _ST_MAX_HEADER or 8 + length > size:
+            raise _corrupt(path, None, "safetensors",
+                           f"header length {length} exceeds the file ({size} bytes) or 100 MB")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise _corrupt(path, None, "safetensors", "the header is not a JSON object")
+    spans = sorted(_st_span(path, name, info) for name, info in header.items())
+    end = 0
+    for start, stop, name in spans:
+        if start != end:
+            raise _corrupt(path, None, "safetensors",
+                           f"tensor {name[:100]!r} starts at {start}, expected {end}")
+        end = stop
+    if end != size - 8 - length:
+        raise _corrupt(path, None, "safetensors",
+                       f"tensors end at {end}, the data area has {size - 8 - length} bytes")
+
+
+def _st_span(path: Path, name: str, info: object) -> tuple[int, int, str]:
+    if name == "__metadata__":
+        if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+            raise _corrupt(path, None, "safetensors", "__metadata__ is not a str→str object")
+        return 0, 0, ""
+    bad = f"tensor {name[:100]!r} has an invalid entry {str(info)[:200]}"
+    if not isinstance(info, dict):
+        raise _corrupt(path, None, "safetensors", bad)
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ST_BITS or not _is_shape(shape):
+        raise _corrupt(path, None, "safetensors", bad)
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise _corrupt(path, None, "safetensors", bad)
+    bits = math.prod(shape) * _ST_BITS[dtype]  # type: ignore[arg-type]
+    if bits != (offsets[1] - offsets[0]) * 8:
+        raise _corrupt(path, None, "safetensors", f"{bad}: its shape needs {bits // 8} bytes")
+    return offsets[0], offsets[1], name
+
+
+def _is_shape(shape: object) -> bool:
+    return isinstance(shape, (list, tuple)) and all(type(d) is int and d >= 0 for d in shape)
+
+
+def check_npy(path: Path) -> None:
+    """Validate an ``.npy`` header with numpy's own readers, then the claims against the file:
+    no object dtype (it would need pickle), a non-negative shape, and exactly
+    shape * itemsize bytes after the header (a forged 10**12 elements is refused here, not
+    allocated)."""
+    from numpy.lib import format as npy
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        version = npy.read_magic(f)
+        if version == (1, 0):
+            shape, _fortran, dtype = npy.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):  # 3.0 is 2.0 with a UTF-8 header; sizes read alike
+            shape, _fortran, dtype = npy.read_array_header_2_0(f)
+        else:
+            raise _corrupt(path, None, "npy", f"unsupported format version {version}")
+        offset = f.tell()
+    if dtype.hasobject:
+        raise _corrupt(path, None, "npy", "object dtype, which would need pickle to load")
+    if not _is_shape(shape):
+        raise _corrupt(path, None, "npy", f"invalid shape {shape!r}")
+    if math.prod(shape) * dtype.itemsize != size - offset:
+        raise _corrupt(path, None, "npy", f"shape {shape} of {dtype.itemsize}-byte items does not "
+                       f"match the {size - offset} bytes of data")

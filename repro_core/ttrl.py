@@ -3,35 +3,40 @@
 Every experience is stored (input, output and metadata — the seed's original kept only a
 counter), every online update is a row in ``online_updates`` linked to its experience and to
 the **model version in force** (the last checkpoint logged in this run), so "which updates
-produced checkpoint v7?" is one query (:meth:`TTRLContext.updates_producing`). The same scalars go
-to the metrics store under the names the original used (``online/reward``, …) so existing
-dashboards keep working. All of it goes through the batching writer: ``log_online_update``
-is a few microseconds, and everything is durable once the context exits.
+produced checkpoint v7?" is one query. The same scalars go to the metrics store under the
+names the original used (``online/reward``, …) so existing dashboards keep working. All of it
+goes through the batching writer: ``log_online_update`` is a few microseconds, and everything
+is durable once the context exits.
+
+The queries are module functions of a :class:`~repro_core.registry.Registry`, usable without
+any context (the CLI's ``repro updates`` builds on them): :func:`updates_for` (the updates made
+under one model version of a run), :func:`updates_producing` (those that produced a checkpoint,
+answered for whichever run logged it) and :func:`run_updates` (all of a run's updates).
+Rewards, confidences and KLs come back exactly, NaN and ±inf included.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .capture import EnvironmentCaptureLevel, capture_config
+from ._metrics_rows import ROW_TABLES, is_utf8, real, to_number
+from .capture import EnvironmentCaptureLevel, capture_config, scrub
 from .context import ExperimentContext
-from .errors import InvalidArgumentError, RunStateError
-from .metrics import MetricsWriter, to_number
-from .serialize import canonical_json
+from .errors import IntegrityError, InvalidArgumentError, RunStateError
+from .metrics import MetricsWriter
+from .registry import Registry
+from .serialize import canonical_json, load_payload
 from .types import ArtifactMetadata, ArtifactType
 
-__all__ = ["TTRLContext"]
+__all__ = ["TTRLContext", "run_updates", "updates_for", "updates_producing"]
 
 # Payloads bigger than this go to a blob; the row keeps the digest.
 INLINE_PAYLOAD_BYTES = 64 * 1024
-_UPDATE_COLUMNS = ("run_id", "update_id", "experience_id", "reward", "confidence",
-                   "kl_divergence", "model_version_id", "metadata", "time")
-_EXPERIENCE_COLUMNS = ("run_id", "experience_id", "input", "output", "payload_digest",
-                       "payload_size", "metadata", "time")
+_EXPERIENCE_COLUMNS = ROW_TABLES["experiences"]
 
 
 class TTRLContext(ExperimentContext):
@@ -56,12 +61,14 @@ class TTRLContext(ExperimentContext):
     ) -> None:
         """``experience_snapshot_interval`` seconds between buffer snapshots; ``window`` is
         how many recent updates the running means cover; ``clock`` is injectable for tests."""
-        if not isinstance(experience_snapshot_interval, (int, float)) or \
-                experience_snapshot_interval < 0:
+        interval = experience_snapshot_interval
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) \
+                or not math.isfinite(interval) or interval < 0:
+            # NaN compared false with everything, so it was accepted and never snapshotted.
             raise InvalidArgumentError(
-                "experience_snapshot_interval must be a number of seconds >= 0, got "
-                f"{experience_snapshot_interval!r}", argument="experience_snapshot_interval")
-        if not isinstance(window, int) or window < 1:
+                "experience_snapshot_interval must be a finite number of seconds >= 0 (0: "
+                f"every call), got {interval!r}", argument="experience_snapshot_interval")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise InvalidArgumentError(f"window must be a positive int, got {window!r}",
                                        argument="window")
         super().__init__(config=config, name=name, **kwargs)
@@ -92,19 +99,21 @@ class TTRLContext(ExperimentContext):
         writer, run_id = self._writer("log_experience")
         record = {"experience_id": _check_id(experience_id), "input": capture_value(input_data),
                   "output": capture_value(output_data), "timestamp": time.time(),
-                  "metadata": dict(_check_metadata(metadata)) if metadata else {}}
+                  "metadata": scrub(dict(_check_metadata(metadata))) if metadata else {}}
         meta_json = _json(record["metadata"])  # validated before the payload is written
         inp, out = _json(record["input"]), _json(record["output"])
+        count = self._experience_count + 1
+        hours = max(self._clock() - self._started, 1e-9) / 3600
+        numbers = {"online/experience_count": float(count),
+                   "online/experiences_per_hour": count / hours}
         if len(inp) + len(out) <= INLINE_PAYLOAD_BYTES:
-            writer.append("experiences", _EXPERIENCE_COLUMNS, (
+            writer.record(numbers, "experiences", (
                 run_id, record["experience_id"], inp, out, None, None, meta_json,
                 record["timestamp"]))
         else:
             self._store_large(run_id, record, meta_json)
-        self._experience_count += 1
-        hours = max(self._clock() - self._started, 1e-9) / 3600
-        writer.log_numbers({"online/experience_count": float(self._experience_count),
-                            "online/experiences_per_hour": self._experience_count / hours})
+            writer.record(numbers)
+        self._experience_count = count
         return record
 
     def log_online_update(self, experience_id: str, reward: float, confidence: float,
@@ -120,18 +129,20 @@ class TTRLContext(ExperimentContext):
         reward_value = to_number("reward", reward)
         confidence_value = to_number("confidence", confidence)
         kl = None if kl_divergence is None else to_number("kl_divergence", kl_divergence)
-        meta_json = _json(_check_metadata(metadata)) if metadata else "{}"
+        # Metadata is a record, scrubbed like a config (None/{} skip it: the hot path).
+        meta = scrub(_check_metadata(metadata)) if metadata else None
+        meta_json = _json(meta) if meta else "{}"
         count = self._update_count + 1
         now = time.time()
         update_id = f"{run_id}-u{count}"
-        writer.append("online_updates", _UPDATE_COLUMNS, (
-            run_id, update_id, experience, reward_value, confidence_value, kl,
-            self._model_version_id, meta_json, now))
         values = {"online/reward": reward_value, "online/confidence": confidence_value,
                   "online/update_count": float(count)}
         if kl is not None:
             values["online/kl_divergence"] = kl
-        writer.log_numbers(values)
+        # real(): NaN/±inf as text, else SQLite would store a NaN reward as NULL
+        writer.record(values, "online_updates", (
+            run_id, update_id, experience, real(reward_value), real(confidence_value),
+            None if kl is None else real(kl), self._model_version_id, meta_json, now))
         self._update_count = count
         self._recent.append((reward_value, confidence_value, kl))
         return {"update_id": update_id, "experience_id": experience, "reward": reward_value,
@@ -165,19 +176,19 @@ class TTRLContext(ExperimentContext):
         return self.manager.version_id(key)
 
     def updates_for(self, checkpoint_key: str | None) -> list[dict[str, Any]]:
-        """The online updates made while ``checkpoint_key`` was the current model (None: before
-        any checkpoint), oldest first — i.e. the updates that led to the *next* checkpoint."""
+        """The online updates this run made while ``checkpoint_key`` was the current model
+        (None: before any checkpoint), oldest first — i.e. the updates that led to the *next*
+        checkpoint."""
         run_id = self._flushed_run_id()
         version_id = None if checkpoint_key is None else self._version_id(checkpoint_key)
-        return self.manager.registry().online_updates(run_id, version_id)
+        return updates_for(self.manager.registry(), run_id, version_id)
 
     def updates_producing(self, checkpoint_key: str) -> list[dict[str, Any]]:
-        """Which updates produced this checkpoint: those made under the run's previous
-        checkpoint (its parent), or before any checkpoint if it is the first."""
-        registry = self.manager.registry()
-        row = registry.get_version(self._version_id(checkpoint_key))
-        previous = [p for p in registry.parents_of(row.id) if p.type == "checkpoint"]
-        return self.updates_for(previous[-1].key if previous else None)
+        """Which updates produced this checkpoint, whichever run logged it (see the module
+        function :func:`updates_producing`); works before, during and after the context."""
+        if self._active is not None:
+            self._active[0].flush()  # this run's rows may still be buffered
+        return updates_producing(self.manager.registry(), self._version_id(checkpoint_key))
 
     def _flushed_run_id(self) -> str:
         """The run's id, with buffered rows written first; works after the context exited."""
@@ -198,7 +209,10 @@ class TTRLContext(ExperimentContext):
                 if size is None:  # written before sizes were recorded: the digest decides
                     size = store.blob_path(digest).stat().st_size if store.exists(digest) \
                         else -1
-                payload = json.loads(store.check(digest, size).read_bytes())
+                payload = load_payload(store.check(digest, size), "json", digest=digest)
+                if not isinstance(payload, dict) or not {"input", "output"} <= payload.keys():
+                    raise IntegrityError(f"experience payload {digest} is not one repro wrote",
+                                         digest=digest)
                 record["input"], record["output"] = payload["input"], payload["output"]
             out.append(record)
         return out
@@ -245,6 +259,43 @@ class TTRLContext(ExperimentContext):
                                        _EXPERIENCE_COLUMNS)
 
 
+def updates_for(registry: Registry, run_id: str, version_id: int | None
+                ) -> list[dict[str, Any]]:
+    """The online updates ``run_id`` made while version ``version_id`` was its model in force
+    (None: before its first checkpoint), oldest first."""
+    return registry.online_updates(run_id, version_id)
+
+
+def updates_producing(registry: Registry, version_id: int) -> list[dict[str, Any]]:
+    """The online updates that produced checkpoint ``version_id``: those its run made while
+    the run's previous checkpoint was in force (before any, if it is the run's first).
+
+    Answered for whichever run logged the version (``versions.run_id``); the context method
+    used to answer with the *active* run's updates, so another run's checkpoint got ``[]`` or
+    the wrong updates. The previous checkpoint is the version's checkpoint parent that this
+    same run logged: a parent from another run (a resume point) was never a model version
+    of this run, whose updates link only to checkpoints it logged itself.
+    """
+    row = registry.get_version(version_id)
+    if row.type != ArtifactType.CHECKPOINT.value:
+        raise InvalidArgumentError(
+            f"{row.key} is a {row.type!r} artifact; online updates link to checkpoint "
+            "versions only", argument="version_id")
+    if row.run_id is None:
+        return []
+    parents = [p.id for p in registry.parents_of(row.id)
+               if p.type == ArtifactType.CHECKPOINT.value]
+    logged = {version for run, version in
+              registry.edges_touching("run_outputs", "version_id", parents) if run == row.run_id}
+    previous = max((p for p in parents if p in logged), default=None)
+    return registry.online_updates(row.run_id, previous)
+
+
+def run_updates(registry: Registry, run_id: str) -> list[dict[str, Any]]:
+    """Every online update of a run, oldest first, each with its ``model_version_id``."""
+    return registry.run_online_updates(run_id)
+
+
 def capture_value(value: Any) -> Any:
     """Any input/output made JSON-safe with the config converter (tensors summarised, NaN as
     text). Key-name redaction is off: this is data, and a field called ``key`` is not a
@@ -260,21 +311,13 @@ def _check_id(experience_id: object) -> str:
     """Ids are stored as SQL text: no NUL (SQLite's C strings end there), valid UTF-8."""
     valid = isinstance(experience_id, str) and 0 < len(experience_id) <= 256 \
         and "\x00" not in experience_id and experience_id.isprintable() \
-        and _encodable(experience_id)
+        and is_utf8(experience_id)
     if not valid:
         raise InvalidArgumentError(
             f"experience_id must be a printable str of 1-256 characters (valid UTF-8, no NUL "
             f"or control characters), got {experience_id!r}", argument="experience_id")
     assert isinstance(experience_id, str)
     return experience_id
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates
-        return False
-    return True
 
 
 def _check_metadata(metadata: object) -> dict[str, Any]:

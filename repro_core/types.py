@@ -14,20 +14,28 @@ from typing import Any
 from .errors import InvalidArgumentError, InvalidNameError
 
 __all__ = [
+    "DEFAULT_PROJECT",
+    "MAX_VERSION",
     "ArtifactMetadata",
     "ArtifactType",
     "ParsedKey",
     "Run",
     "RunState",
+    "check_text",
     "parse_key",
     "utc_now",
     "validate_alias",
     "validate_name",
+    "validate_project",
 ]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION_RE = re.compile(r"v(0|[1-9][0-9]*)")
 _DIGEST_PREFIX_RE = re.compile(r"(blake3|sha256):([0-9a-f]{4,64})")
+DEFAULT_PROJECT = "default"
+# SQLite integers are signed 64-bit: a bigger version number could never be stored, and
+# Python would raise OverflowError deep inside the driver instead of a clear "not found".
+MAX_VERSION = 2**63 - 1
 
 
 def utc_now() -> str:
@@ -68,12 +76,18 @@ class ArtifactType(str, enum.Enum):
 
 
 class RunState(str, enum.Enum):
-    """Lifecycle of a run; the last three are terminal."""
+    """Lifecycle of a run; every state but RUNNING is terminal.
+
+    CRASHED (not in the seed) is what W&B shows for a run whose process died without a word
+    (``kill -9``, OOM killer, power cut): recorded when a later open of the store finds the
+    run's process gone from its host.
+    """
 
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    CRASHED = "crashed"
 
     @classmethod
     def coerce(cls, value: str | RunState) -> RunState:
@@ -100,7 +114,8 @@ class ArtifactMetadata:
     """One artifact version as stored in the registry.
 
     ``hash`` is a self-describing digest (``blake3:<hex>``); ``path`` is a local, read-only path
-    to the content once the artifact has been logged or used on this machine.
+    to the content once the artifact has been logged or used on this machine. Names live in a
+    ``project`` (as in W&B): ``key`` is the fully qualified ``project/name:vN``.
     """
 
     name: str
@@ -115,6 +130,7 @@ class ArtifactMetadata:
     aliases: list[str] = field(default_factory=list)
     format: str | None = None
     path: Path | None = None
+    project: str = DEFAULT_PROJECT
 
     def __post_init__(self) -> None:
         self.type = ArtifactType.coerce(self.type)
@@ -129,8 +145,8 @@ class ArtifactMetadata:
 
     @property
     def key(self) -> str:
-        """``name:vN``, the key that names exactly this version."""
-        return f"{self.name}:{self.version}"
+        """``project/name:vN``, the key that names exactly this version in any context."""
+        return f"{self.project}/{self.name}:{self.version}"
 
     @property
     def version_number(self) -> int:
@@ -162,6 +178,35 @@ def validate_name(name: object, *, what: str = "artifact name") -> str:
     return name
 
 
+def validate_project(project: object) -> str:
+    """Projects follow the artifact-name grammar: they are the first part of a key
+    (``project/name:v3``), so ``/``, ``:`` and ``@`` cannot appear in them."""
+    return validate_name(project, what="project name")
+
+
+def check_text(value: object, what: str, *, limit: int = 256) -> str:
+    """A free-text field stored as SQL text (run names, tags): non-empty, no NUL (SQLite's C
+    strings end there), valid Unicode (a lone surrogate cannot be encoded as UTF-8)."""
+    ok = isinstance(value, str) and bool(value.strip()) and "\x00" not in value \
+        and len(value) <= limit and _encodable(value)
+    if not ok:
+        raise InvalidArgumentError(
+            f"run {what} must be a non-empty str of at most {limit} characters, valid Unicode "
+            f"and without NUL, got {value!r}",
+            argument=what,
+        )
+    assert isinstance(value, str)
+    return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from a mis-decoded file name
+        return False
+    return True
+
+
 def validate_alias(alias: object) -> str:
     """Aliases follow the name grammar and may not look like a version (``v3``)."""
     validate_name(alias, what="alias")
@@ -173,23 +218,40 @@ def validate_alias(alias: object) -> str:
 
 @dataclass(frozen=True)
 class ParsedKey:
-    """A parsed artifact key. Exactly one of version/alias/digest_prefix is set, or none."""
+    """A parsed artifact key. Exactly one of version/alias/digest_prefix is set.
+
+    ``project`` is None for a bare name (``model:v3``): the registry resolves it in the active
+    run's project, then in ``default``.
+    """
 
     name: str
     version: int | None = None
     alias: str | None = None
     digest_prefix: str | None = None
+    project: str | None = None
+
+    def text(self) -> str:
+        """The key as a user would write it (for messages)."""
+        prefix = f"{self.project}/" if self.project else ""
+        if self.version is not None:
+            return f"{prefix}{self.name}:v{self.version}"
+        if self.digest_prefix is not None:
+            return f"{prefix}{self.name}@{self.digest_prefix}"
+        return f"{prefix}{self.name}:{self.alias}"
 
 
 def parse_key(key: object, version: str | None = None) -> ParsedKey:
-    """Parse ``name``, ``name:v3``, ``name:<alias>`` or ``name@blake3:<hex prefix>``.
+    """Parse ``[project/]name``, ``…:v3``, ``…:<alias>`` or ``…@blake3:<hex prefix>``.
 
     ``version`` (the seed's separate argument) may be ``vN``, ``N``, an alias or a digest prefix;
     giving a selector both in the key and in ``version`` is ambiguous and rejected.
     """
     if not isinstance(key, str):
         raise InvalidNameError(f"artifact key must be a str, got {type(key).__name__}", name=key)
-    name, selector = _split_key(key)
+    if version is not None and not isinstance(version, str):
+        version = str(version)
+    project, rest = _split_project(key)
+    name, selector = _split_key(rest)
     validate_name(name)
     if version is not None:
         if selector is not None:
@@ -197,10 +259,20 @@ def parse_key(key: object, version: str | None = None) -> ParsedKey:
                 f"key {key!r} already selects a version; drop version={version!r}",
                 argument="version",
             )
-        selector = str(version)
+        selector = version
     if selector is None:
-        return ParsedKey(name=name, alias="latest")
-    return _parse_selector(name, selector, key)
+        return ParsedKey(name=name, alias="latest", project=project)
+    parsed = _parse_selector(name, selector, key)
+    return dataclasses.replace(parsed, project=project)
+
+
+def _split_project(key: str) -> tuple[str | None, str]:
+    head, sep, rest = key.partition("/")
+    if not sep:
+        return None, key
+    if "@" in head or ":" in head:  # the "/" belongs to a selector, which is invalid anyway
+        return None, key
+    return validate_project(head), rest
 
 
 def _split_key(key: str) -> tuple[str, str | None]:
@@ -225,7 +297,12 @@ def _parse_selector(name: str, selector: str, key: str) -> ParsedKey:
     if text.isascii() and text.isdigit():
         text = f"v{int(text)}"
     if _VERSION_RE.fullmatch(text):
-        return ParsedKey(name=name, version=int(text[1:]))
+        number = int(text[1:])
+        if number < 1 or number > MAX_VERSION:
+            raise InvalidNameError(
+                f"invalid version in {key!r}: versions are numbered v1, v2, … (at most "
+                f"v{MAX_VERSION})", name=key)
+        return ParsedKey(name=name, version=number)
     validate_name(text, what="alias")
     return ParsedKey(name=name, alias=text)
 

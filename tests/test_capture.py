@@ -384,6 +384,124 @@ def test_capture_allow_and_deny(repo: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert env["env_vars"]["LR_SCHEDULE"] == REDACTED
 
 
+# -- secrets inside the git patch (issue 8 item 9) -----------------------------------------------
+
+KEY_MATERIAL = "SuperSecretKeyMaterial0123"
+PEM_KEY = (f"-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7\n{KEY_MATERIAL}\n"
+           "-----END RSA PRIVATE KEY-----\n")
+GIT_DIFF = ("-c", "core.quotepath=off", "diff", "--no-ext-diff", "--no-color", "--binary", "HEAD")
+
+
+def test_patch_assignments_are_scrubbed(repo: Path) -> None:
+    (repo / "train.py").write_text(
+        f'lr = 0.1\nDB_PASSWORD = "{MARK}"\nSECRET_TOKEN = \'{MARK}\'\n'
+        f'headers = {{"Authorization": "Bearer {MARK}"}}\npassword_length = 12\n'
+        'api_key = os.environ["API_KEY"]\ntoken = get_token()\nclient = Client(key=token)\n'
+    )
+    (repo / ".env").write_text(f"export AWS_SECRET_ACCESS_KEY={MARK}\nLR=0.1\nPASSWORD= \n")
+    (repo / "config.yaml").write_text(
+        f"db:\n  password: {MARK}  # rotate monthly\n  host: db.internal\n"
+        "num_key_value_heads: 8\n"
+    )
+    (repo / "id_rsa").write_text(PEM_KEY)
+    git(repo, "add", "-N", ".")  # intent to add: new files show in ``git diff HEAD``
+    patch = capture_environment(COMPLETE, path=repo)["git"]["patch"]
+    raw = git(repo, *GIT_DIFF).decode()
+    assert MARK not in patch and MARK in raw
+    assert KEY_MATERIAL not in patch and KEY_MATERIAL in raw
+    for line in [
+        f'+DB_PASSWORD = "{REDACTED}"', f"+SECRET_TOKEN = '{REDACTED}'",
+        f'+headers = {{"Authorization": "Bearer {REDACTED}"}}', "+password_length = 12",
+        '+api_key = os.environ["API_KEY"]', "+token = get_token()", "+client = Client(key=token)",
+        f"+export AWS_SECRET_ACCESS_KEY={REDACTED}", "+LR=0.1",
+        f"+  password: {REDACTED}  # rotate monthly", "+  host: db.internal",
+        "+num_key_value_heads: 8", "+-----BEGIN RSA PRIVATE KEY-----", f"+{REDACTED}",
+        "+-----END RSA PRIVATE KEY-----",
+    ]:
+        assert line in patch.splitlines(), line
+    assert patch.count("\n") == raw.count("\n")  # hunks keep their sizes
+
+
+def test_removed_secret_lines_are_scrubbed_too(repo: Path) -> None:
+    (repo / "settings.py").write_text(f'DB_PASSWORD = "{MARK}"\n')
+    git(repo, "add", "settings.py")
+    git(repo, "commit", "-q", "-m", "oops")
+    (repo / "settings.py").write_text('DB_PASSWORD = os.environ["DB_PASSWORD"]\n')
+    patch = capture_environment(COMPLETE, path=repo)["git"]["patch"]
+    assert MARK not in patch
+    assert f'-DB_PASSWORD = "{REDACTED}"' in patch
+    assert '+DB_PASSWORD = os.environ["DB_PASSWORD"]' in patch
+
+
+def test_truncated_patch_keeps_marker_and_is_scrubbed(repo: Path) -> None:
+    (repo / "train.py").write_text("".join(f'api_key_{i} = "{MARK}"\n' for i in range(2_000)))
+    info = capture_environment(COMPLETE, path=repo, max_patch_bytes=10_000)["git"]
+    assert MARK not in info["patch"]
+    match = PATCH_MARKER.search(info["patch"])
+    assert match is not None and info["patch_truncated"] is True
+    assert int(match.group(2)) == info["patch_bytes"] > 10_000
+
+
+REALISTIC_TRAIN = """\
+import argparse
+import os
+
+import torch
+from transformers import AutoTokenizer
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--api-key", default=None, help="W&B key; defaults to $WANDB_API_KEY")
+    parser.add_argument("--tokenizer-name", default="meta-llama/Llama-2-7b-hf")
+    return parser.parse_args(argv)
+
+
+def main(api_key: str | None = None, token: str | None = None) -> None:
+    args = parse()
+    api_key = api_key or os.environ.get("WANDB_API_KEY")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, token=token)
+    tokenizer.pad_token = tokenizer.eos_token
+    key = torch.Generator().manual_seed(0)
+    attn = dict(num_key_value_heads=8, key_dim=64, max_tokens=4096)
+    if key is None or api_key == "":
+        raise KeyError(f"missing key: {key!r}")
+    print(f"lr={args.lr} tokens/s={attn['max_tokens']}")
+"""
+REALISTIC_YAML = """\
+model:
+  name: llama-2-7b
+  num_key_value_heads: 8
+  max_position_embeddings: 4096
+  pad_token: "<pad>"
+  eos_token_id: 2
+tokenizer: meta-llama/Llama-2-7b-hf
+optimizer: {name: adamw, lr: 3.0e-4, betas: [0.9, 0.95]}
+session_length: 128
+data_url: https://huggingface.co/datasets/org/data
+"""
+
+
+def test_realistic_patch_without_secrets_is_byte_identical(repo: Path) -> None:
+    (repo / "train.py").write_text(REALISTIC_TRAIN)
+    (repo / "config.yaml").write_text(REALISTIC_YAML)
+    (repo / "README.md").write_text("Run `python train.py --lr 0.1` (see `--api-key`).\n")
+    git(repo, "add", "-N", ".")
+    patch = capture_environment(COMPLETE, path=repo)["git"]["patch"]
+    assert patch == git(repo, *GIT_DIFF).decode()
+
+
+def test_git_info_scrubs_by_itself(repo: Path) -> None:
+    from repro_core.capture import git_info
+
+    git(repo, "remote", "add", "origin", f"https://user:{MARK}@example.com/org/repo.git")
+    (repo / "train.py").write_text(f'TOKEN = "{MARK}"\n')
+    info = git_info(repo, patch=True)
+    assert info is not None and MARK not in json.dumps(info)
+    assert info["patch"].endswith(f'+TOKEN = "{REDACTED}"\n')
+
+
 # -- GPU / NVML ---------------------------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ def populated(manager: ArtifactManager, store_root: Path) -> dict[str, str]:
 
 
 def invoke(*args: str) -> tuple[int, str]:
+    """Exit code and stdout + stderr, as a terminal user would see them."""
     result = CliRunner().invoke(main, list(args))
     return result.exit_code, result.output
 
@@ -43,42 +44,93 @@ def test_runs_and_show(populated: dict[str, str], store_root: Path) -> None:
     runs = json.loads(out)
     assert [r["name"] for r in runs] == ["train", "evaluate"]
     assert [r["artifacts"] for r in runs] == [2, 1]
-    assert all(r["state"] == "completed" for r in runs)
+    assert all(r["state"] == "completed" and r["project"] == "default" for r in runs)
     code, out = invoke("show", populated["b"], "--root", str(store_root), "--json")
     detail = json.loads(out)
-    assert code == 0 and detail["inputs"] == ["model:v0"]
-    assert detail["outputs"] == ["evaluation:v0"]
+    assert code == 0 and detail["inputs"] == ["default/model:v1"]
+    assert detail["outputs"] == ["default/evaluation:v1"] and detail["project"] == "default"
     code, out = invoke("show", populated["a"], "--root", str(store_root))
-    assert code == 0 and "train" in out and '"lr": 0.1' in out
+    assert code == 0 and "train" in out and '"lr": 0.1' in out and "project=default" in out
+
+
+def test_runs_counts_deduplicated_outputs(manager: ArtifactManager, store_root: Path) -> None:
+    """A run whose every output deduplicated to an existing version logged artifacts too: the
+    old count (versions.run_id) said 0 while `show` listed them."""
+    manager.init_run("first")
+    manager.log_artifact("model", "model", data=b"same")
+    manager.finalize_run()
+    second = manager.init_run("second")
+    manager.log_artifact("model", "model", data=b"same")  # dedup: no new version
+    manager.finalize_run()
+    runs = json.loads(invoke("runs", "--root", str(store_root), "--json")[1])
+    assert {r["name"]: r["artifacts"] for r in runs} == {"first": 1, "second": 1}
+    shown = json.loads(invoke("show", str(second.id), "--root", str(store_root), "--json")[1])
+    assert shown["outputs"] == ["default/model:v1"]
+
+
+def test_run_id_prefixes(populated: dict[str, str], store_root: Path) -> None:
+    """show / diff / verify --run / lineage run: take a unique prefix, as git short hashes."""
+    root = ["--root", str(store_root)]
+    prefix = populated["b"][:6]
+    code, out = invoke("show", prefix, *root, "--json")
+    detail = json.loads(out)
+    assert code == 0 and detail["id"] == populated["b"]
+    assert detail["inputs"] == ["default/model:v1"]  # the old code queried inputs by prefix
+    assert [s["state"] for s in detail["states"]] == ["running", "completed"]
+    code, out = invoke("diff", populated["a"][:5], prefix, *root, "--json")
+    assert code == 0 and json.loads(out)["runs"]["b"]["id"] == populated["b"]
+    code, out = invoke("lineage", f"run:{prefix}", *root, "--format", "json")
+    assert code == 0 and json.loads(out)["node"] == f"run:{populated['b']}"
+    code, out = invoke("verify", "--run", populated["a"][:4], *root, "--json")
+    assert code == 0 and json.loads(out)["blobs_checked"] == 2
+
+
+def test_projects_are_shown_and_filtered(manager: ArtifactManager, store_root: Path) -> None:
+    manager.init_run("v", project="vision")
+    manager.log_artifact("model", "model", data=b"v")
+    manager.finalize_run()
+    manager.init_run("n", project="nlp")
+    manager.log_artifact("model", "model", data=b"n")
+    manager.finalize_run()
+    root = ["--root", str(store_root)]
+    runs = json.loads(invoke("runs", *root, "--project", "nlp", "--json")[1])
+    assert [(r["name"], r["project"]) for r in runs] == [("n", "nlp")]
+    rows = json.loads(invoke("artifacts", *root, "--project", "vision", "--json")[1])
+    assert [(r["key"], r["project"]) for r in rows] == [("vision/model:v1", "vision")]
+    rows = json.loads(invoke("artifacts", "nlp/model", *root, "--json")[1])
+    assert [r["key"] for r in rows] == ["nlp/model:v1"]
+    code, out = invoke("artifacts", *root)
+    assert code == 0 and "project" in out and "vision" in out and "nlp" in out
+    code, out = invoke("runs", *root)
+    assert code == 0 and "vision" in out
+    code, out = invoke("show", runs[0]["id"], *root)
+    assert code == 0 and "project=nlp" in out
+    code, out = invoke("artifacts", "nlp/model", "--project", "vision", *root)
+    assert code == 2 and "--project" in out
+    code, out = invoke("lineage", "model", *root)  # in two projects: ambiguous, said so
+    assert code == 2 and "ambiguous" in out and "nlp" in out
 
 
 def test_artifacts_listing(populated: dict[str, str], store_root: Path) -> None:
     code, out = invoke("artifacts", "model", "--root", str(store_root), "--json")
     rows = json.loads(out)
-    assert code == 0 and [r["key"] for r in rows] == ["model:v0"]
+    assert code == 0 and [r["key"] for r in rows] == ["default/model:v1"]
     assert rows[0]["aliases"] == ["best", "latest"] and rows[0]["size"] == 700
+    assert rows[0]["project"] == "default"
     code, out = invoke("artifacts", "--root", str(store_root))
     assert code == 0 and "evaluation" in out and "dataset" in out
 
 
-@pytest.mark.parametrize(
-    "args",
-    [("show", "nope"), ("artifacts", "nope"), ("verify", "nope:v0"), ("verify", "../x")],
-)
-def test_bad_input_is_one_line_exit_2(populated: dict[str, str], store_root: Path,
-                                      args: tuple[str, ...]) -> None:
-    code, out = invoke(*args, "--root", str(store_root))
-    assert code == 2
-    assert out.startswith("repro: error:") and "Traceback" not in out
-    assert len(out.strip().splitlines()) == 1
-
-
-def test_missing_store_is_not_created(tmp_path: Path) -> None:
-    missing = tmp_path / "nowhere"
-    for command in ("runs", "artifacts", "verify", "gc"):
-        code, out = invoke(command, "--root", str(missing))
-        assert code == 2 and "no repro store" in out
-    assert not missing.exists()
+def test_global_root_option(populated: dict[str, str], store_root: Path,
+                            tmp_path: Path) -> None:
+    """`repro --root X runs` (as git -C users type it) works; the command's --root wins."""
+    code, out = invoke("--root", str(store_root), "runs", "--json")
+    assert code == 0 and len(json.loads(out)) == 2
+    code, out = invoke("--root", str(tmp_path / "elsewhere"), "runs", "--root", str(store_root),
+                       "--json")
+    assert code == 0 and len(json.loads(out)) == 2
+    code, out = invoke("--root", str(tmp_path / "elsewhere"), "runs")
+    assert code == 2 and "elsewhere" in out
 
 
 def _flip_first_byte(path: Path) -> None:
@@ -99,11 +151,26 @@ def test_verify_finds_flipped_byte(populated: dict[str, str], manager: ArtifactM
     report = json.loads(out)
     assert code == 1 and not report["ok"]
     assert [(p["digest"], p["kind"], p["versions"]) for p in report["problems"]] == [
-        (model.hash, "digest", ["model:v0"])]
-    code, out = invoke("verify", "model:v0", "--root", str(store_root))
+        (model.hash, "digest", ["default/model:v1"])]
+    code, out = invoke("verify", "model:v1", "--root", str(store_root))
     assert code == 1 and "DIGEST" in out and model.hash in out
-    code, _ = invoke("verify", "dataset:v0", "--root", str(store_root))
+    code, _ = invoke("verify", "dataset:v1", "--root", str(store_root))
     assert code == 0  # only the named version's blobs are checked
+
+
+def test_verify_run_checks_only_its_outputs(populated: dict[str, str], manager: ArtifactManager,
+                                            store_root: Path) -> None:
+    """--run RUN checks the versions the run logged, not what it used: run B used the model,
+    so a corrupt model fails `verify --run A` and passes `verify --run B`."""
+    root = ["--root", str(store_root)]
+    _flip_first_byte(manager.use_artifact("model", verify=False).path)  # type: ignore[arg-type]
+    code, out = invoke("verify", "--run", populated["a"], *root, "--json")
+    report = json.loads(out)
+    assert code == 1 and [p["versions"] for p in report["problems"]] == [["default/model:v1"]]
+    code, out = invoke("verify", "--run", populated["b"], *root, "--json")
+    assert code == 0 and json.loads(out)["blobs_checked"] == 1
+    code, out = invoke("verify", "--help")
+    assert "outputs" in out and "not the inputs" in out
 
 
 def test_gc_frees_orphan_blob(populated: dict[str, str], store_root: Path) -> None:
@@ -146,7 +213,7 @@ def test_subprocess_with_env_root(populated: dict[str, str], store_root: Path) -
     out = subprocess.run([sys.executable, "-m", "repro_core.cli", "runs", "--json"], env=env,
                          capture_output=True, text=True, check=True).stdout
     assert {r["id"] for r in json.loads(out)} == set(populated.values())
-    bad = subprocess.run([sys.executable, "-m", "repro_core.cli", "show", "zzz"], env=env,
+    bad = subprocess.run([sys.executable, "-m", "repro_core.cli", "show", "zzzz"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("repro: error:")
 
@@ -157,21 +224,21 @@ def test_lineage_formats(populated: dict[str, str], store_root: Path, tmp_path: 
     root = ["--root", str(store_root)]
     code, out = invoke("lineage", "evaluation", *root, "--format", "json")
     data = json.loads(out)
-    assert code == 0 and data["node"] == "evaluation:v0" and data["descendants"] == []
-    assert set(data["ancestors"]) == {"dataset:v0", "model:v0", f"run:{populated['a']}",
-                                      f"run:{populated['b']}"}
-    code, out = invoke("lineage", "evaluation:v0", *root, "--format", "json", "--depth", "1")
+    assert code == 0 and data["node"] == "default/evaluation:v1" and data["descendants"] == []
+    assert set(data["ancestors"]) == {"default/dataset:v1", "default/model:v1",
+                                      f"run:{populated['a']}", f"run:{populated['b']}"}
+    code, out = invoke("lineage", "evaluation:v1", *root, "--format", "json", "--depth", "1")
     assert json.loads(out)["ancestors"] == [f"run:{populated['b']}"]
     code, out = invoke("lineage", "dataset", *root, "--down", "--format", "json")
-    assert set(json.loads(out)["descendants"]) >= {"model:v0", "evaluation:v0"}
+    assert set(json.loads(out)["descendants"]) >= {"default/model:v1", "default/evaluation:v1"}
     assert json.loads(out)["ancestors"] == []
 
     code, out = invoke("lineage", "evaluation", *root)
-    assert code == 0 and "came from" in out and "dataset:v0" in out
+    assert code == 0 and "came from" in out and "default/dataset:v1" in out
     code, out = invoke("lineage", f"run:{populated['b']}", *root, "--format", "mermaid")
     assert code == 0 and out.startswith("flowchart TD")
     code, out = invoke("lineage", "model", *root, "--format", "dot")
-    assert code == 0 and out.lstrip().startswith("digraph") and '"model:v0"' in out
+    assert code == 0 and out.lstrip().startswith("digraph") and '"default/model:v1"' in out
     svg = tmp_path / "lineage.svg"
     code, _ = invoke("lineage", "evaluation", *root, "--format", "svg", "-o", str(svg))
     assert code == 0 and ET.parse(svg).getroot().tag.endswith("svg")
@@ -180,6 +247,28 @@ def test_lineage_formats(populated: dict[str, str], store_root: Path, tmp_path: 
     assert code == 2 and out.startswith("repro: error:")
     code, out = invoke("lineage", "run:nope", *root)
     assert code == 2 and "no run with id 'nope'" in out
+
+
+def test_lineage_tree_output_file_and_headings(populated: dict[str, str], store_root: Path,
+                                              tmp_path: Path) -> None:
+    """-o is honoured for the default tree too (it used to print to stdout and exit 0), and
+    a heading with nothing under it is left out."""
+    root = ["--root", str(store_root)]
+    target = tmp_path / "tree.txt"
+    code, out = invoke("lineage", "evaluation", *root, "-o", str(target))
+    assert code == 0 and "came from" not in out and f"wrote {target}" in out
+    text = target.read_text()
+    assert "came from" in text and "default/dataset:v1" in text and "\x1b[" not in text
+    assert "built into" not in text  # evaluation has no descendants: no empty heading
+    code, out = invoke("lineage", f"run:{populated['a']}", *root, "--up")  # it used nothing
+    assert code == 0 and "came from" not in out and "built into" not in out
+    assert "no lineage recorded" in out
+
+
+def test_lineage_up_and_down_together_are_refused(populated: dict[str, str],
+                                                  store_root: Path) -> None:
+    code, out = invoke("lineage", "model", "--up", "--down", "--root", str(store_root))
+    assert code == 2 and "--up and --down" in out
 
 
 def test_subprocess_verify_and_gc(populated: dict[str, str], manager: ArtifactManager,
@@ -192,7 +281,17 @@ def test_subprocess_verify_and_gc(populated: dict[str, str], manager: ArtifactMa
     assert blob is not None
     _flip_first_byte(blob)
     bad = subprocess.run([*cli, "verify", *root], capture_output=True, text=True)
-    assert bad.returncode == 1 and "DIGEST" in bad.stdout and "dataset:v0" in bad.stdout
+    assert bad.returncode == 1 and "DIGEST" in bad.stdout and "default/dataset:v1" in bad.stdout
     gc = subprocess.run([*cli, "gc", "--delete", "--grace", "0", *root, "--json"],
                         capture_output=True, text=True, check=True)
     assert json.loads(gc.stdout)["blobs"] == []  # corrupt but referenced: gc never hides it
+
+
+def test_console_script_entry_point() -> None:
+    """pyproject's `repro = "repro_core.cli:main"` still names the click group."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["repro"] == "repro_core.cli:main"
+    code, out = invoke("--help")
+    assert code == 0 and all(c in out for c in ("runs", "updates", "init", "recover"))

@@ -66,9 +66,9 @@ def test_success_completes_and_records_config_and_environment(
     assert record["config"]["lr"] == 0.1
     assert [s[0] for s in record["states"]] == ["running", "completed"]
     outputs = record["outputs"]
-    assert any(k.startswith("config:") for k in outputs)
-    assert any(k.startswith("environment:") for k in outputs)
-    assert not any(k.startswith("error_trace:") for k in outputs)
+    assert any(k.startswith("default/config:") for k in outputs)
+    assert any(k.startswith("default/environment:") for k in outputs)
+    assert not any(k.startswith("default/error_trace:") for k in outputs)
     assert manager.load_artifact("config") == {"lr": 0.1, "layers": [1, 2]}
     env = manager.load_artifact("environment")
     assert env["capture_level"] == "BASIC"
@@ -89,7 +89,7 @@ def test_exception_fails_run_propagates_same_object_and_keeps_trace(
     record = manager.get_run(ctx.run.id or "")
     assert record["state"] == "failed"
     assert ["failed", "ValueError: bad batch 0xC0FFEE"] in [[s, r] for s, _, r in record["states"]]
-    assert any(k.startswith("error_trace:") for k in record["outputs"])
+    assert any(k.startswith("default/error_trace:") for k in record["outputs"])
     trace = manager.load_artifact("error_trace")
     assert isinstance(trace, str)
     assert "Traceback (most recent call last)" in trace
@@ -102,7 +102,7 @@ def test_keyboard_interrupt_is_interrupted_without_error_trace(
         raise KeyboardInterrupt
     assert ctx.run is not None
     assert _state(ctx.run.id) == "interrupted"
-    assert not any(k.startswith("error_trace:") for k in _outputs(ctx.run.id))
+    assert not any(k.startswith("default/error_trace:") for k in _outputs(ctx.run.id))
 
 
 @pytest.mark.parametrize(("code", "state"), [(0, "completed"), (None, "completed"),
@@ -250,11 +250,11 @@ def test_log_model_checkpoint_chains_parents(manager: ArtifactManager, store_roo
             path.write_bytes(bytes([step]) * 100)
             keys.append(ctx.log_model_checkpoint(path, step, metrics={"loss": step / 10}).key)
         assert ctx.last_checkpoint is not None and ctx.last_checkpoint.key == keys[1]
-    assert keys == ["checkpoint:v0", "checkpoint:v1"]
-    second = manager.use_artifact("checkpoint:v1")
+    assert keys == ["default/checkpoint:v1", "default/checkpoint:v2"]
+    second = manager.use_artifact("checkpoint:v2")
     assert second.metadata == {"step": 20, "metrics": {"loss": 2.0}}
-    assert sorted(second.parent_artifacts) == ["checkpoint:v0", "config:v0"]
-    assert manager.use_artifact("checkpoint:v0").parent_artifacts == ["config:v0"]
+    assert sorted(second.parent_artifacts) == ["default/checkpoint:v1", "default/config:v1"]
+    assert manager.use_artifact("checkpoint:v1").parent_artifacts == ["default/config:v1"]
 
 
 # -- hardware monitor ---------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_monitor_writes_hardware_usage_and_jsonl(manager: ArtifactManager,
         time.sleep(0.4)
     assert not ctx.monitor.running
     assert ctx.run is not None and ctx.run.dir is not None
-    assert any(k.startswith("hardware_usage:") for k in _outputs(ctx.run.id))
+    assert any(k.startswith("default/hardware_usage:") for k in _outputs(ctx.run.id))
     usage = manager.load_artifact("hardware_usage")
     assert usage["sample_count"] >= 2
     lines = (ctx.run.dir / "hardware.jsonl").read_text().splitlines()
@@ -285,7 +285,7 @@ def test_monitor_off_writes_no_hardware_files(manager: ArtifactManager,
         pass
     assert ctx.run is not None and ctx.run.dir is not None
     assert not (ctx.run.dir / "hardware.jsonl").exists()
-    assert not any(k.startswith("hardware_usage:") for k in _outputs(ctx.run.id))
+    assert not any(k.startswith("default/hardware_usage:") for k in _outputs(ctx.run.id))
 
 
 def test_monitor_data_kept_on_failure(manager: ArtifactManager, store_root: Path) -> None:
@@ -296,8 +296,8 @@ def test_monitor_data_kept_on_failure(manager: ArtifactManager, store_root: Path
     assert ctx.run is not None and ctx.run.dir is not None
     assert (ctx.run.dir / "hardware.jsonl").is_file()
     outputs = _outputs(ctx.run.id)
-    assert any(k.startswith("hardware_usage:") for k in outputs)
-    assert any(k.startswith("error_trace:") for k in outputs)
+    assert any(k.startswith("default/hardware_usage:") for k in outputs)
+    assert any(k.startswith("default/error_trace:") for k in outputs)
 
 
 # -- SIGTERM in a child process -----------------------------------------------------------------
@@ -362,7 +362,7 @@ def test_sigterm_in_child_ends_run_interrupted(manager: ArtifactManager,
     assert record["ended_at"] is not None
     assert any(s == "interrupted" and (r or "").startswith("Terminated")
                for s, _, r in record["states"])
-    assert any(k.startswith("environment:") for k in record["outputs"])
+    assert any(k.startswith("default/environment:") for k in record["outputs"])
 
 
 @pytest.mark.slow

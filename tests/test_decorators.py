@@ -240,7 +240,7 @@ def fit_linear(config: dict[str, Any], seed: int = 0) -> tuple[torch.nn.Module, 
 def _tracked_fit_linear() -> Any:
     # Decorated inside each test, after the fixture has reset the manager: see
     # test_track_artifacts_follows_manager_reset for why decorating at import time fails.
-    return track_artifacts(inputs=["digits:v0"], outputs=["model", "metrics"])(fit_linear)
+    return track_artifacts(inputs=["digits:v1"], outputs=["model", "metrics"])(fit_linear)
 
 
 def test_track_artifacts_lineage_edges(manager: ArtifactManager) -> None:
@@ -253,7 +253,8 @@ def test_track_artifacts_lineage_edges(manager: ArtifactManager) -> None:
 
     record = manager.get_run(run.id)
     assert record["inputs"] == [dataset]
-    assert sorted(record["outputs"]) == ["fit_linear-metrics:v0", "fit_linear-model:v0"]
+    assert sorted(record["outputs"]) == ["default/fit_linear-metrics:v1",
+                                         "default/fit_linear-model:v1"]
     for key in record["outputs"]:
         meta = manager.use_artifact(key)
         assert meta.parent_artifacts == [dataset]
@@ -263,7 +264,7 @@ def test_track_artifacts_lineage_edges(manager: ArtifactManager) -> None:
     assert manager.load_artifact("fit_linear-metrics") == {"loss": 0.5, "seed": 3.0}
     weights = manager.load_artifact("fit_linear-model")
     assert torch.equal(weights["weight"], model.weight.detach())  # module logged as weights
-    assert manager.get_lineage("fit_linear-model:v0")["run_inputs"] == [dataset]
+    assert manager.get_lineage("fit_linear-model:v1")["run_inputs"] == [dataset]
 
 
 def test_track_artifacts_capture_source_and_no_args(manager: ArtifactManager) -> None:
@@ -274,12 +275,12 @@ def test_track_artifacts_capture_source_and_no_args(manager: ArtifactManager) ->
     manager.init_run("eval")
     evaluate("hunter2")
     manager.finalize_run()
-    meta = manager.use_artifact("evaluate-evaluation:v0")
-    assert meta.parent_artifacts == ["evaluate-source:v0"]
+    meta = manager.use_artifact("evaluate-evaluation:v1")
+    assert meta.parent_artifacts == ["default/evaluate-source:v1"]
     assert "args" not in meta.metadata
-    source = manager.load_artifact("evaluate-source:v0")
+    source = manager.load_artifact("evaluate-source:v1")
     assert "def evaluate(secret_token: str)" in source and "accuracy" in source
-    assert manager.use_artifact("evaluate-source:v0").type.value == "code"
+    assert manager.use_artifact("evaluate-source:v1").type.value == "code"
 
 
 def test_track_artifacts_async(manager: ArtifactManager) -> None:
@@ -294,7 +295,7 @@ def test_track_artifacts_async(manager: ArtifactManager) -> None:
     assert asyncio.run(score({"k": 1})) == {"f1": 0.75}
     manager.finalize_run()
     assert run is not None and run.id is not None
-    meta = manager.use_artifact("score-metrics:v0")
+    meta = manager.use_artifact("score-metrics:v1")
     assert meta.parent_artifacts == [dataset] and meta.run_id == run.id
     assert meta.metadata["args"] == {"config": {"k": 1}}
     assert manager.load_artifact("score-metrics") == {"f1": 0.75}
@@ -308,7 +309,7 @@ def test_track_artifacts_opens_a_run_when_none_is_active(manager: ArtifactManage
     assert manager.current_run is None
     row = next(r for r in _runs(manager) if r.name == "fit_linear")
     assert row.state == "completed"
-    meta = manager.use_artifact("fit_linear-model:v0")
+    meta = manager.use_artifact("fit_linear-model:v1")
     assert meta.run_id == row.id and meta.parent_artifacts == [dataset]
     assert manager.get_run(row.id)["inputs"] == [dataset]
 
@@ -323,7 +324,7 @@ def test_track_artifacts_follows_manager_reset(manager: ArtifactManager,
     fresh.init_run("train")
     tracked({"lr": 0.1})  # fails: the stale manager has no run and no 'digits'
     fresh.finalize_run()
-    assert fresh.use_artifact("fit_linear-model:v0").parent_artifacts == [dataset]
+    assert fresh.use_artifact("fit_linear-model:v1").parent_artifacts == [dataset]
 
 
 def test_track_artifacts_failure_in_own_run_is_failed(manager: ArtifactManager) -> None:
@@ -347,7 +348,7 @@ def test_track_artifacts_output_count_mismatch(manager: ArtifactManager, run: An
 
 
 def test_track_artifacts_unknown_input_and_bad_keys(manager: ArtifactManager, run: Any) -> None:
-    @track_artifacts(inputs=["missing:v0"], outputs=["metrics"])
+    @track_artifacts(inputs=["missing:v1"], outputs=["metrics"])
     def needs_missing() -> dict[str, float]:
         raise AssertionError("must not run without its input")  # pragma: no cover
 
@@ -368,7 +369,7 @@ def test_track_artifacts_file_outputs(manager: ArtifactManager, run: Any,
         return path
 
     export(5)
-    meta = manager.use_artifact("export-dataset:v0")
+    meta = manager.use_artifact("export-dataset:v1")
     assert meta.format == "file" and meta.size_bytes == len("0\n1\n2\n3\n4")
 
 
@@ -382,10 +383,10 @@ def _train_step(model: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize(("mode", "scores", "best"), [
-    ("min", [3.0, 1.0, 2.0, 0.5, 4.0], "v3"),
-    ("max", [0.1, 0.7, 0.3, 0.9, 0.8], "v3"),
-    ("max", [0.9, 0.1, 0.2], "v0"),
-    ("min", [5.0, 4.0, 3.0], "v2"),
+    ("min", [3.0, 1.0, 2.0, 0.5, 4.0], "v4"),
+    ("max", [0.1, 0.7, 0.3, 0.9, 0.8], "v4"),
+    ("max", [0.9, 0.1, 0.2], "v1"),
+    ("min", [5.0, 4.0, 3.0], "v3"),
 ])
 def test_checkpoint_keeps_best(manager: ArtifactManager, run: Any, mode: str,
                                scores: list[float], best: str) -> None:
@@ -401,14 +402,14 @@ def test_checkpoint_keeps_best(manager: ArtifactManager, run: Any, mode: str,
     for score in scores:
         assert train_epoch(model, score) == {"val": score, "loss": 1.0}
     versions = manager.list_artifacts("checkpoint")
-    assert [v.version for v in versions] == [f"v{i}" for i in range(len(scores))]
+    assert [v.version for v in versions] == [f"v{i + 1}" for i in range(len(scores))]
     chosen = manager.use_artifact("checkpoint:best")
     assert chosen.version == best
-    assert chosen.metadata["metrics"]["val"] == scores[int(best[1:])]
+    assert chosen.metadata["metrics"]["val"] == scores[int(best[1:]) - 1]
     assert chosen.metadata["monitor"] == "val" and chosen.metadata["mode"] == mode
     saved = manager.load_artifact("checkpoint:best")
-    assert torch.equal(saved["weight"], snapshots[int(best[1:])]["weight"])
-    assert manager.use_artifact("checkpoint:v1").parent_artifacts == ["checkpoint:v0"]
+    assert torch.equal(saved["weight"], snapshots[int(best[1:]) - 1]["weight"])
+    assert manager.use_artifact("checkpoint:v2").parent_artifacts == ["default/checkpoint:v1"]
 
 
 @pytest.mark.parametrize(("mode", "scores"), [("min", [float("nan"), 1.0, 0.5]),
@@ -423,7 +424,7 @@ def test_checkpoint_nan_score_is_never_best(manager: ArtifactManager, run: Any, 
     model = torch.nn.Linear(1, 1)
     for score in scores:
         step(model, score)
-    assert manager.use_artifact("checkpoint:best").version == "v2"
+    assert manager.use_artifact("checkpoint:best").version == "v3"
 
 
 def test_checkpoint_every_n_calls(manager: ArtifactManager, run: Any) -> None:
@@ -438,7 +439,7 @@ def test_checkpoint_every_n_calls(manager: ArtifactManager, run: Any) -> None:
     versions = manager.list_artifacts("checkpoint")
     assert [v.metadata["call"] for v in versions] == [3, 6]
     assert [v.metadata["metrics"]["loss"] for v in versions] == [8.0, 5.0]
-    assert manager.use_artifact("checkpoint:best").version == "v1"
+    assert manager.use_artifact("checkpoint:best").version == "v2"
 
 
 def test_checkpoint_save_best_false_sets_no_alias(manager: ArtifactManager, run: Any) -> None:
@@ -472,7 +473,7 @@ def test_checkpoint_async_and_method(manager: ArtifactManager, run: Any) -> None
 
     asyncio.run(main())
     assert len(manager.list_artifacts("checkpoint")) == 3
-    assert manager.use_artifact("checkpoint:best").version == "v1"
+    assert manager.use_artifact("checkpoint:best").version == "v2"
 
 
 @pytest.mark.parametrize("kwargs", [{"mode": "up"}, {"frequency": 0}, {"frequency": -2},

@@ -6,16 +6,20 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from repro_core import ArtifactManager, capture_environment, diff_runs, seed_everything
 from repro_core.cli import main
 
+_SAME = {"changed": {}, "added": {}, "removed": {}, "captured": {"a": True, "b": True}}
+
 
 def _run(manager: ArtifactManager, name: str, config: dict[str, object],
-         env: dict[str, object], metrics: dict[str, float]) -> str:
+         env: dict[str, object] | None, metrics: dict[str, float]) -> str:
     run = manager.init_run(name, config=config)
-    manager.log_artifact("environment", "environment", data=env)
+    if env is not None:
+        manager.log_artifact("environment", "environment", data=env)
     manager.log_metrics(metrics)
     manager.finalize_run()
     assert run is not None and run.id is not None
@@ -37,13 +41,13 @@ def test_diff_names_exactly_the_differences(manager: ArtifactManager, store_root
 
     result = diff_runs(a, b, root=store_root)
     assert result["config"] == {"changed": {"lr": [0.1, 0.2]}, "added": {"new": 1},
-                                "removed": {"old": True}}
-    assert result["packages"] == {
-        "changed": {package: [env_a["packages"][package], "999.0"]}, "added": {}, "removed": {}}
+                                "removed": {"old": True}, "captured": {"a": True, "b": True}}
+    assert result["packages"] == {**_SAME,
+                                  "changed": {package: [env_a["packages"][package], "999.0"]}}
     assert list(result["seeds"]["changed"]) != [] and not result["seeds"]["added"]
     assert all("seed" in key.lower() for key in result["seeds"]["changed"])
     for section in ("git", "cuda", "gpu", "determinism"):
-        assert result[section] == {"changed": {}, "added": {}, "removed": {}}, section
+        assert result[section] == _SAME, section
     assert result["metrics"] == {"acc": [0.8, None], "loss": [0.5, 0.4]}
 
     out = CliRunner().invoke(main, ["diff", a, b, "--root", str(store_root)])
@@ -53,7 +57,7 @@ def test_diff_names_exactly_the_differences(manager: ArtifactManager, store_root
     as_json = CliRunner().invoke(main, ["diff", a, b, "--root", str(store_root), "--json"])
     assert json.loads(as_json.output)["config"]["changed"] == {"lr": [0.1, 0.2]}
     bad = CliRunner().invoke(main, ["diff", a, "nope", "--root", str(store_root)])
-    assert bad.exit_code == 2 and bad.output.startswith("repro: error:")
+    assert bad.exit_code == 2 and bad.stderr.startswith("repro: error:")
 
 
 def test_diff_of_identical_runs_is_empty(manager: ArtifactManager, store_root: Path) -> None:
@@ -61,7 +65,40 @@ def test_diff_of_identical_runs_is_empty(manager: ArtifactManager, store_root: P
     a = _run(manager, "a", {"x": 1}, env, {"m": float("nan")})
     b = _run(manager, "b", {"x": 1}, env, {"m": 1.0})
     result = diff_runs(a, b, root=store_root)
-    assert all(result[s] == {"changed": {}, "added": {}, "removed": {}}
-               for s in ("config", "packages", "git", "seeds"))
+    assert all(result[s] == _SAME for s in ("config", "git"))
     out = CliRunner().invoke(main, ["diff", a, b, "--root", str(store_root), "--json"])
     assert json.loads(out.output)["metrics"]["m"] == ["nan", 1.0]  # strict JSON, NaN kept
+
+
+def test_uncaptured_sections_are_said_so(manager: ArtifactManager, store_root: Path) -> None:
+    """Runs that captured nothing used to show `packages: same`, `git: same`, `cuda: same`,
+    and a stray `+ : {}` line when only one side had a section."""
+    bare_a = _run(manager, "bare-a", {"x": 1}, None, {})
+    bare_b = _run(manager, "bare-b", {"x": 1}, None, {})
+    result = diff_runs(bare_a, bare_b, root=store_root)
+    for section in ("packages", "git", "cuda", "gpu", "determinism", "seeds"):
+        assert result[section]["captured"] == {"a": False, "b": False}, section
+    out = CliRunner().invoke(main, ["diff", bare_a, bare_b, "--root", str(store_root)]).output
+    assert "packages: not captured" in out and "git: not captured" in out
+    assert "cuda: not captured" in out and ": same" not in out.replace("config: same", "")
+
+    env = capture_environment(2)
+    env["cuda"] = {}  # captured, but empty: no `"": {}` entry either
+    full = _run(manager, "full", {"x": 1}, env, {})
+    result = diff_runs(bare_a, full, root=store_root)
+    assert result["packages"] == {"changed": {}, "added": {}, "removed": {},
+                                  "captured": {"a": False, "b": True}}
+    out = CliRunner().invoke(main, ["diff", full, bare_a, "--root", str(store_root)]).output
+    assert "packages: not captured in b" in out and "+ :" not in out and "- :" not in out
+    assert diff_runs(full, full, root=store_root)["cuda"] == _SAME
+
+
+def test_diff_uses_the_managers_store(manager: ArtifactManager, store_root: Path,
+                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without root=, diff_runs reads the store the manager uses (it read ./repro_store)."""
+    a = _run(manager, "a", {"x": 1}, None, {})
+    b = _run(manager, "b", {"x": 2}, None, {})
+    monkeypatch.chdir(tmp_path)  # no ./repro_store here
+    result = diff_runs(a[:6], b[:6])  # prefixes, too
+    assert result["runs"]["a"]["id"] == a and result["config"]["changed"] == {"x": [1, 2]}
+    assert not (tmp_path / "repro_store").exists()

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,20 @@ from typing import Any
 
 import pytest
 
-from repro_core import AmbiguousRankError, ArtifactManager, RunState, constants
+from repro_core import (
+    AmbiguousRankError,
+    ArtifactManager,
+    ArtifactType,
+    ReproError,
+    RunState,
+    constants,
+)
 from repro_core import distributed as rdist
+from repro_core.distributed import Call
+from repro_core.distributed._ledger import Ledger
+from repro_core.hashing import hash_bytes
 from repro_core.registry import Registry
+from repro_core.serialize import canonical_json
 
 WORKER = Path(__file__).parent / "dist_workers" / "worker.py"
 SHORT_TIMEOUT = 5.0  # REPRO_BARRIER_TIMEOUT where a test expects a timeout
@@ -237,28 +249,29 @@ def test_two_ranks_share_one_run_and_identical_answers(happy: tuple[Layout, Job]
 
     assert r1["log"] == r0["log"]  # full to_dict: version, hash, size, path, run_id, aliases…
     assert [(d["name"], d["version"]) for d in r1["log"]] == [
-        ("weights", "v0"), ("dataset", "v0"), ("weights", "v1")]
+        ("weights", "v1"), ("dataset", "v1"), ("weights", "v2")]
     assert all(d["hash"].startswith("blake3:") and d["path"] for d in r1["log"])
     assert {d["run_id"] for d in r1["log"]} == {r0["init"]["id"]}
-    assert r1["log"][2]["parent_artifacts"] == ["dataset:v0"]
+    assert r1["log"][2]["parent_artifacts"] == ["default/dataset:v1"]
     assert "best" in r1["log"][2]["aliases"]
 
     assert r1["use"] == r0["use"]
     assert r1["use"][0]["hash"] == r0["log"][1]["hash"]
-    assert (r1["use"][1]["name"], r1["use"][1]["version"]) == ("weights", "v1")
+    assert (r1["use"][1]["name"], r1["use"][1]["version"]) == ("weights", "v2")
     assert r0["loaded"] == r1["loaded"] == {"w": [1, 2, 3]}
 
     # Read APIs called by every rank: rank 1 gets rank 0's answer, not its own empty store's.
     assert r1["reads"] == r0["reads"]
     reads = r1["reads"]
     assert sorted((d["name"], d["version"]) for d in reads["list_artifacts"]) == [
-        ("dataset", "v0"), ("weights", "v0"), ("weights", "v1")]
-    assert reads["list_weights"] == ["weights:v0", "weights:v1"]
-    assert reads["get_lineage"]["parents"] == ["dataset:v0"]
+        ("dataset", "v1"), ("weights", "v1"), ("weights", "v2")]
+    assert reads["list_weights"] == ["default/weights:v1", "default/weights:v2"]
+    assert reads["get_lineage"]["parents"] == ["default/dataset:v1"]
     assert reads["get_lineage"]["produced_by"]["id"] == r0["init"]["id"]
     assert reads["get_run"]["id"] == r0["init"]["id"]
     assert reads["get_run"]["world_size"] == 2
-    assert reads["get_run"]["outputs"] == ["weights:v0", "dataset:v0", "weights:v1"]
+    assert reads["get_run"]["outputs"] == ["default/weights:v1", "default/dataset:v1",
+                                           "default/weights:v2"]
 
     assert _value_of(r0["finalize"]) is None and _value_of(r1["finalize"]) is None
     # Rank 1's Run is a do-nothing handle: its .state is not kept in sync, so only rank 0's.
@@ -281,9 +294,10 @@ def test_only_rank_zero_writes(happy: tuple[Layout, Job]) -> None:
 
     rank0_logged = [*r0["log"], _value_of(r0["solo"]["log_artifact"]),
                     _value_of(r0["after_solo"])]
-    assert set(view.versions) == {f"{d['name']}:{d['version']}" for d in rank0_logged}
+    assert set(view.versions) == {f"{d['project']}/{d['name']}:{d['version']}"
+                                  for d in rank0_logged}
     for meta in rank0_logged:
-        row = view.versions[f"{meta['name']}:{meta['version']}"]
+        row = view.versions[f"{meta['project']}/{meta['name']}:{meta['version']}"]
         assert (row.digest, row.size, row.run_id) == (meta["hash"], meta["size_bytes"], run.id)
     assert view.blob_files == view.blob_refs
     assert {d["hash"] for d in rank0_logged} <= view.blob_files
@@ -301,8 +315,9 @@ def test_only_rank_zero_writes(happy: tuple[Layout, Job]) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_public_api_on_rank_zero_alone_does_not_block(happy: tuple[Layout, Job]) -> None:
-    """log/use/set_run_state/list/lineage inside ``if rank == 0`` return while rank 1 makes no
-    repro call at all (it waits for rank 0's marker): no hidden collective."""
+    """log/use/set_run_state (unmarked) and list/lineage/get_run (in ``rank_zero_only()``)
+    inside ``if rank == 0`` return while rank 1 makes no repro call at all (it waits for rank
+    0's marker): no hidden collective."""
     layout, job = happy
     r0, r1 = job.obs[0], job.obs[1]
     assert r1["waited_for_rank0_solo"] is True
@@ -310,10 +325,10 @@ def test_public_api_on_rank_zero_alone_does_not_block(happy: tuple[Layout, Job])
     for name, attempt in solo.items():
         assert attempt["ok"], (name, attempt)
         assert attempt["elapsed"] < TIMEOUT_SLACK, (name, attempt)
-    assert _value_of(solo["log_artifact"])["version"] == "v0"
+    assert _value_of(solo["log_artifact"])["version"] == "v1"
     assert _value_of(solo["use_artifact"])["hash"] == r0["log"][0]["hash"]
-    assert "solo:v0" in _value_of(solo["list_artifacts"])
-    assert _value_of(solo["get_lineage"])["parents"] == ["dataset:v0"]
+    assert "default/solo:v1" in _value_of(solo["list_artifacts"])
+    assert _value_of(solo["get_lineage"])["parents"] == ["default/dataset:v1"]
     history = read_store(layout.store).history[r0["init"]["id"]]
     assert ("running", "rank 0 alone") in [(state, reason) for state, _, reason in history]
 
@@ -324,14 +339,11 @@ def test_public_api_on_rank_zero_alone_does_not_block(happy: tuple[Layout, Job])
 def test_shared_call_after_rank_zero_solo_call_gets_its_own_answer(
     happy: tuple[Layout, Job],
 ) -> None:
-    """Rank 1 must never silently receive the answer to a call it did not make."""
+    """Rank 1 must receive the answer to its own call, not to one rank 0 made alone."""
     _, job = happy
     expected = _value_of(job.obs[0]["after_solo"])
-    got = job.obs[1]["after_solo"]
-    if got["ok"]:
-        assert got["value"] == expected
-    else:
-        assert "ReproError" in got["error"]["mro"], got
+    assert _value_of(job.obs[1]["after_solo"]) == expected
+    assert (expected["name"], expected["version"]) == ("after-solo", "v1")
 
 
 # -- 2: a rank dies --------------------------------------------------------------------------
@@ -360,7 +372,7 @@ def test_dead_rank_makes_finalize_fail_fast_and_run_failed(tmp_path: Path) -> No
     run = view.runs[0]
     assert run.state == RunState.FAILED.value and run.ended_at is not None
     assert view.history[run.id][-1][0] == RunState.FAILED.value
-    assert "before-death:v0" in view.versions
+    assert "default/before-death:v1" in view.versions
     assert not layout.rank1_home.exists()
 
 
@@ -401,7 +413,7 @@ def test_rank_zero_storage_error_reaches_every_rank(diskfull: tuple[Layout, Job]
     view = read_store(layout.store)
     assert [(run.id, run.state) for run in view.runs] == [
         (r0["init"]["id"], RunState.COMPLETED.value)]
-    assert set(view.versions) == {"small:v0"}
+    assert set(view.versions) == {"default/small:v1"}
     assert view.blob_files == view.blob_refs  # the partial big blob was not kept
     assert view.tmp_files == []
     assert not layout.rank1_home.exists()
@@ -411,14 +423,18 @@ def test_rank_zero_storage_error_reaches_every_rank(diskfull: tuple[Layout, Job]
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fetch_that_rank_zero_never_answers_times_out(diskfull: tuple[Layout, Job]) -> None:
-    """use_artifact on rank 1 alone waits REPRO_BARRIER_TIMEOUT for rank 0, then raises
-    DistributedTimeoutError instead of hanging; rank 1 can still finalize afterwards."""
+    """use_artifact on rank 1 alone, while rank 0 is held back before finalize_run (as in a
+    collective), waits REPRO_BARRIER_TIMEOUT, then raises DistributedTimeoutError naming the
+    call and what rank 0 did instead; rank 1 can still finalize afterwards."""
     _, job = diskfull
     r1 = job.obs[1]
+    assert job.obs[0]["waited_for_lonely"] is True
     lonely = _error_of(r1["lonely_fetch"])
     assert lonely["type"] == "DistributedTimeoutError"
     assert {"ReproError", "TimeoutError"} <= set(lonely["mro"])
     assert SHORT_TIMEOUT - 0.5 <= lonely["elapsed"] <= SHORT_TIMEOUT + TIMEOUT_SLACK
+    assert "use_artifact('small')" in lonely["message"]
+    assert "rank 0 made no use_artifact('small') call" in lonely["message"]
     assert r1["steps"].index("lonely_fetch") < r1["steps"].index("finalize")
     assert _value_of(r1["finalize"]) is None
 
@@ -438,11 +454,157 @@ def test_second_run_after_reset_instance_gets_new_id_on_every_rank(tmp_path: Pat
     job = launch_tcp("reset", layout, (SHORT_TIMEOUT, LONG_TIMEOUT))
     assert job.returncodes == {0: 0, 1: 0}, job.explain()
     r0, r1 = job.obs[0], job.obs[1]
+    assert r0["rank1_entered_first"] is True  # else the ordering under test never happened
     assert r0["first"] == r1["first"]
     assert r0["second_init"]["id"] != r0["first"]["id"]
     assert r1["second_init"]["id"] == r0["second_init"]["id"]
     assert _value_of(r1["second_log"]) == _value_of(r0["second_log"])
     assert _value_of(r0["second_finalize"]) is None
+
+
+# -- issue 8 item 13: rank-0-only calls never shift the pairing of shared calls ------------
+
+
+def _v(meta: dict[str, Any]) -> int:
+    """A version's number (``v3`` → 3); assertions are relative, whatever the first number."""
+    return int(meta["version"].removeprefix("v"))
+
+
+def _same_answer(job: Job, step: str) -> Any:
+    """Rank 1's answer to a shared call is rank 0's, exactly (version, digest, path, …)."""
+    expected = _value_of(job.obs[0][step])
+    assert _value_of(job.obs[1][step]) == expected, step
+    return expected
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_rank_zero_solo_calls_never_shift_shared_ones(tmp_path: Path) -> None:
+    """torchrun, gloo: ``if rank == 0:`` calls of the same name, kind and key as the shared
+    calls around them (writes and reads), without any marking: each shared call gets its own
+    answer on rank 1 — the issue's ``solo``/``shared`` pair first."""
+    layout = Layout(tmp_path)
+    job = launch_torchrun("interleaved", layout, (LONG_TIMEOUT, LONG_TIMEOUT))
+    assert job.returncodes == {0: 0, 1: 0}, job.explain()
+    r0, r1 = job.obs[0], job.obs[1]
+    first = _v(r0["solo_model"])  # the first version number of any name
+    assert r0["solo_model"]["hash"] == hash_bytes(b"solo")
+    shared = _same_answer(job, "shared_model")
+    assert (_v(shared), shared["hash"]) == (first + 1, hash_bytes(b"shared"))
+
+    for step, (a0, a1) in enumerate(zip(r0["same_name"], r1["same_name"], strict=True)):
+        expected = _value_of(a0)
+        assert _value_of(a1) == expected
+        assert expected["hash"] == hash_bytes(canonical_json({"step": step}))
+        assert _v(expected) == first + 2 * step + 1  # the solo calls took the others
+    other = [_value_of(a) for a in r0["other_names"]]
+    assert [_value_of(a) for a in r1["other_names"]] == other
+    assert [(d["name"], _v(d)) for d in other] == [("other", first + 1), ("third", first)]
+
+    write = _same_answer(job, "write")
+    assert _v(write) == first + 2
+    reads = {name: _value_of(attempt) for name, attempt in r0["reads"].items()}
+    assert {name: _value_of(attempt) for name, attempt in r1["reads"].items()} == reads
+    assert reads["use_artifact"] == {**write, "path": reads["use_artifact"]["path"]}
+    assert [_v(d) for d in reads["list_artifacts"]] == [first, first + 1, first + 2]
+    assert any(key.endswith(f"model:{write['version']}") for key in reads["get_run"]["outputs"])
+    assert [row[0] for row in reads["get_metrics"]["loss"]] == [0, 1]
+    assert reads["get_lineage"]["artifact"]["version"] == write["version"]
+    assert _value_of(r0["finalize"]) is None and _value_of(r1["finalize"]) is None
+    assert [run.state for run in read_store(layout.store).runs] == [RunState.COMPLETED.value]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_rank_zero_only_scope_publishes_nothing(tmp_path: Path) -> None:
+    """Inside ``rank_zero_only()`` rank 0's calls work and publish nothing; rank 1's return
+    None (empty for lists/dicts) at once; the decorator skips the function on rank 1. The
+    scoped reads are identical to the shared reads that follow, with other answers: had they
+    been published, rank 1 would have taken them."""
+    layout = Layout(tmp_path)
+    job = launch_tcp("scope", layout, (LONG_TIMEOUT, LONG_TIMEOUT))
+    assert job.returncodes == {0: 0, 1: 0}, job.explain()
+    r0, r1 = job.obs[0], job.obs[1]
+    first = _v(_same_answer(job, "first"))
+    scoped0 = {name: _value_of(attempt) for name, attempt in r0["scoped_reads"].items()}
+    assert _v(scoped0["use_artifact"]) == first
+    assert _v(_value_of(r0["scoped_write"])) == first + 1
+    assert {name: _value_of(a) for name, a in r1["scoped_reads"].items()} == {
+        "use_artifact": None, "list_artifacts": [], "get_run": {}, "get_metrics": {},
+        "get_lineage": {}}
+    assert _value_of(r1["scoped_write"]) is None
+    assert all(a["elapsed"] < TIMEOUT_SLACK for a in r1["scoped_reads"].values())
+    assert _v(_value_of(r0["decorated"]["result"])) == first + 2
+    assert r0["decorated"]["ran"] == ["decorated"]
+    assert (_value_of(r1["decorated"]["result"]), r1["decorated"]["ran"]) == (None, [])
+    assert r0["published_in_scope"] == 0
+
+    reads = {name: _value_of(attempt) for name, attempt in r0["reads"].items()}
+    assert {name: _value_of(attempt) for name, attempt in r1["reads"].items()} == reads
+    assert _v(reads["use_artifact"]) == first + 2
+    assert [row[0] for row in reads["get_metrics"]["loss"]] == [0, 1]
+    for rank in (0, 1):  # finalize_run synchronises every rank: refused in the scope
+        error = _error_of(job.obs[rank]["finalize_in_scope"])
+        assert error["type"] == "RankMismatchError", error
+        assert {"ReproError", "RuntimeError"} <= set(error["mro"])
+        assert job.obs[rank]["run_still_active"] is True
+        assert _value_of(job.obs[rank]["finalize"]) is None
+    assert [run.state for run in read_store(layout.store).runs] == [RunState.COMPLETED.value]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ambiguous_pairing_fails_finalize_on_every_rank(tmp_path: Path) -> None:
+    """Rank 0 alone reads ``data`` (v0), writes v1, then every rank reads ``data``: the
+    unmarked solo read is identical to the shared one, so rank 1 cannot tell them apart and
+    takes v0. That is detected: finalize_run raises RankMismatchError on both ranks, naming
+    the call and the fix, and the run is FAILED."""
+    layout = Layout(tmp_path)
+    job = launch_tcp("ambiguous", layout, (LONG_TIMEOUT, LONG_TIMEOUT))
+    assert job.returncodes == {0: 0, 1: 0}, job.explain()
+    r0, r1 = job.obs[0], job.obs[1]
+    first = _v(_value_of(r0["shared_write"]))
+    assert _v(_value_of(r0["shared_read"])) == first + 1
+    assert _v(_value_of(r1["shared_read"])) == first  # the guess repro cannot avoid…
+    for rank in (0, 1):  # …and never leaves unreported
+        error = _error_of(job.obs[rank]["finalize"])
+        assert error["type"] == "RankMismatchError", error
+        assert "rank 1's use_artifact('data') may hold the answer" in error["message"]
+        assert "rank_zero_only()" in error["message"]
+        assert job.obs[rank]["run_closed"] is True
+    view = read_store(layout.store)
+    run = view.runs[0]
+    assert run.state == RunState.FAILED.value
+    assert "use_artifact('data')" in (view.history[run.id][-1][2] or "")
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_calls_rank_zero_never_answers_fail_fast(tmp_path: Path) -> None:
+    """A shared log_artifact whose data differs between ranks, and a rank-1-only call: rank 0
+    never makes them, so rank 1 gets RankMismatchError as soon as rank 0 reaches finalize_run
+    (its REPRO_BARRIER_TIMEOUT is 60 s), saying what differs. Per-rank metadata is fine."""
+    layout = Layout(tmp_path)
+    job = launch_tcp("mismatch", layout, (LONG_TIMEOUT, LONG_TIMEOUT))
+    assert job.returncodes == {0: 0, 1: 0}, job.explain()
+    r0, r1 = job.obs[0], job.obs[1]
+    first = _v(_same_answer(job, "per_rank_metadata"))
+    assert r0["rank1_waiting"] is True
+    assert _v(_value_of(r0["per_rank_data"])) == first + 1
+    differing = _error_of(r1["per_rank_data"])
+    assert differing["type"] == "RankMismatchError", differing
+    assert "log_artifact('weights')" in differing["message"]
+    assert "differed from this rank's in: data" in differing["message"]
+    assert differing["elapsed"] < TIMEOUT_SLACK < LONG_TIMEOUT
+    lonely = _error_of(r1["rank1_only"])
+    assert lonely["type"] == "RankMismatchError", lonely
+    assert "rank 0 made no use_artifact('weights') call" in lonely["message"]
+    assert lonely["elapsed"] < SHORT_TIMEOUT  # rank 0 had already ended: no wait at all
+    assert _value_of(r0["finalize"]) is None and _value_of(r1["finalize"]) is None
 
 
 # -- rank 0 leaves first --------------------------------------------------------------------
@@ -586,8 +748,250 @@ def test_rank_one_read_apis_create_no_store(rank_one: tuple[Path, Path]) -> None
     manager.init_run("rank-one")
     assert manager.list_artifacts() == []
     assert manager.list_artifacts("weights") == []
-    assert not manager.get_lineage("weights:v0")
+    assert not manager.get_lineage("weights:v1")
     assert not manager.get_run("0123456789ab")
     manager.finalize_run()
     assert not home.exists()
     assert list(cwd.iterdir()) == []
+
+
+# -- fingerprints, the scope and the ledger, in this process ----------------------------------
+
+GOLDEN_CALL = Call("log_artifact", "model", {
+    "type": "model", "data": b"solo", "file_path": None, "parent_artifacts": ["data:v0"],
+    "aliases": ("best",)})
+
+
+def test_fingerprint_is_pinned() -> None:
+    """The encoding is part of the protocol between ranks (and between repro versions on one
+    job): a change must be deliberate."""
+    assert GOLDEN_CALL.fingerprint == "b75501382bc3bf9cf6ba8185a55d2d9c"
+    assert GOLDEN_CALL.parts["data"] == "7fe7ee658d4f8a1eb936fa005697633e"
+    assert GOLDEN_CALL.label == "log_artifact('model')"
+
+
+def test_fingerprint_is_the_same_in_another_process() -> None:
+    """No ``hash()``, ``id()`` or dict order: another interpreter, another hash seed and
+    another insertion order give the same fingerprint."""
+    code = (
+        "from repro_core.distributed import Call\n"
+        "args = {'aliases': ('best',), 'parent_artifacts': ['data:v0'], 'file_path': None,\n"
+        "        'data': b'solo', 'type': 'model'}\n"
+        "print(Call('log_artifact', 'model', args).fingerprint)\n"
+        "print(Call('x', '', {'d': {'b': {3, 1, 2}, 'a': 1.5}}).fingerprint)\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    here = Call("x", "", {"d": {"a": 1.5, "b": {2, 3, 1}}}).fingerprint
+    assert out == [GOLDEN_CALL.fingerprint, here]
+
+
+def test_fingerprint_tells_content_apart_and_ignores_spelling() -> None:
+    def fp(**args: object) -> str:
+        return Call("log_artifact", "model", args).fingerprint
+
+    assert fp(data=b"solo") != fp(data=b"shared")
+    assert fp(data={"step": 1}) != fp(data={"step": 2})
+    assert fp(data={"a": 1, "b": 2}) == fp(data={"b": 2, "a": 1})
+    assert fp(file_path="ckpt/last.ckpt") == fp(file_path=Path("ckpt/last.ckpt"))
+    assert fp(file_path="a.bin") != fp(file_path="b.bin")
+    assert fp(type=ArtifactType.MODEL) == fp(type="model")
+    assert fp(aliases=["best"]) != fp(aliases=None)
+    assert Call("use_artifact", "a").fingerprint != Call("use_artifact", "b").fingerprint
+    assert Call("use_artifact", "a").fingerprint != Call("get_run", "a").fingerprint
+
+
+def test_fingerprint_of_arrays_and_tensors_follows_content() -> None:
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+
+    def fp(data: object) -> str:
+        return Call("log_artifact", "w", {"data": data}).fingerprint
+
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert fp(array) == fp(array.copy()) == fp(np.asfortranarray(array))
+    assert fp(array) != fp(array.astype(np.float64)) != fp(array + 1)
+    big = torch.zeros(1000, 1000)
+    changed = big.clone()
+    changed[999, 999] = 1.0  # the last element is always sampled
+    assert fp({"w": big}) == fp({"w": big.clone()})
+    assert fp({"w": big}) != fp({"w": changed})
+    assert fp({"w": big}) != fp({"w": big.to(torch.float16)})
+    assert fp({"w": big}) != fp({"w": big.reshape(1000000)})
+    strided = torch.arange(200.0).reshape(10, 20)  # > 64 elements: sampled through strides
+    assert fp({"w": strided.t()}) == fp({"w": strided.t().contiguous()})  # layout in memory
+    assert fp({"w": torch.nn.Parameter(strided)}) == fp({"w": strided})
+
+
+def test_fingerprint_reads_every_kind_of_tensor() -> None:
+    """Odd dtypes and shapes are sampled, not crashed on (a quantized tensor's byte view once
+    crashed torch.cat): the same values give the same fingerprint."""
+    pytest.importorskip("torch")
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated
+        quantized = torch.quantize_per_tensor(torch.ones(100), 0.1, 0, torch.qint8)
+    tensors = {
+        "bool": torch.ones(100, dtype=torch.bool), "bf16": torch.ones(100, dtype=torch.bfloat16),
+        "complex": torch.ones(100, dtype=torch.complex64), "scalar": torch.tensor(3.0),
+        "f8": torch.ones(100).to(torch.float8_e4m3fn), "empty": torch.empty(0, 5),
+        "grad": torch.ones(100, requires_grad=True), "sliced": torch.ones(30, 40)[:, ::3],
+        "quantized": quantized,
+    }
+    first = Call("log_artifact", "w", {"data": tensors}).fingerprint
+    copies = {key: value.clone() for key, value in tensors.items()}
+    assert Call("log_artifact", "w", {"data": copies}).fingerprint == first
+
+
+def test_fingerprint_never_indexes_tensor_subclasses() -> None:
+    """A DTensor-like subclass may run a collective when indexed; inside rank-0-only code that
+    would hang the job, so only its dtype and shape are used."""
+    pytest.importorskip("torch")
+    import torch
+
+    class Sharded(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            if func is torch.Tensor.__getitem__:
+                raise AssertionError("indexed a tensor subclass")
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    tensor = torch.zeros(100, 100).as_subclass(Sharded)
+    call = Call("log_artifact", "w", {"data": {"w": tensor}})
+    assert call.fingerprint == Call("log_artifact", "w", {"data": {"w": tensor}}).fingerprint
+
+
+def test_fingerprint_never_raises() -> None:
+    """Validation is rank 0's job: whatever a rank passes, every rank gets the same digest."""
+    cyclic: dict[str, Any] = {}
+    cyclic["self"] = cyclic
+    for value in (cyclic, {1: "a", "b": 2}, object(), float("nan"), {frozenset({1})},
+                  [b"x", bytearray(b"y"), memoryview(b"z")]):
+        first = Call("log_artifact", "x", {"data": value}).fingerprint
+        assert Call("log_artifact", "x", {"data": value}).fingerprint == first
+    assert (Call("use_artifact", 3).fingerprint  # type: ignore[arg-type]
+            == Call("use_artifact", 3).fingerprint)  # type: ignore[arg-type]
+
+
+def test_rank_zero_only_scope_is_per_thread_and_nests() -> None:
+    """A contextvar: another thread of rank 0 keeps publishing while one thread is inside."""
+    entered, checked = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def other() -> None:
+        entered.wait(30)
+        seen.append(rdist.in_rank_zero_only())
+        checked.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    scope = rdist.rank_zero_only()
+    with scope:
+        with scope:
+            assert rdist.in_rank_zero_only()
+        assert rdist.in_rank_zero_only()
+        entered.set()
+        assert checked.wait(30)
+    thread.join(30)
+    assert seen == [False]
+    assert not rdist.in_rank_zero_only()
+    with pytest.raises(KeyError), rdist.rank_zero_only():
+        raise KeyError("x")
+    assert not rdist.in_rank_zero_only()
+
+
+def test_rank_zero_only_decorator_runs_on_rank_zero_only(no_rank_env: pytest.MonkeyPatch
+                                                         ) -> None:
+    calls: list[bool] = []
+
+    @rdist.rank_zero_only
+    def save(x: int) -> int:
+        calls.append(rdist.in_rank_zero_only())
+        return x + 1
+
+    @rdist.rank_zero_only()
+    def other() -> str:
+        return "ran"
+
+    assert (save(1), other(), calls) == (2, "ran", [True])
+    no_rank_env.setenv("RANK", "1")
+    assert (save(1), other(), calls) == (None, None, [True])
+
+
+def test_rank_zero_only_calls_on_other_ranks_return_none(rank_one: tuple[Path, Path]) -> None:
+    home, _ = rank_one
+    manager = ArtifactManager()
+    manager.init_run("rank-one")
+    with rdist.rank_zero_only():
+        assert manager.log_artifact("weights", "model", data={"w": [1]}) is None
+        assert manager.list_artifacts() == []
+    manager.finalize_run()
+    assert not home.exists()
+
+
+def test_calls_every_rank_makes_are_refused_in_scope(no_rank_env: pytest.MonkeyPatch) -> None:
+    """init_run / finalize_run inside rank_zero_only() would leave rank 1 waiting at a
+    barrier rank 0 never reaches: refused at once, before ``fn`` runs, on every rank."""
+    ran: list[int] = []
+    exchange = rdist.Exchange()
+    with rdist.rank_zero_only():
+        with pytest.raises(rdist.RankMismatchError) as info:
+            exchange.run_on_zero(rdist.Call("init_run", every_rank=True),
+                                 lambda: ran.append(1), encode=str, decode=str)
+        assert info.value.calls == ("init_run()",)
+        with pytest.raises(rdist.RankMismatchError):
+            exchange.finalize_barrier("finalize/x")
+    assert ran == []
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ReproError)
+
+
+def test_exchange_without_process_group(no_rank_env: pytest.MonkeyPatch) -> None:
+    """Rank 0 runs the call; another rank has nobody to ask and gets None."""
+    exchange = rdist.Exchange()
+    assert exchange.run_on_zero(rdist.Call("get_run", "x"), lambda: 7, str, int) == 7
+    assert exchange.run_on_zero("legacy:name", lambda: 8, str, int) == 8
+    no_rank_env.setenv("RANK", "1")
+    assert exchange.run_on_zero(rdist.Call("get_run", "x"), lambda: 7, str, int) is None
+
+
+def _ledger(*answers: tuple[str, str | None]) -> Ledger:
+    """A ledger where rank 0 answered ``(fingerprint, answer)`` in this order (g = index);
+    None: a call rank 0 never made, refused at finalize."""
+    ledger = Ledger()
+    for fp, tag in answers:
+        n, _ = ledger.reserve(fp, f"call({fp})")
+        if tag is not None:
+            ledger.answer(fp, n, tag)
+    return ledger
+
+
+@pytest.mark.parametrize(
+    ("answers", "flow", "suspects"),
+    [
+        # solo read A, solo write, shared read A (other answer): rank 1 took g0 — a guess
+        ([("A", "v0"), ("W", "w"), ("A", "v1")], [("A", 0)], ["call(A)"]),
+        # the same with identical answers: whichever it took, it is right
+        ([("A", "v0"), ("W", "w"), ("A", "v0")], [("A", 0)], []),
+        # a shared call B after rank 1's read closes the window: a later solo A is no candidate
+        ([("A", "v0"), ("B", "b"), ("A", "v1")], [("A", 0), ("B", 1)], []),
+        # reading again alone with the same answer between shared calls (eval on rank 0)
+        ([("A", "v0"), ("A", "v0"), ("B", "b"), ("A", "v1")],
+         [("A", 0), ("B", 2), ("A", 3)], []),
+        # the bound comes from the *latest* possible pair of the next call, not the one taken
+        ([("A", "a1"), ("W", "w"), ("B", "b"), ("A", "a2"), ("B", "b")],
+         [("A", 0), ("B", 2)], ["call(A)"]),
+        # an answer rank 0 never gave (refused at finalize) is not a different answer
+        ([("A", "v0"), ("A", None)], [("A", 0)], []),
+    ],
+    ids=["solo-read-write-read", "same-answer", "closed-window", "eval-on-rank-0",
+         "transitive-bound", "refused"],
+)
+def test_ledger_flags_exactly_the_pairings_that_may_be_wrong(
+    answers: list[tuple[str, str | None]], flow: list[tuple[str, int]], suspects: list[str],
+) -> None:
+    assert _ledger(*answers).suspects(flow) == suspects

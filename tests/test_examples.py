@@ -3,6 +3,7 @@ they say they record."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -16,9 +17,16 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _run_example(name: str, store: Path, cwd: Path, *args: str) -> str:
+    """Run an example in a fresh interpreter with its own temp dir, which it must leave empty."""
+    scratch = cwd.parent / f"{cwd.name}-tmpdir"
+    scratch.mkdir()
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--root", str(store), *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=100)
+                          cwd=cwd, capture_output=True, text=True, timeout=100,
+                          env={**os.environ, "TMPDIR": str(scratch)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # (torch itself keeps a compile cache there, torchinductor_<user>: not ours to remove)
+    left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]
+    assert left == [], "the example left files in the temp dir"
     return proc.stdout
 
 
@@ -26,7 +34,9 @@ def _run_example(name: str, store: Path, cwd: Path, *args: str) -> str:
 @pytest.mark.timeout(120)
 def test_quickstart(manager: ArtifactManager, store_root: Path, tmp_path: Path) -> None:
     out = _run_example("quickstart.py", store_root, tmp_path)
-    assert "lineage of toy-eval: parents=['toy-model:v0'] produced_by=evaluate" in out
+    assert ("lineage of toy-eval: parents=['quickstart/toy-model:v1'] produced_by=evaluate"
+            in out)
+    assert f"look at it: repro runs --root {store_root}" in out
     assert re.search(r"^verify: \d+ blobs, \d+ bytes, OK$", out, re.MULTILINE)
     runs = manager.registry().list_runs()
     assert [(r.name, r.state) for r in runs] == [("train", "completed"),
@@ -39,12 +49,14 @@ def test_quickstart(manager: ArtifactManager, store_root: Path, tmp_path: Path) 
 def test_ttrl_loop(manager: ArtifactManager, store_root: Path, tmp_path: Path) -> None:
     out = _run_example("ttrl_loop.py", store_root, tmp_path)
     lines = out.splitlines()
-    assert "checkpoint:v7 was produced by 50 updates (u351..u400) made on checkpoint:v6" in lines
-    assert "updates made after checkpoint:v7: 0" in lines
+    assert ("default/checkpoint:v8 was produced by 50 updates (u351..u400) made on "
+            "default/checkpoint:v7") in lines
+    assert "updates made after default/checkpoint:v8: 0" in lines
     assert "stored: 400 experiences, 400 online updates" in lines
     assert any(line.startswith("aggregates: update_count=400, experience_count=400, "
                                "mean_reward=") for line in lines)
-    assert any(line.startswith("experience buffer: experience_buffer:v") for line in lines)
+    assert any(line.startswith("experience buffer: default/experience_buffer:v")
+               for line in lines)
     match = re.search(r"^run ([0-9a-f]+): completed;", out, re.MULTILINE)
     assert match, out
 
@@ -55,7 +67,7 @@ def test_ttrl_loop(manager: ArtifactManager, store_root: Path, tmp_path: Path) -
     assert record["config"]["updates"] == 400
     registry = manager.registry()
     assert len(registry.online_updates(run_id, None)) == 50
-    assert len(registry.online_updates(run_id, manager.version_id("checkpoint:v6"))) == 50
+    assert len(registry.online_updates(run_id, manager.version_id("checkpoint:v7"))) == 50
     assert len(registry.experiences(run_id)) == 400
     metrics = manager.get_metrics(run_id, keys=["online/reward", "online/update_count"])
     assert len(metrics["online/reward"]) == 400

@@ -26,8 +26,8 @@ from repro_core import (
     StorageError,
     verify_store,
 )
-from repro_core._schema import _SCHEMA_V1
-from repro_core.registry import SCHEMA_VERSION, Registry, _run_script
+from repro_core.registry import SCHEMA_VERSION, Registry, run_script
+from repro_core.registry.schema import _SCHEMA_V1
 
 
 def _store_files(root: Path) -> set[str]:
@@ -52,7 +52,7 @@ def test_manager_is_a_singleton(manager: ArtifactManager) -> None:
 def test_round_trip_plain_data(manager: ArtifactManager, run: object, data: object) -> None:
     meta = manager.log_artifact("thing", "dataset", data=data)
     assert meta.path is not None and meta.path.is_file()
-    assert manager.load_artifact("thing:v0") == data
+    assert manager.load_artifact("thing:v1") == data
     assert manager.use_artifact("thing").path.read_bytes() == meta.path.read_bytes()
 
 
@@ -104,48 +104,48 @@ def test_round_trip_file_and_directory(manager: ArtifactManager, run: object,
 
     meta = manager.log_artifact("tree", "dataset", file_path=src)
     assert meta.format == "directory" and meta.size_bytes == sum(map(len, files.values()))
-    used = manager.use_artifact("tree:v0")
+    used = manager.use_artifact("tree:v1")
     assert used.path is not None
     for rel, content in files.items():
         assert (used.path / rel).read_bytes() == content, rel
     assert (used.path / "empty").is_dir()
     # Logging the same tree again is the same version; a changed file makes v1.
-    assert manager.log_artifact("tree", "dataset", file_path=src).version == "v0"
-    (src / "a.txt").write_bytes(b"changed")
     assert manager.log_artifact("tree", "dataset", file_path=src).version == "v1"
-    assert (manager.use_artifact("tree:v0").path / "a.txt").read_bytes() == b"alpha"
+    (src / "a.txt").write_bytes(b"changed")
+    assert manager.log_artifact("tree", "dataset", file_path=src).version == "v2"
+    assert (manager.use_artifact("tree:v1").path / "a.txt").read_bytes() == b"alpha"
 
 
 def test_versions_dedup_and_numeric_latest(manager: ArtifactManager, run: object) -> None:
     for i in range(12):
-        assert manager.log_artifact("ds", "dataset", data={"i": i}).version == f"v{i}"
+        assert manager.log_artifact("ds", "dataset", data={"i": i}).version == f"v{i + 1}"
     again = manager.log_artifact("ds", "dataset", data={"i": 11})
-    assert again.version == "v11"  # identical to latest: no new version
-    assert manager.use_artifact("ds").version == "v11"  # v11 after v9, not "v9" > "v11"
-    assert manager.use_artifact("ds", "latest").version == "v11"
+    assert again.version == "v12"  # identical to latest: no new version
+    assert manager.use_artifact("ds").version == "v12"  # v11 after v9, not "v10" > "v12"
+    assert manager.use_artifact("ds", "latest").version == "v12"
     # Content equal to an *older* version is a new version (W&B semantics).
-    assert manager.log_artifact("ds", "dataset", data={"i": 0}).version == "v12"
-    assert [m.version for m in manager.list_artifacts("ds")] == [f"v{i}" for i in range(13)]
+    assert manager.log_artifact("ds", "dataset", data={"i": 0}).version == "v13"
+    assert [m.version for m in manager.list_artifacts("ds")] == [f"v{i}" for i in range(1, 14)]
 
 
 def test_aliases_and_digest_prefix(manager: ArtifactManager, run: object) -> None:
     v0 = manager.log_artifact("m", "model", data=b"zero", aliases=["best"])
     v1 = manager.log_artifact("m", "model", data=b"one")
-    assert manager.use_artifact("m:best").version == "v0"
+    assert manager.use_artifact("m:best").version == "v1"
     assert sorted(v1.aliases) == ["latest"]
     manager.log_artifact("m", "model", data=b"one", aliases=["best"])  # moves 'best' to v1
-    assert manager.use_artifact("m", "best").version == "v1"
+    assert manager.use_artifact("m", "best").version == "v2"
     assert v0.hash is not None
     prefix = v0.hash[: len("blake3:") + 8]
-    assert manager.use_artifact(f"m@{prefix}").version == "v0"
-    assert manager.use_artifact("m", prefix).version == "v0"
+    assert manager.use_artifact(f"m@{prefix}").version == "v1"
+    assert manager.use_artifact("m", prefix).version == "v1"
 
 
 def test_lookup_errors(manager: ArtifactManager, run: object) -> None:
     manager.log_artifact("m", "model", data=b"x")
-    with pytest.raises(ArtifactNotFoundError, match=r"versions v0\.\.v0") as info:
-        manager.use_artifact("m:v5")
-    assert info.value.key == "m:v5"
+    with pytest.raises(ArtifactNotFoundError, match=r"versions v1\.\.v1") as info:
+        manager.use_artifact("m:v6")
+    assert info.value.key == "m:v6"
     with pytest.raises(ArtifactNotFoundError):
         manager.use_artifact("m:nosuchalias")
     with pytest.raises(ArtifactNotFoundError, match="no artifact named"):
@@ -162,19 +162,19 @@ def test_use_records_lineage_edges(manager: ArtifactManager, store_root: Path) -
     manager.finalize_run()
     second = manager.init_run("consumer")
     manager.use_artifact("ds")
-    model = manager.log_artifact("model", "model", data=b"w", parent_artifacts=["ds:v0"])
+    model = manager.log_artifact("model", "model", data=b"w", parent_artifacts=["ds:v1"])
     manager.finalize_run()
-    assert model.parent_artifacts == ["ds:v0"]
-    lineage = manager.get_lineage("ds:v0")
+    assert model.parent_artifacts == ["default/ds:v1"]
+    lineage = manager.get_lineage("ds:v1")
     assert lineage["produced_by"]["id"] == first.id
     assert lineage["used_by"] == [second.id]
-    assert lineage["children"] == ["model:v0"]
-    assert manager.get_lineage("model")["run_inputs"] == ["ds:v0"]
-    assert lineage["descendants"] == sorted([f"run:{second.id}", "model:v0"])
+    assert lineage["children"] == ["default/model:v1"]
+    assert manager.get_lineage("model")["run_inputs"] == ["default/ds:v1"]
+    assert lineage["descendants"] == sorted([f"run:{second.id}", "default/model:v1"])
     assert manager.get_lineage("model")["ancestors"] == sorted(
-        ["ds:v0", f"run:{first.id}", f"run:{second.id}"])
+        ["default/ds:v1", f"run:{first.id}", f"run:{second.id}"])
     exported = json.loads((store_root / "runs" / second.id / "run.json").read_text())
-    assert exported["inputs"] == ["ds:v0"] and exported["outputs"] == ["model:v0"]
+    assert exported["inputs"] == ["default/ds:v1"] and exported["outputs"] == ["default/model:v1"]
     assert exported["run"]["state"] == "completed"
     assert ds.run_id == first.id
 
@@ -217,7 +217,7 @@ def test_bad_input_touches_nothing(manager: ArtifactManager, run: object, tmp_pa
         (SerializationError, {"type": "model", "data": b"x", "metadata": {"m": {1, 2}}}),
         (ArtifactNotFoundError, {"type": "model", "data": b"x", "parent_artifacts": ["nope"]}),
         (InvalidArgumentError, {"type": "model", "data": b"x", "aliases": "best"}),
-        (InvalidNameError, {"type": "model", "data": b"x", "aliases": ["v1"]}),
+        (InvalidNameError, {"type": "model", "data": b"x", "aliases": ["v2"]}),
     ]
     for error, kwargs in cases:
         with pytest.raises(error):
@@ -306,7 +306,7 @@ def test_v1_registry_is_migrated_in_place(tmp_path: Path) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("BEGIN")
     conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    _run_script(conn, _SCHEMA_V1)
+    run_script(conn, _SCHEMA_V1)
     conn.execute("INSERT INTO schema_version VALUES (1)")
     conn.execute("INSERT INTO store_meta VALUES ('hash_algorithm', 'sha256')")
     conn.execute("INSERT INTO artifacts VALUES ('old', 'dataset', '2026-01-01')")
@@ -336,11 +336,11 @@ def test_dedup_still_links_the_logging_run(manager: ArtifactManager) -> None:
     used = manager.use_artifact("env")
     manager.log_artifact("env", "environment", data={"python": "3.11"})
     manager.finalize_run()
-    assert a.id and b.id and same.version == "v0" and same.run_id == a.id
-    assert manager.get_run(b.id)["outputs"] == ["env:v0"]
+    assert a.id and b.id and same.version == "v1" and same.run_id == a.id
+    assert manager.get_run(b.id)["outputs"] == ["default/env:v1"]
     assert manager.get_run(b.id)["inputs"] == []  # logged first, so reading it back is no input
-    assert used.key == "env:v0"
-    lineage = manager.get_lineage("env:v0")
+    assert used.key == "default/env:v1"
+    lineage = manager.get_lineage("env:v1")
     assert f"run:{b.id}" in lineage["ancestors"] and lineage["descendants"] == []
 
 

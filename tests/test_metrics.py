@@ -1,4 +1,8 @@
-"""The metrics store: batching writer, exact values (NaN/inf), steps, durability at exit/kill."""
+"""The metrics store: batching writer, exact values (NaN/inf), steps, durability at exit/kill,
+validation at the call, bounded transactions, bounded memory (backpressure), name caps.
+
+Spill files and retries at finalize are in ``test_metrics_spill.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,18 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from helpers.kill_loop import kill_after
 
-from repro_core import ArtifactManager, RunStateError, SerializationError
+from repro_core import ArtifactManager, RunStateError, SerializationError, StorageError
 from repro_core.errors import InvalidArgumentError
 
 
@@ -42,7 +50,8 @@ def test_steps_count_up_unless_given(manager: ArtifactManager, run: object) -> N
     ("metrics", "match"),
     [({"loss": "0.1"}, "'loss' is a builtins.str"), ({"t": torch.ones(3)}, "'t'"),
      ({"x": None}, "'x'"), ({"": 1.0}, "non-empty"), ({3: 1.0}, "non-empty"),
-     ([("a", 1.0)], "dict")],
+     ([("a", 1.0)], "dict"), ({"loss\udc80": 1.0}, "valid UTF-8"), ({"a\x00b": 1.0}, "NUL"),
+     ({"k" * 257: 1.0}, "256 characters"), ({"big": 10**400}, "'big'")],
 )
 def test_bad_values_name_the_key(manager: ArtifactManager, run: object, metrics: object,
                                  match: str) -> None:
@@ -56,7 +65,7 @@ def test_bad_step_and_no_run(manager: ArtifactManager) -> None:
     with pytest.raises(RunStateError):
         manager.log_metrics({"a": 1})
     manager.init_run("r")
-    for step in (-1, 1.5, "3", True):
+    for step in (-1, 1.5, "3", True, 2**63, 2**64):
         with pytest.raises(InvalidArgumentError):
             manager.log_metrics({"a": 1}, step=step)  # type: ignore[arg-type]
 
@@ -87,6 +96,178 @@ def test_write_failure_keeps_rows_and_reports(manager: ArtifactManager, run: obj
         manager.get_metrics()
     monkeypatch.setattr(Registry, "_commit", original)
     assert [v for _, v, _ in manager.get_metrics()["a"]] == [1.0]
+
+
+def test_a_lone_surrogate_name_is_refused_and_the_run_goes_on(manager: ArtifactManager,
+                                                               run: object) -> None:
+    """Accepted before, it failed every later flush: 2,000 of 4,000 valid points were lost."""
+    manager.log_metrics({"a": -1.0})
+    with pytest.raises(SerializationError, match="valid UTF-8") as info:
+        manager.log_metrics({"b": 0.0, "loss\udc80": 1.0})  # nothing of this call is kept
+    assert isinstance(info.value, TypeError) and "\\udc80" in str(info.value)
+    for i in range(2000):
+        manager.log_metrics({"a": float(i)})
+    got = manager.get_metrics()  # the flush succeeds
+    assert sorted(got) == ["a"] and len(got["a"]) == 2001
+    assert [s for s, _, _ in got["a"]] == list(range(2001))  # the refused call took no step
+
+
+def test_steps_must_fit_int64_and_a_refused_step_changes_nothing(manager: ArtifactManager,
+                                                                 run: object) -> None:
+    """step=2**63 raised OverflowError after moving the step counter: every later call failed."""
+    with pytest.raises(InvalidArgumentError, match=r"2\*\*63"):
+        manager.log_metrics({"a": 1.0}, step=2**63)
+    assert manager.log_metrics({"a": 2.0}) == 0
+    assert manager.log_metrics({"a": 3.0}, step=2**63 - 1) == 2**63 - 1
+    with pytest.raises(InvalidArgumentError, match="counter"):
+        manager.log_metrics({"a": 4.0})  # the next automatic step would not fit
+    assert manager.log_metrics({"a": 5.0}, step=7) == 7
+    got = manager.get_metrics()["a"]
+    assert [(s, v) for s, v, _ in got] == [(0, 2.0), (2**63 - 1, 3.0), (7, 5.0)]
+
+
+def _writer(manager: ArtifactManager, run: Any, **kwargs: Any) -> Any:
+    from repro_core.metrics import MetricsWriter
+
+    kwargs.setdefault("interval", 3600.0)  # writes only when asked (or at a bound)
+    return MetricsWriter(manager.root / "registry.sqlite", run.id, **kwargs)
+
+
+def _update_row(run_id: str, i: int) -> tuple[Any, ...]:
+    return (run_id, f"{run_id}-u{i}", f"e{i}", 1.0, 0.5, None, None, "{}", float(i))
+
+
+def _update_count(manager: ArtifactManager, run_id: str) -> int:
+    return int(manager.registry()._read(
+        "SELECT COUNT(*) FROM online_updates WHERE run_id = ?", (run_id,))[0][0])
+
+
+def test_distinct_names_warn_once_then_are_refused_at_the_cap(manager: ArtifactManager,
+                                                              run: Any) -> None:
+    from repro_core import metrics as metrics_module
+    from repro_core.metrics import read_metrics
+
+    assert (metrics_module.WARN_KEYS, metrics_module.MAX_KEYS) == (10_000, 1_000_000)
+    writer = _writer(manager, run, warn_keys=10, max_keys=20)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            writer.log({f"k{i}": 1.0 for i in range(10)})
+        with pytest.warns(RuntimeWarning, match="more than 10 distinct"):
+            writer.log({"k10": 1.0})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per run
+            writer.log({f"k{i}": 1.0 for i in range(11, 20)})
+        with pytest.raises(InvalidArgumentError, match="cap of 20"):
+            writer.log({"k0": 3.0, "k20": 3.0})  # refused whole: k0 is not logged either
+        writer.log({"k0": 4.0})
+    finally:
+        writer.close()
+    got = read_metrics(manager.registry(), run.id)
+    assert len(got) == 20 and [v for _, v, _ in got["k0"]] == [1.0, 4.0]
+
+
+def test_a_big_flush_is_written_in_bounded_transactions(manager: ArtifactManager, run: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One flush of 4M names held the write lock for 143 s and another process's init_run
+    failed with "database is locked"; every transaction now inserts at most max_txn_rows."""
+    from repro_core.metrics import read_metrics
+
+    writer = _writer(manager, run, max_txn_rows=1000)
+    totals: list[int] = []
+    commit = writer._registry._commit
+
+    def counting(conn: sqlite3.Connection) -> None:
+        totals.append(conn.total_changes)  # rows inserted on this connection so far
+        commit(conn)
+
+    monkeypatch.setattr(writer._registry, "_commit", counting)
+    writer.log({"warm-up": 0.0})
+    writer.flush()
+    start = totals[-1]
+    totals.clear()
+    writer.log({f"m{i}": float(i) for i in range(3000)})  # 3,000 new names: 6,000 SQL rows
+    for i in range(2500):
+        writer.record({}, "online_updates", _update_row(run.id, i))
+    writer.close()
+    per_transaction = [b - a for a, b in zip([start, *totals], totals, strict=False)]
+    assert sum(per_transaction) == 3000 * 2 + 2500
+    assert max(per_transaction) <= 1000 and len(per_transaction) >= 9
+    assert len(read_metrics(manager.registry(), run.id)) == 3001
+    assert _update_count(manager, run.id) == 2500
+
+
+@pytest.mark.parametrize("kind", ["rows", "points"])
+def test_a_slow_writer_makes_producers_wait_at_the_bound(manager: ArtifactManager, run: Any,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         kind: str) -> None:
+    """Behind a stalled writer (a busy 2-core machine) the buffer used to grow without bound."""
+    bound = {"max_pending_rows" if kind == "rows" else "max_pending_points": 500}
+    writer = _writer(manager, run, **bound)
+    index = 0 if kind == "rows" else 1  # in writer.pending()
+    stalled, release = threading.Event(), threading.Event()
+    commit = writer._registry._commit
+
+    def slow(conn: sqlite3.Connection) -> None:
+        stalled.set()
+        assert release.wait(60)
+        commit(conn)
+
+    monkeypatch.setattr(writer._registry, "_commit", slow)
+    peak, done = [0], threading.Event()
+
+    def produce() -> None:
+        for i in range(3000):
+            if kind == "rows":
+                writer.record({"r": 1.0}, "online_updates", _update_row(run.id, i))
+            else:
+                writer.log({"a": float(i), "b": float(i)})
+            peak[0] = max(peak[0], writer.pending()[index])
+        done.set()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        assert stalled.wait(60)  # the writer took a first batch and is stuck on it
+        deadline = time.monotonic() + 60
+        while writer.pending()[index] < 500:  # the producer fills the buffer to the bound ...
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not done.is_set() and writer.pending()[index] == 500  # ... and waits there
+    finally:
+        release.set()
+        producer.join(120)
+    assert done.is_set() and peak[0] <= 500
+    writer.close()
+    if kind == "rows":
+        assert _update_count(manager, run.id) == 3000
+    else:
+        from repro_core.metrics import read_metrics
+
+        got = read_metrics(manager.registry(), run.id)
+        assert [v for _, v, _ in got["b"]] == [float(i) for i in range(3000)]
+
+
+def test_a_full_buffer_behind_a_failing_writer_raises_instead_of_blocking(
+        manager: ArtifactManager, run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = _writer(manager, run, max_pending_rows=100)
+    commit = writer._registry._commit
+
+    def full(conn: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(writer._registry, "_commit", full)
+    recorded = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "failed; kept and retried"
+        with pytest.raises(StorageError, match="not recorded"):
+            for i in range(100_000):
+                writer.record({"r": float(i)}, "online_updates", _update_row(run.id, i))
+                recorded += 1
+    assert 100 <= recorded < 100_000
+    monkeypatch.setattr(writer._registry, "_commit", commit)  # space freed
+    writer.close()
+    assert _update_count(manager, run.id) == recorded  # every accepted row, no other
 
 
 _LOOP = textwrap.dedent("""

@@ -262,11 +262,49 @@ def test_write_jsonl_round_trip(tmp_path: Path) -> None:
     assert HardwareMonitor(1.0).write_jsonl(tmp_path / "empty.jsonl").read_bytes() == b""
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, "5", None, True])
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, "5", None, True, 1e-9, 0.049])
 def test_bad_interval_is_rejected(bad: Any) -> None:
+    """1e-9 was accepted and sampled 4,000 times a second into unbounded memory."""
     with pytest.raises(InvalidArgumentError) as info:
         HardwareMonitor(bad)
     assert info.value.argument == "interval" and repr(bad) in str(info.value)
+    assert HardwareMonitor(monitor_module.MIN_INTERVAL_S).interval == 0.05  # the floor itself
+
+
+@pytest.mark.parametrize("bad", [1, 0, 2.5, True, None])
+def test_bad_max_samples_is_rejected(bad: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="max_samples"):
+        HardwareMonitor(1.0, max_samples=bad)
+
+
+def test_kept_samples_are_bounded_and_the_summary_covers_every_sample() -> None:
+    seen: list[dict[str, Any]] = []
+    mon = HardwareMonitor(FAST, nvml_module=FakeNvml(gpus=1), on_sample=seen.append,
+                          max_samples=4)
+    mon.start()
+    wait_for(lambda: len(seen) >= 21, timeout=30)
+    summary = mon.stop()
+    kept = mon.samples
+    assert summary["sample_count"] == len(seen) >= 21
+    assert len(kept) <= 4 and summary["kept_samples"] == len(kept)
+    assert sum(s.get("samples", 1) for s in kept) == len(seen)  # each sample in one window
+    assert [s["t"] for s in kept] == sorted(s["t"] for s in kept) and kept[0]["t"] == seen[0]["t"]
+    for metric in CPU_METRICS:
+        values = [s[metric] for s in seen if s[metric] is not None]
+        stats = summary[metric]
+        assert stats["mean"] == pytest.approx(sum(values) / len(values))
+        assert (stats["max"], stats["min"], stats["last"]) == (max(values), min(values),
+                                                               values[-1])
+        # windows keep the extremes: nothing is averaged away
+        assert max(s.get("max", s)[metric] for s in kept) == max(values)
+        assert min(s.get("min", s)[metric] for s in kept) == min(values)
+    temps = [s["gpus"][0]["temperature_c"] for s in seen]  # rises 1 C per reading
+    assert summary["gpus"][0]["temperature_c"] == {
+        "mean": pytest.approx(sum(temps) / len(temps)), "max": max(temps), "min": min(temps),
+        "last": temps[-1]}
+    assert max(s["gpus"][0].get("max", s["gpus"][0])["temperature_c"] for s in kept) == \
+        max(temps)
+    json.dumps(kept, allow_nan=False)  # hardware.jsonl still takes them
 
 
 def test_context_manager_and_stop_from_the_callback_is_refused() -> None:

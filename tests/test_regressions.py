@@ -117,7 +117,7 @@ def test_self_referencing_data_is_an_error_not_a_hang(manager: ArtifactManager,
     with pytest.raises(SerializationError, match="contains itself"):
         manager.log_artifact("x", "config", data={"m": many})
     shared = [1, 2]
-    assert manager.log_artifact("ok", "config", data={"a": shared, "b": shared}).version == "v0"
+    assert manager.log_artifact("ok", "config", data={"a": shared, "b": shared}).version == "v1"
     with pytest.raises(SerializationError):
         manager.log_artifact("x", "config", data={"a": 1}, metadata={"m": loop})
 
@@ -180,7 +180,7 @@ def test_relogging_same_content_keeps_the_new_parents(manager: ArtifactManager,
     cfg = manager.log_artifact("cfg", "config", data={"lr": 1})
     manager.log_artifact("model", "model", data=b"w")
     again = manager.log_artifact("model", "model", data=b"w", parent_artifacts=[cfg.key])
-    assert again.version == "v0" and again.parent_artifacts == ["cfg:v0"]
+    assert again.version == "v1" and again.parent_artifacts == ["default/cfg:v1"]
 
 
 def test_argument_checks(manager: ArtifactManager, run: object) -> None:
@@ -224,7 +224,8 @@ def test_checkpoint_decorator_links_config_inputs_and_previous(manager: Artifact
         epoch(net, 0.5)
     assert first == {"loss": 1.0}
     second = manager.list_artifacts("checkpoint")[-1]
-    assert set(second.parent_artifacts) == {"config:v0", "data:v0", "checkpoint:v0"}
+    assert set(second.parent_artifacts) == {"default/config:v1", "default/data:v1",
+                                            "default/checkpoint:v1"}
 
 
 # -- second review ------------------------------------------------------------------------------
@@ -234,16 +235,16 @@ def test_v2_store_gains_payload_sizes_by_migration(tmp_path: Path) -> None:
     """A store written at schema v2 (experiences without payload_size) opens and works."""
     import sqlite3
 
-    from repro_core._schema import _SCHEMA_V1, _SCHEMA_V2
-    from repro_core.registry import SCHEMA_VERSION, Registry, _run_script
+    from repro_core.registry import SCHEMA_VERSION, Registry, run_script
+    from repro_core.registry.schema import _SCHEMA_V1, _SCHEMA_V2
 
     path = tmp_path / "s" / "registry.sqlite"
     path.parent.mkdir()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("BEGIN")
     conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    _run_script(conn, _SCHEMA_V1)
-    _run_script(conn, _SCHEMA_V2)
+    run_script(conn, _SCHEMA_V1)
+    run_script(conn, _SCHEMA_V2)
     conn.execute("INSERT INTO schema_version VALUES (2)")
     conn.execute("INSERT INTO store_meta VALUES ('hash_algorithm', 'blake3')")
     conn.execute("INSERT INTO runs VALUES ('r1', 'old', 'p', 'completed', '[]', '{}', 't',"
@@ -253,7 +254,7 @@ def test_v2_store_gains_payload_sizes_by_migration(tmp_path: Path) -> None:
     conn.execute("COMMIT")
     conn.close()
     registry = Registry(path)
-    assert registry._read("SELECT version FROM schema_version")[0][0] == SCHEMA_VERSION == 3
+    assert registry._read("SELECT version FROM schema_version")[0][0] == SCHEMA_VERSION == 4
     assert registry.experiences("r1")[0]["payload_size"] is None
     registry.close()
     assert collect_garbage(tmp_path / "s", dry_run=False).blobs == []
@@ -286,14 +287,15 @@ def test_non_finite_rewards_are_stored(manager: ArtifactManager, store_root: Pat
 def test_relogging_cannot_make_a_lineage_cycle(manager: ArtifactManager, run: object) -> None:
     from repro_core import LineageTracker
 
-    manager.log_artifact("P", "dataset", data=b"p")
+    p = manager.log_artifact("P", "dataset", data=b"p")
     manager.log_artifact("Q", "dataset", data=b"q", parent_artifacts=["P"])
-    with pytest.raises(InvalidArgumentError, match="cycle"):
-        manager.log_artifact("P", "dataset", data=b"p", parent_artifacts=["Q"])
+    # Same content as P's latest: the existing version comes back; the looping edge is dropped.
+    again = manager.log_artifact("P", "dataset", data=b"p", parent_artifacts=["Q"])
+    assert again.key == p.key and again.parent_artifacts == []
     manager.finalize_run()
     manager.init_run("uses-q")
     manager.use_artifact("Q")
-    assert manager.log_artifact("P", "dataset", data=b"p").version == "v0"
+    assert manager.log_artifact("P", "dataset", data=b"p").version == "v1"
     manager.finalize_run()
     assert LineageTracker.from_store(manager.root).detect_cycles() == []
 
@@ -377,4 +379,4 @@ def test_gc_right_after_a_large_experience_keeps_it(manager: ArtifactManager,
 def test_an_artifact_may_be_called_run(manager: ArtifactManager, run: object) -> None:
     manager.log_artifact("run", "dataset", data=b"r")
     assert manager.get_lineage("run")["artifact"]["name"] == "run"
-    assert manager.get_lineage("run:v0")["artifact"]["version"] == "v0"
+    assert manager.get_lineage("run:v1")["artifact"]["version"] == "v1"

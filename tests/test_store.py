@@ -12,6 +12,7 @@ import pytest
 from repro_core import IntegrityError, LocalStorageBackend, StorageError, constants
 from repro_core.hashing import hash_bytes
 from repro_core.registry import detect_network_fs
+from repro_core.store import _identity
 
 
 @pytest.fixture
@@ -146,10 +147,48 @@ def test_detect_network_fs(path: str, expected: str | None) -> None:
 
 def test_network_fs_warns_and_avoids_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from repro_core import registry as registry_module
+    from repro_core.registry import connection
 
-    monkeypatch.setattr(registry_module, "detect_network_fs", lambda path: "nfs4")
+    monkeypatch.setattr(connection, "detect_network_fs", lambda path: "nfs4")
     reg = registry_module.Registry(tmp_path / "registry.sqlite")
     with pytest.warns(RuntimeWarning, match="network filesystem"):
         mode = reg._read("PRAGMA journal_mode")[0][0]
     assert mode == "delete"
     reg.close()
+
+
+def test_republish_keeps_a_good_blob_and_repairs_a_bad_one(store: LocalStorageBackend,
+                                                           tmp_path: Path) -> None:
+    """Publishing bytes already stored keeps the blob's inode while its recorded identity
+    vouches for it (cached hard links stay valid), and replaces it once it is known bad —
+    also after "silent" rot that left its identity intact, once a check has seen the rot."""
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"important bytes")
+    digest, size = store.ingest_file(src)
+    blob = store.blob_path(digest)
+    inode = blob.stat().st_ino
+    assert store.ingest_file(src) == (digest, size) and blob.stat().st_ino == inode
+    blob.chmod(0o644)
+    blob.write_bytes(b"hmportant bytes")  # silent rot: pretend the identity did not change
+    _identity.save(store.root, digest, os.lstat(blob))
+    assert store.check(digest, size, full=False) == blob  # size-only trusts the identity
+    with pytest.raises(IntegrityError):
+        store.check(digest, size, full=True)  # a hash sees it, and forgets the identity
+    store.ingest_file(src)  # so re-logging repairs it
+    assert blob.read_bytes() == b"important bytes" and blob.stat().st_ino != inode
+    assert store.check(digest, size, full=False) == blob
+
+
+def test_blob_identity_ignores_new_links_but_not_writes(store: LocalStorageBackend,
+                                                        tmp_path: Path) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 100)
+    digest, _ = store.ingest_file(src)
+    blob = store.blob_path(digest)
+    known = _identity.load(store.root, digest)
+    assert known is not None and known.vouches_for(os.lstat(blob))
+    os.link(blob, tmp_path / "link")  # ctime and nlink change together: not a write
+    assert known.vouches_for(os.lstat(blob))
+    with open(tmp_path / "link", "r+b") as f:  # root writes despite 0444
+        f.write(b"y")
+    assert not known.vouches_for(os.lstat(blob))

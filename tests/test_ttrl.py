@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from repro_core import ArtifactManager, InvalidArgumentError, RunStateError
+from repro_core import ArtifactManager, InvalidArgumentError, RunStateError, SerializationError
 from repro_core.capture import EnvironmentCaptureLevel
 from repro_core.ttrl import INLINE_PAYLOAD_BYTES, TTRLContext
 
@@ -58,7 +58,10 @@ def test_defaults(manager: ArtifactManager) -> None:
 
 @pytest.mark.parametrize("kwargs", [{"experience_snapshot_interval": -1},
                                     {"experience_snapshot_interval": "hourly"},
-                                    {"window": 0}, {"window": 2.5}])
+                                    {"experience_snapshot_interval": math.nan},
+                                    {"experience_snapshot_interval": math.inf},
+                                    {"experience_snapshot_interval": True},
+                                    {"window": 0}, {"window": 2.5}, {"window": True}])
 def test_bad_arguments_rejected_before_any_run(manager: ArtifactManager,
                                                kwargs: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgumentError):
@@ -201,18 +204,105 @@ def test_updates_link_to_the_checkpoint_in_force(manager: ArtifactManager, store
         ctx.log_online_update("c1", 0.8, 0.9)
 
         before = ctx.updates_for(None)
-        under_v0 = ctx.updates_for("checkpoint:v0")
-        under_v1 = ctx.updates_for("checkpoint:v1")
-        under_latest = ctx.updates_for("checkpoint:latest")
-    assert (v0.key, v1.key) == ("checkpoint:v0", "checkpoint:v1")
+        under_v0 = ctx.updates_for(v0.key)
+        under_v1 = ctx.updates_for(v1.key)
+        under_latest = ctx.updates_for(v1.key.rsplit(":", 1)[0] + ":latest")
+    assert v0.key != v1.key and v0.key.rsplit(":", 1)[0] == v1.key.rsplit(":", 1)[0]
     assert [u["experience_id"] for u in before] == ["a0", "a1"]
     assert [u["experience_id"] for u in under_v0] == ["b0", "b1", "b2"]
     assert [u["experience_id"] for u in under_v1] == ["c0", "c1"]
     assert under_latest == under_v1
-    assert manager.use_artifact("checkpoint:v1").metadata["step"] == 5
-    # "which updates produced checkpoint v1?" -> those made while v0 was in force
-    assert ctx.updates_producing("checkpoint:v1") == under_v0
-    assert ctx.updates_producing("checkpoint:v0") == before
+    assert manager.use_artifact(v1.key).metadata["step"] == 5
+    # "which updates produced the second checkpoint?" -> those made while the first was in force
+    assert ctx.updates_producing(v1.key) == under_v0
+    assert ctx.updates_producing(v0.key) == before
+
+
+@pytest.mark.parametrize("json1", [True, False], ids=["json_each", "executemany"])
+def test_nonfinite_rewards_round_trip_exactly(manager: ArtifactManager, store_root: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              json1: bool) -> None:
+    """SQLite stores a NaN REAL as NULL: a NaN reward read back as None, like a missing KL."""
+    from repro_core import _metrics_rows
+
+    monkeypatch.setattr(_metrics_rows, "_json1", json1)  # False: the executemany fallback
+    with _ctx(store_root) as ctx:
+        ctx.log_online_update("a", math.nan, math.inf, kl_divergence=-math.inf)
+        ctx.log_online_update("b", -math.inf, 0.5, kl_divergence=math.nan)
+        ctx.log_online_update("c", 1.0, 0.25)
+        stored = ctx.updates_for(None)
+        run_id = ctx.run.id if ctx.run else ""
+    a, b, c = stored
+    assert math.isnan(a["reward"]) and a["confidence"] == math.inf
+    assert a["kl_divergence"] == -math.inf
+    assert b["reward"] == -math.inf and math.isnan(b["kl_divergence"])
+    assert c["kl_divergence"] is None and c["confidence"] == 0.25
+    got = manager.get_metrics(run_id)
+    assert math.isnan(got["online/reward"][0][1]) and got["online/reward"][1][1] == -math.inf
+
+
+def test_updates_producing_answers_for_the_run_that_logged_the_checkpoint(
+        manager: ArtifactManager, store_root: Path, tmp_path: Path) -> None:
+    """Asked in another run's context, the answer was [] or that run's own updates."""
+    def weights(i: int) -> Path:
+        path = tmp_path / f"w{i}.bin"
+        path.write_bytes(f"weights {i}".encode() * 20)
+        return path
+
+    def ids(updates: list[dict[str, Any]]) -> list[str]:
+        return [u["experience_id"] for u in updates]
+
+    with _ctx(store_root, name="first") as first:
+        first.log_online_update("a0", 0.1, 0.5)
+        first.log_online_update("a1", 0.2, 0.5)
+        c1 = first.log_model_checkpoint(weights(1), step=2)
+        first.log_online_update("b0", 0.3, 0.5)
+        c2 = first.log_model_checkpoint(weights(2), step=3)
+    with _ctx(store_root, name="second") as second:
+        second.log_online_update("x0", 0.4, 0.5)
+        # resumed from first's c2, which becomes a parent of second's first checkpoint
+        s1 = second.log_artifact("checkpoint", "checkpoint", file_path=weights(3),
+                                 parent_artifacts=[c2.key])
+        second.log_online_update("y0", 0.5, 0.5)
+        assert ids(second.updates_producing(c2.key)) == ["b0"]
+        assert ids(second.updates_producing(c1.key)) == ["a0", "a1"]
+        assert ids(second.updates_producing(s1.key)) == ["x0"]  # not first's, via the resume
+        notes = second.log_artifact("notes", "evaluation", data={"ok": True})
+    from repro_core.ttrl import run_updates, updates_for, updates_producing
+
+    registry = manager.registry()  # no context needed: what the CLI uses
+    assert first.run is not None and second.run is not None and second.run.id is not None
+    assert ids(updates_producing(registry, manager.version_id(c2.key))) == ["b0"]
+    assert ids(updates_for(registry, str(first.run.id), manager.version_id(c1.key))) == ["b0"]
+    everything = run_updates(registry, second.run.id)
+    assert [(u["experience_id"], u["model_version_id"]) for u in everything] == [
+        ("x0", None), ("y0", manager.version_id(s1.key))]
+    assert ids(first.updates_producing(c2.key)) == ["b0"]  # after the context, too
+    with pytest.raises(InvalidArgumentError, match="checkpoint"):
+        updates_producing(registry, manager.version_id(notes.key))
+
+
+def test_lone_surrogates_are_refused_before_anything_is_buffered(manager: ArtifactManager,
+                                                                 store_root: Path) -> None:
+    with _ctx(store_root) as ctx:
+        with pytest.raises(InvalidArgumentError, match="experience_id"):
+            ctx.log_online_update("e\udc80", 1.0, 0.5)
+        with pytest.raises(SerializationError):
+            ctx.log_online_update("e", 1.0, 0.5, metadata={"k": "v\udc80"})
+        with pytest.raises(SerializationError):
+            ctx.log_online_update("e", 1.0, 0.5, metadata={"k\udc80": 1})
+        with pytest.raises(InvalidArgumentError, match="experience_id"):
+            ctx.log_experience("e\udc80", 1, 2)
+        with pytest.raises(SerializationError):
+            ctx.log_experience("e", {"prompt": "x\udc80"}, 2)
+        with pytest.raises(SerializationError):
+            ctx.log_experience("e", 1, 2, metadata={"source": "\udc80"})
+        ctx.log_online_update("ok", 1.0, 0.5)
+        ctx.log_experience("ok", 1, 2)
+        updates, experiences, agg = ctx.updates_for(None), ctx.experiences(), ctx.aggregates()
+    assert [u["update_id"][-3:] for u in updates] == ["-u1"]
+    assert [e["experience_id"] for e in experiences] == ["ok"]
+    assert (agg["update_count"], agg["experience_count"]) == (1, 1)
 
 
 def test_updates_are_per_run(manager: ArtifactManager, store_root: Path,
@@ -221,14 +311,14 @@ def test_updates_are_per_run(manager: ArtifactManager, store_root: Path,
     path.write_bytes(b"w" * 10)
     with _ctx(store_root, name="first") as first:
         first.log_online_update("first-0", 1.0, 1.0)
-        first.log_model_checkpoint(path, step=1)
+        checkpoint = first.log_model_checkpoint(path, step=1)
         first.log_online_update("first-1", 1.0, 1.0)
     with _ctx(store_root, name="second") as second:
         second.log_online_update("second-0", 0.0, 0.0)
         assert [u["experience_id"] for u in second.updates_for(None)] == ["second-0"]
-        assert second.updates_for("checkpoint:v0") == []
+        assert second.updates_for(checkpoint.key) == []
     assert first.run is not None and first.run.id is not None
-    version = manager.version_id("checkpoint:v0")
+    version = manager.version_id(checkpoint.key)
     assert [u["experience_id"] for u in
             manager.registry().online_updates(first.run.id, version)] == ["first-1"]
 
@@ -287,26 +377,28 @@ def test_snapshots_follow_the_interval_on_a_fake_clock(manager: ArtifactManager,
         clock.advance(0.01)  # t = 10: due
         ctx.log_experience("e", 1, 2)
         first = ctx.log_experience_buffer([1, 2])
-        assert first is not None and first.key == "experience_buffer:v0"
+        assert first is not None
         assert first.metadata == {"experience_count": 1, "update_count": 0}
         clock.advance(5)  # t = 15: not due, but forced (and the timer restarts)
         assert ctx.log_experience_buffer([1, 2, 3]) is None
         forced = ctx.log_experience_buffer([1, 2, 3], force=True)
-        assert forced is not None and forced.key == "experience_buffer:v1"
+        assert forced is not None and forced.key != first.key
         clock.advance(9.5)  # t = 24.5: 9.5 s after the forced snapshot
         assert ctx.log_experience_buffer([4]) is None
         clock.advance(0.5)  # t = 25
         third = ctx.log_experience_buffer({"items": [4]})
-        assert third is not None and third.key == "experience_buffer:v2"
-    assert [m.version for m in manager.list_artifacts("experience_buffer")] == ["v0", "v1", "v2"]
-    assert manager.load_artifact("experience_buffer:v1") == [1, 2, 3]
-    assert manager.load_artifact("experience_buffer:v2") == {"items": [4]}
+        assert third is not None and third.key not in (first.key, forced.key)
+    assert [m.key for m in manager.list_artifacts("experience_buffer")] == [
+        first.key, forced.key, third.key]
+    assert manager.load_artifact(forced.key) == [1, 2, 3]
+    assert manager.load_artifact(third.key) == {"items": [4]}
 
 
 def test_zero_interval_snapshots_every_call(manager: ArtifactManager, store_root: Path) -> None:
     with _ctx(store_root, experience_snapshot_interval=0, clock=FakeClock()) as ctx:
         keys = [getattr(ctx.log_experience_buffer([i]), "key", None) for i in range(3)]
-    assert keys == ["experience_buffer:v0", "experience_buffer:v1", "experience_buffer:v2"]
+    assert None not in keys and len(set(keys)) == 3  # a new version every call
+    assert keys == [m.key for m in manager.list_artifacts("experience_buffer")]
 
 
 def test_snapshot_with_nonfinite_values(manager: ArtifactManager, store_root: Path) -> None:

@@ -86,4 +86,5 @@ def test_metadata_json_round_trip() -> None:
     text = json.dumps(meta.to_dict())
     back = ArtifactMetadata.from_dict(json.loads(text))
     assert back == meta
-    assert back.type is ArtifactType.MODEL and back.key == "m:v2" and back.version_number == 2
+    assert back.type is ArtifactType.MODEL and back.key == "default/m:v2"
+    assert back.version_number == 2

@@ -18,6 +18,7 @@ from .redact import (
     redact_env,
     redact_text,
 )
+from .scrub import scrub, scrub_patch, scrub_text
 from .seed import recorded_seed, seed_everything
 from .validate import validate_environment
 
@@ -39,6 +40,9 @@ __all__ = [
     "redact_argv",
     "redact_env",
     "redact_text",
+    "scrub",
+    "scrub_patch",
+    "scrub_text",
     "seed_everything",
     "validate_environment",
 ]

@@ -22,7 +22,9 @@ anything else               ``{"__object__": {"type": "mod.Qual", "repr": "…"}
 Secret-looking keys (see :mod:`.redact`) have their value replaced by ``"<redacted>"`` unless
 it is a number, bool or None — hyper-parameters like ``num_key_value_heads=8`` are not
 credentials, and hiding them would make the config useless; strings, containers and objects
-under such keys are redacted. Every string is also scrubbed of URL credentials.
+under such keys are redacted (numbers too under a key the user denied). Every string, keys
+included, is also scrubbed as text (URL credentials, ``password: …``, JWTs, …): the same
+:class:`~.redact.Redactor` as :func:`~.scrub.scrub`, so both give the same result.
 
 numpy and torch are never imported here: a value can only be an ndarray or a tensor if its
 module is already in ``sys.modules``.
@@ -46,7 +48,7 @@ from typing import Any
 
 from ..errors import SerializationError
 from .environment import capture_environment
-from .redact import REDACTED, Redactor
+from .redact import DENIED, REDACTED, SECRET, Redactor
 from .validate import validate_environment
 
 __all__ = ["ConfigCapture", "capture_config"]
@@ -122,16 +124,17 @@ class _Converter:
     def _mapping(self, mapping: Mapping[Any, Any], path: str, depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in mapping.items():
-            name = _key(key)
+            raw = _key(key)
+            verdict, name = self.redactor.classify(raw), self.redactor.text(raw)
             where = f"{path}[{name!r}]"
             if name in out:
                 raise SerializationError(
-                    f"{path} has keys {key!r} and {name!r}, which are the same JSON key; "
-                    "rename one of them",
+                    f"{path} has keys {self.redactor.text(repr(key))} and {name!r}, which are "
+                    "the same JSON key; rename one of them",
                     path=where,
                 )
             converted = self.convert(value, where, depth + 1)
-            if self.redactor.is_secret(name) and not _is_number(converted):
+            if verdict == DENIED or (verdict == SECRET and not _is_number(converted)):
                 converted = REDACTED
             out[name] = converted
         return out

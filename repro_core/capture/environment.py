@@ -20,7 +20,9 @@ Otherwise the sections say ``torch_imported: False``. GPU facts come from NVML, 
 
 No timestamp is stored: the run has its own, and identical environments then deduplicate to
 one artifact version. Every string of the result is scrubbed by :mod:`.redact` at the end, so a
-credential in a URL is removed wherever it appears (argv, git remote, patch, env values).
+credential in a URL is removed wherever it appears (argv, git remote, patch, env values); the
+``git`` section is scrubbed by :func:`~.git.git_info` (the patch as a diff: code files by their
+string literals only, so bare code is never mangled).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def capture_environment(
     redactor = Redactor.from_settings(redact_allow, redact_deny)
     complete = lvl >= EnvironmentCaptureLevel.COMPLETE
     env = _basic(lvl, redactor)
-    env["git"] = git_info(path, patch=complete, max_patch_bytes=max_patch_bytes)
+    git = git_info(path, patch=complete, max_patch_bytes=max_patch_bytes, redactor=redactor)
+    env["git"] = None  # keeps the key order; filled after the tree scrub below
     if lvl >= EnvironmentCaptureLevel.STANDARD:
         torch = _torch(complete if import_torch is None else import_torch)
         env.update(
@@ -87,6 +90,7 @@ def capture_environment(
     if complete:
         env.update(conda=_conda(), container=_container(), env_vars=redactor.env(os.environ))
     scrubbed: dict[str, Any] = redactor.tree(env)
+    scrubbed["git"] = git  # scrubbed by git_info: its patch as a diff, not as free text
     return scrubbed
 
 

@@ -1,8 +1,8 @@
 """State of the git repository a run starts in: commit, branch, remotes, dirty flag, and (on
 request) the uncommitted changes as a patch.
 
-Every git call is a subprocess with a timeout (``REPRO_GIT_TIMEOUT`` seconds, default 10; read
-from ``os.environ`` at call time until it moves to ``constants.py``), with
+Every git call is a subprocess with a timeout (``REPRO_GIT_TIMEOUT`` seconds, default 10, in
+``constants``), with
 ``GIT_OPTIONAL_LOCKS=0`` so ``git status`` never takes ``index.lock`` away from a concurrent
 ``git commit`` of the user, and ``GIT_TERMINAL_PROMPT=0`` so nothing ever waits for a password.
 
@@ -12,6 +12,12 @@ run dirty.
 
 The patch is capped: past ``max_bytes`` it is cut at a line boundary and ends with the line
 ``# [repro: patch truncated at N bytes of M]`` — never cut silently.
+
+Everything :func:`git_info` returns is scrubbed by the :class:`~.redact.Redactor` it is given
+(default: ``REPRO_REDACT_ALLOW``/``DENY``): remote URLs and messages as text, the patch with
+:meth:`~.redact.Redactor.patch` (``DB_PASSWORD = "…"`` in a diff loses its value; the lines,
+their count and the truncation marker stay). ``patch_bytes`` is the size git produced.
+:func:`git_patch` returns raw bytes: scrub them before storing.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import constants
 from ..errors import InvalidArgumentError, ReproError
+from .redact import Redactor
 
 __all__ = [
     "DEFAULT_MAX_PATCH_BYTES", "GitCommandError", "git_info", "git_patch", "truncation_marker",
@@ -42,19 +50,8 @@ class _NoGit(Exception):
     """git is not installed, or the directory is not inside a work tree."""
 
 
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise InvalidArgumentError(f"{name}={raw!r}: expected a positive number", argument=name)
-    return value
-
-
 def _timeout() -> float:
-    return _env_number("REPRO_GIT_TIMEOUT", 10.0)
+    return constants.REPRO_GIT_TIMEOUT
 
 
 def _git_env() -> dict[str, str]:
@@ -82,13 +79,18 @@ def _git(args: list[str], cwd: Path, timeout: float) -> bytes:
 
 
 def git_info(
-    path: str | Path | None = None, *, patch: bool = False, max_patch_bytes: int | None = None
+    path: str | Path | None = None,
+    *,
+    patch: bool = False,
+    max_patch_bytes: int | None = None,
+    redactor: Redactor | None = None,
 ) -> dict[str, Any] | None:
     """Commit, branch, remotes and dirty flag of the repo containing ``path`` (default cwd).
 
     Returns None when git is missing or ``path`` is not in a work tree. A later command that
     fails (timeout, corrupt repo) leaves its field None and is named in ``errors``.
     With ``patch=True`` adds ``patch`` (text of ``git diff HEAD``, capped) and ``untracked``.
+    Every string is scrubbed by ``redactor`` (see the module docstring).
     """
     cwd = Path(path) if path is not None else Path.cwd()
     if not cwd.is_dir():
@@ -105,7 +107,14 @@ def git_info(
         info["untracked"] = untracked[:_MAX_UNTRACKED]
         info["untracked_count"] = len(untracked)
         _add_patch(info, cwd, timeout, max_patch_bytes)
-    return info
+    return _scrubbed(info, redactor or Redactor.from_settings())
+
+
+def _scrubbed(info: dict[str, Any], redactor: Redactor) -> dict[str, Any]:
+    return {
+        key: redactor.patch(value) if key == "patch" and value else redactor.tree(value)
+        for key, value in info.items()
+    }
 
 
 def _head(cwd: Path, timeout: float) -> dict[str, Any]:
@@ -231,4 +240,4 @@ def _finish(capped: _Capped, limit: int) -> bytes:
 
 
 def _max_patch_bytes() -> int:
-    return int(_env_number("REPRO_MAX_PATCH_BYTES", DEFAULT_MAX_PATCH_BYTES))
+    return constants.REPRO_MAX_PATCH_BYTES

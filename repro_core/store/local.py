@@ -11,13 +11,19 @@ The store root looks like this; only ``blobs/`` and ``tmp/`` belong to this modu
     │           └── cdef…        immutable, read-only, named by the digest of its bytes
     ├── tmp/
     │   └── <pid>-<token>.part   writers in flight, each flock()ed by its writer
-    ├── cache/dirs/…             directory artifacts materialised as hard links (directory.py)
+    ├── cache/                   what use_artifact hands out; rebuildable (_cache.py)
+    │   ├── identity/…           each blob's inode/size/mtime/ctime when last known good
+    │   ├── files/…, trees/…     named read-only hard links, directory generations
+    │   └── copies/…             private writable copies (copy mode)
     └── runs/<run_id>/           human-readable exports (manager.py)
 
 Every blob is written as: unique temp file in ``tmp/`` (same filesystem, so the rename is
 atomic) → hash while writing → fsync → ``os.replace`` into ``blobs/`` → fsync the directory.
 A reader therefore sees either no blob or a complete one, also after ``kill -9`` or a power cut.
 A temp file whose flock can be taken belongs to a dead writer and is swept when the store opens.
+Publishing bytes that are already stored keeps the existing blob (same inode) when its identity
+shows it unwritten since it was last known good, and replaces it otherwise (see ``_publish``).
+Nothing under ``blobs/`` is ever handed out directly: ``check`` verifies, ``_cache`` serves.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +42,9 @@ from typing import TypeVar
 from .. import _fsio, constants
 from ..errors import IntegrityError, StorageError
 from ..hashing import copy_and_hash, hash_file, new_hasher, parse_digest
+from . import _identity
+from ._tmp import is_stale_temp, new_locked_temp
+from ._tmp import remove_entry as _remove_entry
 from .base import StorageBackend
 
 __all__ = ["BlobWriter", "LocalStorageBackend", "is_stale_temp", "new_locked_temp"]
@@ -216,38 +226,59 @@ class LocalStorageBackend(StorageBackend):
             self._copy_file_into(writer, Path(file_path))
             return writer.commit()
 
-    def check(self, content_hash: str, size: int, *, full: bool = True) -> Path:
-        """Check a blob's size (always) and digest (``full``); return its path or raise."""
+    def check(self, content_hash: str, size: int, *, full: bool = True,
+              identity: bool = True) -> Path:
+        """Check a blob's size (always) and digest (``full``); return its path or raise.
+
+        ``full=False`` still re-hashes when the blob's identity (inode, size, mtime, ctime)
+        is not the one recorded when it was last known good (``store/_identity.py``): a write
+        into a served path — a hard link to this very inode — is caught without hashing every
+        blob on every use. A good hash records the identity; a bad one forgets it, so that
+        re-logging the same bytes replaces (repairs) the blob. ``identity=False`` makes
+        ``full=False`` a plain size check (``repro verify`` without hashing).
+        """
         path = self.blob_path(content_hash)
+        seen = self._blob_stat(content_hash, path, size)
+        known = _identity.load(self.root, content_hash) if identity else None
+        vouched = known is not None and known.vouches_for(seen)
+        if not full and (vouched or not identity):
+            return path
+        actual = hash_file(path, parse_digest(content_hash)[0])
+        if actual != content_hash:
+            _identity.forget(self.root, content_hash)
+            raise IntegrityError(
+                f"blob {content_hash} is corrupt: its content hashes to {actual}",
+                digest=content_hash,
+                path=path,
+                expected=content_hash,
+                actual=actual,
+            )
+        if identity and not vouched:
+            _identity.remember(self.root, content_hash, path, seen)
+        return path
+
+    def _blob_stat(self, content_hash: str, path: Path, size: int) -> os.stat_result:
+        """``lstat`` of a blob that exists, is a regular file (never a link someone planted:
+        serving it would hand out, and let users write to, whatever it points at) and has
+        ``size`` bytes."""
         try:
-            actual_size = path.stat().st_size
+            st = os.lstat(path)
         except FileNotFoundError:
             raise IntegrityError(
                 f"blob {content_hash} is missing from {self.blobs_dir}",
-                digest=content_hash,
-                path=path,
-                expected=size,
-                actual=None,
+                digest=content_hash, path=path, expected=size, actual=None,
             ) from None
-        if actual_size != size:
+        if not stat.S_ISREG(st.st_mode):
             raise IntegrityError(
-                f"blob {content_hash} has {actual_size} bytes, expected {size}: it is corrupt",
-                digest=content_hash,
-                path=path,
-                expected=size,
-                actual=actual_size,
+                f"blob {content_hash} at {path} is not a regular file (a symlink or special "
+                "file someone put in the store); delete it and log the content again",
+                digest=content_hash, path=path, expected="regular file", actual="other")
+        if st.st_size != size:
+            raise IntegrityError(
+                f"blob {content_hash} has {st.st_size} bytes, expected {size}: it is corrupt",
+                digest=content_hash, path=path, expected=size, actual=st.st_size,
             )
-        if full:
-            actual = hash_file(path, parse_digest(content_hash)[0])
-            if actual != content_hash:
-                raise IntegrityError(
-                    f"blob {content_hash} is corrupt: its content hashes to {actual}",
-                    digest=content_hash,
-                    path=path,
-                    expected=content_hash,
-                    actual=actual,
-                )
-        return path
+        return st
 
     def verify(self, content_hash: str) -> None:
         """Re-hash in place (no copy needed locally); a missing blob is an IntegrityError."""
@@ -345,13 +376,23 @@ class LocalStorageBackend(StorageBackend):
         return new_locked_temp(self.tmp_dir, ".part")
 
     def _publish(self, writer: BlobWriter, digest: str, size: int) -> None:
-        """fsync → read-only → rename into place → fsync dir (dedup: same digest, same path)."""
+        """fsync → read-only → rename into place → fsync dir; or keep an existing good blob.
+
+        Dedup keeps the blob that is there when its identity is still the one recorded when it
+        was last known good (unwritten since): renaming fresh bytes over it would give it a new
+        inode, so every hard link the cache handed out would go stale and directory trees would
+        be rebuilt on every re-log. Otherwise (no record, a write since, content known bad) our
+        verified bytes are renamed over it — atomic, and it repairs a rotted blob. Either way
+        the blob's mtime is refreshed, which keeps gc's grace period honest, and its identity
+        recorded.
+        """
         final = self.blob_path(digest)
 
         def _do() -> None:
-            # Always rename our verified bytes into place, even over an existing blob of the
-            # same name: the rename is atomic and as cheap as a check, it repairs a blob that
-            # rotted on disk, and the fresh mtime keeps gc's grace period honest.
+            if self._keep_existing(final, digest, size):
+                writer.abort()  # our temp copy is identical and not needed
+                _fsio.fsync_dir(final.parent)  # the kept entry is durable before the row
+                return
             _fsio.fsync(writer._fd)
             os.fchmod(writer._fd, 0o444)
             try:
@@ -362,12 +403,30 @@ class LocalStorageBackend(StorageBackend):
                 _fsio.replace(writer.temp_path, final)
             writer._close_fd()
             _fsio.fsync_dir(final.parent)
+            published = _identity.backdated(final)
+            if published is not None:
+                _identity.save(self.root, digest, published)
 
         try:
             _storage_errors("publishing a blob", final, _do)
         except BaseException:
             writer.abort()
             raise
+
+    def _keep_existing(self, final: Path, digest: str, size: int) -> bool:
+        try:
+            st = os.lstat(final)
+        except FileNotFoundError:
+            return False
+        known = _identity.load(self.root, digest)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size or known is None \
+                or not known.vouches_for(st):
+            return False
+        fresh = _identity.backdated(final)  # fresh for gc; None: not ours to touch → replace
+        if fresh is None:
+            return False
+        _identity.save(self.root, digest, fresh)
+        return True
 
 
 # Guard descriptors open in this process. A fork() child inherits them, and the lock lives as
@@ -401,67 +460,3 @@ def _flock_with_deadline(fd: int, path: Path) -> None:
                     f"{constants.SQLITE_BUSY_TIMEOUT_MS // 1000} s; retry gc later",
                     path=path) from None
             time.sleep(0.05)
-
-
-def new_locked_temp(tmp_dir: Path, suffix: str, *, directory: bool = False) -> tuple[Path, int]:
-    """Create ``tmp/<pid>-<token><suffix>`` already flock()ed by us; return (path, fd).
-
-    The entry is born under a dot-name that ``sweep_tmp`` leaves alone, locked, and only then
-    renamed to its sweepable name (the lock follows the open file across the rename). Creating
-    it under the final name and locking it after would let a concurrent sweep delete a live
-    writer's file in between.
-    """
-    name = f"{os.getpid()}-{secrets.token_hex(8)}{suffix}"
-    hidden, final = tmp_dir / f".{name}", tmp_dir / name
-
-    def _create() -> int:
-        if directory:
-            hidden.mkdir()
-            fd = os.open(hidden, os.O_RDONLY | os.O_CLOEXEC)
-        else:
-            fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.rename(hidden, final)
-        except BaseException:
-            os.close(fd)
-            _remove_entry(hidden)
-            raise
-        return fd
-
-    return final, _storage_errors("creating a temp file", final, _create)
-
-
-def is_stale_temp(entry: Path, now: float) -> bool:
-    """A temp entry is stale when its writer's flock can be taken, or it is very old.
-
-    Dot-names are entries being born (see ``new_locked_temp``): only age makes them stale.
-    """
-    try:
-        age = now - entry.lstat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age > constants.REPRO_STALE_TMP_SECONDS:
-        return True
-    if entry.name.startswith("."):
-        return False
-    try:
-        fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held by a live writer (EWOULDBLOCK), or unknowable: leave it
-        return False
-    finally:
-        os.close(fd)
-    return True
-
-
-def _remove_entry(entry: Path) -> None:
-    """Best effort: a temp entry we cannot remove (permissions) is left for ``repro gc``."""
-    with contextlib.suppress(OSError):
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink()

@@ -28,6 +28,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +96,19 @@ def _wait_for(path: Path, deadline_s: float) -> bool:
     return False
 
 
+def _wait_for_store_key_value(key: str, needle: str, deadline_s: float) -> bool:
+    """Wait until the process group's store holds ``key`` with ``needle`` in its value."""
+    from torch.distributed import distributed_c10d
+
+    store = distributed_c10d._get_default_store()
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if store.check([key]) and needle in store.get(key).decode():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 # -- scenarios -----------------------------------------------------------------------------
 
 
@@ -111,29 +125,21 @@ def scenario_happy(rank: int, out: Path, rec: Recorder) -> None:
         m.log_artifact("weights", "model", data={"w": [1, 2, 3]}, metadata={"epoch": 1}),
         m.log_artifact("dataset", "dataset", file_path=out / "input.bin"),
         m.log_artifact("weights", "model", data={"w": [4, 5, 6]},
-                       parent_artifacts=["dataset:v0"], aliases=["best"]),
+                       parent_artifacts=["dataset:v1"], aliases=["best"]),
     ]
     rec["log"] = [meta.to_dict() for meta in logged]
-    used = [m.use_artifact("dataset:v0"), m.use_artifact("weights", "best")]
+    used = [m.use_artifact("dataset:v1"), m.use_artifact("weights", "best")]
     rec["use"] = [meta.to_dict() for meta in used]
-    rec["loaded"] = m.load_artifact("weights", "v0")
+    rec["loaded"] = m.load_artifact("weights", "v1")
     rec["reads"] = {
         "list_artifacts": [meta.to_dict() for meta in m.list_artifacts()],
         "list_weights": [meta.key for meta in m.list_artifacts("weights")],
-        "get_lineage": m.get_lineage("weights:v1"),
+        "get_lineage": m.get_lineage("weights:v2"),
         "get_run": m.get_run(run_id),
     }
 
     if rank == 0:
-        solo: dict[str, Any] = {
-            "log_artifact": _attempt(lambda: m.log_artifact("solo", "metrics", data={"acc": 0.9})),
-            "use_artifact": _attempt(lambda: m.use_artifact("weights:v0")),
-            "set_run_state": _attempt(lambda: m.set_run_state("running", reason="rank 0 alone")),
-            "list_artifacts": _attempt(lambda: [a.key for a in m.list_artifacts()]),
-            "get_lineage": _attempt(lambda: m.get_lineage("weights:v1")),
-            "get_run": _attempt(lambda: m.get_run(run_id)),
-        }
-        rec["solo"] = solo
+        rec["solo"] = _solo_calls(m, run_id)
         (out / SOLO_MARKER).touch()
     else:
         # Rank 1 makes no repro call until rank 0 is done: a hidden collective on rank 0
@@ -141,10 +147,29 @@ def scenario_happy(rank: int, out: Path, rec: Recorder) -> None:
         rec["waited_for_rank0_solo"] = _wait_for(out / SOLO_MARKER, MARKER_DEADLINE_S)
 
     # Same call on both ranks again, after rank 0 made calls alone: rank 1 must get *this*
-    # call's answer (or a clear error), never the answer to rank 0's solo call.
+    # call's answer, never the answer to rank 0's solo call.
     rec["after_solo"] = _attempt(lambda: m.log_artifact("after-solo", "metrics", data={"x": 1}))
     rec["finalize"] = _attempt(m.finalize_run)
     rec["final_state"] = run.state.value
+
+
+def _solo_calls(m: ArtifactManager, run_id: str) -> dict[str, Any]:
+    """Rank 0 alone, while rank 1 makes no repro call."""
+    from repro_core.distributed import rank_zero_only
+
+    # Unmarked calls no other rank makes with these arguments: they publish, never block.
+    solo: dict[str, Any] = {
+        "log_artifact": _attempt(lambda: m.log_artifact("solo", "metrics", data={"acc": 0.9})),
+        "use_artifact": _attempt(lambda: m.use_artifact("weights:v1")),
+        "set_run_state": _attempt(lambda: m.set_run_state("running", reason="rank 0 alone")),
+    }
+    # Reads identical to the shared ones above, with other answers now: marked, as they
+    # must be (unmarked, finalize_run could not tell which one rank 1 made: "ambiguous").
+    with rank_zero_only():
+        solo["list_artifacts"] = _attempt(lambda: [a.key for a in m.list_artifacts()])
+        solo["get_lineage"] = _attempt(lambda: m.get_lineage("weights:v2"))
+        solo["get_run"] = _attempt(lambda: m.get_run(run_id))
+    return solo
 
 
 def scenario_dies(rank: int, out: Path, rec: Recorder) -> None:
@@ -175,9 +200,15 @@ def scenario_diskfull(rank: int, out: Path, rec: Recorder) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (BIG_FILE_LIMIT, hard))
     rec["big"] = _attempt(lambda: m.log_artifact("big", "dataset", file_path=out / "big.bin"))
     rec["small"] = _attempt(lambda: m.log_artifact("small", "metrics", data={"after": "full"}))
+    lonely_done = out / "rank1-lonely-done"
     if rank == 1:
-        # A fetch rank 0 never answers (rank 0 goes straight to finalize_run).
+        # A fetch rank 0 never answers. Rank 0 is held back (as if busy in a collective), so
+        # only the timeout can end it; once rank 0 reaches finalize_run it ends at once
+        # ("mismatch").
         rec["lonely_fetch"] = _attempt(lambda: m.use_artifact("small"))
+        lonely_done.touch()
+    else:
+        rec["waited_for_lonely"] = _wait_for(lonely_done, MARKER_DEADLINE_S)
     rec["finalize"] = _attempt(m.finalize_run)
 
 
@@ -209,24 +240,153 @@ def scenario_reset(rank: int, out: Path, rec: Recorder) -> None:
 def scenario_exit_race(rank: int, out: Path, rec: Recorder) -> None:
     """Rank 0 exits as soon as ``finalize_run`` returns (the end of a training script), while
     rank 1 is a moment slower after the barrier (descheduled on a loaded node)."""
-    from repro_core import ArtifactManager, distributed
+    from repro_core import ArtifactManager
 
     if rank == 1:
         # Fault injection: delay rank 1's fetch of finalize's outcome. Missing hook = the test
         # can no longer inject the delay: crash loudly rather than pass vacuously.
-        original = getattr(distributed, "_store_get", None)
-        if original is None:
-            raise RuntimeError("repro_core.distributed._store_get is gone: update this worker")
+        exchange = sys.modules.get("repro_core.distributed._exchange")
+        original = getattr(exchange, "_read_outcome", None)
+        if exchange is None or original is None:
+            raise RuntimeError("repro_core.distributed._exchange._read_outcome is gone: "
+                               "update this worker")
 
-        def slow_get(key: str, what: str) -> dict[str, Any]:
+        def slow_read(store: Any, key: str, call: Any, *, present: bool) -> dict[str, Any]:
             if "finalize" in key:
                 time.sleep(1.5)
-            return original(key, what)  # type: ignore[no-any-return]
+            return original(store, key, call, present=present)  # type: ignore[no-any-return]
 
-        distributed._store_get = slow_get  # type: ignore[attr-defined]
+        exchange._read_outcome = slow_read  # type: ignore[attr-defined]
     m = ArtifactManager()
     run = _init_run(m, "exit-race")
     rec["init"] = {"id": run.id}
+    rec["finalize"] = _attempt(m.finalize_run)
+
+
+def scenario_interleaved(rank: int, out: Path, rec: Recorder) -> None:
+    """Rank-0-only calls (plain ``if rank == 0:``) interleaved with calls every rank makes,
+    of the same name and kind: rank 1 must get the answer to its own call every time."""
+    from repro_core import ArtifactManager
+
+    m = ArtifactManager()
+    run_id = _init_run(m, "interleaved").id
+    assert run_id is not None
+    if rank == 0:  # the issue, verbatim
+        rec["solo_model"] = m.log_artifact("model", "model", data=b"solo").to_dict()
+    rec["shared_model"] = _attempt(lambda: m.log_artifact("model", "model", data=b"shared"))
+    steps = []
+    for step in range(3):
+        if rank == 0:
+            m.log_artifact("ckpt", "checkpoint", data={"step": step, "solo": True})
+        steps.append(_attempt(partial(m.log_artifact, "ckpt", "checkpoint", data={"step": step})))
+    rec["same_name"] = steps
+    if rank == 0:
+        m.log_artifact("other", "metrics", data={"solo": 1})
+        m.use_artifact("ckpt")
+    rec["other_names"] = [
+        _attempt(lambda: m.log_artifact("other", "metrics", data={"shared": 1})),
+        _attempt(lambda: m.log_artifact("third", "metrics", data={"shared": 2})),
+    ]
+    # A read rank 0 makes alone, a write, then the same read on every rank: not the old answer.
+    m.log_metrics({"loss": 1.0}, step=0)
+    if rank == 0:
+        m.use_artifact("model")
+        m.list_artifacts("model")
+        m.get_run(run_id)
+        m.get_metrics(run_id)
+        m.get_lineage("model:latest")
+        m.log_metrics({"loss": 2.0}, step=1)
+    rec["write"] = _attempt(lambda: m.log_artifact("model", "model", data=b"newer"))
+    rec["reads"] = _reads(m, run_id)
+    if rank == 0:  # reading again alone, with the same answer, is no ambiguity
+        m.use_artifact("model")
+    rec["finalize"] = _attempt(m.finalize_run)
+
+
+def _reads(m: ArtifactManager, run_id: str) -> dict[str, Any]:
+    return {
+        "use_artifact": _attempt(lambda: m.use_artifact("model")),
+        "list_artifacts": _attempt(lambda: [a.to_dict() for a in m.list_artifacts("model")]),
+        "get_run": _attempt(lambda: m.get_run(run_id)),
+        "get_metrics": _attempt(lambda: m.get_metrics(run_id)),
+        "get_lineage": _attempt(lambda: m.get_lineage("model:latest")),
+    }
+
+
+def scenario_scope(rank: int, out: Path, rec: Recorder) -> None:
+    """``rank_zero_only()``: rank 0's calls run and publish nothing; rank 1's return None."""
+    from repro_core import ArtifactManager
+    from repro_core.distributed import EXCHANGE, rank_zero_only
+
+    m = ArtifactManager()
+    run_id = _init_run(m, "scope").id
+    assert run_id is not None
+    rec["first"] = _attempt(lambda: m.log_artifact("model", "model", data=b"first"))
+    m.log_metrics({"loss": 1.0}, step=0)
+    published = EXCHANGE._ledger.next_g
+    with rank_zero_only():
+        # Identical to the shared reads below, with other answers (a write in between):
+        # were they published, rank 1 would take them.
+        rec["scoped_reads"] = _reads(m, run_id)
+        rec["scoped_write"] = _attempt(lambda: m.log_artifact("model", "model", data=b"scoped"))
+        m.log_metrics({"loss": 2.0}, step=1)
+    ran: list[str] = []
+
+    @rank_zero_only
+    def save(tag: str) -> Any:
+        ran.append(tag)
+        return m.log_artifact("model", "model", data=tag.encode())
+
+    rec["decorated"] = {"result": _attempt(lambda: save("decorated")), "ran": ran}
+    rec["published_in_scope"] = EXCHANGE._ledger.next_g - published
+    rec["reads"] = _reads(m, run_id)
+    with rank_zero_only():
+        rec["finalize_in_scope"] = _attempt(m.finalize_run)
+    rec["run_still_active"] = m.current_run is not None
+    rec["finalize"] = _attempt(m.finalize_run)
+
+
+def scenario_ambiguous(rank: int, out: Path, rec: Recorder) -> None:
+    """An unmarked rank-0-only read identical to a later shared one, with a write (also rank 0
+    alone) in between: rank 1 cannot tell them apart; finalize_run must say so on every rank."""
+    from repro_core import ArtifactManager
+
+    m = ArtifactManager()
+    run_id = _init_run(m, "ambiguous").id
+    rec["init"] = {"id": run_id}
+    rec["shared_write"] = _attempt(lambda: m.log_artifact("data", "dataset", data={"v": 0}))
+    if rank == 0:
+        rec["solo_read"] = _attempt(lambda: m.use_artifact("data"))
+        rec["solo_write"] = _attempt(lambda: m.log_artifact("data", "dataset", data={"v": 1}))
+    rec["shared_read"] = _attempt(lambda: m.use_artifact("data"))
+    rec["finalize"] = _attempt(m.finalize_run)
+    rec["run_closed"] = m.current_run is None
+
+
+def scenario_mismatch(rank: int, out: Path, rec: Recorder) -> None:
+    """Calls rank 0 never answers: arguments that differ between ranks, a rank-1-only call.
+    Rank 1's timeout is long: they must fail as soon as rank 0 reaches finalize_run."""
+    from repro_core import ArtifactManager
+    from repro_core.distributed import Call
+
+    m = ArtifactManager()
+    _init_run(m, "mismatch")
+    # Per-rank metadata is fine: it does not decide the answer, so it is not fingerprinted.
+    rec["per_rank_metadata"] = _attempt(lambda: m.log_artifact(
+        "weights", "model", data={"w": [1, 2]}, metadata={"rank": rank, "t": time.time()}))
+    data = {"w": [1, 2], "rank": rank}
+    if rank == 0:
+        # Reach finalize_run only once rank 1 waits for its (never made) version of this call,
+        # so that the "rank 0 answers every waiting call with never" path is the one tested;
+        # the rank-1-only call below then meets the "rank 0 already ended" path.
+        rank1_call = Call("log_artifact", "weights", {
+            "type": "model", "data": {**data, "rank": 1}, "file_path": None,
+            "parent_artifacts": None, "aliases": None})
+        rec["rank1_waiting"] = _wait_for_store_key_value(
+            "repro/waiting/1/1", rank1_call.fingerprint, MARKER_DEADLINE_S)
+    rec["per_rank_data"] = _attempt(lambda: m.log_artifact("weights", "model", data=data))
+    if rank == 1:
+        rec["rank1_only"] = _attempt(lambda: m.use_artifact("weights"))
     rec["finalize"] = _attempt(m.finalize_run)
 
 
@@ -236,6 +396,10 @@ SCENARIOS: dict[str, Callable[[int, Path, Recorder], None]] = {
     "diskfull": scenario_diskfull,
     "reset": scenario_reset,
     "exit_race": scenario_exit_race,
+    "interleaved": scenario_interleaved,
+    "scope": scenario_scope,
+    "ambiguous": scenario_ambiguous,
+    "mismatch": scenario_mismatch,
 }
 # Rank 0 hosts the TCP store (tcp:// init); if it exits first, rank 1's last fetch fails. The
 # harness keeps rank 0 alive until rank 1 is done, except where that race is the subject.

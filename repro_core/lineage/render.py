@@ -3,14 +3,21 @@
 Every format escapes whatever users put in names: the original emitted invalid Mermaid and did
 not escape quotes in DOT, so one artifact named ``say "hi"`` broke the whole diagram.
 
-- **DOT**: ids and labels always double-quoted; ``\\`` and ``"`` escaped, newlines as ``\\n``.
+- **DOT**: ``digraph lineage {`` laid out left to right (``rankdir=LR``, as the seed's export
+  was, so code that post-processes it keeps working); ids and labels always double-quoted;
+  ``\\`` and ``"`` escaped, newlines as ``\\n``.
 - **Mermaid**: node ids are ``n0, n1, …`` (Mermaid ids must be plain words), labels are quoted
   and every character Mermaid gives meaning to is written as an entity code (``#quot;``,
   ``#58;`` …).
 - **SVG**: graphviz ``dot -Tsvg`` when installed, else a dependency-free layered layout —
   longest-path layers from ``topological_generations`` with back edges of cycles reversed
   (chosen by a DFS in sorted order, so the picture is deterministic) and a barycenter pass to
-  reduce crossings. Text is XML-escaped and characters XML 1.0 forbids are replaced.
+  reduce crossings. Text is XML-escaped and characters XML 1.0 forbids are replaced. (With
+  graphviz the picture follows the DOT export, left to right; the built-in layout stacks
+  layers top to bottom.)
+
+Every function takes a :class:`~repro_core.lineage.nodes.GraphView` (a ``LineageTracker`` is
+one), so this module imports only ``nodes`` and the tracker can import it at the top.
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ from xml.sax.saxutils import escape as _xml_escape
 
 import networkx as nx
 
-from . import _fsio
-from .errors import InvalidArgumentError, ReproError
-from .lineage import RUN_KIND, LineageNode, LineageTracker
+from .. import _fsio
+from ..errors import InvalidArgumentError, ReproError
+from .nodes import RUN_KIND, GraphView, LineageNode
 
 __all__ = ["render_svg", "to_dot", "to_mermaid"]
 
@@ -74,11 +81,11 @@ def dot_quote(text: str) -> str:
     return '"' + text.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n") + '"'
 
 
-def to_dot(tracker: LineageTracker) -> str:
+def to_dot(tracker: GraphView) -> str:
     """DOT text: one statement per line, nodes in insertion order, then edges."""
     lines = [
         "digraph lineage {",
-        "  rankdir=TB;",
+        "  rankdir=LR;",  # the seed's layout: causes on the left, what they became on the right
         '  node [fontname="Helvetica", fontsize=10];',
         '  edge [color="#555555"];',
     ]
@@ -120,7 +127,7 @@ def mermaid_text(text: str) -> str:
     return escaped.replace("\n", "<br/>")
 
 
-def to_mermaid(tracker: LineageTracker) -> str:
+def to_mermaid(tracker: GraphView) -> str:
     """``flowchart TD`` text: boxes for artifacts, stadiums for runs, dashed missing refs."""
     ids = {node_id: f"n{i}" for i, node_id in enumerate(tracker.graph.nodes)}
     lines = ["flowchart TD"]
@@ -134,7 +141,7 @@ def to_mermaid(tracker: LineageTracker) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mermaid_classes(tracker: LineageTracker, ids: dict[str, str]) -> Iterator[str]:
+def _mermaid_classes(tracker: GraphView, ids: dict[str, str]) -> Iterator[str]:
     """One ``classDef`` per colour (class names ``c0, c1, …``, so any type string is safe)."""
     groups: dict[tuple[str, bool], list[str]] = {}
     for node_id, short in ids.items():
@@ -149,7 +156,7 @@ def _mermaid_classes(tracker: LineageTracker, ids: dict[str, str]) -> Iterator[s
 # -- SVG --------------------------------------------------------------------------------------
 
 
-def render_svg(tracker: LineageTracker, output_path: Path | None = None, *,
+def render_svg(tracker: GraphView, output_path: Path | None = None, *,
                engine: str = "auto") -> str:
     """SVG text of the graph (written to ``output_path`` too when given).
 
@@ -174,7 +181,7 @@ def render_svg(tracker: LineageTracker, output_path: Path | None = None, *,
     return svg
 
 
-def _svg_with_dot(dot: str, tracker: LineageTracker) -> str:
+def _svg_with_dot(dot: str, tracker: GraphView) -> str:
     try:
         done = subprocess.run([dot, "-Tsvg"], input=to_dot(tracker).encode("utf-8"),
                               capture_output=True, check=False, timeout=600)
@@ -256,7 +263,7 @@ def _barycenter(dag: nx.DiGraph, node: str, position: dict[str, int]) -> float:
     return sum(parents) / len(parents) if parents else 0.0
 
 
-def _place(tracker: LineageTracker, ordered: list[list[str]]) -> tuple[dict[str, _Box], float]:
+def _place(tracker: GraphView, ordered: list[list[str]]) -> tuple[dict[str, _Box], float]:
     boxes: dict[str, _Box] = {}
     rows: list[list[_Box]] = []
     y = _MARGIN
@@ -279,7 +286,7 @@ def _place(tracker: LineageTracker, ordered: list[list[str]]) -> tuple[dict[str,
     return boxes, width
 
 
-def _svg_python(tracker: LineageTracker) -> str:
+def _svg_python(tracker: GraphView) -> str:
     reversed_edges = back_edges(tracker.graph)
     boxes, width = _place(tracker, layers(tracker.graph, reversed_edges))
     height = max((b.y + b.h for b in boxes.values()), default=0.0) + _MARGIN

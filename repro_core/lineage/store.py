@@ -1,23 +1,40 @@
-"""Reading a lineage graph out of the registry, in a fixed handful of bulk queries.
+"""Reading a whole lineage graph out of a store's registry, in a fixed handful of bulk queries.
+
+(This is the lineage side of a store; the blobs themselves live in :mod:`repro_core.store`.)
 
 One query per node (``parents_of`` / ``inputs_of`` for each version) would be 100k round trips on
-a 100k-version store; here it is five reads whatever the size: ``artifact_parents``,
-``run_inputs``, versions, runs, and (for blob checks) ``version_blobs``.
+a 100k-version store; here it is six reads whatever the size: ``run_outputs``,
+``artifact_parents``, ``run_inputs``, versions, runs, and (for blob checks) ``version_blobs``.
+
+Artifact node ids are the registry rows' own ``key`` (never formatted here), so whatever the
+registry calls a version — ``name:vN`` or ``project/name:vN`` — is what the graph calls it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgumentError
-from .lineage import RUN_KIND, LineageNode, run_node_id
-from .registry import Registry, RunRow, VersionRow
-from .store.local import LocalStorageBackend
+from ..errors import MissingFileError
+from ..registry import Registry, RunRow, VersionRow
+from .nodes import RUN_KIND, LineageNode, run_node_id
 
-__all__ = ["missing_blobs", "read_registry", "run_node", "version_node"]
+__all__ = ["open_store_registry", "read_registry", "run_node", "version_node"]
 
 _Edge = tuple[str, str]
+
+
+def open_store_registry(root: Path) -> Registry:
+    """The registry of the store at ``root``; never creates one (a typo must not make a store)."""
+    db = root / "registry.sqlite"
+    if not db.is_file():
+        raise MissingFileError(
+            f"no registry at {db}; pass the store directory given to init_run(root=...) "
+            "or $REPRO_HOME",
+            path=db,
+        )
+    return Registry(db, readonly=True)
 
 
 def read_registry(registry: Registry, *, with_blobs: bool
@@ -40,6 +57,7 @@ def read_registry(registry: Registry, *, with_blobs: bool
 
 
 def run_node(run: RunRow) -> LineageNode:
+    """A run as a graph node (``run:<id>``; project, state and tags kept as metadata)."""
     return LineageNode(
         artifact_id=run_node_id(run.id), artifact_name=run.name, artifact_type=RUN_KIND,
         version="", created_at=run.created_at, run_id=run.id,
@@ -49,6 +67,7 @@ def run_node(run: RunRow) -> LineageNode:
 
 
 def version_node(version: VersionRow) -> LineageNode:
+    """An artifact version as a graph node, named by the row's own ``key``."""
     return LineageNode(
         artifact_id=version.key, artifact_name=version.name, artifact_type=version.type,
         version=f"v{version.version}", created_at=version.created_at, run_id=version.run_id,
@@ -85,16 +104,3 @@ def _blob_refs(registry: Registry, versions: Sequence[VersionRow],
         if key is not None:  # committed after list_versions(): not part of this graph
             refs[key].add(digest)
     return {key: tuple(sorted(digests)) for key, digests in refs.items()}
-
-
-def missing_blobs(store: LocalStorageBackend,
-                  refs: dict[str, tuple[str, ...]]) -> Iterator[dict[str, str]]:
-    """``{"id", "digest", "path"}`` for every referenced blob that is not a file in ``store``."""
-    for node_id, digests in refs.items():
-        for digest in digests:
-            try:
-                path = str(store.blob_path(digest))
-            except InvalidArgumentError:  # a malformed digest names no blob at all
-                path = ""
-            if not path or not store.exists(digest):
-                yield {"id": node_id, "digest": digest, "path": path}

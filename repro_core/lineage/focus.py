@@ -4,18 +4,18 @@ Loading a 100k-version graph to answer "where did this checkpoint come from?" co
 walking outwards from the node costs a few queries per level (``artifact_parents``,
 ``run_outputs``, ``run_inputs`` are indexed both ways), whatever the store's size. Edges are the
 same as in the whole-graph builder: run → version it logged, parent → child version,
-version → run that used it.
+version → run that used it; artifact ids are the registry rows' own ``key``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ._lineage_store import run_node, version_node
-from .errors import ArtifactNotFoundError, InvalidNameError
-from .lineage import LineageNode, run_node_id
-from .registry import Registry
-from .types import parse_key
+from ..errors import ArtifactNotFoundError, InvalidNameError
+from ..registry import Registry
+from ..types import parse_key
+from .nodes import LineageNode, run_node_id
+from .store import run_node, version_node
 
 __all__ = ["read_neighbourhood"]
 
@@ -46,7 +46,7 @@ def read_neighbourhood(registry: Registry, node_id: str, *, depth: int | None = 
 
 def _start_node(registry: Registry, node_id: str) -> _Node:
     """``run:<id>`` names a run when such a run exists; otherwise the text is an artifact key
-    (an artifact may be called ``run``: ``run:v0`` is then its version 0)."""
+    (an artifact may be called ``run``: ``run:v1`` is then its version 1)."""
     if node_id.startswith("run:"):
         run_id = node_id.removeprefix("run:")
         if registry.runs_by_id([run_id]):

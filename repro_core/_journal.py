@@ -1,0 +1,88 @@
+"""Each run's append-only journal, ``runs/<run_id>/events.jsonl``: the second copy of what the
+registry knows about the run's artifacts, kept beside the blobs.
+
+Why: a registry can be lost (deleted, truncated, corrupted by a bad sync) while the blobs
+survive. The journal is what ``repro recover`` rebuilds the registry from, and what ``repro gc``
+consults so it never deletes a blob an export still names. ``run.json`` is written at start and
+finish only; a run killed half-way has only its journal, which is appended as things happen.
+
+One JSON object per line, appended with ``O_APPEND`` and fsynced (the line is small; the blob
+it names was fsynced just before). A line torn by a crash is skipped when read, and whatever
+is read is untrusted: readers validate every field before using it.
+
+Events::
+
+    {"event": "version", "at": …, "created": true|false, "project", "name", "version",
+     "type", "digest", "size", "format", "filename", "metadata", "parents": [keys],
+     "aliases": [...], "blobs": [[digest, size], …]}
+    {"event": "use", "at": …, "key": "project/name:vN", "digest": …}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import _fsio
+from .errors import StorageError
+
+__all__ = ["JOURNAL_NAME", "append_event", "journal_digests", "read_events"]
+
+JOURNAL_NAME = "events.jsonl"
+_MAX_LINE = 16 * 1024 * 1024  # a forged journal must not make a reader allocate without bound
+
+
+def append_event(root: Path, run_id: str, event: dict[str, Any]) -> None:
+    """Append one event line to the run's journal, durably."""
+    path = root / "runs" / run_id / JOURNAL_NAME
+    line = (json.dumps(event, sort_keys=True, separators=(",", ":"), default=str,
+                       allow_nan=False) + "\n").encode("utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            _fsio.write_all(fd, line)
+            _fsio.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StorageError(f"cannot append to {path}: {exc}", path=path,
+                           errno=exc.errno) from exc
+
+
+def read_events(path: Path) -> Iterator[dict[str, Any]]:
+    """The parseable events of one journal file (torn or forged lines are skipped)."""
+    try:
+        with open(path, "rb") as handle:
+            for raw in handle:
+                if len(raw) > _MAX_LINE:
+                    continue
+                try:
+                    event = json.loads(raw)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(event, dict) and isinstance(event.get("event"), str):
+                    yield event
+    except OSError:
+        return
+
+
+def journal_digests(root: Path) -> set[str]:
+    """Every blob digest any run journal names (gc keeps them: a registry that lost rows
+    must not let gc delete what ``repro recover`` could still restore)."""
+    found: set[str] = set()
+    runs = root / "runs"
+    if not runs.is_dir():
+        return found
+    for journal in runs.glob(f"*/{JOURNAL_NAME}"):
+        for event in read_events(journal):
+            if isinstance(event.get("digest"), str):
+                found.add(event["digest"])
+            blobs = event.get("blobs")
+            for item in blobs if isinstance(blobs, list) else []:
+                if isinstance(item, list) and item and isinstance(item[0], str):
+                    found.add(item[0])
+    return found

@@ -1,0 +1,81 @@
+"""``repro runs`` and ``repro show RUN``: what ran, in which project, and what it logged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..registry import Registry, RunRow
+from ._common import (
+    console,
+    emit_json,
+    json_option,
+    open_registry,
+    project_option,
+    root_option,
+    run_duration,
+    table,
+)
+
+__all__ = ["runs", "show"]
+
+
+@click.command(short_help="List runs: project, state, artifacts logged.")
+@project_option
+@root_option
+@json_option
+def runs(project: str | None, root: Path | None, as_json: bool) -> None:
+    """List runs: id, name, project, state, start, duration, artifacts logged.
+
+    "artifacts" counts every version a run logged, including those whose content was already
+    stored (deduplicated to an existing version), as `repro show` lists them.
+    """
+    with open_registry(root) as registry:
+        rows = [r for r in registry.list_runs() if project in (None, r.project)]
+        counts = registry.output_counts()
+    if as_json:
+        emit_json([{**r.__dict__, "artifacts": counts.get(r.id, 0)} for r in rows])
+        return
+    out = table("id", "name", "project", "state", "start", "duration", "artifacts")
+    for r in rows:
+        out.add_row(r.id, r.name, r.project, r.state, r.created_at[:19].replace("T", " "),
+                    run_duration(r), str(counts.get(r.id, 0)))
+    console().print(out)
+
+
+@click.command(short_help="Show one run: config, states, inputs, outputs.")
+@click.argument("run_id", metavar="RUN")
+@root_option
+@json_option
+def show(run_id: str, root: Path | None, as_json: bool) -> None:
+    """Show one run (RUN: its id or a unique prefix): project, config, state history, inputs
+    and outputs."""
+    with open_registry(root) as registry:
+        run = registry.get_run(run_id)
+        detail = _detail(registry, run)
+    if as_json:
+        emit_json(detail)
+        return
+    out = console()
+    out.print(f"[bold]{run.name}[/bold]  id={run.id}  project={run.project}  "
+              f"state={run.state}  host={run.host}  duration={run_duration(run)}")
+    out.print(f"config: {json.dumps(run.config, sort_keys=True)}", markup=False)
+    for entry in detail["states"]:
+        reason = f"  ({entry['reason']})" if entry["reason"] else ""
+        out.print(f"  {entry['at'][:19]}  {entry['state']}{reason}", markup=False)
+    out.print(f"inputs:  {', '.join(detail['inputs']) or '-'}", markup=False)
+    out.print(f"outputs: {', '.join(detail['outputs']) or '-'}", markup=False)
+
+
+def _detail(registry: Registry, run: RunRow) -> dict[str, Any]:
+    """Everything ``show`` prints, by the run's full id (a prefix names no rows here)."""
+    return {
+        **run.__dict__,
+        "states": [{"state": s, "at": at, "reason": why}
+                   for s, at, why in registry.run_state_history(run.id)],
+        "inputs": [v.key for v in registry.inputs_of(run.id)],
+        "outputs": [v.key for v in registry.outputs_of(run.id)],
+    }

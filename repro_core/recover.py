@@ -1,0 +1,323 @@
+"""Rebuild a lost registry from what the store still holds: run exports and journals, blobs.
+
+``runs/<id>/run.json`` gives each run (name, project, state history, config);
+``runs/<id>/events.jsonl`` gives every version the run logged (digest, size, format, type,
+metadata, parents, aliases, the blobs it needs) and every version it used. Everything read is
+untrusted: a field of the wrong type, a name outside the grammar, a digest that is not one or
+a blob that is missing is reported and skipped, never used to build a path or a row.
+
+What cannot come back: metrics and TTRL updates/experiences (they live only in the registry),
+and state changes after a run's last export. The report says so, with everything it skipped.
+
+The new registry is built beside the old location (``tmp/``) and renamed into place, so a
+crash half-way leaves no half-registry; an existing registry is never overwritten (the caller
+moves it aside first: ``repro recover --force``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _fsio, constants
+from ._journal import JOURNAL_NAME, read_events
+from .errors import InvalidArgumentError, ReproError
+from .hashing import parse_digest
+from .registry import Registry, dumps
+from .store.local import LocalStorageBackend
+from .types import ArtifactType, RunState, parse_key, validate_alias, validate_name
+
+__all__ = ["RecoverReport", "recover_store"]
+
+_RUN_ID = re.compile(r"[0-9a-f]{6,64}")
+_FORMATS = {"json", "text", "bytes", "safetensors", "npy", "file", "directory"}
+
+
+@dataclass
+class RecoverReport:
+    """What ``recover_store`` rebuilt, and what it could not."""
+
+    registry_path: Path
+    runs: int = 0
+    versions: int = 0
+    aliases: int = 0
+    edges: int = 0
+    problems: list[str] = field(default_factory=list)
+    not_recoverable: tuple[str, ...] = (
+        "metrics and TTRL updates/experiences (kept only in the registry)",
+        "state changes after each run's last export",
+    )
+
+
+def recover_store(root: str | Path) -> RecoverReport:
+    """Rebuild ``root/registry.sqlite`` from ``root/runs/*`` and ``root/blobs``."""
+    root_path = Path(root).expanduser().absolute()
+    final = root_path / "registry.sqlite"
+    if final.exists() and final.stat().st_size > 0:
+        raise InvalidArgumentError(
+            f"{final} exists; move it aside first (repro recover --force does) so nothing "
+            "is overwritten", argument="root")
+    if not (root_path / "runs").is_dir() and not (root_path / "blobs").is_dir():
+        raise InvalidArgumentError(f"{root_path} holds no repro store (no runs/, no blobs/)",
+                                   argument="root")
+    store = LocalStorageBackend(root_path, algorithm=_algorithm(root_path))
+    store.ensure_layout()
+    building = store.tmp_dir / f".recover-{os.getpid()}-{secrets.token_hex(4)}.sqlite"
+    report = RecoverReport(registry_path=final)
+    registry = Registry(building, algorithm=store.algorithm, create=True)
+    try:
+        _Rebuild(registry, store, report).run(root_path / "runs")
+        registry.close()
+        _fsio.fsync_dir(building.parent)
+        _set_aside_leftovers(final)
+        _fsio.replace(building, final)
+        _fsio.fsync_dir(root_path)
+    except BaseException:
+        registry.close()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{building}{suffix}").unlink(missing_ok=True)
+        raise
+    return report
+
+
+def _set_aside_leftovers(final: Path) -> None:
+    """A ``-wal`` left by the lost registry would be replayed into the new one by SQLite:
+    move such files aside (kept, with a time stamp, never deleted)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for suffix in ("-wal", "-shm", "-journal"):
+        leftover = Path(f"{final}{suffix}")
+        if leftover.exists():
+            _fsio.replace(leftover, leftover.with_name(f"{leftover.name}.bak-{stamp}"))
+
+
+def _algorithm(root: Path) -> str:
+    for name in constants.HASH_ALGORITHMS:
+        shard = root / "blobs" / name
+        if shard.is_dir() and any(any(True for _ in d.iterdir()) for d in shard.iterdir()
+                                  if d.is_dir()):
+            return name
+    return constants.REPRO_HASH
+
+
+class _Rebuild:
+    """One recovery pass: runs, then versions, then aliases, parents and uses."""
+
+    def __init__(self, registry: Registry, store: LocalStorageBackend,
+                 report: RecoverReport) -> None:
+        self.registry, self.store, self.report = registry, store, report
+        self.ids: dict[str, int] = {}  # version key -> row id
+        self.pending_parents: list[tuple[str, Any]] = []
+        self.uses: list[tuple[str, Any]] = []
+        self.aliases: list[tuple[str, Any]] = []
+
+    def run(self, runs_dir: Path) -> None:
+        run_dirs = sorted(d for d in runs_dir.iterdir() if d.is_dir()) if runs_dir.is_dir() \
+            else []
+        events: list[tuple[str, str, dict[str, Any]]] = []
+        with self.registry.transaction() as conn:
+            for run_dir in run_dirs:
+                if not _RUN_ID.fullmatch(run_dir.name):
+                    self.report.problems.append(f"skipped runs/{run_dir.name!r}: not a run id")
+                    continue
+                self._run(conn, run_dir)
+                events += [(str(e.get("at", "")), run_dir.name, e)
+                           for e in read_events(run_dir / JOURNAL_NAME)]
+            for _, run_id, event in sorted(events, key=lambda t: (t[0], t[1])):
+                self._event(conn, run_id, event)
+            self._link(conn)
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def _run(self, conn: Any, run_dir: Path) -> None:
+        run_id = run_dir.name
+        export = _read_json(run_dir / "run.json")
+        row = export.get("run") if isinstance(export, dict) else None
+        if not isinstance(row, dict):
+            row = {}
+            self.report.problems.append(f"run {run_id}: no readable run.json; recorded with "
+                                        "what its journal says")
+        states = export.get("states", []) if isinstance(export, dict) else []
+        fields = _run_fields(run_id, row)
+        conn.execute(
+            "INSERT INTO runs (id, name, project, state, tags, config, created_at, ended_at,"
+            " host, pid, world_size, pid_started) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            fields)
+        history = [s for s in states if isinstance(s, dict) and _is_state(s.get("state"))
+                   and isinstance(s.get("at"), str)] or [{"state": fields[3], "at": fields[6]}]
+        conn.executemany("INSERT INTO run_states (run_id, state, at, reason) VALUES"
+                         " (?, ?, ?, ?)",
+                         [(run_id, s["state"], s["at"], _text(s.get("reason"))) for s in history])
+        self.report.runs += 1
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _event(self, conn: Any, run_id: str, event: dict[str, Any]) -> None:
+        try:
+            if event["event"] == "version":
+                self._version(conn, run_id, event)
+            elif event["event"] == "use":
+                self.uses.append((run_id, event.get("key")))
+        except (ReproError, KeyError, TypeError, ValueError, sqlite3.IntegrityError) as exc:
+            self.report.problems.append(f"run {run_id}: skipped a journal line ({exc})")
+
+    def _version(self, conn: Any, run_id: str, event: dict[str, Any]) -> None:
+        key = parse_key(f"{event['project']}/{event['name']}:v{int(event['version'])}")
+        assert key.project is not None and key.version is not None
+        text = key.text()
+        self.aliases.append((text, event.get("aliases", [])))
+        self.pending_parents.append((text, event.get("parents", [])))
+        if text in self.ids:  # a later log of the same content: link the logging run
+            existing = conn.execute("SELECT digest FROM versions WHERE id = ?",
+                                    (self.ids[text],)).fetchone()
+            if existing[0] != event.get("digest"):
+                raise ValueError(f"{text} is named twice with different content")
+            _insert_output(conn, run_id, self.ids[text], event.get("at"))
+            return
+        if event.get("created") is False:
+            raise ValueError(f"{text} was logged again but its first log is missing")
+        vid = self._insert_version(conn, run_id, key, event)
+        self.ids[text] = vid
+        _insert_output(conn, run_id, vid, event.get("at"))
+        self.report.versions += 1
+
+    def _insert_version(self, conn: Any, run_id: str, key: Any, event: dict[str, Any]) -> int:
+        type_ = ArtifactType.coerce(event["type"]).value
+        digest, size, fmt = event["digest"], event["size"], event["format"]
+        parse_digest(digest)
+        if not isinstance(size, int) or size < 0 or fmt not in _FORMATS:
+            raise ValueError(f"{key.text()} has a forged size or format")
+        metadata = event.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{key.text()} has forged metadata")
+        blobs = self._blobs(key.text(), event.get("blobs", []), digest, size)
+        filename = event.get("filename")
+        conn.execute("INSERT INTO artifacts (project, name, type, created_at) VALUES"
+                     " (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                     (key.project, key.name, type_, str(event.get("created_at", ""))))
+        cursor = conn.execute(
+            "INSERT INTO versions (project, name, version, digest, size, format, run_id,"
+            " created_at, metadata, filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key.project, key.name, key.version, digest, size, fmt, run_id,
+             str(event.get("created_at", "")), dumps(metadata),
+             filename if isinstance(filename, str) else None))
+        vid = int(cursor.lastrowid)
+        conn.executemany("INSERT INTO version_blobs (version_id, digest, size) VALUES (?, ?, ?)"
+                         " ON CONFLICT DO NOTHING", [(vid, d, s) for d, s in blobs])
+        return vid
+
+    def _blobs(self, key: str, raw: Any, digest: str, size: int) -> list[tuple[str, int]]:
+        blobs = []
+        for item in raw if isinstance(raw, list) else []:
+            if isinstance(item, list) and len(item) == 2 and isinstance(item[1], int):
+                parse_digest(item[0])
+                blobs.append((item[0], item[1]))
+        if not blobs:
+            blobs = [(digest, size)]
+        for blob, blob_size in blobs:
+            path = self.store.blob_path(blob)
+            if not path.is_file() or path.stat().st_size != blob_size:
+                self.report.problems.append(f"{key}: blob {blob} is missing or damaged "
+                                            "(the version is restored; `repro verify` lists it)")
+        return blobs
+
+    # -- edges ------------------------------------------------------------------------------
+
+    def _link(self, conn: Any) -> None:
+        for child, parents in self.pending_parents:
+            for parent in parents if isinstance(parents, list) else []:
+                if isinstance(parent, str) and parent in self.ids and child in self.ids \
+                        and parent != child:
+                    conn.execute("INSERT INTO artifact_parents (child_id, parent_id) VALUES"
+                                 " (?, ?) ON CONFLICT DO NOTHING",
+                                 (self.ids[child], self.ids[parent]))
+                    self.report.edges += 1
+        for run_id, key in self.uses:
+            if isinstance(key, str) and key in self.ids:
+                conn.execute("INSERT INTO run_inputs (run_id, version_id, used_at) VALUES"
+                             " (?, ?, '') ON CONFLICT DO NOTHING", (run_id, self.ids[key]))
+                self.report.edges += 1
+        for key, aliases in self.aliases:
+            self._aliases(conn, key, aliases)
+        conn.execute(
+            "INSERT INTO aliases (project, name, alias, version_id) SELECT project, name,"
+            " 'latest', id FROM versions v WHERE version = (SELECT MAX(version) FROM versions"
+            " w WHERE w.project = v.project AND w.name = v.name)"
+            " ON CONFLICT DO UPDATE SET version_id = excluded.version_id")
+
+    def _aliases(self, conn: Any, key: str, aliases: Any) -> None:
+        parsed = parse_key(key)
+        for alias in aliases if isinstance(aliases, list) else []:
+            if alias == "latest" or key not in self.ids:
+                continue
+            try:
+                validate_alias(alias)
+            except ReproError:
+                self.report.problems.append(f"{key}: skipped forged alias {alias!r}")
+                continue
+            conn.execute("INSERT INTO aliases (project, name, alias, version_id) VALUES"
+                         " (?, ?, ?, ?) ON CONFLICT DO UPDATE SET version_id ="
+                         " excluded.version_id", (parsed.project, parsed.name, alias,
+                                                  self.ids[key]))
+            self.report.aliases += 1
+
+
+def _insert_output(conn: Any, run_id: str, version_id: int, at: Any) -> None:
+    conn.execute("INSERT INTO run_outputs (run_id, version_id, logged_at) VALUES (?, ?, ?)"
+                 " ON CONFLICT DO NOTHING", (run_id, version_id, str(at or "")))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        if path.stat().st_size > 64 * 1024 * 1024:
+            return None
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _run_fields(run_id: str, row: dict[str, Any]) -> tuple[Any, ...]:
+    """A run row from an untrusted export: every field checked, defaults where it is bad."""
+    def text(name: str, default: str) -> str:
+        value = row.get(name)
+        return value if isinstance(value, str) and value and "\x00" not in value else default
+
+    def integer(name: str) -> int | None:
+        value = row.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    project = text("project", "default")
+    try:
+        validate_name(project, what="project")
+    except ReproError:
+        project = "default"
+    state = row.get("state") if _is_state(row.get("state")) else RunState.CRASHED.value
+    tags = row.get("tags") if isinstance(row.get("tags"), list) else []
+    config = row.get("config") if isinstance(row.get("config"), dict) else {}
+    started = row.get("pid_started")
+    return (run_id, text("name", run_id), project, state, _json_or(tags, []),
+            _json_or(config, {}), text("created_at", ""), row.get("ended_at")
+            if isinstance(row.get("ended_at"), str) else None, text("host", ""),
+            integer("pid"), integer("world_size"),
+            started if isinstance(started, (int, float)) else None)
+
+
+def _json_or(value: Any, default: Any) -> str:
+    try:
+        return dumps(value)
+    except (TypeError, ValueError):
+        return dumps(default)
+
+
+def _is_state(value: Any) -> bool:
+    return isinstance(value, str) and value in {s.value for s in RunState}
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -1,0 +1,32 @@
+"""The registry: runs, artifact versions, aliases, lineage edges, metrics and TTRL rows.
+
+One SQLite file per store (``registry.sqlite``). The layers, each importing only the ones
+above it::
+
+    schema.py      DDL and migrations (v1 … v4), one per schema version
+    records.py     typed rows and the column lists that make them
+    connection.py  opening rules (never invented, read-only opens), transactions, reads
+    runs.py        runs, state history, run-id prefixes, CRASHED detection
+    versions.py    versions, aliases, key resolution within projects, lineage edges
+
+``Registry`` adds the bulk readers of ``repro_core._registry_queries`` (graph walks, TTRL).
+"""
+
+from __future__ import annotations
+
+from .._registry_queries import BulkQueries
+from .connection import store_has_data
+from .mounts import detect_network_fs
+from .records import NewVersion, RunRow, VersionRow, dumps
+from .runs import is_crashed, process_start_time
+from .schema import SCHEMA_VERSION, run_script
+from .versions import VersionQueries
+
+__all__ = [
+    "SCHEMA_VERSION", "NewVersion", "Registry", "RunRow", "VersionRow", "detect_network_fs",
+    "dumps", "is_crashed", "process_start_time", "run_script", "store_has_data",
+]
+
+
+class Registry(VersionQueries, BulkQueries):
+    """SQLite-backed registry. Thread-safe; reopens itself after ``fork()``."""

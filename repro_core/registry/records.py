@@ -1,0 +1,122 @@
+"""Typed rows of the registry (what ``Registry`` returns and takes), and the one place that
+knows which columns make them.
+
+Rows are built from what is stored, and a store may have been written by someone else: a
+column holding JSON that does not parse is a damaged row, reported as ``IntegrityError``
+naming the table, never a bare ``json.JSONDecodeError`` from deep inside a query.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import IntegrityError
+
+__all__ = [
+    "ARTIFACT_JOIN", "RUN_COLUMNS", "VERSION_COLUMNS", "VERSION_FROM", "NewVersion", "RunRow",
+    "VersionRow", "dumps", "load_json", "run_row", "version_row",
+]
+
+# SELECT list and FROM clause of every query that returns VersionRow (``v`` = versions,
+# ``a`` = artifacts, for the type).
+VERSION_COLUMNS = (
+    "v.id, v.name, a.type, v.version, v.digest, v.size, v.format, v.run_id, v.created_at, "
+    "v.metadata, v.project, v.filename"
+)
+ARTIFACT_JOIN = "JOIN artifacts a ON a.project = v.project AND a.name = v.name"
+VERSION_FROM = f"versions v {ARTIFACT_JOIN}"
+RUN_COLUMNS = ("id, name, project, state, tags, config, created_at, ended_at, host, pid,"
+               " world_size, pid_started")
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One artifact version as stored."""
+
+    id: int
+    name: str
+    type: str
+    version: int
+    digest: str
+    size: int
+    format: str
+    run_id: str | None
+    created_at: str
+    metadata: dict[str, Any]
+    project: str = "default"
+    filename: str | None = None
+
+    @property
+    def key(self) -> str:
+        """``project/name:vN``: names this version in any context."""
+        return f"{self.project}/{self.name}:v{self.version}"
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One run as stored."""
+
+    id: str
+    name: str
+    project: str
+    state: str
+    tags: list[str]
+    config: dict[str, Any]
+    created_at: str
+    ended_at: str | None
+    host: str | None
+    pid: int | None
+    world_size: int | None
+    pid_started: float | None = None
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """Everything ``add_version`` needs, validated and hashed by the caller beforehand."""
+
+    name: str
+    type: str
+    digest: str
+    size: int
+    format: str
+    run_id: str | None
+    metadata: dict[str, Any]
+    parent_ids: Sequence[int] = ()
+    aliases: Sequence[str] = ()
+    blobs: Sequence[tuple[str, int]] = ()
+    project: str = "default"
+    filename: str | None = None
+
+
+def dumps(value: Any) -> str:
+    """Canonical JSON for registry columns (sorted keys, never NaN)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def load_json(text: object, where: str) -> Any:
+    """Parse a JSON column; a damaged value is an ``IntegrityError`` naming where it was."""
+    try:
+        return json.loads(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise IntegrityError(f"the registry's {where} is not valid JSON ({exc}); the store "
+                             "is damaged: `repro verify` names what else is affected") from None
+
+
+def version_row(r: Sequence[Any]) -> VersionRow:
+    if not isinstance(r[3], int) or not isinstance(r[5], int) or not isinstance(r[4], str):
+        raise IntegrityError(f"registry row of version {r[0]} ({r[1]!r}) has a forged version "
+                             "number, size or digest")
+    return VersionRow(id=r[0], name=r[1], type=r[2], version=r[3], digest=r[4], size=r[5],
+                      format=r[6], run_id=r[7], created_at=r[8],
+                      metadata=load_json(r[9], f"metadata of version {r[0]}"),
+                      project=r[10], filename=r[11])
+
+
+def run_row(r: Sequence[Any]) -> RunRow:
+    return RunRow(id=r[0], name=r[1], project=r[2], state=r[3],
+                  tags=load_json(r[4], f"tags of run {r[0]}"),
+                  config=load_json(r[5], f"config of run {r[0]}"), created_at=r[6],
+                  ended_at=r[7], host=r[8], pid=r[9], world_size=r[10], pid_started=r[11])
