@@ -6,11 +6,13 @@ manager promise that bad input never touches disk.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import _progress
 from ._cache import serve_version
 from .capture.scrub import scrub
 from .directory import ingest_directory, scan_directory
@@ -106,9 +108,12 @@ class ArtifactWriter:
             return digest, size, self.payload.format, [(digest, size)]
         assert self.file_path is not None
         if self.file_path.is_dir():
-            manifest = ingest_directory(store, self.file_path)
+            total = _tree_size(self.file_path) if _progress.possible() else None
+            with _progress.tracked(total, f"logging {self.name}/"):
+                manifest = ingest_directory(store, self.file_path)
             return manifest.digest, manifest.total_size, "directory", manifest.blobs
-        digest, size = store.ingest_file(self.file_path)
+        with _progress.tracked(_file_size(self.file_path), f"logging {self.file_path.name}"):
+            digest, size = store.ingest_file(self.file_path)
         return digest, size, "file", [(digest, size)]
 
     @staticmethod
@@ -118,8 +123,27 @@ class ArtifactWriter:
         get: a read-only link named as logged, a directory generation, or with ``copy`` a
         private writable copy (at ``dest`` if given; ``_cache.serve_version``). The row is
         untrusted input."""
-        return serve_version(store, registry, row, full=full, copy=copy or dest is not None,
-                             dest=dest)
+        copying = copy or dest is not None
+        work = row.size * (int(full) + int(copying))  # hashing and copying both read it all
+        with _progress.tracked(work, f"{'checking' if full else 'serving'} {row.key}"):
+            return serve_version(store, registry, row, full=full, copy=copying, dest=dest,
+                                 progress=_progress.report if copying else None)
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _tree_size(root: Path) -> int:
+    """Bytes under a directory (for the progress bar only; walked again when ingested)."""
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            total += _file_size(Path(dirpath) / name) or 0
+    return total
 
 
 _EXTENSIONS = {"json": ".json", "text": ".txt", "bytes": ".bin",

@@ -22,7 +22,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import constants
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
 
-__all__ = ["MIN_TOTAL", "Advance", "progress"]
+__all__ = ["MIN_TOTAL", "Advance", "active", "possible", "progress", "report", "tracked"]
 
 Advance = Callable[[int], None]
 # Below this a bar only flickers: a 256 MiB file hashes in well under a second here.
@@ -51,12 +52,12 @@ def _stderr_console() -> Console | None:
 
 
 @contextmanager
-def progress(total: int | None, description: str, *, min_total: int = MIN_TOTAL,
+def progress(total: int | None, description: str, *, min_total: int | None = None,
              unit: Literal["bytes", "items"] = "bytes",
              console: Console | None = None) -> Iterator[Advance]:
     """Yield ``advance(n)``: draws a transient bar of ``total`` (None: size unknown, a
     spinner-like bar) on a terminal, or does nothing. ``console`` forces a target (tests)."""
-    if total is not None and total < min_total:
+    if total is not None and total < (MIN_TOTAL if min_total is None else min_total):
         yield _noop
         return
     if not constants.REPRO_PROGRESS:
@@ -87,3 +88,42 @@ def _bar(console: Console, unit: str) -> Progress:
               else (MofNCompleteColumn(),))
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), *counts,
                     TimeRemainingColumn(), console=console, transient=True)
+
+
+# The bar of the operation in progress in this context (thread / task), if one is shown: the
+# loops deep inside (hashing, copying) report to it without every function in between
+# passing a callback along.
+_CURRENT: ContextVar[Advance | None] = ContextVar("repro_progress", default=None)
+
+
+@contextmanager
+def tracked(total: int | None, description: str, **kwargs: Any) -> Iterator[None]:
+    """Show a bar for the work inside the block (when ``progress`` would); the loops in it
+    call :func:`report`. Costs one context-variable write when no bar is shown."""
+    with progress(total, description, **kwargs) as advance:
+        if advance is _noop:
+            yield
+            return
+        token = _CURRENT.set(advance)
+        try:
+            yield
+        finally:
+            _CURRENT.reset(token)
+
+
+def report(n: int) -> None:
+    """Advance the current bar by ``n`` (bytes or items); nothing when there is none."""
+    advance = _CURRENT.get()
+    if advance is not None:
+        advance(n)
+
+
+def possible() -> bool:
+    """Whether a bar could be shown at all (terminal, not turned off): lets callers skip
+    measuring a total nobody will see."""
+    return bool(constants.REPRO_PROGRESS) and sys.stderr.isatty()
+
+
+def active() -> bool:
+    """Whether a bar is shown in this context (lets hot loops skip per-chunk work)."""
+    return _CURRENT.get() is not None

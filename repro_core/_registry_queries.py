@@ -6,7 +6,6 @@ A mixin over ``Registry._read`` / ``_write``, kept apart so ``registry.py`` stay
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -20,6 +19,7 @@ from .registry.records import (
     VERSION_FROM,
     RunRow,
     VersionRow,
+    load_json,
     run_row,
     version_row,
 )
@@ -117,9 +117,10 @@ class BulkQueries:
             "SELECT experience_id, input, output, payload_digest, payload_size, metadata, time"
             " FROM experiences WHERE run_id = ? ORDER BY time, id", [run_id])
         return [{"experience_id": r[0],
-                 "input": None if r[3] else json.loads(r[1]),
-                 "output": None if r[3] else json.loads(r[2]),
-                 "payload_digest": r[3], "payload_size": r[4], "metadata": json.loads(r[5]),
+                 "input": None if r[3] else load_json(r[1], "an experience input"),
+                 "output": None if r[3] else load_json(r[2], "an experience output"),
+                 "payload_digest": r[3], "payload_size": r[4],
+                 "metadata": load_json(r[5], "experience metadata"),
                  "timestamp": r[6]}
                 for r in rows]
 
@@ -133,4 +134,4 @@ def _update(r: Sequence[Any]) -> tuple[dict[str, Any], int | None]:
     (SQLite would have made a NaN REAL a NULL) and become floats again."""
     return ({"update_id": r[0], "experience_id": r[1], "reward": decode_real(r[2]),
              "confidence": decode_real(r[3]), "kl_divergence": decode_real(r[4]),
-             "metadata": json.loads(r[5]), "timestamp": r[6]}, r[7])
+             "metadata": load_json(r[5], "update metadata"), "timestamp": r[6]}, r[7])

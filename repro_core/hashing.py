@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from typing import Protocol
 
-from . import constants
+from . import _progress, constants
 from .errors import InvalidArgumentError
 
 __all__ = [
@@ -78,9 +79,14 @@ def hash_bytes(data: bytes | bytearray | memoryview, algorithm: str = "blake3") 
 
 
 def hash_file(path: str | os.PathLike[str], algorithm: str = "blake3") -> str:
-    """Digest of a file in one streaming pass with flat memory."""
+    """Digest of a file in one streaming pass with flat memory (reported to the progress bar
+    of the operation, when one is shown: then fed in slices instead of one call)."""
     size = os.path.getsize(path)
     h = new_hasher(algorithm, parallel=size >= constants.PARALLEL_HASH_MIN)
+    if _progress.active() and size > 0:
+        with open(path, "rb", buffering=0) as f:
+            _feed_fd(h, f.fileno(), report=_progress.report)
+        return h.digest()
     h.update_file(path)
     return h.digest()
 
@@ -132,6 +138,7 @@ def copy_and_hash(src_fd: int, dst_fd: int, hasher: _Digester, copy: _CopyFn) ->
                 break
             pending = pool.submit(hash_region, offset, n)
             offset += n
+            _progress.report(n)
     return offset
 
 
@@ -161,7 +168,7 @@ def _readinto_full(fd: int, view: memoryview) -> int:
     return got
 
 
-def _feed_fd(hasher: _Digester, fd: int) -> None:
+def _feed_fd(hasher: _Digester, fd: int, report: Callable[[int], None] | None = None) -> None:
     buf = bytearray(constants.IO_CHUNK)
     view = memoryview(buf)
     while True:
@@ -169,6 +176,8 @@ def _feed_fd(hasher: _Digester, fd: int) -> None:
         if n == 0:
             return
         hasher.update(view[:n])
+        if report is not None:
+            report(n)
 
 
 def _check_algorithm(algorithm: str) -> str:

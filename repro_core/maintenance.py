@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _cache, constants
+from . import _cache, _progress, constants
 from ._journal import journal_digests
 from ._safepath import check_digest
 from .directory import check_manifest_row, read_manifest
@@ -218,6 +218,7 @@ def _collect_blobs(store: LocalStorageBackend, referenced: set[str], grace_secon
     metrics writer's buffer are young) are reported, and deleted unless it is a dry run."""
     now = time.time()
     for digest in list(store.iter_digests()):
+        _progress.report(1)  # one blob looked at (a bar only when the caller shows one)
         if digest in referenced:
             continue
         try:

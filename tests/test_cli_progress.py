@@ -91,3 +91,28 @@ def test_cli_draws_nothing_when_piped(stored: list[str]) -> None:
     result = CliRunner().invoke(main, ["verify", *stored])
     assert result.exit_code == 0 and result.stderr == ""
     assert result.stdout.strip().endswith("verified: OK")
+
+
+def test_logging_and_checking_a_big_file_show_bytes(manager: ArtifactManager, run: object,
+                                                    tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`log_artifact` of a multi-GB file and `use_artifact` (which re-hashes it) report the
+    bytes they have done; small files draw nothing (the threshold is lowered here so the
+    test does not need gigabytes)."""
+    big = tmp_path / "weights.bin"
+    big.write_bytes(b"\x01" * (3 << 20))
+    console, buffer = _terminal()
+    monkeypatch.setattr(_progress, "_stderr_console", lambda: console)
+    monkeypatch.setattr(_progress, "MIN_TOTAL", 1 << 20)
+    meta = manager.log_artifact("weights", "model", file_path=big)
+    logged = buffer.getvalue()
+    assert "logging weights.bin" in logged and "3.1 MB" in logged
+    buffer.truncate(0)
+    buffer.seek(0)
+    manager.use_artifact(meta.key)
+    assert f"checking {meta.key}" in buffer.getvalue()
+    monkeypatch.setattr(_progress, "MIN_TOTAL", 16 << 20)
+    buffer.truncate(0)
+    buffer.seek(0)
+    manager.use_artifact(meta.key)
+    assert buffer.getvalue() == ""

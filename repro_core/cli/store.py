@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .._progress import progress
+from .._progress import possible, progress, tracked
 from ..errors import InvalidArgumentError
 from ..registry import Registry, VersionRow
+from ..store.local import LocalStorageBackend
 from ..types import parse_key
 from ._common import (
     console,
@@ -125,8 +126,10 @@ def gc(dry_run: bool, grace: float, root: Path | None, as_json: bool) -> None:
 
     with open_registry(root):
         pass  # refuses a missing, lost or damaged registry before anything is deleted
-    with progress(None, "gc: scanning blobs", min_total=0, unit="items"):
-        report = collect_garbage(store_root(root), dry_run=dry_run, grace_seconds=grace)
+    path = store_root(root)
+    blobs = sum(1 for _ in LocalStorageBackend(path).iter_digests()) if possible() else None
+    with tracked(blobs, "gc: checking blobs", min_total=0, unit="items"):
+        report = collect_garbage(path, dry_run=dry_run, grace_seconds=grace)
     if as_json:
         emit_json({"dry_run": dry_run, "blobs": report.blobs, "bytes": report.bytes_freed,
                    "temp_files": report.temp_files, "kept_young": report.kept_young,
