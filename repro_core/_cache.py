@@ -101,8 +101,8 @@ def serve_file(store: LocalStorageBackend, digest: str, size: int, name: str, *,
             # A store we may not write to (read-only mount, someone else's): hand out the blob
             # itself, unnamed — we cannot write to it either, which is what the link protects.
             return store.blob_path(digest)
-        raise StorageError(f"serving blob {digest} failed: {exc}", path=store.root / "cache",
-                           errno=exc.errno) from exc
+        raise StorageError(f"serving blob {digest} failed: {exc}{_hint(exc, dest)}",
+                           path=store.root / "cache", errno=exc.errno) from exc
 
 
 def serve_tree(store: LocalStorageBackend, digest: str, manifest: DirManifest, *,
@@ -126,8 +126,17 @@ def serve_tree(store: LocalStorageBackend, digest: str, manifest: DirManifest, *
                 os.utime(f"{gen}.json", dir_fd=hfd, follow_symlinks=False)
             return base / gen
     except OSError as exc:
-        raise StorageError(f"materialising directory {digest} failed: {exc}",
-                           path=store.root / "cache", errno=exc.errno) from exc
+        raise StorageError(f"materialising directory {digest} failed: {exc}"
+                           f"{_hint(exc, dest)}", path=store.root / "cache",
+                           errno=exc.errno) from exc
+
+
+def _hint(exc: OSError, dest: Path | None) -> str:
+    """What to do when the store cannot be written (an archive): copy out of it."""
+    if exc.errno in _READ_ONLY and dest is None:
+        return ("; the store is read-only for this user: pass copy_to=<a new path of yours> "
+                "to get a copy outside it")
+    return ""
 
 
 class _BlobIndex(Protocol):

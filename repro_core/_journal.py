@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _fsio
+from ._safepath import real_dirs
 from .errors import StorageError
 
 __all__ = ["JOURNAL_NAME", "append_event", "journal_digests", "read_events"]
@@ -40,9 +41,11 @@ def append_event(root: Path, run_id: str, event: dict[str, Any]) -> None:
     path = root / "runs" / run_id / JOURNAL_NAME
     line = (json.dumps(event, sort_keys=True, separators=(",", ":"), default=str,
                        allow_nan=False) + "\n").encode("utf-8")
+    real_dirs(root, "runs", run_id)  # a planted runs/<id> -> /elsewhere is refused
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o644)
         try:
             _fsio.write_all(fd, line)
             _fsio.fsync(fd)
@@ -53,21 +56,32 @@ def append_event(root: Path, run_id: str, event: dict[str, Any]) -> None:
                            errno=exc.errno) from exc
 
 
-def read_events(path: Path) -> Iterator[dict[str, Any]]:
-    """The parseable events of one journal file (torn or forged lines are skipped)."""
+def read_events(path: Path, skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The parseable events of one journal file. A torn or forged line is skipped; with
+    ``skipped`` (a list) its line number is appended there, so a caller can report it."""
     try:
         with open(path, "rb") as handle:
-            for raw in handle:
-                if len(raw) > _MAX_LINE:
+            for number, raw in enumerate(handle, start=1):
+                event = _parse(raw)
+                if event is None:
+                    if skipped is not None and raw.strip():
+                        skipped.append(number)
                     continue
-                try:
-                    event = json.loads(raw)
-                except (ValueError, RecursionError):
-                    continue
-                if isinstance(event, dict) and isinstance(event.get("event"), str):
-                    yield event
+                yield event
     except OSError:
         return
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    if len(raw) > _MAX_LINE:
+        return None
+    try:
+        event = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(event, dict) and isinstance(event.get("event"), str):
+        return event
+    return None
 
 
 def journal_digests(root: Path) -> set[str]:

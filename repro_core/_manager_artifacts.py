@@ -133,9 +133,12 @@ class ArtifactsAPI:
         """
         key = parse_key(name, version)
         wanted = ArtifactType.coerce(type) if type is not None else None
-        full = (constants.REPRO_VERIFY == "full") if verify is None else bool(verify)
-        private = (constants.REPRO_MATERIALIZE == "copy") if copy is None else bool(copy)
+        full = (constants.REPRO_VERIFY == "full") if verify is None else _flag(verify, "verify")
+        private = (constants.REPRO_MATERIALIZE == "copy") if copy is None else _flag(copy, "copy")
         dest = _check_dest(copy_to)
+        if dest is not None and copy is False:
+            raise InvalidArgumentError("copy_to= asks for a copy; drop copy=False",
+                                       argument="copy")
         with self._lock:
             run = self._run
         result = self._exchange.run_on_zero(
@@ -192,6 +195,14 @@ def _version_event(registry: Registry, row: VersionRow, meta: ArtifactMetadata,
             "metadata": row.metadata, "created_at": row.created_at,
             "parents": list(meta.parent_artifacts), "aliases": list(meta.aliases),
             "blobs": [list(b) for b in registry.blobs_of(row.id)]}
+
+
+def _flag(value: object, name: str) -> bool:
+    """A yes/no argument: ``verify="no"`` would be truthy, so only real bools are taken."""
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be True, False or None, got {value!r}",
+                                   argument=name)
+    return value
 
 
 def _check_dest(copy_to: object) -> Path | None:

@@ -41,7 +41,8 @@ from typing import Any
 from . import _fsio, constants
 from ._metrics_batch import Batch, write_part
 from ._metrics_rows import check_key, check_row, pack, unpack
-from .errors import ReproError, SerializationError
+from ._safepath import real_dirs
+from .errors import IntegrityError, ReproError, SerializationError
 from .registry import Registry
 
 __all__ = ["SpillReport", "import_spills", "write_spill"]
@@ -75,6 +76,7 @@ def write_spill(root: Path, run_id: str, part: Batch, index: int) -> Path:
     spill_id = f"{time.time_ns():x}-{index:04d}-{secrets.token_hex(8)}"
     safe = run_id if _SAFE_NAME.fullmatch(run_id) else "run"
     path = root / SPILL_DIR / f"{safe}-{spill_id}.jsonl"
+    real_dirs(root, SPILL_DIR)  # a planted spill -> /elsewhere would receive our file
     return _fsio.write_file_atomic(path, _encode(run_id, spill_id, part))
 
 
@@ -104,6 +106,11 @@ def import_spills(registry: Registry | str | os.PathLike[str]) -> SpillReport:
     owned = not isinstance(registry, Registry)
     path = Path(registry.path if isinstance(registry, Registry) else registry)
     directory = path.parent / SPILL_DIR
+    try:
+        real_dirs(path.parent, SPILL_DIR)  # never import from (and rename in) a planted link
+    except IntegrityError as exc:
+        warnings.warn(f"metrics spill files not imported: {exc}", RuntimeWarning, stacklevel=2)
+        return SpillReport()
     try:
         if not directory.is_dir() or (owned and not path.is_file()):
             return SpillReport()

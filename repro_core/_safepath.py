@@ -156,3 +156,27 @@ def remove_tree(parent_fd: int, name: str, *, _depth: int = 0) -> None:
         os.close(fd)
     with contextlib.suppress(FileNotFoundError):
         os.rmdir(name, dir_fd=parent_fd)
+
+
+def real_dirs(root: Path, *parts: str) -> None:
+    """Refuse a store directory that is a symlink or not a directory (``root/a``, ``root/a/b``
+    … for each of ``parts``; missing ones are fine: they will be created inside the store).
+
+    A synced or downloaded store can carry a planted ``tmp -> /home/you`` or ``spill -> ..``;
+    sweeping, importing or writing there would delete, rename or create files outside the
+    store. ``root`` itself may be a symlink (a user's own ``repro_store -> /data/store``).
+    """
+    path = root
+    for part in parts:
+        path = path / part
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise IntegrityError(f"cannot inspect {path}: {exc}", path=path) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise IntegrityError(
+                f"{path} is a symlink or not a directory: a repro store's directories must be "
+                "real directories inside it (was it planted by whoever wrote the store?); "
+                "remove it and retry", path=path)

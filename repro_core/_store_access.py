@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from . import constants
-from .errors import ReproError, RunStateError, StoreNotFoundError
+from .errors import InvalidArgumentError, ReproError, RunStateError, StoreNotFoundError
 from .registry import Registry
 from .store.local import LocalStorageBackend
 from .types import Run
@@ -61,7 +61,7 @@ class StoreAccess:
             if self._run is not None:
                 raise RunStateError(
                     f"run {self._run.id} is active on {self.root}; finalize_run() first")
-            new_root = Path(root).expanduser().absolute()
+            new_root = _check_root(root)
             if new_root != self._root:
                 self._close_store()
                 self._root = new_root
@@ -163,6 +163,15 @@ class StoreAccess:
         self._close_reader()
         self._store = self._registry = None
         self._identity = None
+
+
+def _check_root(root: object) -> Path:
+    """A store root: a non-empty path (``""`` would make the current directory a store)."""
+    if not isinstance(root, (str, os.PathLike)) or not str(os.fspath(root)).strip() \
+            or "\x00" in str(os.fspath(root)):
+        raise InvalidArgumentError(f"root must be a non-empty path, got {root!r}",
+                                   argument="root")
+    return Path(os.fspath(root)).expanduser().absolute()
 
 
 def _identity(registry: Registry, *, reopen: bool = False) -> tuple[int, int, str | None]:

@@ -40,10 +40,6 @@ _TRUE = {"1", "true", "yes", "on", "y"}
 _FALSE = {"0", "false", "no", "off", "n"}
 
 
-def _is_true(value: str | None) -> bool:
-    return value is not None and value.strip().lower() in _TRUE
-
-
 def _bad(name: str, raw: str, expected: str) -> Exception:
     from .errors import InvalidArgumentError  # errors imports nothing of ours: no cycle
 
@@ -118,7 +114,7 @@ REPRO_MAX_PATCH_BYTES: int
 
 _PARSERS: dict[str, Callable[[], Any]] = {
     "REPRO_HOME": lambda: os.environ.get("REPRO_HOME") or None,
-    "REPRO_OFFLINE": lambda: _is_true(os.environ.get("REPRO_OFFLINE")),
+    "REPRO_OFFLINE": lambda: _flag("REPRO_OFFLINE", False),
     "REPRO_HASH": lambda: _choice("REPRO_HASH", "blake3", HASH_ALGORITHMS),
     "REPRO_VERIFY": lambda: _choice("REPRO_VERIFY", "full", VERIFY_MODES),
     "REPRO_FSYNC": lambda: _choice("REPRO_FSYNC", "full", FSYNC_MODES),

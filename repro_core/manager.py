@@ -30,15 +30,15 @@ from . import _exit, _fsio, distributed
 from ._manager_artifacts import ArtifactsAPI
 from ._manager_reads import ReadQueries
 from ._offline import detect_offline
+from ._safepath import real_dirs
 from ._store_access import StoreAccess
-from .capture import capture_config, scrub
+from .capture import capture_config, scrub, scrub_text
 from .errors import (
     DistributedTimeoutError,
     InvalidArgumentError,
     RankMismatchError,
     ReproError,
     RunStateError,
-    StorageError,
 )
 from .metrics import MetricsWriter
 from .registry import RunRow, VersionRow, process_start_time
@@ -172,9 +172,13 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
         where the store already holds data (``repro init --force``), False never makes one,
         None (default) makes one only in an empty store.
         """
-        check_text(name, "name")
+        if create is not None and not isinstance(create, bool):
+            raise InvalidArgumentError(f"create must be True, False or None, got {create!r}",
+                                       argument="create")
+        # Names and tags are stored and shown like any other string: scrubbed of credentials.
+        name = scrub_text(check_text(name, "name"))
         validate_project(project)
-        tag_list = _check_tags(tags)
+        tag_list = [scrub_text(t) for t in _check_tags(tags)]
         config_dict = capture_config(config)
         with self._lock:
             if self._run is not None:
@@ -211,7 +215,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
         ))
         try:
             self._export_run(run.id, config=run.config)
-        except StorageError as exc:
+        except ReproError as exc:
             # The row is committed; do not leave it RUNNING with nobody holding it.
             with contextlib.suppress(ReproError):
                 registry.set_run_state(run.id, RunState.FAILED.value, reason=str(exc),
@@ -317,6 +321,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
             "outputs": [v.key for v in registry.outputs_of(run_id)],
         }
         run_dir = store.root / "runs" / run_id
+        real_dirs(store.root, "runs", run_id)  # never write through a planted symlink
         _write_json_atomic(run_dir / "run.json", scrub(export))  # (clean already: in depth)
         if config is not None:
             _write_json_atomic(run_dir / "config.json", scrub(config))

@@ -49,6 +49,7 @@ from typing import Any
 from ._metrics_batch import Batch, Columns, write_part
 from ._metrics_rows import MAX_STEP, check_key, check_step, to_number, unpack
 from ._metrics_spill import SpillReport, import_spills, write_spill
+from .capture.scrub import scrub_text
 from .errors import InvalidArgumentError, RunStateError, SerializationError, StorageError
 from .registry import Registry
 
@@ -104,6 +105,7 @@ class MetricsWriter:
         self._wake_rows = min(EARLY_FLUSH_ROWS, self._max_rows)
         self._wake_points = max(self._max_points // 2, 1)
         self._keys: set[str] = set()  # every name admitted: validated once, counted
+        self._renamed: dict[str, str] = {}  # names with a credential in them -> scrubbed
         self._step = -1
         self._hold = False  # producers take the slow path (_gate): closed, failing or full
         self._error: BaseException | None = None
@@ -149,6 +151,8 @@ class MetricsWriter:
                 self._gate()
             if new:
                 self._admit(new)
+            if self._renamed:  # a name that carried a credential is stored scrubbed
+                values = [(self._renamed.get(k, k), v) for k, v in values]
             used = self._next_step(step) if advance or step is None else step
             self._put(values, used, now)
         return used
@@ -251,6 +255,10 @@ class MetricsWriter:
                 "per-item ids in the step or log a table artifact instead of one name each",
                 argument="metrics")
         self._keys.update(fresh)
+        for name in fresh:  # names reach the store too: scrubbed like every other string
+            clean = scrub_text(name)
+            if clean != name:
+                self._renamed[name] = clean
         if total > self._warn_keys and not self._warned_keys:
             self._warned_keys = True
             warnings.warn(f"run {self._run_id} has logged more than {self._warn_keys:,} "

@@ -28,6 +28,8 @@ from typing import Any
 
 from . import _fsio, constants
 from ._journal import JOURNAL_NAME, read_events
+from ._safepath import safe_component
+from .capture.scrub import scrub
 from .errors import InvalidArgumentError, ReproError
 from .hashing import parse_digest
 from .registry import Registry, dumps
@@ -118,8 +120,8 @@ class _Rebuild:
         self.aliases: list[tuple[str, Any]] = []
 
     def run(self, runs_dir: Path) -> None:
-        run_dirs = sorted(d for d in runs_dir.iterdir() if d.is_dir()) if runs_dir.is_dir() \
-            else []
+        run_dirs = sorted(d for d in runs_dir.iterdir() if d.is_dir() and not d.is_symlink()) \
+            if runs_dir.is_dir() and not runs_dir.is_symlink() else []
         events: list[tuple[str, str, dict[str, Any]]] = []
         with self.registry.transaction() as conn:
             for run_dir in run_dirs:
@@ -127,8 +129,14 @@ class _Rebuild:
                     self.report.problems.append(f"skipped runs/{run_dir.name!r}: not a run id")
                     continue
                 self._run(conn, run_dir)
+                skipped: list[int] = []
                 events += [(str(e.get("at", "")), run_dir.name, e)
-                           for e in read_events(run_dir / JOURNAL_NAME)]
+                           for e in read_events(run_dir / JOURNAL_NAME, skipped)]
+                if skipped:
+                    self.report.problems.append(
+                        f"run {run_dir.name}: skipped {len(skipped)} unreadable journal "
+                        f"line(s) (torn or forged): line {', '.join(map(str, skipped[:5]))}"
+                        f"{', …' if len(skipped) > 5 else ''}")
             for _, run_id, event in sorted(events, key=lambda t: (t[0], t[1])):
                 self._event(conn, run_id, event)
             self._link(conn)
@@ -163,8 +171,15 @@ class _Rebuild:
             if event["event"] == "version":
                 self._version(conn, run_id, event)
             elif event["event"] == "use":
-                self.uses.append((run_id, event.get("key")))
-        except (ReproError, KeyError, TypeError, ValueError, sqlite3.IntegrityError) as exc:
+                key = event.get("key")
+                parse_key(key)  # a forged key is reported, not silently dropped
+                self.uses.append((run_id, key))
+            else:
+                raise ValueError(f"unknown event {event['event']!r}")
+        except KeyError as exc:
+            self.report.problems.append(f"run {run_id}: skipped a {event.get('event')!r} "
+                                        f"journal line without {exc}")
+        except (ReproError, TypeError, ValueError, sqlite3.IntegrityError) as exc:
             self.report.problems.append(f"run {run_id}: skipped a journal line ({exc})")
 
     def _version(self, conn: Any, run_id: str, event: dict[str, Any]) -> None:
@@ -196,8 +211,9 @@ class _Rebuild:
         metadata = event.get("metadata", {})
         if not isinstance(metadata, dict):
             raise ValueError(f"{key.text()} has forged metadata")
+        metadata = scrub(metadata)  # a journal from elsewhere may carry what we never store
         blobs = self._blobs(key.text(), event.get("blobs", []), digest, size)
-        filename = event.get("filename")
+        filename = safe_component(event.get("filename"))  # a forged one: named by digest
         conn.execute("INSERT INTO artifacts (project, name, type, created_at) VALUES"
                      " (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                      (key.project, key.name, type_, str(event.get("created_at", ""))))
@@ -232,14 +248,21 @@ class _Rebuild:
     def _link(self, conn: Any) -> None:
         for child, parents in self.pending_parents:
             for parent in parents if isinstance(parents, list) else []:
-                if isinstance(parent, str) and parent in self.ids and child in self.ids \
-                        and parent != child:
+                if parent not in self.ids or child not in self.ids:
+                    self.report.problems.append(
+                        f"{child}: parent {str(parent)[:80]!r} is not a recovered version; "
+                        "edge skipped")
+                    continue
+                if parent != child:
                     conn.execute("INSERT INTO artifact_parents (child_id, parent_id) VALUES"
                                  " (?, ?) ON CONFLICT DO NOTHING",
                                  (self.ids[child], self.ids[parent]))
                     self.report.edges += 1
         for run_id, key in self.uses:
-            if isinstance(key, str) and key in self.ids:
+            if key not in self.ids:
+                self.report.problems.append(f"run {run_id}: used {str(key)[:80]!r}, which is "
+                                            "not a recovered version; edge skipped")
+            else:
                 conn.execute("INSERT INTO run_inputs (run_id, version_id, used_at) VALUES"
                              " (?, ?, '') ON CONFLICT DO NOTHING", (run_id, self.ids[key]))
                 self.report.edges += 1

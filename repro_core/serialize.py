@@ -189,6 +189,10 @@ def _prepare_tensors(tensors: Mapping[str, Any]) -> Payload:
                 f"{where} is a {type(tensor).__name__}; a tensor dict may hold only tensors",
                 path=where,
             )
+        if tensor.device.type == "meta":
+            raise SerializationError(
+                f"{where} is a meta tensor (a shape without data); materialise it first",
+                path=where)
         if tensor.layout != torch.strided:
             raise SerializationError(
                 f"{where} is a {tensor.layout} tensor; call .to_dense() first", path=where

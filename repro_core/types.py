@@ -185,14 +185,15 @@ def validate_project(project: object) -> str:
 
 
 def check_text(value: object, what: str, *, limit: int = 256) -> str:
-    """A free-text field stored as SQL text (run names, tags): non-empty, no NUL (SQLite's C
-    strings end there), valid Unicode (a lone surrogate cannot be encoded as UTF-8)."""
-    ok = isinstance(value, str) and bool(value.strip()) and "\x00" not in value \
+    """A free-text field stored as SQL text (run names, tags): non-empty, printable (no NUL —
+    SQLite's C strings end there — no newline or terminal escape, which would forge lines in
+    listings), valid Unicode (a lone surrogate cannot be encoded as UTF-8)."""
+    ok = isinstance(value, str) and bool(value.strip()) and value.isprintable() \
         and len(value) <= limit and _encodable(value)
     if not ok:
         raise InvalidArgumentError(
             f"run {what} must be a non-empty str of at most {limit} characters, valid Unicode "
-            f"and without NUL, got {value!r}",
+            f"and printable (no NUL, newline or other control character), got {value!r}",
             argument=what,
         )
     assert isinstance(value, str)

@@ -181,3 +181,62 @@ def test_deeply_nested_metadata_is_scrubbed_without_recursion(manager: ArtifactM
     for _ in range(240):  # dict + list: two JSON levels each
         node = node["next"][0]  # type: ignore[index]
         assert node["password"] == "<redacted>"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("root", ["", "   ", None, 123])
+def test_a_store_root_must_be_a_non_empty_path(manager: ArtifactManager, root: object,
+                                               tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidArgumentError, match="root"):
+        manager.set_root(root)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_store_is_never_made_among_other_files(manager: ArtifactManager,
+                                                     tmp_path: Path) -> None:
+    project = tmp_path / "my-project"
+    project.mkdir()
+    (project / "train.py").write_text("print('hi')")
+    with pytest.raises(InvalidArgumentError, match="already holds other files"):
+        manager.init_run("r", root=project)
+    assert sorted(p.name for p in project.iterdir()) == ["train.py"]  # no CACHEDIR.TAG
+    run = manager.init_run("r", root=project, create=True)  # explicit: allowed
+    assert run.id is not None
+    manager.finalize_run()
+
+
+@pytest.mark.parametrize("kwargs", [{"verify": "yes"}, {"copy": 1}, {"copy": False,
+                                                                       "copy_to": "x"}])
+def test_yes_no_arguments_take_bools(manager: ArtifactManager, run: object,
+                                     kwargs: dict[str, object], tmp_path: Path) -> None:
+    manager.log_artifact("a", "dataset", data=b"a")
+    if "copy_to" in kwargs:
+        kwargs = {**kwargs, "copy_to": tmp_path / "out"}
+    with pytest.raises(InvalidArgumentError):
+        manager.use_artifact("a", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="create"):
+        manager.init_run("other", create="yes")  # type: ignore[arg-type]
+
+
+def test_writing_to_a_read_only_store_says_so(manager: ArtifactManager, store_root: Path) -> None:
+    """Not "damaged, run repro recover": the registry is fine, this user may not write."""
+    import subprocess
+    import sys
+
+    manager.init_run("r")
+    manager.finalize_run()
+    ArtifactManager.reset_instance()
+    for path in [store_root, *store_root.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    code = ("from repro_core import ArtifactManager as M; "
+            f"M().init_run('x', root={str(store_root)!r})")
+    try:
+        proc = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all",
+                               sys.executable, "-c", code], capture_output=True, text=True)
+    finally:
+        for path in [store_root, *store_root.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "read-only" in last and "recover" not in last, last

@@ -81,3 +81,18 @@ def test_ttrl_experience_data_keeps_field_names_loses_credentials(
                                   {"url": f"https://u:{MARK}@h/x"})
     assert record["input"] == {"key": "A", "session": "<redacted>"}
     assert _leaks(store_root) == []
+
+
+def test_run_names_tags_and_metric_names(manager: ArtifactManager, store_root: Path) -> None:
+    manager.init_run(f"run postgresql://u:{MARK}@h/db", tags=[f"Authorization: Bearer {MARK}",
+                                                              "plain-tag"])
+    manager.log_metrics({f"postgresql://u:{MARK}@h/db": 1.0, "loss": 0.5})
+    manager.log_metrics({f"postgresql://u:{MARK}@h/db": 2.0})  # the same name, again
+    run_id = manager.run_id
+    manager.finalize_run()
+    assert _leaks(store_root) == []
+    fresh = ArtifactManager.reset_instance()
+    fresh.set_root(store_root)
+    metrics = fresh.get_metrics(run_id)
+    assert [v for _, v, _ in metrics["postgresql://<redacted>@h/db"]] == [1.0, 2.0]
+    assert "plain-tag" in fresh.get_run(run_id or "")["tags"]

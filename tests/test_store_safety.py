@@ -142,7 +142,8 @@ def test_recover_refuses_to_overwrite_and_skips_forged_journal_lines(
                       '"type": "model", "digest": "../../x", "size": 1, "format": "bytes"}\n')
         journal.write("{torn line")
     report = recover_store(store_root)
-    assert len(report.problems) == 2 and all("skipped" in p for p in report.problems)
+    assert len(report.problems) == 3 and all("skipped" in p for p in report.problems)
+    assert any("unreadable journal line" in p for p in report.problems)
     assert _snapshot(store_root) == populated
     assert not any("etc" in str(p) for p in store_root.parent.iterdir())
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import click
 
 from .. import constants
-from ._common import ReproGroup, remember_group_options
+from ._common import ReproGroup, RootPath, remember_group_options
 from .artifacts import artifacts
 from .diff import diff
 from .lineage import lineage
@@ -42,7 +42,7 @@ __all__ = ["main"]
 
 @click.group(cls=ReproGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="repro-lightning")
-@click.option("--root", type=click.Path(path_type=Path), default=None,
+@click.option("--root", type=RootPath(), default=None,
               help="Store root for the command (default: $REPRO_HOME or ./repro_store); a "
                    "command's own --root wins.")
 @click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error.")

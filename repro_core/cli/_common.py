@@ -33,9 +33,9 @@ from ..registry import Registry, RunRow
 from ..types import validate_project
 
 __all__ = [
-    "ReproGroup", "Usage", "console", "emit_json", "finite", "fmt_size", "fmt_time", "fmt_value",
-    "json_option", "open_registry", "project_option", "root_option", "run_duration",
-    "store_root", "table",
+    "ReproGroup", "RootPath", "Usage", "clean", "console", "emit_json", "finite", "fmt_size",
+    "fmt_time", "fmt_value", "json_option", "markup_safe", "open_registry", "project_option",
+    "root_option", "run_duration", "store_root", "table",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -96,9 +96,23 @@ def _usage_line(exc: click.UsageError) -> Usage:
 
 def root_option(fn: _F) -> _F:
     return click.option(
-        "--root", type=click.Path(path_type=Path), default=None,
+        "--root", type=RootPath(), default=None,
         help="Store root (default: repro --root, else $REPRO_HOME, else ./repro_store).",
     )(fn)
+
+
+class RootPath(click.Path):
+    """A store root: any path but the empty string (which click would take as ".")."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("must not be empty (an empty root would make the current directory a "
+                      "store)", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def json_option(fn: _F) -> _F:
@@ -148,8 +162,36 @@ def console() -> Console:
     return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
+def clean(value: object) -> str:
+    """A stored string made safe to print: control characters (a planted ``ESC]0;…`` would
+    retitle the terminal, ``\\n`` would forge a table row) shown as escapes. Stores come from
+    other people; what they hold is printed, never obeyed."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape")
+                   .decode("ascii") for c in text)
+
+
+def markup_safe(value: object) -> str:
+    """``clean`` and escaped for rich markup, for stored values inside a markup template."""
+    from rich.markup import escape
+
+    return escape(clean(value))
+
+
+class _SafeTable(Table):
+    """A table whose string cells are shown as given (no rich markup) and ``clean``ed."""
+
+    def add_row(self, *renderables: Any, **kwargs: Any) -> None:
+        from rich.text import Text
+
+        super().add_row(*(Text(clean(r)) if isinstance(r, str) else r for r in renderables),
+                        **kwargs)
+
+
 def table(*headers: str) -> Table:
-    out = Table()
+    out = _SafeTable()
     for header in headers:
         out.add_column(header, overflow="fold")
     return out
@@ -178,8 +220,11 @@ def fmt_value(value: Any) -> str:
 def run_duration(run: RunRow) -> str:
     if not run.ended_at:
         return "-"
-    seconds = (datetime.fromisoformat(run.ended_at)
-               - datetime.fromisoformat(run.created_at)).total_seconds()
+    try:
+        seconds = (datetime.fromisoformat(run.ended_at)
+                   - datetime.fromisoformat(run.created_at)).total_seconds()
+    except (TypeError, ValueError):  # a forged end time: show nothing rather than fail
+        return "?"
     return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
 
 

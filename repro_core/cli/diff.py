@@ -7,9 +7,18 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.markup import escape
 
-from ._common import console, emit_json, fmt_value, json_option, root_option, store_root, table
+from ._common import (
+    clean,
+    console,
+    emit_json,
+    fmt_value,
+    json_option,
+    markup_safe,
+    root_option,
+    store_root,
+    table,
+)
 
 __all__ = ["diff"]
 
@@ -33,8 +42,9 @@ def diff(run_a: str, run_b: str, root: Path | None, as_json: bool) -> None:
         return
     out = console()
     a, b = result["runs"]["a"], result["runs"]["b"]
-    out.print("   ".join(f"[bold]{side}[/bold] = {escape(run['name'])} ({run['id']}, "
-                           f"{run['project']}, {run['state']})"
+    out.print("   ".join(f"[bold]{side}[/bold] = {markup_safe(run['name'])} "
+                           f"({markup_safe(run['id'])}, {markup_safe(run['project'])}, "
+                           f"{markup_safe(run['state'])})"
                            for side, run in (("a", a), ("b", b))))
     for section in _SECTIONS:
         _print_section(out, section, result[section])
@@ -59,4 +69,4 @@ def _print_section(out: Console, section: str, change: dict[str, Any]) -> None:
     status = f"{len(lines)} difference(s)" if lines else "same"
     out.print(f"[bold]{section}[/bold]: {status}")
     for line in lines:
-        out.print(line, markup=False)
+        out.print(clean(line), markup=False)

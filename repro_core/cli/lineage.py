@@ -17,7 +17,7 @@ import click
 from ..errors import ArtifactNotFoundError, InvalidArgumentError, InvalidNameError
 from ..registry import Registry
 from ..types import parse_key
-from ._common import console, open_registry, root_option
+from ._common import console, markup_safe, open_registry, root_option, store_root
 
 __all__ = ["lineage"]
 
@@ -25,14 +25,15 @@ __all__ = ["lineage"]
 @click.command(short_help="Where a version or run came from; what it built.")
 @click.argument("key")
 @click.option("--format", "fmt", type=click.Choice(["tree", "mermaid", "dot", "svg", "json"]),
-              default="tree", show_default=True)
+              default=None, help="Output format [default: from -o's extension (.svg, .dot, "
+                                 ".mmd/.mermaid, .json), else tree].")
 @click.option("--depth", type=click.IntRange(min=0), default=None, help="Max edges away.")
 @click.option("--up", is_flag=True, help="Only where KEY came from.")
 @click.option("--down", is_flag=True, help="Only what was built from KEY.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write to this file instead of stdout (any format).")
 @root_option
-def lineage(key: str, fmt: str, depth: int | None, up: bool, down: bool,
+def lineage(key: str, fmt: str | None, depth: int | None, up: bool, down: bool,
             output: Path | None, root: Path | None) -> None:
     """Show where KEY (an artifact key, or run:<id or unique prefix>) came from and what was
     built from it."""
@@ -43,7 +44,8 @@ def lineage(key: str, fmt: str, depth: int | None, up: bool, down: bool,
                                    "directions", argument="direction")
     direction = "up" if up else "down" if down else None
     if output is not None:
-        _check_writable(output)
+        _check_writable(output, store_root(root))
+    fmt = fmt or _SUFFIX_FORMATS.get(output.suffix.lower() if output else "", "tree")
     with open_registry(root) as registry:
         node = _node_id(registry, key)
         focused = LineageTracker.from_registry(registry, around=node, depth=depth,
@@ -60,8 +62,17 @@ def lineage(key: str, fmt: str, depth: int | None, up: bool, down: bool,
     click.echo(f"wrote {output}", err=True)
 
 
-def _check_writable(output: Path) -> None:
-    """Refuse an unusable ``-o`` before reading the registry (validate before I/O)."""
+_SUFFIX_FORMATS = {".svg": "svg", ".dot": "dot", ".gv": "dot", ".mmd": "mermaid",
+                   ".mermaid": "mermaid", ".json": "json"}
+
+
+def _check_writable(output: Path, root: Path) -> None:
+    """Refuse an unusable ``-o`` before reading the registry (validate before I/O), and any
+    path inside the store: ``-o registry.sqlite`` would destroy what recover cannot rebuild."""
+    inside = output.resolve()
+    if inside == root.resolve() or root.resolve() in inside.parents:
+        raise InvalidArgumentError(f"cannot write {output}: it is inside the store {root}; "
+                                   "write the picture somewhere else", argument="output")
     parent = output.absolute().parent
     if not parent.is_dir():
         raise InvalidArgumentError(f"cannot write {output}: directory {parent} does not exist",
@@ -121,7 +132,7 @@ def _lineage_tree(tracker: Any, root_id: str, direction: str | None) -> Any:
     with nothing under it is left out."""
     from rich.tree import Tree
 
-    tree = Tree(f"[bold]{root_id}[/bold]")
+    tree = Tree(f"[bold]{markup_safe(root_id)}[/bold]")
     graph = tracker.graph
     if direction != "down" and any(True for _ in graph.predecessors(root_id)):
         _grow(tree.add("[cyan]came from[/cyan]"), graph.predecessors, root_id)
@@ -139,8 +150,8 @@ def _grow(branch: Any, neighbours: Callable[[str], Iterator[str]], start: str) -
     while stack:
         parent, node = stack.pop()
         if node in seen:
-            parent.add(f"{node} [dim](see above)[/dim]")
+            parent.add(f"{markup_safe(node)} [dim](see above)[/dim]")
             continue
         seen.add(node)
-        child = parent.add(node)
+        child = parent.add(markup_safe(node))
         stack.extend((child, n) for n in sorted(neighbours(node), reverse=True))

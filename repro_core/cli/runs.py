@@ -10,9 +10,11 @@ import click
 
 from ..registry import Registry, RunRow
 from ._common import (
+    clean,
     console,
     emit_json,
     json_option,
+    markup_safe,
     open_registry,
     project_option,
     root_option,
@@ -60,14 +62,15 @@ def show(run_id: str, root: Path | None, as_json: bool) -> None:
         emit_json(detail)
         return
     out = console()
-    out.print(f"[bold]{run.name}[/bold]  id={run.id}  project={run.project}  "
-              f"state={run.state}  host={run.host}  duration={run_duration(run)}")
-    out.print(f"config: {json.dumps(run.config, sort_keys=True)}", markup=False)
+    out.print(f"[bold]{markup_safe(run.name)}[/bold]  id={markup_safe(run.id)}  project="
+              f"{markup_safe(run.project)}  state={markup_safe(run.state)}  host="
+              f"{markup_safe(run.host)}  duration={run_duration(run)}")
+    out.print(clean(f"config: {json.dumps(run.config, sort_keys=True)}"), markup=False)
     for entry in detail["states"]:
         reason = f"  ({entry['reason']})" if entry["reason"] else ""
-        out.print(f"  {entry['at'][:19]}  {entry['state']}{reason}", markup=False)
-    out.print(f"inputs:  {', '.join(detail['inputs']) or '-'}", markup=False)
-    out.print(f"outputs: {', '.join(detail['outputs']) or '-'}", markup=False)
+        out.print(clean(f"  {entry['at'][:19]}  {entry['state']}{reason}"), markup=False)
+    out.print(clean(f"inputs:  {', '.join(detail['inputs']) or '-'}"), markup=False)
+    out.print(clean(f"outputs: {', '.join(detail['outputs']) or '-'}"), markup=False)
 
 
 def _detail(registry: Registry, run: RunRow) -> dict[str, Any]:

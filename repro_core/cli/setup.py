@@ -20,7 +20,7 @@ import click
 from .. import _fsio, constants
 from ..errors import InvalidArgumentError, RegistryDamagedError, StorageError
 from ..registry import Registry, store_has_data
-from ._common import emit_json, json_option, root_option, store_root
+from ._common import clean, emit_json, json_option, root_option, store_root
 
 __all__ = ["init", "recover"]
 
@@ -112,7 +112,7 @@ def recover(force: bool, root: Path | None, as_json: bool) -> None:
         click.echo(f"the old registry is kept at {moved}")
     click.echo(f"{len(report.problems)} problem(s)" + (":" if report.problems else ""))
     for problem in report.problems:
-        click.echo(f"  - {problem}")
+        click.echo(f"  - {clean(problem)}")
     for lost in report.not_recoverable:
         click.echo(f"not recoverable: {lost}")
 

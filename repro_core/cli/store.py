@@ -21,6 +21,7 @@ from ._common import (
     emit_json,
     fmt_size,
     json_option,
+    markup_safe,
     open_registry,
     root_option,
     store_root,
@@ -60,8 +61,9 @@ def verify(key: str | None, run_id: str | None, check_all: bool, size_only: bool
     else:
         out = console()
         for p in report.problems:
-            out.print(f"[red]{p.kind.upper()}[/red] {p.digest} "
-                      f"(used by {', '.join(p.versions) or 'no version'}): {p.message}")
+            out.print(f"[red]{markup_safe(p.kind.upper())}[/red] {markup_safe(p.digest)} "
+                      f"(used by {markup_safe(', '.join(p.versions) or 'no version')}): "
+                      f"{markup_safe(p.message)}")
         status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
         out.print(f"{report.blobs_checked} blobs, {fmt_size(report.bytes_checked)} verified: "
                   f"{status}")

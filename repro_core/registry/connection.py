@@ -33,7 +33,12 @@ from typing import Any
 from urllib.parse import quote
 
 from .. import constants
-from ..errors import RegistryDamagedError, StorageError, StoreNotFoundError
+from ..errors import (
+    InvalidArgumentError,
+    RegistryDamagedError,
+    StorageError,
+    StoreNotFoundError,
+)
 from .mounts import detect_network_fs
 from .schema import SCHEMA_VERSION, migrations, retry_busy
 
@@ -52,6 +57,36 @@ def store_has_data(root: Path) -> bool:
                     return True
     runs = root / "runs"
     return runs.is_dir() and any(True for _ in runs.glob("*/run.json"))
+
+
+# SQLite's words for a file that is not (or no longer) a database, and ours.
+_DAMAGE = ("not a database", "malformed", "no repro schema", "schema_version row",
+           "has content but no", "corrupt")
+# What a store directory may hold before its registry exists (anything else: not ours).
+_STORE_ENTRIES = {"registry.sqlite", "registry.sqlite-wal", "registry.sqlite-shm",
+                  "registry.sqlite-journal", "blobs", "tmp", "cache", "runs", "spill",
+                  "CACHEDIR.TAG", ".gc.lock"}
+
+
+def _refuse_foreign_directory(root: Path) -> None:
+    """A new store is made in a new or empty directory only: ``init_run(root=".")`` in a
+    project folder would scatter ``blobs/``, ``runs/`` … among the user's files and mark the
+    whole folder ``CACHEDIR.TAG`` (which backup tools skip)."""
+    try:
+        foreign = sorted(e.name for e in root.iterdir() if e.name not in _STORE_ENTRIES
+                         and not e.name.startswith(".CACHEDIR.TAG."))
+    except NotADirectoryError:
+        raise InvalidArgumentError(f"{root} is a file, not a store directory",
+                                   argument="root") from None
+    except OSError:
+        return  # unreadable: opening it will say why
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
+        raise InvalidArgumentError(
+            f"{root} already holds other files ({shown}) and no repro store: a store needs a "
+            f"directory of its own (e.g. {root / 'repro_store'}); to use this one anyway, "
+            "create it explicitly (init_run(..., create=True) or `repro init --force`)",
+            argument="root")
 
 
 class Connection:
@@ -102,8 +137,15 @@ class Connection:
                                path=self.path) from exc
         if size > 0:
             return True
-        if self._create is True or (self._create is None and not store_has_data(self.root)):
+        if self._create is True:
             return False
+        has_data = self.root.exists() and store_has_data(self.root)
+        if not has_data and self._create is None:
+            if self.root.exists():
+                _refuse_foreign_directory(self.root)
+            return False
+        if not has_data:  # create=False: nothing to open, nothing lost
+            raise StoreNotFoundError(f"no repro store at {self.root}", path=self.root)
         state = "is empty (0 bytes)" if size == 0 else "is missing"
         raise RegistryDamagedError(
             f"{self.path} {state}, but the store holds blobs or run exports: the registry was "
@@ -126,9 +168,22 @@ class Connection:
         except BaseException as exc:
             conn.close()
             if isinstance(exc, sqlite3.DatabaseError):
-                raise self._damaged(exc) from exc
+                raise self._classify(exc) from exc
             raise
         return conn
+
+    def _classify(self, exc: sqlite3.DatabaseError) -> StorageError:
+        """A damaged file (recover it) is not the same as a store we may not write (use it
+        read-only) or a failing disk: say which, so the advice fits."""
+        text = str(exc).lower()
+        if any(word in text for word in _DAMAGE):
+            return self._damaged(exc)
+        if "readonly" in text or "read-only" in text or "unable to open" in text:
+            return StorageError(
+                f"cannot write the store {self.root} ({exc}): it is read-only for this user. "
+                "Reading works without a run (use_artifact, repro runs); to log, use a "
+                "writable store", path=self.path)
+        return StorageError(f"cannot open registry {self.path}: {exc}", path=self.path)
 
     def _damaged(self, exc: BaseException) -> RegistryDamagedError:
         return RegistryDamagedError(

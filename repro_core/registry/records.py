@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ..errors import IntegrityError
+from ..types import ArtifactType
 
 __all__ = [
     "ARTIFACT_JOIN", "RUN_COLUMNS", "VERSION_COLUMNS", "VERSION_FROM", "NewVersion", "RunRow",
@@ -91,6 +93,17 @@ class NewVersion:
     filename: str | None = None
 
 
+_TYPES = frozenset(t.value for t in ArtifactType)
+
+
+def _is_time(value: str) -> bool:
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
 def dumps(value: Any) -> str:
     """Canonical JSON for registry columns (sorted keys, never NaN)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -106,16 +119,26 @@ def load_json(text: object, where: str) -> Any:
 
 
 def version_row(r: Sequence[Any]) -> VersionRow:
-    if not isinstance(r[3], int) or not isinstance(r[5], int) or not isinstance(r[4], str):
+    """A version as stored, every column checked: a forged one is an ``IntegrityError``."""
+    if not isinstance(r[3], int) or not isinstance(r[5], int) or not isinstance(r[4], str) \
+            or not all(isinstance(r[i], str) for i in (1, 6, 10)):
         raise IntegrityError(f"registry row of version {r[0]} ({r[1]!r}) has a forged version "
-                             "number, size or digest")
+                             "number, size, digest, name, format or project")
+    if r[2] not in _TYPES:
+        raise IntegrityError(f"registry row of version {r[0]} ({r[1]!r}) has the unknown type "
+                             f"{r[2]!r}")
+    metadata = load_json(r[9], f"metadata of version {r[0]}")
+    if not isinstance(metadata, dict):
+        raise IntegrityError(f"the registry's metadata of version {r[0]} is not a JSON object")
     return VersionRow(id=r[0], name=r[1], type=r[2], version=r[3], digest=r[4], size=r[5],
-                      format=r[6], run_id=r[7], created_at=r[8],
-                      metadata=load_json(r[9], f"metadata of version {r[0]}"),
+                      format=r[6], run_id=r[7], created_at=r[8], metadata=metadata,
                       project=r[10], filename=r[11])
 
 
 def run_row(r: Sequence[Any]) -> RunRow:
+    if not all(isinstance(r[i], str) for i in (0, 1, 2, 3, 6)) or not _is_time(r[6]):
+        raise IntegrityError(f"registry row of run {r[0]!r} has a forged id, name, project, "
+                             "state or start time")
     return RunRow(id=r[0], name=r[1], project=r[2], state=r[3],
                   tags=load_json(r[4], f"tags of run {r[0]}"),
                   config=load_json(r[5], f"config of run {r[0]}"), created_at=r[6],

@@ -17,8 +17,8 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ArtifactNotFoundError, IntegrityError, InvalidArgumentError
-from ..types import DEFAULT_PROJECT, ParsedKey, utc_now
+from ..errors import ArtifactNotFoundError, IntegrityError, InvalidArgumentError, ReproError
+from ..types import DEFAULT_PROJECT, ParsedKey, utc_now, validate_alias
 from .connection import translated
 from .records import (
     ARTIFACT_JOIN,
@@ -158,8 +158,15 @@ class VersionQueries(RunQueries):
         return [version_row(r) for r in rows]
 
     def aliases_of(self, version_id: int) -> list[str]:
-        return [r[0] for r in self._read(
+        aliases = [r[0] for r in self._read(
             "SELECT alias FROM aliases WHERE version_id = ? ORDER BY alias", (version_id,))]
+        for alias in aliases:  # stored text is untrusted: a forged alias is damage, not a name
+            try:
+                validate_alias(alias)
+            except ReproError:
+                raise IntegrityError(f"the registry holds a forged alias {alias!r} of version "
+                                     f"{version_id}") from None
+        return aliases
 
     # -- edges ------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .. import _fsio, constants
+from .._safepath import real_dirs
 from ..errors import IntegrityError, StorageError
 from ..hashing import copy_and_hash, hash_file, new_hasher, parse_digest
 from . import _identity
@@ -209,10 +210,18 @@ class LocalStorageBackend(StorageBackend):
         return True
 
     def iter_digests(self) -> Iterator[str]:
+        """Every blob in the store. Symlinks are never followed (a planted ``blobs/blake3/aa ->
+        /elsewhere`` would let gc delete files outside the store) nor listed."""
+        real_dirs(self.root, "blobs")
         for algo_dir in sorted(self.blobs_dir.glob("*")):
+            if algo_dir.is_symlink() or not algo_dir.is_dir():
+                continue
             for shard in sorted(algo_dir.glob("??")):
+                if shard.is_symlink() or not shard.is_dir():
+                    continue
                 for blob in sorted(shard.iterdir()):
-                    yield f"{algo_dir.name}:{shard.name}{blob.name}"
+                    if not blob.is_symlink():
+                        yield f"{algo_dir.name}:{shard.name}{blob.name}"
 
     # -- derived operations -----------------------------------------------------------------
 
@@ -295,6 +304,7 @@ class LocalStorageBackend(StorageBackend):
         process is gone (a PID check would be fooled by PID reuse). Files older than
         ``REPRO_STALE_TMP_SECONDS`` go too, for filesystems where flock is not shared.
         """
+        real_dirs(self.root, "tmp")  # a planted tmp -> /home/you would be swept
         if not self.tmp_dir.is_dir():
             return 0
         removed = 0
@@ -340,6 +350,7 @@ class LocalStorageBackend(StorageBackend):
 
         def _make() -> None:
             algo_dir = self.blobs_dir / self.algorithm
+            self._check_dirs()  # before creating anything: mkdir follows a planted symlink
             fresh = not (algo_dir / "ff").is_dir()
             for d in (self.root, algo_dir, self.tmp_dir):
                 d.mkdir(parents=True, exist_ok=True)
@@ -350,6 +361,7 @@ class LocalStorageBackend(StorageBackend):
                     (algo_dir / f"{i:02x}").mkdir(exist_ok=True)
                 for d in (self.root.parent, self.root, self.blobs_dir, algo_dir):
                     _fsio.fsync_dir(d)
+            self._check_dirs()
             tag = self.root / "CACHEDIR.TAG"
             if not tag.exists():  # temp name outside tmp/, so no sweep can take it
                 tmp = self.root / f".CACHEDIR.TAG.{os.getpid()}.{secrets.token_hex(4)}"
@@ -358,6 +370,17 @@ class LocalStorageBackend(StorageBackend):
 
         _storage_errors("creating the store layout", self.root, _make)
         self._layout_ready = True
+
+    def _check_dirs(self) -> None:
+        """Every directory of the layout (and each blob shard, where blobs are published and
+        deleted) must be a real directory: see ``_safepath.real_dirs``."""
+        for top in ("tmp", "cache", "runs", "spill"):
+            real_dirs(self.root, top)
+        real_dirs(self.root, "blobs", self.algorithm)
+        algo_dir = self.blobs_dir / self.algorithm
+        if algo_dir.is_dir():
+            for shard in algo_dir.iterdir():
+                real_dirs(algo_dir, shard.name)
 
     # -- internals --------------------------------------------------------------------------
 
