@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from repro_core import ArtifactManager
+from repro_core.capture import seed as _seed
+
+# What seed_everything changes process-wide besides the RNGs themselves (as Lightning's does).
+_SEED_VARIABLES = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")
+
+
+@pytest.fixture(autouse=True)
+def _restore_seed_state() -> Iterator[None]:
+    """Every test leaves the seed variables and ``recorded_seed()`` as it found them: a test
+    that seeds must not make a later capture record its seed (or Lightning re-seed with it)."""
+    saved = {name: os.environ.get(name) for name in _SEED_VARIABLES}
+    recorded = _seed._recorded
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _seed._recorded = recorded
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import namedtuple
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -319,6 +321,95 @@ def test_repo_without_commit(tmp_path: Path) -> None:
     assert info["commit"] is None and info["patch"] is None
 
 
+# -- git settings from the environment (REPRO_GIT_TIMEOUT, REPRO_MAX_PATCH_BYTES) ----------------
+
+
+@pytest.fixture
+def settings() -> Iterator[pytest.MonkeyPatch]:
+    """A MonkeyPatch whose environment changes ``constants`` re-reads (before and after)."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+    repro_core.constants.reload()
+
+
+def _hanging_git(bin_dir: Path, hang_on: str, *, exec_sleep: bool = True) -> Path:
+    """A ``git`` that behaves like the real one except that the ``hang_on`` subcommand never
+    answers (as git does on a stalled network filesystem). ``exec_sleep=False``: the script
+    sleeps in a child, as a wrapper or shim around git would, and keeps the pipes open."""
+    real = shutil.which("git")
+    assert real is not None
+    sleep = "exec sleep 60" if exec_sleep else "sleep 30; exit 0"
+    bin_dir.mkdir()
+    script = bin_dir / "git"
+    script.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "{hang_on}" ] && {{ {sleep}; }}\n'
+                      f'done\nexec "{real}" "$@"\n')
+    script.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("hang_on", ["rev-parse", "status", "diff"])
+def test_git_timeout_from_the_environment(repo: Path, tmp_path: Path, hang_on: str,
+                                          settings: pytest.MonkeyPatch) -> None:
+    """Each git call of a capture gives up after ``REPRO_GIT_TIMEOUT`` seconds: a hanging git
+    costs the capture about that (the default, 10 s, would fail the bound), the call that
+    hung is named in ``errors`` and the rest of the capture is kept."""
+    (repo / "train.py").write_text("lr = 0.2\n")
+    settings.setenv("PATH", f"{_hanging_git(tmp_path / 'bin', hang_on)}{os.pathsep}"
+                            f"{os.environ['PATH']}")
+    settings.setenv("REPRO_GIT_TIMEOUT", "0.5")
+    repro_core.constants.reload()
+    began = time.monotonic()
+    info = capture_environment(COMPLETE, path=repo)["git"]
+    elapsed = time.monotonic() - began
+    assert elapsed < 6.0, f"capture took {elapsed:.1f} s with REPRO_GIT_TIMEOUT=0.5"
+    if hang_on == "rev-parse":  # the first call: no usable git here, as without git at all
+        assert info is None
+        return
+    assert info["commit"] == git(repo, "rev-parse", "HEAD").decode().strip()
+    if hang_on == "status":
+        assert info["errors"] == ["git status timed out after 0.5 s"] and info["dirty"] is None
+        assert "+lr = 0.2" in info["patch"]
+    else:
+        assert info["errors"] == ["git diff failed: timed out"] and info["dirty"] is True
+        assert info["patch"] is None and info["patch_truncated"] is None
+
+
+@pytest.mark.slow
+def test_git_timeout_holds_when_git_is_a_wrapper(repo: Path, tmp_path: Path,
+                                                 settings: pytest.MonkeyPatch) -> None:
+    """A ``git`` that is a wrapper script (a shim, a module-system wrapper) whose real git
+    hangs: killing the wrapper alone would leave its child holding stdout, so the capture
+    would wait for the child (here 30 s) instead of ``REPRO_GIT_TIMEOUT``; git runs in its own
+    process group, and the whole group is killed."""
+    (repo / "train.py").write_text("lr = 0.2\n")
+    bin_dir = _hanging_git(tmp_path / "bin", "diff", exec_sleep=False)
+    settings.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    settings.setenv("REPRO_GIT_TIMEOUT", "0.5")
+    repro_core.constants.reload()
+    began = time.monotonic()
+    info = capture_environment(COMPLETE, path=repo)["git"]
+    assert info["errors"] == ["git diff failed: timed out"]
+    assert time.monotonic() - began < 15.0  # 0.5 s when the group is killed, 30 s if not
+
+
+def test_max_patch_bytes_from_the_environment(repo: Path,
+                                              settings: pytest.MonkeyPatch) -> None:
+    """``REPRO_MAX_PATCH_BYTES`` caps the captured patch (whole lines + the marker) when the
+    caller passes no cap; an explicit ``max_patch_bytes`` still wins."""
+    (repo / "train.py").write_text("".join(f"value_{i} = {i}\n" for i in range(500)))
+    full = git(repo, "-c", "core.quotepath=off", "diff", "--no-ext-diff", "--no-color",
+               "--binary", "HEAD")
+    settings.setenv("REPRO_MAX_PATCH_BYTES", "300")
+    repro_core.constants.reload()
+    info = capture_environment(COMPLETE, path=repo)["git"]
+    match = PATCH_MARKER.search(info["patch"])
+    assert match is not None and int(match.group(2)) == len(full) == info["patch_bytes"]
+    assert 0 < int(match.group(1)) <= 300 and info["patch_truncated"] is True
+    assert info["patch"][: match.start()].encode() == full[: int(match.group(1))]
+    uncapped = capture_environment(COMPLETE, path=repo, max_patch_bytes=len(full))["git"]
+    assert uncapped["patch"].encode() == full and uncapped["patch_truncated"] is False
+
+
 # -- secrets end to end -------------------------------------------------------------------------
 
 
@@ -363,13 +454,15 @@ def test_secrets_never_reach_the_store(
     assert cfg["credentials"] == REDACTED
 
     manager.init_run("t", root=store_root, config=cfg)
-    manager.log_artifact("environment", "environment", data=env)
-    manager.log_artifact("config", "config", data=cfg)
+    logged = [manager.log_artifact("environment", "environment", data=env),
+              manager.log_artifact("config", "config", data=cfg)]
     manager.finalize_run()
     ArtifactManager.reset_instance()  # close SQLite so every byte is on disk
 
     files = [p for p in store_root.rglob("*") if p.is_file()]
-    assert len(files) >= 4
+    store = repro_core.LocalStorageBackend(store_root)
+    for meta in logged:  # both artifacts' blobs are among the files searched
+        assert store.blob_path(meta.hash or "") in files
     assert any(b"<redacted>" in p.read_bytes() for p in files)  # the artifacts are there
     leaks = [str(p) for p in files if MARK.encode() in p.read_bytes()]
     assert leaks == []
@@ -510,7 +603,10 @@ def test_real_nvml_absent_gives_empty_list_and_note() -> None:
     if info["devices"]:
         pytest.skip("this machine has a GPU")
     assert info["devices"] == []
-    assert info["nvml_error"]
+    from repro_core.capture.gpu import _INSTALL_HINT
+
+    note = info["nvml_error"]  # pynvml missing, or present without a driver
+    assert note == _INSTALL_HINT or note.startswith("NVML unavailable: "), note
 
 
 def test_pynvml_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -575,15 +671,10 @@ def test_visible_indices(value: str | None, expected: list[int] | None,
 # -- seeds --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def seed_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let monkeypatch restore the variables seed_everything sets."""
-    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG"):
-        monkeypatch.setenv(name, "placeholder")
-        monkeypatch.delenv(name)
+# conftest's autouse ``_restore_seed_state`` puts back what seed_everything sets.
 
 
-def test_seed_everything_seeds_and_is_recorded(repo: Path, seed_env: None) -> None:
+def test_seed_everything_seeds_and_is_recorded(repo: Path) -> None:
     np = pytest.importorskip("numpy")
     torch = pytest.importorskip("torch")
     assert seed_everything(1234, workers=True) == 1234
@@ -598,7 +689,7 @@ def test_seed_everything_seeds_and_is_recorded(repo: Path, seed_env: None) -> No
     assert recorded_seed() == seeds["repro"]
 
 
-def test_seed_everything_deterministic(repo: Path, seed_env: None) -> None:
+def test_seed_everything_deterministic(repo: Path) -> None:
     torch = pytest.importorskip("torch")
     before = (torch.are_deterministic_algorithms_enabled(),
               torch.is_deterministic_algorithms_warn_only_enabled(),

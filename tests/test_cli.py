@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from repro_core import ArtifactManager
+from repro_core import ArtifactManager, hash_bytes
 from repro_core.cli import main
 
 
@@ -51,6 +53,44 @@ def test_runs_and_show(populated: dict[str, str], store_root: Path) -> None:
     assert detail["outputs"] == ["default/evaluation:v1"] and detail["project"] == "default"
     code, out = invoke("show", populated["a"], "--root", str(store_root))
     assert code == 0 and "train" in out and '"lr": 0.1' in out and "project=default" in out
+
+
+def _table_rows(out: str) -> list[list[str]]:
+    """The cells of a rich table as printed (header row first)."""
+    return [[cell.strip() for cell in line.strip()[1:-1].split(line.strip()[0])]
+            for line in out.splitlines() if line.strip()[:1] in ("┃", "│")]
+
+
+def test_runs_and_show_columns(populated: dict[str, str], store_root: Path) -> None:
+    """`repro runs`: id, name, project, state, start, duration, artifacts, in that order and
+    filled from the run; `repro show`: the header line, config, states, inputs, outputs."""
+    root = ["--root", str(store_root)]
+    code, out = invoke("runs", *root)
+    rows = _table_rows(out)
+    assert code == 0 and rows[0] == ["id", "name", "project", "state", "start", "duration",
+                                     "artifacts"]
+    by_id = {row[0]: row for row in rows[1:]}
+    assert sorted(by_id) == sorted(populated.values())
+    for key, name, artifacts in (("a", "train", "2"), ("b", "evaluate", "1")):
+        row = by_id[populated[key]]
+        assert row[1:4] == [name, "default", "completed"] and row[6] == artifacts
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row[4]), row
+        assert re.fullmatch(r"\d+\.\ds", row[5]), row
+    listed = json.loads(invoke("runs", *root, "--json")[1])
+    assert {"id", "name", "project", "state", "created_at", "ended_at", "artifacts", "config",
+            "tags", "host"} <= set(listed[0])
+
+    code, out = invoke("show", populated["a"], *root)
+    lines = out.splitlines()
+    assert code == 0 and re.fullmatch(
+        rf"train  id={populated['a']}  project=default  state=completed  host=\S+  "
+        r"duration=\d+\.\ds", lines[0]), lines[0]
+    assert lines[1] == 'config: {"lr": 0.1}'
+    assert [line.split()[-1] for line in lines[2:4]] == ["running", "completed"]
+    assert lines[4:] == ["inputs:  -", "outputs: default/dataset:v1, default/model:v1"]
+    code, out = invoke("show", populated["b"], *root)
+    assert out.splitlines()[4:] == ["inputs:  default/model:v1",
+                                    "outputs: default/evaluation:v1"]
 
 
 def test_runs_counts_deduplicated_outputs(manager: ArtifactManager, store_root: Path) -> None:
@@ -145,7 +185,7 @@ def test_verify_finds_flipped_byte(populated: dict[str, str], manager: ArtifactM
     code, out = invoke("verify", "--root", str(store_root))
     assert code == 0 and "OK" in out
     model = manager.list_artifacts("model")[0]
-    assert model.hash
+    assert model.hash == hash_bytes(b"weights" * 100)
     _flip_first_byte(manager.use_artifact("model", verify=False).path)  # type: ignore[arg-type]
     code, out = invoke("verify", "--root", str(store_root), "--json")
     report = json.loads(out)
@@ -156,6 +196,36 @@ def test_verify_finds_flipped_byte(populated: dict[str, str], manager: ArtifactM
     assert code == 1 and "DIGEST" in out and model.hash in out
     code, _ = invoke("verify", "dataset:v1", "--root", str(store_root))
     assert code == 0  # only the named version's blobs are checked
+
+
+def test_verify_size_only_does_not_hash(populated: dict[str, str], manager: ArtifactManager,
+                                        store_root: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flipped byte keeps the size: `--size-only` passes without reading a blob, the full
+    verify fails; a truncated blob fails both."""
+    from repro_core.store import local
+
+    root = ["--root", str(store_root)]
+    model = manager.use_artifact("model", verify=False).path
+    assert model is not None
+    _flip_first_byte(model)
+    hashed: list[object] = []
+    real = local.hash_file
+
+    def counted(*args: Any, **kwargs: Any) -> str:
+        hashed.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local, "hash_file", counted)
+    code, out = invoke("verify", "--size-only", *root, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"] and report["blobs_checked"] == 3 and hashed == []
+    code, out = invoke("verify", *root, "--json")
+    assert code == 1 and [p["kind"] for p in json.loads(out)["problems"]] == ["digest"]
+    assert len(hashed) == 3
+    model.write_bytes(model.read_bytes()[:-1])
+    code, out = invoke("verify", "--size-only", *root, "--json")
+    assert code == 1 and [p["kind"] for p in json.loads(out)["problems"]] == ["size"]
 
 
 def test_verify_run_checks_only_its_outputs(populated: dict[str, str], manager: ArtifactManager,
@@ -263,6 +333,28 @@ def test_lineage_tree_output_file_and_headings(populated: dict[str, str], store_
     code, out = invoke("lineage", f"run:{populated['a']}", *root, "--up")  # it used nothing
     assert code == 0 and "came from" not in out and "built into" not in out
     assert "no lineage recorded" in out
+
+
+@pytest.mark.parametrize("direction", ["--up", "--down", None])
+def test_lineage_up_and_down_pick_one_direction(populated: dict[str, str], store_root: Path,
+                                                direction: str | None) -> None:
+    """dataset -> run A -> model -> run B -> evaluation, seen from the model: --up is only
+    where it came from, --down only what was built from it, in every format."""
+    root = ["--root", str(store_root), *([direction] if direction else [])]
+    up = {"default/dataset:v1", f"run:{populated['a']}"}
+    down = {"default/evaluation:v1", f"run:{populated['b']}"}
+    code, out = invoke("lineage", "model", *root, "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["node"] == "default/model:v1"
+    assert set(data["ancestors"]) == (up if direction != "--down" else set())
+    assert set(data["descendants"]) == (down if direction != "--up" else set())
+    code, tree = invoke("lineage", "model", *root)
+    assert code == 0 and ("came from" in tree) is (direction != "--down")
+    assert ("built into" in tree) is (direction != "--up")
+    for fmt in ("mermaid", "dot", "tree"):  # the graph itself is loaded in one direction
+        code, out = invoke("lineage", "model", *root, "--format", fmt)
+        assert code == 0 and ("evaluation" in out) is (direction != "--up"), (fmt, out)
+        assert ("dataset" in out) is (direction != "--down"), (fmt, out)
 
 
 def test_lineage_up_and_down_together_are_refused(populated: dict[str, str],

@@ -116,6 +116,12 @@ def test_no_command_creates_a_store(tmp_path: Path, args: tuple[str, ...]) -> No
     assert list(empty.iterdir()) == [] and not missing.exists()
 
 
+def test_every_command_but_init_is_checked_above() -> None:
+    """A new command joins READERS (or the recover cases), or this fails: only `init` may
+    create a store."""
+    assert {args[0] for args in READERS} | {"recover"} == set(main.commands) - {"init"}
+
+
 def _garbage(path: Path) -> None:
     path.write_bytes(os.urandom(4096))
 
@@ -186,8 +192,8 @@ def test_debug_shows_the_traceback(store: dict[str, str], store_root: Path,
     quiet = cli("verify", "--root", str(store_root))
     assert_one_line_error(quiet, "--debug", typed=False)
     loud = cli("--debug", "verify", "--root", str(store_root))
-    assert loud.exit_code == 1 and loud.exception is not None
-    assert not isinstance(loud.exception, SystemExit)
+    assert loud.exit_code == 1 and type(loud.exception) is ValueError
+    assert str(loud.exception) == "a bug, not bad input"
 
 
 def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_capture import git
 
 from repro_core import ArtifactManager, RunStateError
 from repro_core.capture import EnvironmentCaptureLevel
@@ -61,7 +63,8 @@ def test_success_completes_and_records_config_and_environment(
         assert _state(ctx.run.id) == "running"
     assert manager.current_run is None
     record = manager.get_run(ctx.run.id or "")
-    assert record["state"] == "completed" and record["ended_at"] is not None
+    assert record["state"] == "completed"
+    assert record["ended_at"] == record["states"][-1][1] > record["created_at"]
     assert record["tags"] == ["t1"]
     assert record["config"]["lr"] == 0.1
     assert [s[0] for s in record["states"]] == ["running", "completed"]
@@ -229,6 +232,40 @@ def test_offline_mode_is_recorded(manager: ArtifactManager, store_root: Path) ->
     assert manager.load_artifact("config") == {"a": 1}  # the artifact is the user's config
 
 
+def test_complete_capture_logs_the_git_patch(manager: ArtifactManager, store_root: Path,
+                                             tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """At COMPLETE, inside a dirty repository (the process's cwd, as in a training script),
+    the uncommitted changes are a ``git_patch`` artifact whose content is the diff, and the
+    environment keeps only its size; a clean repository logs no patch."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "train.py").write_text("lr = 0.1\n")
+    git(repo, "add", "train.py")
+    git(repo, "commit", "-q", "-m", "init")
+    monkeypatch.chdir(repo)
+    with _ctx(store_root, capture_level=3, name="clean") as clean:
+        pass
+    assert not any("git_patch" in k for k in _outputs(clean.run.id if clean.run else None))
+
+    (repo / "train.py").write_text("lr = 0.3\n")
+    (repo / "model.py").write_text("layers = 4\n")
+    git(repo, "add", "model.py")
+    diff = git(repo, "-c", "core.quotepath=off", "diff", "--no-ext-diff", "--no-color",
+               "--binary", "HEAD")
+    with _ctx(store_root, capture_level=3, name="dirty") as ctx:
+        pass
+    assert ctx.run is not None and "default/git_patch:v1" in _outputs(ctx.run.id)
+    patch = manager.use_artifact("git_patch:v1")
+    assert patch.type.value == "code" and patch.run_id == ctx.run.id
+    assert patch.path is not None and patch.path.read_bytes() == diff
+    env = manager.load_artifact("environment:v2")["git"]
+    assert "patch" not in env and env["patch_bytes"] == len(diff) and env["dirty"] is True
+
+
 def test_log_metrics_readable_after_exit(manager: ArtifactManager, store_root: Path) -> None:
     with _ctx(store_root) as ctx:
         for step in range(50):
@@ -260,11 +297,21 @@ def test_log_model_checkpoint_chains_parents(manager: ArtifactManager, store_roo
 # -- hardware monitor ---------------------------------------------------------------------------
 
 
+def _wait_for_samples(ctx: ExperimentContext, count: int) -> None:
+    """Until the monitor has taken ``count`` samples (bounded: a loaded machine may be slow to
+    schedule the sampler, so no fixed sleep is long enough)."""
+    assert ctx.monitor is not None
+    deadline = time.monotonic() + 30
+    while len(ctx.monitor.samples) < count:
+        assert time.monotonic() < deadline, "the monitor took no samples in 30 s"
+        time.sleep(0.01)
+
+
 def test_monitor_writes_hardware_usage_and_jsonl(manager: ArtifactManager,
                                                  store_root: Path) -> None:
     with _ctx(store_root, monitor_hardware=True, monitor_interval=0.05) as ctx:
         assert ctx.monitor is not None and ctx.monitor.running
-        time.sleep(0.4)
+        _wait_for_samples(ctx, 2)
     assert not ctx.monitor.running
     assert ctx.run is not None and ctx.run.dir is not None
     assert any(k.startswith("default/hardware_usage:") for k in _outputs(ctx.run.id))
@@ -291,7 +338,7 @@ def test_monitor_off_writes_no_hardware_files(manager: ArtifactManager,
 def test_monitor_data_kept_on_failure(manager: ArtifactManager, store_root: Path) -> None:
     with pytest.raises(ZeroDivisionError), \
             _ctx(store_root, monitor_hardware=True, monitor_interval=0.05) as ctx:
-        time.sleep(0.15)
+        _wait_for_samples(ctx, 1)
         _ = 1 / 0
     assert ctx.run is not None and ctx.run.dir is not None
     assert (ctx.run.dir / "hardware.jsonl").is_file()
@@ -359,7 +406,7 @@ def test_sigterm_in_child_ends_run_interrupted(manager: ArtifactManager,
     assert f"exit {128 + signal.SIGTERM} restored True" in lines
     record = manager.get_run(run_id)
     assert record["state"] == "interrupted"
-    assert record["ended_at"] is not None
+    assert record["ended_at"] == record["states"][-1][1] > record["created_at"]
     assert any(s == "interrupted" and (r or "").startswith("Terminated")
                for s, _, r in record["states"])
     assert any(k.startswith("default/environment:") for k in record["outputs"])

@@ -13,6 +13,8 @@ from repro_core import ArtifactManager, capture_environment, diff_runs, seed_eve
 from repro_core.cli import main
 
 _SAME = {"changed": {}, "added": {}, "removed": {}, "captured": {"a": True, "b": True}}
+_GIT: dict[str, object] = {"root": "/src/repro", "commit": "c" * 40, "branch": "main",
+                           "remote": None, "remotes": {}, "dirty": False, "errors": []}
 
 
 def _run(manager: ArtifactManager, name: str, config: dict[str, object],
@@ -29,6 +31,7 @@ def _run(manager: ArtifactManager, name: str, config: dict[str, object],
 def test_diff_names_exactly_the_differences(manager: ArtifactManager, store_root: Path) -> None:
     seed_everything(1)
     env_a = capture_environment(2)
+    env_a["git"] = _GIT  # not the checkout's: a source tree without .git must pass too
     seed_everything(2)
     env_b = copy.deepcopy(env_a)
     env_b["seeds"] = capture_environment(2)["seeds"]
@@ -61,7 +64,7 @@ def test_diff_names_exactly_the_differences(manager: ArtifactManager, store_root
 
 
 def test_diff_of_identical_runs_is_empty(manager: ArtifactManager, store_root: Path) -> None:
-    env = capture_environment(1)
+    env = {**capture_environment(1), "git": _GIT}
     a = _run(manager, "a", {"x": 1}, env, {"m": float("nan")})
     b = _run(manager, "b", {"x": 1}, env, {"m": 1.0})
     result = diff_runs(a, b, root=store_root)
@@ -102,3 +105,43 @@ def test_diff_uses_the_managers_store(manager: ArtifactManager, store_root: Path
     result = diff_runs(a[:6], b[:6])  # prefixes, too
     assert result["runs"]["a"]["id"] == a and result["config"]["changed"] == {"x": [1, 2]}
     assert not (tmp_path / "repro_store").exists()
+
+
+def _environment(commit: str, cuda: str, gpu: str, deterministic: bool) -> dict[str, object]:
+    """An environment artifact as capture_environment writes its compared sections."""
+    return {
+        "git": {"commit": commit, "branch": "main", "dirty": False, "remote": None,
+                "remotes": {}, "root": f"/checkouts/{commit[:4]}", "errors": []},
+        "cuda": {"available": True, "version": cuda, "cudnn": 90100, "nccl": "2.21.5"},
+        "gpu": {"count": 1, "devices": [{"index": 0, "name": gpu, "memory_total": 85899345920}]},
+        "determinism": {"torch": {"deterministic_algorithms": deterministic,
+                                  "cudnn_benchmark": not deterministic}},
+        "packages": {"torch": "2.13.0"}, "seeds": {"repro": {"seed": 1}},
+    }
+
+
+def test_diff_reports_each_environment_section(manager: ArtifactManager,
+                                               store_root: Path) -> None:
+    """git (commit, dirty), CUDA, GPU and determinism each report their change, and only
+    theirs; git keys that are not compared (the checkout path) are not reported."""
+    env_a = _environment("a" * 40, "12.4", "NVIDIA A100-SXM4-80GB", False)
+    env_b = _environment("b" * 40, "12.6", "NVIDIA H100 80GB HBM3", True)
+    env_b["git"]["dirty"] = True  # type: ignore[index]
+    a = _run(manager, "a", {"x": 1}, env_a, {})
+    b = _run(manager, "b", {"x": 1}, env_b, {})
+    result = diff_runs(a, b, root=store_root)
+    assert result["git"] == {**_SAME, "changed": {"commit": ["a" * 40, "b" * 40],
+                                                  "dirty": [False, True]}}
+    assert result["cuda"] == {**_SAME, "changed": {"version": ["12.4", "12.6"]}}
+    assert result["gpu"] == {**_SAME, "changed": {
+        "devices.0.name": ["NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"]}}
+    assert result["determinism"] == {**_SAME, "changed": {
+        "torch.cudnn_benchmark": [True, False], "torch.deterministic_algorithms": [False, True]}}
+    for section in ("config", "packages", "seeds"):
+        assert result[section] == _SAME, section
+    out = CliRunner().invoke(main, ["diff", a, b, "--root", str(store_root)]).output
+    for line in (f'~ commit: "{"a" * 40}" -> "{"b" * 40}"', '~ version: "12.4" -> "12.6"',
+                 '~ devices.0.name: "NVIDIA A100-SXM4-80GB" -> "NVIDIA H100 80GB HBM3"',
+                 "~ torch.deterministic_algorithms: false -> true", "~ dirty: false -> true"):
+        assert line in out, (line, out)
+    assert "root" not in out and "/checkouts/" not in out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -19,11 +21,13 @@ from repro_core import (
     ArtifactType,
     InvalidArgumentError,
     InvalidNameError,
+    LocalStorageBackend,
     MissingFileError,
     RunState,
     RunStateError,
     SerializationError,
     StorageError,
+    hash_bytes,
     verify_store,
 )
 from repro_core.registry import SCHEMA_VERSION, Registry, run_script
@@ -116,6 +120,38 @@ def test_round_trip_file_and_directory(manager: ArtifactManager, run: object,
     assert (manager.use_artifact("tree:v1").path / "a.txt").read_bytes() == b"alpha"
 
 
+def _blob_files(store_root: Path) -> dict[str, bytes]:
+    """Every blob in the store, by its path under blobs/."""
+    return {p.relative_to(store_root / "blobs").as_posix(): p.read_bytes()
+            for p in (store_root / "blobs").rglob("*") if p.is_file()}
+
+
+def test_directory_versions_store_shared_files_once(manager: ArtifactManager, run: object,
+                                                    store_root: Path, tmp_path: Path) -> None:
+    """Two versions of a directory sharing two of three files: 3 + 1 file blobs and one
+    manifest per version; a file repeated inside one tree is one blob too (as in DVC)."""
+    src = tmp_path / "data"
+    (src / "sub").mkdir(parents=True)
+    files = {"a.csv": os.urandom(3000), "sub/b.csv": os.urandom(3000), "c.csv": os.urandom(3000)}
+    for rel, content in files.items():
+        (src / rel).write_bytes(content)
+    (src / "copy-of-a.csv").write_bytes(files["a.csv"])
+    first = manager.log_artifact("data", "dataset", file_path=src)
+    after_first = _blob_files(store_root)
+    assert first.hash is not None
+    manifest = LocalStorageBackend(store_root).blob_path(first.hash)
+    assert sorted(after_first.values()) == sorted([*files.values(), manifest.read_bytes()])
+    (src / "c.csv").write_bytes(b"changed" * 400)
+    second = manager.log_artifact("data", "dataset", file_path=src)
+    assert (first.version, second.version) == ("v1", "v2")
+    blobs = _blob_files(store_root)
+    assert len(blobs) == len(after_first) + 2  # the changed file and the second manifest
+    contents = list(blobs.values())
+    for content in (files["a.csv"], files["sub/b.csv"], files["c.csv"], b"changed" * 400):
+        assert contents.count(content) == 1
+    assert verify_store(store_root).ok
+
+
 def test_versions_dedup_and_numeric_latest(manager: ArtifactManager, run: object) -> None:
     for i in range(12):
         assert manager.log_artifact("ds", "dataset", data={"i": i}).version == f"v{i + 1}"
@@ -154,6 +190,65 @@ def test_lookup_errors(manager: ArtifactManager, run: object) -> None:
         manager.use_artifact("m", type="dataset")
     with pytest.raises(InvalidArgumentError, match="has type 'model'"):
         manager.log_artifact("m", "dataset", data=b"y")
+
+
+def _same_prefix_contents() -> tuple[bytes, bytes]:
+    """Two same-size contents whose BLAKE3 digests share their first 4 hex digits."""
+    seen: dict[str, bytes] = {}
+    for i in range(1 << 20):
+        content = b"content-%06d" % i
+        head = hash_bytes(content)[: len("blake3:") + 4]
+        if head in seen:
+            return seen[head], content
+        seen[head] = content
+    raise AssertionError("no shared prefix found")  # pragma: no cover
+
+
+def test_digest_prefix_ambiguous_unique_and_unknown(manager: ArtifactManager, run: object,
+                                                    store_root: Path) -> None:
+    """A prefix two different digests share is refused as ambiguous (naming the count); one
+    digest stored twice (v1 and v3) is not ambiguous and gives the newest version; a prefix
+    nothing has says what the artifact does have."""
+    first, second = _same_prefix_contents()
+    short = hash_bytes(first)[: len("blake3:") + 4]
+    assert manager.log_artifact("m", "model", data=first).version == "v1"
+    assert manager.log_artifact("m", "model", data=second).version == "v2"
+    assert manager.log_artifact("m", "model", data=first, aliases=["best"]).version == "v3"
+    with pytest.raises(ArtifactNotFoundError, match=r"is ambiguous .*\(2 matches\)") as info:
+        manager.use_artifact(f"m@{short}")
+    assert info.value.key == f"m@{short}"
+    assert manager.use_artifact(f"m@{hash_bytes(first)[:20]}").version == "v3"
+    assert manager.use_artifact("m", hash_bytes(second)[:20]).version == "v2"
+    unknown = "blake3:" + ("0" if short[-4:] != "0000" else "1") * 8
+    with pytest.raises(ArtifactNotFoundError) as info:
+        manager.use_artifact(f"m@{unknown}")
+    assert str(info.value) == (f"'m@{unknown}' not found; default/m has versions v1..v3 and "
+                               "aliases best, latest")
+    with pytest.raises(ArtifactNotFoundError) as info:
+        manager.use_artifact("nope:v1")
+    assert str(info.value) == (f"no artifact named 'nope' in project 'default' of "
+                               f"{store_root.absolute()}")
+
+
+def test_relogging_latest_never_closes_a_cycle_through_a_run(manager: ArtifactManager,
+                                                             store_root: Path) -> None:
+    """ckpt:v1 → run "eval" (used it) → score:v1. Logging ckpt's content again from that run,
+    naming score as parent, returns ckpt:v1 and adds neither the edge score → ckpt nor
+    eval → ckpt: either would make ckpt its own ancestor."""
+    from repro_core.lineage import LineageTracker
+
+    manager.init_run("train")
+    manager.log_artifact("ckpt", "model", data=b"frozen weights")
+    manager.finalize_run()
+    evaluation = manager.init_run("eval")
+    manager.use_artifact("ckpt")
+    manager.log_artifact("score", "evaluation", data={"acc": 0.5})
+    again = manager.log_artifact("ckpt", "model", data=b"frozen weights",
+                                 parent_artifacts=["score"])
+    manager.finalize_run()
+    assert again.version == "v1" and again.parent_artifacts == []
+    assert manager.get_run(evaluation.id or "")["outputs"] == ["default/score:v1"]
+    assert LineageTracker.from_store(store_root).detect_cycles() == []
 
 
 def test_use_records_lineage_edges(manager: ArtifactManager, store_root: Path) -> None:
@@ -228,12 +323,29 @@ def test_bad_input_touches_nothing(manager: ArtifactManager, run: object, tmp_pa
     assert manager.list_artifacts() == []
 
 
+def _tree_state(root: Path) -> dict[str, tuple[str, int, int, bytes]]:
+    """Every entry under ``root``: kind, size, mtime and (files) content."""
+    state: dict[str, tuple[str, int, int, bytes]] = {}
+    for path in [root, *root.rglob("*")]:
+        st = path.lstat()
+        kind = "dir" if path.is_dir() else "link" if path.is_symlink() else "file"
+        content = path.read_bytes() if kind == "file" else b""
+        state[path.relative_to(root).as_posix()] = (kind, st.st_size, st.st_mtime_ns, content)
+    return state
+
+
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
 def test_hostile_names_write_nothing(manager: ArtifactManager, run: object, tmp_path: Path,
-                                     name: object) -> None:
+                                     store_root: Path, name: object) -> None:
+    """Nothing is written beside the store (a name like ``../x``) nor inside it (no blob, no
+    temp file, no registry change, no journal line) for a name that is refused."""
+    before = _tree_state(tmp_path)
+    assert "store/registry.sqlite" in before  # the run's store exists: writes would show
     with pytest.raises(InvalidNameError):
         manager.log_artifact(name, "dataset", data=b"x")  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    assert _tree_state(tmp_path) == before
+    assert manager.list_artifacts() == []
 
 
 def test_log_large_artifact_streams(manager: ArtifactManager, run: object,
@@ -245,6 +357,49 @@ def test_log_large_artifact_streams(manager: ArtifactManager, run: object,
     assert manager.use_artifact("ckpt").path.read_bytes() == big.read_bytes()
     with pytest.raises(InvalidArgumentError):
         manager.log_large_artifact("ckpt", big, chunk_size=0)
+
+
+_RSS_CHILD = """
+import os, sys
+from repro_core import ArtifactManager, hash_file
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+root, big, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open(big, "wb") as f:  # sparse, with a stamp every 16 MiB: unique content, no disk time
+    f.truncate(size)
+    for offset in range(0, size, 16 << 20):
+        f.seek(offset)
+        f.write(offset.to_bytes(8, "little") + os.urandom(8))
+m = ArtifactManager()
+m.init_run("rss", root=root)
+m.log_artifact("warm-up", "model", data=b"w" * 4096)  # imports, SQLite, thread pools
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+before = status("VmRSS")
+meta = m.log_large_artifact("big", big)
+peak = status("VmHWM")
+m.finalize_run()
+print(peak - before, meta.size_bytes, meta.hash == hash_file(big))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
+                    reason="needs Linux's /proc/self/clear_refs to reset the peak RSS")
+def test_log_large_artifact_memory_stays_flat(tmp_path: Path) -> None:
+    """Logging a 256 MiB file raises the process's peak RSS by about one 16 MiB copy buffer,
+    not by the file's size (README: "flat memory", "peak RSS +16 MB")."""
+    size = 256 << 20
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(tmp_path / "s"),
+                          str(tmp_path / "big.bin"), str(size)], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "REPRO_FSYNC": "none"})
+    assert out.returncode == 0, out.stderr
+    growth, logged, same = out.stdout.split()
+    assert int(logged) == size and same == "True"
+    assert int(growth) < size // 4, f"peak RSS grew by {int(growth) >> 20} MiB"
 
 
 def test_threads_share_one_run(manager: ArtifactManager, run: object) -> None:

@@ -351,19 +351,24 @@ def test_forked_child_does_not_pin_the_publish_lock(tmp_path: Path) -> None:
 
     thread = threading.Thread(target=writer)
     thread.start()
-    inside.wait(10)
+    assert inside.wait(10)
+    hold_r, hold_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # a DataLoader worker that lives on
-        time.sleep(5)
+    if pid == 0:  # a DataLoader worker that lives on (until the test kills it)
+        os.close(hold_w)
+        os.read(hold_r, 1)
         os._exit(0)
+    os.close(hold_r)
     try:
         release.set()
         thread.join()
         start = time.monotonic()
         with store.publish_guard(exclusive=True):
             pass
-        assert time.monotonic() - start < 2.0
+        # The child never exits by itself: a pinned lock would be a 60 s wait and an error.
+        assert time.monotonic() - start < 30.0
     finally:
+        os.close(hold_w)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
 

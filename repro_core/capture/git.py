@@ -23,6 +23,7 @@ their count and the truncation marker stay). ``patch_bytes`` is the size git pro
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -200,13 +201,16 @@ def git_patch(
     args = ["git", "-c", "core.quotepath=off", "diff", "--no-ext-diff", "--no-color",
             "--binary", "HEAD"]
     try:
+        # Its own process group: a `git` that is a wrapper script (shims, module systems)
+        # leaves children holding our pipes, and killing the wrapper alone would leave the
+        # reads below blocked until they exit; the timer kills the whole group.
         proc = subprocess.Popen(
             args, cwd=Path(path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, env=_git_env(),
+            stdin=subprocess.DEVNULL, env=_git_env(), start_new_session=True,
         )
     except FileNotFoundError as exc:
         raise GitCommandError("git is not installed") from exc
-    timer = threading.Timer(timeout, proc.kill)  # a blocking read cannot time out by itself
+    timer = threading.Timer(timeout, _kill_group, (proc,))  # a blocking read cannot time out
     timer.start()
     try:
         capped = _read_capped(proc, limit)
@@ -218,6 +222,13 @@ def git_patch(
         reason = "timed out" if code < 0 else err.decode("utf-8", "replace").strip()
         raise GitCommandError(f"git diff failed: {reason}")
     return _finish(capped, limit), capped.total
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
 
 
 def _read_capped(proc: subprocess.Popen[bytes], limit: int) -> _Capped:

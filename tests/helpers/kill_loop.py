@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import random
 import signal
 import subprocess
 import sys
 import time
+
+SEED_VARIABLE = "REPRO_TEST_SEED"
+
+
+def seeded_rng(label: str) -> random.Random:
+    """A ``Random`` for kill timings, seeded from ``$REPRO_TEST_SEED`` or at random; the seed
+    is printed (pytest shows it with a failure) so a failing schedule can be replayed."""
+    raw = os.environ.get(SEED_VARIABLE, "").strip()
+    seed = int(raw) if raw else int.from_bytes(os.urandom(4), "little")
+    print(f"{label}: random seed {seed} (replay: {SEED_VARIABLE}={seed})", flush=True)
+    return random.Random(seed)
 
 
 def kill_after(code: str, args: list[str], seconds: float, slack: float
