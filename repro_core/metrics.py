@@ -147,10 +147,7 @@ class MetricsWriter:
             check_step(step)
         now = time.time()
         with self._lock:
-            if self._hold:
-                self._gate()
-            if new:
-                self._admit(new)
+            self._enter(new)
             if self._renamed:  # a name that carried a credential is stored scrubbed
                 values = [(self._renamed.get(k, k), v) for k, v in values]
             used = self._next_step(step) if advance or step is None else step
@@ -166,10 +163,7 @@ class MetricsWriter:
             check_key(k) for k in numbers if k not in self._keys]
         now = time.time()
         with self._lock:
-            if self._hold:
-                self._gate()
-            if new:
-                self._admit(new)
+            self._enter(new)
             step = self._next_step(None)
             if row is not None:
                 assert table is not None
@@ -243,6 +237,14 @@ class MetricsWriter:
             warnings.warn(f"writing metrics of run {self._run_id} failed ({self._error}); the "
                           "data is kept in memory and retried", RuntimeWarning, stacklevel=4)
         self._hold = self._error is not None
+
+    def _enter(self, new: list[str] | None) -> None:
+        """With the lock held, before buffering: wait while the buffer is full (backpressure)
+        and count names seen for the first time against the caps."""
+        if self._hold:
+            self._gate()
+        if new:
+            self._admit(new)
 
     def _admit(self, names: list[str]) -> None:
         """Count new metric names against the caps (lock held; before anything is buffered)."""
