@@ -76,21 +76,24 @@ class ArtifactWriter:
         return cls(name, artifact_type, payload, path, meta, parents, alias_list)
 
     def write(self, store: LocalStorageBackend, registry: Registry, run_id: str | None,
-              project: str) -> tuple[ArtifactMetadata, VersionRow, bool]:
+              project: str) -> tuple[ArtifactMetadata, VersionRow, bool, bool]:
         """Blob(s) first, then one registry transaction. Returns the metadata, the row and
-        whether a new version was made (False: same content as ``latest``)."""
-        # Unknown parent: an error before any I/O. Bare parent names resolve in the project.
+        whether a new version was made (False: same content as ``latest``), and whether the
+        run is recorded as having logged it (``add_version``'s ``linked``)."""
+        # Unknown parent or a type clash: an error before any content is written. Bare
+        # parent names resolve in the project.
         parent_ids = [registry.resolve(p, project=project).id for p in self.parents]
+        registry.check_type(project, self.name, self.type.value)
         with store.publish_guard():  # gc must not see the blob before its row
             digest, size, fmt, blobs = self._store_content(store)
-            row, created = registry.add_version(NewVersion(
+            row, created, linked = registry.add_version(NewVersion(
                 name=self.name, type=self.type.value, digest=digest, size=size, format=fmt,
                 run_id=run_id, metadata=self.metadata, parent_ids=parent_ids,
                 aliases=self.aliases, blobs=blobs, project=project,
                 filename=self._filename(fmt),
             ))
             path = self.check_content(store, registry, row, full=False)
-        return metadata_from_row(registry, row, path), row, created
+        return metadata_from_row(registry, row, path), row, created, linked
 
     def _filename(self, fmt: str) -> str:
         """The name users see at the end of ``use_artifact(...).path``: the logged file's own

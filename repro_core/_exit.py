@@ -6,7 +6,7 @@ see the code, as wandb does); an uncaught exception (seen through a chained
 ``sys.excepthook``) marks it FAILED, or INTERRUPTED for Ctrl-C. Only the process that opened the
 run acts (a ``fork()`` child exiting must not finish its parent's run), only rank 0 writes, and
 no barrier is attempted at exit (other ranks may be gone). ``kill -9`` cannot be caught: such a
-run stays RUNNING, which is the truth as far as anyone can tell. Limits: ``raise SystemExit(n)``
+run is shown CRASHED once its process is gone (``registry.runs``). Limits: ``raise SystemExit(n)``
 bypasses ``sys.exit`` and reads as a clean exit, and a ``sys.exit(n)`` caught by the program
 (argparse's, say) still counts; use ``ExperimentContext``, which sees the real exit.
 """

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _fsio
-from ._safepath import real_dirs
+from ._safepath import open_untrusted, real_dirs
 from .errors import StorageError
 
 __all__ = ["JOURNAL_NAME", "append_event", "journal_digests", "read_events"]
@@ -58,23 +58,29 @@ def append_event(root: Path, run_id: str, event: dict[str, Any]) -> None:
 
 def read_events(path: Path, skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
     """The parseable events of one journal file. A torn or forged line is skipped; with
-    ``skipped`` (a list) its line number is appended there, so a caller can report it."""
-    try:
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                event = _parse(raw)
-                if event is None:
-                    if skipped is not None and raw.strip():
-                        skipped.append(number)
-                    continue
-                yield event
-    except OSError:
+    ``skipped`` (a list) its line number is appended there, so a caller can report it. The
+    file is untrusted: a symlink, FIFO or device is not read, and no line is read past
+    ``_MAX_LINE`` bytes (a longer one is skipped, not loaded)."""
+    fd = open_untrusted(path)
+    if fd is None:
         return
+    with os.fdopen(fd, "rb") as handle:
+        number = 0
+        while raw := handle.readline(_MAX_LINE + 1):
+            number += 1
+            oversized = len(raw) > _MAX_LINE and not raw.endswith(b"\n")
+            while oversized and (rest := handle.readline(_MAX_LINE + 1)) \
+                    and not rest.endswith(b"\n"):
+                pass  # drop the rest of an oversized line, a bounded piece at a time
+            event = None if oversized else _parse(raw)
+            if event is None:
+                if skipped is not None and raw.strip():
+                    skipped.append(number)
+                continue
+            yield event
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
-    if len(raw) > _MAX_LINE:
-        return None
     try:
         event = json.loads(raw)
     except (ValueError, RecursionError):

@@ -71,9 +71,10 @@ class ArtifactsAPI:
             writer = ArtifactWriter.validate(name, type, data, file_path, metadata,
                                              parent_artifacts, aliases)
             store, registry = self._open()
-            meta, row, created = writer.write(store, registry, run.id, run.project)
+            meta, row, created, linked = writer.write(store, registry, run.id, run.project)
             if run.id is not None:
-                _journal(store.root, run.id, _version_event(registry, row, meta, created))
+                _journal(store.root, run.id,
+                         _version_event(registry, row, meta, created, linked))
             return meta
 
         # metadata is left out of the fingerprint: it may differ between ranks (a timestamp,
@@ -159,9 +160,10 @@ class ArtifactsAPI:
                 f"{row.key} is a {row.type!r} artifact, not {wanted.value!r}", key=row.key)
         path = ArtifactWriter.check_content(store, registry, row, full=full, copy=private,
                                             dest=dest)
-        if recording and run is not None and run.id is not None and run.id != row.run_id:
-            # A run reading back its own output is not an input (it would make a lineage cycle).
-            registry.record_use(run.id, row.id)
+        # record_use adds no edge for a run reading back what it logged (that would be a
+        # lineage cycle); the journal records only an edge that was added.
+        if recording and run is not None and run.id is not None \
+                and registry.record_use(run.id, row.id):
             _journal(store.root, run.id, {"event": "use", "at": utc_now(), "key": row.key,
                                           "digest": row.digest})
         return metadata_from_row(registry, row, path)
@@ -187,9 +189,10 @@ def _journal(root: Path, run_id: str, event: dict[str, Any]) -> None:
 
 
 def _version_event(registry: Registry, row: VersionRow, meta: ArtifactMetadata,
-                   created: bool) -> dict[str, Any]:
+                   created: bool, linked: bool) -> dict[str, Any]:
     """What the run journal keeps of one logged version (``repro recover`` reads it back)."""
-    return {"event": "version", "at": utc_now(), "created": created, "project": row.project,
+    return {"event": "version", "at": utc_now(), "created": created,
+            "linked": linked, "project": row.project,
             "name": row.name, "version": row.version, "type": row.type, "digest": row.digest,
             "size": row.size, "format": row.format, "filename": row.filename,
             "metadata": row.metadata, "created_at": row.created_at,

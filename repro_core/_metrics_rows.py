@@ -42,14 +42,15 @@ _MIN_INT = -(2**63)
 
 
 def check_key(key: object) -> str:
-    """A metric name SQLite can store as TEXT: non-empty str, ≤ 256 characters, valid UTF-8
-    (no lone surrogates), no NUL (SQLite's C strings end there)."""
-    if isinstance(key, str) and key and len(key) <= MAX_KEY_CHARS and "\x00" not in key \
+    """A metric name SQLite can store as TEXT and a terminal can show: non-empty str, ≤ 256
+    characters, valid UTF-8 (no lone surrogates), printable (no NUL — SQLite's C strings end
+    there — no newline or escape sequence)."""
+    if isinstance(key, str) and key and len(key) <= MAX_KEY_CHARS and key.isprintable() \
             and is_utf8(key):
         return key
     raise SerializationError(
         f"metric name must be a non-empty str of at most {MAX_KEY_CHARS} characters, valid "
-        f"UTF-8 without NUL; got {key!r}. Nothing from this call was logged; decode names "
+        f"UTF-8 and printable; got {key!r}. Nothing from this call was logged; decode names "
         "properly (e.g. errors='replace') before logging", path=repr(key))
 
 

@@ -41,13 +41,16 @@ from typing import Any
 from . import _fsio, constants
 from ._metrics_batch import Batch, write_part
 from ._metrics_rows import check_key, check_row, pack, unpack
-from ._safepath import real_dirs
+from ._safepath import read_untrusted, real_dirs
 from .errors import IntegrityError, ReproError, SerializationError
 from .registry import Registry
 
 __all__ = ["SpillReport", "import_spills", "write_spill"]
 
 SPILL_DIR = "spill"
+# A spill part holds at most a bounded batch (metrics.MAX_PENDING_*); anything far larger
+# is not ours, and reading it whole must not exhaust memory.
+_MAX_SPILL_BYTES = 1 << 30
 _FORMAT, _VERSION = "repro-spill", 1
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SPILL_ID = re.compile(r"[0-9a-f]{1,16}-[0-9]{4,9}-[0-9a-f]{16}")
@@ -137,7 +140,7 @@ def _import_all(registry: Registry, spills: list[Path]) -> SpillReport:
         try:
             counts = _import_one(registry, spill)
         except (SerializationError, ValueError, KeyError, TypeError, AttributeError,
-                *_DATA_ERRORS) as exc:
+                RecursionError, MemoryError, *_DATA_ERRORS) as exc:
             invalid.append(_quarantine(spill, exc))
             continue
         except (sqlite3.Error, OSError, ReproError) as exc:  # disk still full, locked, ...
@@ -154,10 +157,11 @@ def _import_all(registry: Registry, spills: list[Path]) -> SpillReport:
 
 def _import_one(registry: Registry, spill: Path) -> tuple[int, int] | None:
     """Import one file (None: another process got there first); then delete it."""
-    try:
-        data = spill.read_bytes()
-    except FileNotFoundError:
-        return None
+    data = read_untrusted(spill, _MAX_SPILL_BYTES)  # no symlink, FIFO or device; bounded
+    if data is None:
+        if not spill.exists() and not spill.is_symlink():
+            return None  # imported and removed by another process meanwhile
+        raise ValueError("not a regular spill file of a sane size")
     run_id, spill_id, batch = _decode(data)
     if not registry._read("SELECT 1 FROM runs WHERE id = ?", (run_id,)):
         raise ValueError(f"run {run_id!r} is not in this registry")

@@ -23,7 +23,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import IntegrityError, InvalidArgumentError
+from .errors import IntegrityError, InvalidArgumentError, StorageError
 from .hashing import parse_digest
 
 __all__ = ["MAX_DEPTH", "check_digest", "check_relpath", "closing_fd", "component_problem",
@@ -173,10 +173,43 @@ def real_dirs(root: Path, *parts: str) -> None:
             st = path.lstat()
         except FileNotFoundError:
             return
-        except OSError as exc:
-            raise IntegrityError(f"cannot inspect {path}: {exc}", path=path) from exc
+        except OSError as exc:  # permissions, I/O: a storage problem, not a forged store
+            raise StorageError(f"cannot inspect {path}: {exc}", path=path,
+                               errno=exc.errno) from exc
         if not stat.S_ISDIR(st.st_mode):
             raise IntegrityError(
                 f"{path} is a symlink or not a directory: a repro store's directories must be "
                 "real directories inside it (was it planted by whoever wrote the store?); "
                 "remove it and retry", path=path)
+
+
+def open_untrusted(path: Path) -> int | None:
+    """A read-only descriptor of a *regular file* read from a store, or None: never follows a
+    symlink (a planted ``events.jsonl -> /home/you/...``), never blocks on a FIFO, never
+    reads a device (``/dev/zero`` would never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_untrusted(path: Path, limit: int) -> bytes | None:
+    """The bytes of a regular file from a store, or None when it is not one or is larger
+    than ``limit`` (read through :func:`open_untrusted`; memory stays bounded by ``limit``)."""
+    fd = open_untrusted(path)
+    if fd is None:
+        return None
+    with closing_fd(fd):
+        if os.fstat(fd).st_size > limit:
+            return None
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:  # grew while we read
+                return None
+        return b"".join(chunks)

@@ -130,11 +130,13 @@ class StoreAccess:
 
     @property
     def storage_backend(self) -> LocalStorageBackend:
-        """The blob store of this manager's store (the seed's read-only attribute)."""
+        """The blob store of this manager's store (the seed's read-only attribute): the open
+        one, else one with the store's own digest algorithm (nothing is created)."""
         with self._lock:
-            if self._store is not None:
-                return self._store
-            return LocalStorageBackend(self.root)
+            try:
+                return self._read_store()
+            except ReproError:  # no store (yet): what a new one would be
+                return LocalStorageBackend(self.root)
 
     def _check_store_identity(self) -> None:
         """Reopen when the registry file at the path is no longer the one we hold."""

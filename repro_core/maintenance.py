@@ -16,7 +16,7 @@ from . import _cache, _progress, constants
 from ._journal import journal_digests
 from ._safepath import check_digest
 from .directory import check_manifest_row, read_manifest
-from .errors import IntegrityError, InvalidArgumentError, StorageError
+from .errors import IntegrityError, StorageError
 from .registry import Registry
 from .store.local import LocalStorageBackend, is_stale_temp
 from .types import parse_key
@@ -184,9 +184,9 @@ def collect_garbage(
 
     Dry run by default (like ``dvc gc``, deleting needs an explicit choice). Artifact writers
     hold the store's publish guard from blob to registry row, and gc takes it exclusively, so
-    no logged version can lose its blob. Unreferenced blobs younger than ``grace_seconds`` are
-    kept too: a TTRL experience payload is published before the metrics writer commits its
-    row (within a second), and a crashed writer's blob is evidence for a while.
+    no logged version (nor TTRL payload, committed with its row under the same guard) can lose
+    its blob. Unreferenced blobs younger than ``grace_seconds`` are kept too: a crashed
+    writer's blob is evidence for a while, and a blob any run journal names is always kept.
     """
     root_path = _store_root(root)
     registry = Registry(root_path / "registry.sqlite", readonly=True)
@@ -214,8 +214,8 @@ def collect_garbage(
 
 def _collect_blobs(store: LocalStorageBackend, referenced: set[str], grace_seconds: float,
                    report: GcReport) -> None:
-    """Unreferenced blobs older than the grace period (payload blobs whose rows are still in a
-    metrics writer's buffer are young) are reported, and deleted unless it is a dry run."""
+    """Unreferenced blobs older than the grace period are reported, and deleted unless it is
+    a dry run."""
     now = time.time()
     for digest in list(store.iter_digests()):
         _progress.report(1)  # one blob looked at (a bar only when the caller shows one)
@@ -241,8 +241,6 @@ def _count_stale_tmp(store: LocalStorageBackend, now: float) -> int:
 
 
 def _store_root(root: str | Path | None) -> Path:
-    root_path = Path(root or constants.REPRO_HOME or constants.DEFAULT_HOME).absolute()
-    if not (root_path / "registry.sqlite").is_file():
-        raise InvalidArgumentError(f"no repro store at {root_path} (no registry.sqlite)",
-                                   argument="root")
-    return root_path
+    """The store to work on; opening its registry read-only then says whether there is one
+    (``StoreNotFoundError``) or it was lost (``RegistryDamagedError``)."""
+    return Path(root or constants.REPRO_HOME or constants.DEFAULT_HOME).expanduser().absolute()

@@ -41,7 +41,7 @@ from .errors import (
     RunStateError,
 )
 from .metrics import MetricsWriter
-from .registry import RunRow, VersionRow, process_start_time
+from .registry import RunRow, VersionRow, process_namespace, process_start_time
 from .types import (
     ParsedKey,
     Run,
@@ -211,7 +211,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
             id=run.id, name=run.name, project=run.project, state=RunState.RUNNING.value,
             tags=run.tags, config=run.config, created_at=run.created_at, ended_at=None,
             host=socket.gethostname(), pid=pid, world_size=distributed.world_size(),
-            pid_started=process_start_time(pid),
+            pid_started=process_start_time(pid), process_ns=process_namespace(),
         ))
         try:
             self._export_run(run.id, config=run.config)
@@ -354,10 +354,6 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
             if self._metrics is None:
                 self._metrics = MetricsWriter(self._open()[0].root / "registry.sqlite", run.id)
             return self._metrics
-
-def _identity(value: Any) -> Any:
-    return value
-
 
 def _finish_at_exit(outcome: _exit.Outcome) -> None:
     """Called by ``_exit`` at interpreter exit: finish a run the program left open."""

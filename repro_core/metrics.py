@@ -40,7 +40,6 @@ import os
 import threading
 import time
 import warnings
-import weakref
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -66,7 +65,10 @@ CLOSE_RETRY_S = 10.0  # how long close() retries a refusing registry before spil
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.05, 5.0
 _TXN_GAP_S = 0.02  # pause between the transactions of one batch: lets a waiting process in
 
-_LIVE: weakref.WeakSet[MetricsWriter] = weakref.WeakSet()
+# Writers with data still to write. Strong references: a writer whose close() failed (nothing
+# written, nothing spilled) must survive until the exit hook retries it, even if nobody else
+# holds it; a writer leaves this set only once everything it was given is durable.
+_LIVE: set[MetricsWriter] = set()
 
 
 def _backoff(failures: int) -> float:

@@ -23,18 +23,26 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from . import _fsio, constants
 from ._journal import JOURNAL_NAME, read_events
-from ._safepath import safe_component
-from .capture.scrub import scrub
+from ._safepath import read_untrusted, safe_component
+from .capture.scrub import scrub, scrub_text
 from .errors import InvalidArgumentError, ReproError
 from .hashing import parse_digest
 from .registry import Registry, dumps
-from .store.local import LocalStorageBackend
-from .types import ArtifactType, RunState, parse_key, validate_alias, validate_name
+from .store.local import LocalStorageBackend, stored_algorithm
+from .types import (
+    ArtifactType,
+    RunState,
+    parse_key,
+    utc_now,
+    validate_alias,
+    validate_name,
+)
 
 __all__ = ["RecoverReport", "recover_store"]
 
@@ -69,7 +77,8 @@ def recover_store(root: str | Path) -> RecoverReport:
     if not (root_path / "runs").is_dir() and not (root_path / "blobs").is_dir():
         raise InvalidArgumentError(f"{root_path} holds no repro store (no runs/, no blobs/)",
                                    argument="root")
-    store = LocalStorageBackend(root_path, algorithm=_algorithm(root_path))
+    store = LocalStorageBackend(root_path, algorithm=stored_algorithm(root_path)
+                                 or constants.REPRO_HASH)
     store.ensure_layout()
     building = store.tmp_dir / f".recover-{os.getpid()}-{secrets.token_hex(4)}.sqlite"
     report = RecoverReport(registry_path=final)
@@ -97,15 +106,6 @@ def _set_aside_leftovers(final: Path) -> None:
         leftover = Path(f"{final}{suffix}")
         if leftover.exists():
             _fsio.replace(leftover, leftover.with_name(f"{leftover.name}.bak-{stamp}"))
-
-
-def _algorithm(root: Path) -> str:
-    for name in constants.HASH_ALGORITHMS:
-        shard = root / "blobs" / name
-        if shard.is_dir() and any(any(True for _ in d.iterdir()) for d in shard.iterdir()
-                                  if d.is_dir()):
-            return name
-    return constants.REPRO_HASH
 
 
 class _Rebuild:
@@ -155,8 +155,8 @@ class _Rebuild:
         fields = _run_fields(run_id, row)
         conn.execute(
             "INSERT INTO runs (id, name, project, state, tags, config, created_at, ended_at,"
-            " host, pid, world_size, pid_started) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            fields)
+            " host, pid, world_size, pid_started, process_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?, ?, ?, ?)", fields)
         history = [s for s in states if isinstance(s, dict) and _is_state(s.get("state"))
                    and isinstance(s.get("at"), str)] or [{"state": fields[3], "at": fields[6]}]
         conn.executemany("INSERT INTO run_states (run_id, state, at, reason) VALUES"
@@ -193,7 +193,8 @@ class _Rebuild:
                                     (self.ids[text],)).fetchone()
             if existing[0] != event.get("digest"):
                 raise ValueError(f"{text} is named twice with different content")
-            _insert_output(conn, run_id, self.ids[text], event.get("at"))
+            if event.get("linked", True) is not False:  # the live registry linked it too
+                _insert_output(conn, run_id, self.ids[text], event.get("at"))
             return
         if event.get("created") is False:
             raise ValueError(f"{text} was logged again but its first log is missing")
@@ -263,9 +264,13 @@ class _Rebuild:
                 self.report.problems.append(f"run {run_id}: used {str(key)[:80]!r}, which is "
                                             "not a recovered version; edge skipped")
             else:
-                conn.execute("INSERT INTO run_inputs (run_id, version_id, used_at) VALUES"
-                             " (?, ?, '') ON CONFLICT DO NOTHING", (run_id, self.ids[key]))
-                self.report.edges += 1
+                # The registry's own rule: a run that logged a version never used it (a
+                # forged use line must not close a lineage cycle).
+                self.report.edges += conn.execute(
+                    "INSERT INTO run_inputs (run_id, version_id, used_at) SELECT ?, ?, ''"
+                    " WHERE NOT EXISTS (SELECT 1 FROM run_outputs WHERE run_id = ? AND"
+                    " version_id = ?) ON CONFLICT DO NOTHING",
+                    (run_id, self.ids[key], run_id, self.ids[key])).rowcount
         for key, aliases in self.aliases:
             self._aliases(conn, key, aliases)
         conn.execute(
@@ -297,11 +302,11 @@ def _insert_output(conn: Any, run_id: str, version_id: int, at: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
+    """An export from the store: a regular file of at most 64 MiB, else None."""
+    data = read_untrusted(path, 64 * 1024 * 1024)
     try:
-        if path.stat().st_size > 64 * 1024 * 1024:
-            return None
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        return None if data is None else json.loads(data)
+    except (ValueError, RecursionError):
         return None
 
 
@@ -324,11 +329,23 @@ def _run_fields(run_id: str, row: dict[str, Any]) -> tuple[Any, ...]:
     tags = row.get("tags") if isinstance(row.get("tags"), list) else []
     config = row.get("config") if isinstance(row.get("config"), dict) else {}
     started = row.get("pid_started")
-    return (run_id, text("name", run_id), project, state, _json_or(tags, []),
-            _json_or(config, {}), text("created_at", ""), row.get("ended_at")
-            if isinstance(row.get("ended_at"), str) else None, text("host", ""),
-            integer("pid"), integer("world_size"),
-            started if isinstance(started, (int, float)) else None)
+    ended = row.get("ended_at")
+    return (run_id, scrub_text(text("name", run_id)), project, state, _json_or(tags, []),
+            _json_or(config, {}), _time(row.get("created_at")) or utc_now(),
+            _time(ended), text("host", ""), integer("pid"), integer("world_size"),
+            started if isinstance(started, (int, float)) else None,
+            row.get("process_ns") if isinstance(row.get("process_ns"), str) else None)
+
+
+def _time(value: Any) -> str | None:
+    """An ISO time from an export, or None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return value
 
 
 def _json_or(value: Any, default: Any) -> str:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._metrics_rows import ROW_TABLES, is_utf8, real, to_number
+from ._safepath import check_digest
 from .capture import EnvironmentCaptureLevel, capture_config, scrub
 from .context import ExperimentContext
 from .errors import IntegrityError, InvalidArgumentError, RunStateError
@@ -206,6 +207,7 @@ class TTRLContext(ExperimentContext):
         for record in self.manager.registry().experiences(run_id):
             digest, size = record.pop("payload_digest"), record.pop("payload_size")
             if digest is not None:  # size and digest checked: IntegrityError if damaged
+                digest = check_digest(digest, where=f"experience {record['experience_id']!r}")
                 if size is None:  # written before sizes were recorded: the digest decides
                     size = store.blob_path(digest).stat().st_size if store.exists(digest) \
                         else -1

@@ -20,6 +20,7 @@ from repro_core.errors import (
     InvalidArgumentError,
     MissingFileError,
     SerializationError,
+    StoreNotFoundError,
 )
 from repro_core.lineage import LineageNode, LineageTracker, run_node_id
 from repro_core.lineage.render import back_edges, label_lines, layers, render_svg
@@ -546,7 +547,7 @@ def test_store_graph_round_trips_through_save(store: dict[str, Any], tmp_path: P
 
 
 def test_from_store_without_registry_fails_clearly(tmp_path: Path) -> None:
-    with pytest.raises(MissingFileError, match="registry"):
+    with pytest.raises(StoreNotFoundError, match="no repro store"):
         LineageTracker.from_store(tmp_path / "empty")
     assert not (tmp_path / "empty").exists()  # no store created as a side effect
 

@@ -49,7 +49,8 @@ def test_steps_count_up_unless_given(manager: ArtifactManager, run: object) -> N
     ("metrics", "match"),
     [({"loss": "0.1"}, "'loss' is a builtins.str"), ({"t": torch.ones(3)}, "'t'"),
      ({"x": None}, "'x'"), ({"": 1.0}, "non-empty"), ({3: 1.0}, "non-empty"),
-     ([("a", 1.0)], "dict"), ({"loss\udc80": 1.0}, "valid UTF-8"), ({"a\x00b": 1.0}, "NUL"),
+     ([("a", 1.0)], "dict"), ({"loss\udc80": 1.0}, "valid UTF-8"),
+     ({"a\x00b": 1.0}, "printable"), ({"a\x1b]0;x": 1.0}, "printable"),
      ({"k" * 257: 1.0}, "256 characters"), ({"big": 10**400}, "'big'")],
 )
 def test_bad_values_name_the_key(manager: ArtifactManager, run: object, metrics: object,
@@ -307,9 +308,10 @@ def test_million_rows_all_durable_after_exit(tmp_path: Path) -> None:
 # second". The manager's writer uses MetricsWriter's default interval (manager.py,
 # ``metrics_writer``); the promise is pinned here, so changing the default fails a test.
 PROMISED_INTERVAL_S = 1.0
-# The write itself, the reader's polling (50 ms) and a busy CI machine; well short of what a
-# 2.5 s interval would show (up to 2.5 s behind).
-LAG_MARGIN_S = 0.8
+# The write itself, the reader's polling (50 ms) and a busy 2-core CI machine (the logging
+# loop and this poller compete with the writer thread); still short of what a 2.5 s interval
+# would show (up to 2.5 s behind).
+LAG_MARGIN_S = 1.0
 
 _TIMED_LOOP = textwrap.dedent("""
     import sys, time

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -227,17 +226,16 @@ def test_store_replaced_under_a_live_process_is_noticed(manager: ArtifactManager
 
 
 @pytest.fixture
-def readonly_store(populated: dict[str, Any], store_root: Path) -> Iterator[Path]:
+def readonly_store(populated: dict[str, Any], store_root: Path,
+                   tmp_path: Path) -> Iterator[Path]:
     """A copy of the store, made unwritable for everyone (archived/shared stores are)."""
-    base = Path(tempfile.mkdtemp(prefix="repro-ro-"))
-    copy = base / "store"
+    copy = tmp_path / "archived" / "store"
     shutil.copytree(store_root, copy)
     for path in [copy, *copy.rglob("*")]:
         path.chmod(path.stat().st_mode & ~0o222)
     yield copy
     for path in [copy, *copy.rglob("*")]:
-        path.chmod(path.stat().st_mode | 0o200)
-    shutil.rmtree(base)
+        path.chmod(path.stat().st_mode | 0o200)  # so pytest can remove tmp_path
 
 
 # Root ignores permission bits; dropping every capability makes the kernel enforce them, as

@@ -20,6 +20,7 @@ import click
 from .. import _fsio, constants
 from ..errors import InvalidArgumentError, RegistryDamagedError, StorageError
 from ..registry import Registry, store_has_data
+from ..store.local import stored_algorithm
 from ._common import clean, emit_json, json_option, root_option, store_root
 
 __all__ = ["init", "recover"]
@@ -55,7 +56,7 @@ def init(force: bool, algorithm: str | None, root: Path | None) -> None:
             f"--root {path}`, or pass --force to start an empty registry anyway",
             argument="root")
     moved = move_aside(path)
-    algorithm = algorithm or _blob_algorithm(path) or constants.REPRO_HASH
+    algorithm = algorithm or stored_algorithm(path) or constants.REPRO_HASH
     registry = Registry(path / _REGISTRY, algorithm=algorithm, create=True)
     try:
         registry.open()
@@ -175,11 +176,3 @@ def _put_back(root: Path, moved: Path | None) -> None:
                                    path=moved) from exc
 
 
-def _blob_algorithm(root: Path) -> str | None:
-    """The digest algorithm of blobs already in the store (a forced init keeps it)."""
-    for name in constants.HASH_ALGORITHMS:
-        shards = root / "blobs" / name
-        if shards.is_dir() and any(any(True for _ in d.iterdir()) for d in shards.iterdir()
-                                   if d.is_dir()):
-            return name
-    return None

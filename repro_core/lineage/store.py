@@ -16,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import MissingFileError
 from ..registry import Registry, RunRow, VersionRow
 from .nodes import RUN_KIND, LineageNode, run_node_id
 
@@ -26,15 +25,12 @@ _Edge = tuple[str, str]
 
 
 def open_store_registry(root: Path) -> Registry:
-    """The registry of the store at ``root``; never creates one (a typo must not make a store)."""
-    db = root / "registry.sqlite"
-    if not db.is_file():
-        raise MissingFileError(
-            f"no registry at {db}; pass the store directory given to init_run(root=...) "
-            "or $REPRO_HOME",
-            path=db,
-        )
-    return Registry(db, readonly=True)
+    """The registry of the store at ``root``, read-only: never creates one (a typo must not
+    make a store). No store is ``StoreNotFoundError``; a lost registry in a store that holds
+    data is ``RegistryDamagedError`` (which names ``repro recover``)."""
+    registry = Registry(root / "registry.sqlite", readonly=True)
+    registry.open()
+    return registry
 
 
 def read_registry(registry: Registry, *, with_blobs: bool

@@ -18,13 +18,14 @@ from .._registry_queries import BulkQueries
 from .connection import store_has_data
 from .mounts import detect_network_fs
 from .records import NewVersion, RunRow, VersionRow, dumps
-from .runs import is_crashed, process_start_time
+from .runs import is_crashed, process_namespace, process_start_time
 from .schema import SCHEMA_VERSION, run_script
 from .versions import VersionQueries
 
 __all__ = [
     "SCHEMA_VERSION", "NewVersion", "Registry", "RunRow", "VersionRow", "detect_network_fs",
-    "dumps", "is_crashed", "process_start_time", "run_script", "store_has_data",
+    "dumps", "is_crashed", "process_namespace", "process_start_time", "run_script",
+    "store_has_data",
 ]
 
 

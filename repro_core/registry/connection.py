@@ -212,9 +212,11 @@ class Connection:
             raise self._damaged(exc) from exc
         try:
             return self._readonly_schema(conn)
-        except sqlite3.DatabaseError as exc:
+        except BaseException as exc:
             conn.close()
-            raise self._damaged(exc) from exc
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise self._damaged(exc) from exc
+            raise
 
     def _readonly_schema(self, conn: sqlite3.Connection) -> sqlite3.Connection:
         """Refuse a newer schema; bring an older one up to date in a private in-memory copy."""

@@ -31,7 +31,7 @@ VERSION_COLUMNS = (
 ARTIFACT_JOIN = "JOIN artifacts a ON a.project = v.project AND a.name = v.name"
 VERSION_FROM = f"versions v {ARTIFACT_JOIN}"
 RUN_COLUMNS = ("id, name, project, state, tags, config, created_at, ended_at, host, pid,"
-               " world_size, pid_started")
+               " world_size, pid_started, process_ns")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class RunRow:
     pid: int | None
     world_size: int | None
     pid_started: float | None = None
+    process_ns: str | None = None  # "<boot id>/<pid namespace>": where ``pid`` means anything
 
 
 @dataclass(frozen=True)
@@ -142,4 +143,5 @@ def run_row(r: Sequence[Any]) -> RunRow:
     return RunRow(id=r[0], name=r[1], project=r[2], state=r[3],
                   tags=load_json(r[4], f"tags of run {r[0]}"),
                   config=load_json(r[5], f"config of run {r[0]}"), created_at=r[6],
-                  ended_at=r[7], host=r[8], pid=r[9], world_size=r[10], pid_started=r[11])
+                  ended_at=r[7], host=r[8], pid=r[9], world_size=r[10], pid_started=r[11],
+                  process_ns=r[12])

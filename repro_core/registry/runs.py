@@ -9,7 +9,9 @@ time it was noticed in the state history); read-only openers show it without wri
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 from ..capture.scrub import scrub_text
 from ..errors import ArtifactNotFoundError, InvalidArgumentError
@@ -17,7 +19,7 @@ from ..types import RunState, utc_now
 from .connection import Connection
 from .records import RUN_COLUMNS, RunRow, dumps, run_row
 
-__all__ = ["RunQueries", "process_start_time"]
+__all__ = ["RunQueries", "is_crashed", "process_namespace", "process_start_time"]
 
 _MIN_PREFIX = 4
 # Process start times are read from /proc in clock ticks: allow for the rounding.
@@ -36,11 +38,26 @@ def process_start_time(pid: int) -> float | None:
         return -1.0  # alive but unreadable: never call it crashed
 
 
-def is_crashed(run: RunRow, host: str | None = None) -> bool:
-    """A RUNNING run of this host whose process is gone or was replaced by another."""
+def process_namespace() -> str | None:
+    """``"<boot id>/<pid namespace inode>"`` of this process: a pid means something only in
+    the same boot and pid namespace (two containers on one host share a host name, not pids)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def is_crashed(run: RunRow, host: str | None = None, namespace: str | None = None) -> bool:
+    """A RUNNING run of this host whose process is gone or was replaced by another. A run
+    from another pid namespace of this host (a container) cannot be judged: its pid means
+    nothing here. One from an earlier boot is gone for sure."""
     if run.state != RunState.RUNNING.value or not run.pid or run.host != (
             host or socket.gethostname()):
         return False
+    here = namespace or process_namespace()
+    if run.process_ns is not None and here is not None and run.process_ns != here:
+        return run.process_ns.split("/")[0] != here.split("/")[0]  # rebooted since: gone
     started = process_start_time(int(run.pid))
     if started is None:
         return True
@@ -55,10 +72,10 @@ class RunQueries(Connection):
     def create_run(self, run: RunRow) -> None:
         with self._write() as conn:
             conn.execute(
-                f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run.id, run.name, run.project, run.state, dumps(run.tags), dumps(run.config),
                  run.created_at, run.ended_at, run.host, run.pid, run.world_size,
-                 run.pid_started),
+                 run.pid_started, run.process_ns),
             )
             conn.execute(
                 "INSERT INTO run_states (run_id, state, at, reason) VALUES (?, ?, ?, NULL)",

@@ -130,6 +130,7 @@ CREATE INDEX IF NOT EXISTS versions_name ON versions (name);
 CREATE INDEX IF NOT EXISTS versions_run ON versions (run_id);
 CREATE INDEX IF NOT EXISTS aliases_version ON aliases (version_id);
 ALTER TABLE runs ADD COLUMN pid_started REAL;
+ALTER TABLE runs ADD COLUMN process_ns TEXT;
 """
 
 

@@ -37,17 +37,20 @@ __all__ = ["VersionQueries"]
 class VersionQueries(RunQueries):
     """Versions, aliases and the edges between versions and runs."""
 
-    def add_version(self, new: NewVersion) -> tuple[VersionRow, bool]:
+    def add_version(self, new: NewVersion) -> tuple[VersionRow, bool, bool]:
         """Insert a version (or return the latest when its content is identical).
 
-        Returns ``(row, created)``. The version number is computed inside the write
-        transaction, so concurrent writers on one store get consecutive, unique numbers.
+        Returns ``(row, created, linked)``: ``linked`` says whether the logging run is now
+        recorded as having logged it (not when that would close a lineage cycle) — the run
+        journal records exactly what the registry did, so ``repro recover`` rebuilds the same
+        edges. The version number is computed inside the write transaction, so concurrent
+        writers on one store get consecutive, unique numbers.
         """
         with self._write() as conn:
             self._ensure_artifact(conn, new)
             latest = _fetch_alias(conn, new.project, new.name, "latest")
             if latest is not None and latest.digest == new.digest:
-                return self._same_content(conn, latest, new), False
+                return latest, False, self._same_content(conn, latest, new)
             number = conn.execute(
                 "SELECT COALESCE(MAX(version) + 1, 1) FROM versions WHERE project = ? AND"
                 " name = ?", (new.project, new.name)).fetchone()[0]
@@ -65,13 +68,13 @@ class VersionQueries(RunQueries):
             )
             _add_parents(conn, version_id, new.parent_ids)
             _set_aliases(conn, new.project, new.name, version_id, ["latest", *new.aliases])
-            _record_output(conn, new.run_id, version_id)
+            linked = _record_output(conn, new.run_id, version_id)
             row = _fetch(conn, "v.id = ?", (version_id,))
         assert row is not None
-        return row, True
+        return row, True, linked
 
     def _same_content(self, conn: sqlite3.Connection, latest: VersionRow,
-                      new: NewVersion) -> VersionRow:
+                      new: NewVersion) -> bool:
         """Same content as ``latest``: no new version, whatever parents the call names (a
         frozen model checkpointed twice names the first checkpoint as its parent). What the
         call adds is kept — aliases, the logging run, parents — except edges that would make
@@ -80,9 +83,16 @@ class VersionQueries(RunQueries):
         parents = [p for p in new.parent_ids if p not in downstream_versions]
         _set_aliases(conn, new.project, new.name, latest.id, new.aliases)
         _add_parents(conn, latest.id, parents)
-        if new.run_id not in downstream_runs:  # else: run → it → … → run, a cycle
-            _record_output(conn, new.run_id, latest.id)
-        return latest
+        if new.run_id in downstream_runs:  # run → it → … → run would be a cycle
+            return False
+        return _record_output(conn, new.run_id, latest.id)
+
+    def check_type(self, project: str, name: str, type_: str) -> None:
+        """Refuse a version of another type than the artifact's, before its content is
+        written (``add_version`` checks again inside its transaction, against races)."""
+        existing = self._read("SELECT type FROM artifacts WHERE project = ? AND name = ?",
+                              (project, name))
+        _same_type(project, name, existing[0][0] if existing else None, type_)
 
     def _ensure_artifact(self, conn: sqlite3.Connection, new: NewVersion) -> None:
         existing = conn.execute("SELECT type FROM artifacts WHERE project = ? AND name = ?",
@@ -90,12 +100,8 @@ class VersionQueries(RunQueries):
         if existing is None:
             conn.execute("INSERT INTO artifacts (project, name, type, created_at) VALUES"
                          " (?, ?, ?, ?)", (new.project, new.name, new.type, utc_now()))
-        elif existing[0] != new.type:
-            raise InvalidArgumentError(
-                f"artifact {new.project}/{new.name} has type {existing[0]!r}; it cannot take a "
-                f"{new.type!r} version. Use another name, or log it with type={existing[0]!r}",
-                argument="type",
-            )
+        else:
+            _same_type(new.project, new.name, existing[0], new.type)
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -203,15 +209,16 @@ class VersionQueries(RunQueries):
         return {r[0]: int(r[1]) for r in self._read(
             "SELECT run_id, COUNT(*) FROM run_outputs GROUP BY run_id")}
 
-    def record_use(self, run_id: str, version_id: int) -> None:
+    def record_use(self, run_id: str, version_id: int) -> bool:
+        """Record that ``run_id`` used the version; True when the edge is new. A run reading
+        back what it logged is not an input (that would be a cycle): no edge then."""
         with self._write() as conn:
-            # A run reading back what it logged is not an input (that would be a cycle).
-            conn.execute(
+            return conn.execute(
                 "INSERT INTO run_inputs (run_id, version_id, used_at) SELECT ?, ?, ?"
                 " WHERE NOT EXISTS (SELECT 1 FROM run_outputs WHERE run_id = ? AND"
                 " version_id = ?) ON CONFLICT (run_id, version_id) DO NOTHING",
                 (run_id, version_id, utc_now(), run_id, version_id),
-            )
+            ).rowcount == 1
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -227,6 +234,13 @@ class VersionQueries(RunQueries):
         return [(_text(r[0]), None if r[1] is None else _size(r[1])) for r in self._read(
             "SELECT digest, size FROM version_blobs UNION SELECT payload_digest, payload_size"
             " FROM experiences WHERE payload_digest IS NOT NULL ORDER BY 1")]
+
+
+def _same_type(project: str, name: str, existing: str | None, type_: str) -> None:
+    if existing is not None and existing != type_:
+        raise InvalidArgumentError(
+            f"artifact {project}/{name} has type {existing!r}; it cannot take a {type_!r} "
+            f"version. Use another name, or log it with type={existing!r}", argument="type")
 
 
 def _size(value: object) -> int:
@@ -303,16 +317,19 @@ def _set_aliases(conn: sqlite3.Connection, project: str, name: str, version_id: 
     )
 
 
-def _record_output(conn: sqlite3.Connection, run_id: str | None, version_id: int) -> None:
-    """Link the run to what it logged, unless it used that very version (no cycles)."""
+def _record_output(conn: sqlite3.Connection, run_id: str | None, version_id: int) -> bool:
+    """Link the run to what it logged, unless it used that very version (no cycles); True
+    when the run is (now or already) recorded as having logged it."""
     if run_id is None:
-        return
+        return False
     conn.execute(
         "INSERT INTO run_outputs (run_id, version_id, logged_at) SELECT ?, ?, ?"
         " WHERE NOT EXISTS (SELECT 1 FROM run_inputs WHERE run_id = ? AND version_id = ?)"
         " ON CONFLICT (run_id, version_id) DO NOTHING",
         (run_id, version_id, utc_now(), run_id, version_id),
     )
+    return conn.execute("SELECT 1 FROM run_outputs WHERE run_id = ? AND version_id = ?",
+                        (run_id, version_id)).fetchone() is not None
 
 
 def _fetch_alias(conn: sqlite3.Connection, project: str, name: str,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -51,6 +52,8 @@ from .base import StorageBackend
 __all__ = ["BlobWriter", "LocalStorageBackend", "is_stale_temp", "new_locked_temp"]
 
 _T = TypeVar("_T")
+_DIGEST = re.compile(r"(blake3|sha256):[0-9a-f]{64}")
+_SHARD = re.compile(r"[0-9a-f]{2}")
 _CACHEDIR_TAG = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
     "# This file is a cache directory tag created by repro.\n"
@@ -220,8 +223,9 @@ class LocalStorageBackend(StorageBackend):
                 if shard.is_symlink() or not shard.is_dir():
                     continue
                 for blob in sorted(shard.iterdir()):
-                    if not blob.is_symlink():
-                        yield f"{algo_dir.name}:{shard.name}{blob.name}"
+                    digest = f"{algo_dir.name}:{shard.name}{blob.name}"
+                    if not blob.is_symlink() and _DIGEST.fullmatch(digest):
+                        yield digest  # (a stray .DS_Store or editor file is not a blob)
 
     # -- derived operations -----------------------------------------------------------------
 
@@ -350,7 +354,7 @@ class LocalStorageBackend(StorageBackend):
 
         def _make() -> None:
             algo_dir = self.blobs_dir / self.algorithm
-            self._check_dirs()  # before creating anything: mkdir follows a planted symlink
+            self._check_top_dirs()  # before creating anything: mkdir follows a planted link
             fresh = not (algo_dir / "ff").is_dir()
             for d in (self.root, algo_dir, self.tmp_dir):
                 d.mkdir(parents=True, exist_ok=True)
@@ -361,7 +365,7 @@ class LocalStorageBackend(StorageBackend):
                     (algo_dir / f"{i:02x}").mkdir(exist_ok=True)
                 for d in (self.root.parent, self.root, self.blobs_dir, algo_dir):
                     _fsio.fsync_dir(d)
-            self._check_dirs()
+            self._check_shards()
             tag = self.root / "CACHEDIR.TAG"
             if not tag.exists():  # temp name outside tmp/, so no sweep can take it
                 tmp = self.root / f".CACHEDIR.TAG.{os.getpid()}.{secrets.token_hex(4)}"
@@ -371,16 +375,19 @@ class LocalStorageBackend(StorageBackend):
         _storage_errors("creating the store layout", self.root, _make)
         self._layout_ready = True
 
-    def _check_dirs(self) -> None:
-        """Every directory of the layout (and each blob shard, where blobs are published and
-        deleted) must be a real directory: see ``_safepath.real_dirs``."""
+    def _check_top_dirs(self) -> None:
+        """Every directory of the layout must be a real directory: see
+        ``_safepath.real_dirs``."""
         for top in ("tmp", "cache", "runs", "spill"):
             real_dirs(self.root, top)
         real_dirs(self.root, "blobs", self.algorithm)
-        algo_dir = self.blobs_dir / self.algorithm
-        if algo_dir.is_dir():
-            for shard in algo_dir.iterdir():
-                real_dirs(algo_dir, shard.name)
+
+    def _check_shards(self) -> None:
+        """So must each blob shard, where blobs are published and deleted (one scan)."""
+        with os.scandir(self.blobs_dir / self.algorithm) as entries:
+            for entry in entries:
+                if _SHARD.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
+                    real_dirs(self.blobs_dir / self.algorithm, entry.name)  # raises
 
     # -- internals --------------------------------------------------------------------------
 
@@ -467,6 +474,18 @@ def _close_guards_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_guards_in_child)
+
+
+def stored_algorithm(root: Path) -> str | None:
+    """The digest algorithm of the blobs a store already holds (None when it holds none): a
+    registry rebuilt or forced over existing blobs must keep it."""
+    for name in constants.HASH_ALGORITHMS:
+        shards = root / "blobs" / name
+        if shards.is_dir() and not shards.is_symlink() and any(
+                any(True for _ in d.iterdir()) for d in shards.iterdir()
+                if d.is_dir() and not d.is_symlink()):
+            return name
+    return None
 
 
 def _flock_with_deadline(fd: int, path: Path) -> None:
