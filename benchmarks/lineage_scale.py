@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -103,8 +104,16 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="repro-lineage-bench-"))
+    try:
+        measure(root, args.artifacts, args.queries)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # a scratch store: never left in /tmp
+
+
+def measure(root: Path, artifacts: int, queries: int) -> None:
+    """Fill a store with ``artifacts`` versions, time the queries, print the table."""
     start = time.perf_counter()
-    build_registry(root, args.artifacts)
+    build_registry(root, artifacts)
     fill = time.perf_counter() - start
     keys = version_keys(root)
 
@@ -112,7 +121,7 @@ def main() -> None:
     tracker = LineageTracker.from_store(root)
     build = time.perf_counter() - start
     rng = random.Random(0)
-    picks = [rng.choice(keys) for _ in range(args.queries)]
+    picks = [rng.choice(keys) for _ in range(queries)]
     rows = [("fill registry (bulk SQL)", fill, fill), ("LineageTracker.from_store", build, build)]
     for name, fn in (("get_ancestors", tracker.get_ancestors),
                      ("get_descendants", tracker.get_descendants)):
@@ -140,7 +149,7 @@ def main() -> None:
                         str(root), "--format", "json"], check=True, capture_output=True)
         cli.append(time.perf_counter() - t)
     rows.append(("`repro lineage KEY --format json` (new process)", *percentiles(cli)))
-    print(f"\n{args.artifacts} artifacts, {len(tracker.graph)} graph nodes, "
+    print(f"\n{artifacts} artifacts, {len(tracker.graph)} graph nodes, "
           f"{tracker.graph.number_of_edges()} edges\n")
     print("| operation | p50 ms | p95 ms |")
     print("|---|---:|---:|")
