@@ -1,6 +1,6 @@
 """Registry reads for graph walks and Test-Time RL: bulk edge lists, id batches, TTRL rows.
 
-A mixin over ``Registry._read`` / ``_write``, kept apart so ``registry.py`` stays the core
+A mixin over ``Registry._read`` / ``_write``, kept apart so ``registry/`` stays the core
 (runs, versions, aliases) and stays small.
 """
 

@@ -4,7 +4,7 @@ The store root looks like this; only ``blobs/`` and ``tmp/`` belong to this modu
 
     <root>/                      $REPRO_HOME, default ./repro_store
     ├── CACHEDIR.TAG             tells backup tools this is a cache
-    ├── registry.sqlite          (registry.py)
+    ├── registry.sqlite          (registry/)
     ├── blobs/
     │   └── blake3/
     │       └── ab/
