@@ -100,6 +100,8 @@ class ArtifactWriter:
         name, or one made from the artifact name and format (tools look at extensions)."""
         if self.file_path is not None:
             return self.file_path.name
+        if self.payload is not None and self.payload.filename is not None:
+            return self.payload.filename
         return f"{self.name}{_EXTENSIONS.get(fmt, '')}"
 
     def _store_content(self, store: LocalStorageBackend

@@ -92,17 +92,41 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
 
 def journal_digests(root: Path) -> set[str]:
     """Every blob digest any run journal names (gc keeps them: a registry that lost rows
-    must not let gc delete what ``repro recover`` could still restore)."""
-    found: set[str] = set()
+    must not let gc delete what ``repro recover`` could still restore) — except the digests
+    named only by versions a journal records as pruned (``prune_version``: released on
+    purpose)."""
     runs = root / "runs"
     if not runs.is_dir():
-        return found
+        return set()
+    loose: set[str] = set()
+    by_key: dict[str, set[str]] = {}
+    pruned: set[str] = set()
     for journal in runs.glob(f"*/{JOURNAL_NAME}"):
         for event in read_events(journal):
+            key = _event_key(event)
+            if event.get("event") == "prune" and key is not None:
+                pruned.add(key)
+                continue
+            found = by_key.setdefault(key, set()) if key is not None else loose
             if isinstance(event.get("digest"), str):
                 found.add(event["digest"])
             blobs = event.get("blobs")
             for item in blobs if isinstance(blobs, list) else []:
                 if isinstance(item, list) and item and isinstance(item[0], str):
                     found.add(item[0])
-    return found
+    kept = set(loose)
+    for key, digests in by_key.items():
+        if key not in pruned:
+            kept |= digests
+    return kept
+
+
+def _event_key(event: dict[str, Any]) -> str | None:
+    """The version key (``project/name:vN``) an event is about, if it names one."""
+    if event.get("event") == "version":
+        project, name, number = event.get("project"), event.get("name"), event.get("version")
+        if isinstance(project, str) and isinstance(name, str) and isinstance(number, int):
+            return f"{project}/{name}:v{number}"
+        return None
+    key = event.get("key")
+    return key if isinstance(key, str) else None

@@ -155,6 +155,10 @@ class ArtifactsAPI:
         store, registry = self._open() if recording else (self._read_store(),
                                                             self._read_registry())
         row = self._resolve(registry, key)
+        if row.pruned_at is not None:
+            raise ArtifactNotFoundError(
+                f"{row.key} was pruned at {row.pruned_at} (its content may be garbage-collected);"
+                " its lineage is kept, its content is not served", key=row.key)
         if wanted is not None and row.type != wanted.value:
             raise ArtifactNotFoundError(
                 f"{row.key} is a {row.type!r} artifact, not {wanted.value!r}", key=row.key)
@@ -167,6 +171,33 @@ class ArtifactsAPI:
             _journal(store.root, run.id, {"event": "use", "at": utc_now(), "key": row.key,
                                           "digest": row.digest})
         return metadata_from_row(registry, row, path)
+
+    def prune_version(self, key: str) -> ArtifactMetadata:
+        """Release one version's content: its aliases are dropped (``latest`` moves to the
+        newest version left), ``repro gc`` may then reclaim the blobs no other version needs,
+        and ``use_artifact`` refuses it; the version number and its lineage edges stay. What
+        ``ReproCallback(prune="mirror")`` does when Lightning deletes a top-k checkpoint."""
+        parsed = parse_key(key)
+        with self._lock:
+            run = self._run
+
+        def prune() -> ArtifactMetadata:
+            store, registry = self._open()
+            row = self._resolve(registry, parsed)
+            aliases = registry.prune_version(row.id)
+            event = {"event": "prune", "at": utc_now(), "key": row.key, "digest": row.digest,
+                     "aliases": aliases}
+            # Journaled by the active run, else beside the version in its producer's journal:
+            # gc releases the blobs, and ``repro recover`` rebuilds the prune, only from there.
+            journal_run = run.id if run is not None and run.id is not None else row.run_id
+            if journal_run is not None:
+                _journal(store.root, journal_run, event)
+            return metadata_from_row(registry, registry.get_version(row.id), None)
+
+        result = self._exchange.run_on_zero(
+            distributed.Call("prune_version", key), prune,
+            encode=ArtifactMetadata.to_dict, decode=ArtifactMetadata.from_dict)
+        return result  # type: ignore[return-value]
 
     def load_artifact(self, name: str, version: str | None = None) -> Any:
         """``use_artifact`` and load the content back into the object that was logged

@@ -33,14 +33,15 @@ class ReadQueries:
 
     def list_artifacts(self, name: str | None = None) -> list[ArtifactMetadata]:
         """Metadata of every artifact version (or of one artifact's versions, ``name`` or
-        ``project/name``)."""
+        ``project/name``); pruned versions (``prune_version``) are left out."""
         parsed = parse_key(name) if name is not None else None  # validates before any I/O
 
         def query() -> list[ArtifactMetadata]:
             registry = self._read_registry()
             rows = registry.list_versions(parsed.name if parsed else None,
                                           parsed.project if parsed else None)
-            return [metadata_from_row(registry, row, None) for row in rows]
+            return [metadata_from_row(registry, row, None) for row in rows
+                    if row.pruned_at is None]
 
         result = self._exchange.run_on_zero(
             Call("list_artifacts", name or ""), query, encode=lambda ms: [m.to_dict() for m in ms],
@@ -94,9 +95,12 @@ class ReadQueries:
         return self._exchange.run_on_zero(  # type: ignore[no-any-return]
             Call("get_run", run_id), query, encode=_identity, decode=_identity) or {}
 
-    def get_metrics(self, run_id: str | None = None, keys: list[str] | None = None
-                    ) -> dict[str, list[tuple[int, float, float]]]:
-        """``{key: [(step, value, unix_time), …]}`` for a run (default: the active one)."""
+    def get_metrics(self, run_id: str | None = None, keys: list[str] | None = None, *,
+                    segment: int | None = None) -> dict[str, list[tuple[int, float, float]]]:
+        """``{key: [(step, value, unix_time), …]}`` for a run (default: the active one).
+
+        For a resumed run, points logged again after the resume at steps recorded before it
+        replace the earlier ones; ``segment=0`` (1, …) gives one stretch's points as logged."""
         with self._lock:
             if run_id is None:
                 if self._run is None:
@@ -109,10 +113,12 @@ class ReadQueries:
 
         def query() -> dict[str, list[tuple[int, float, float]]]:
             registry = self._read_registry()
-            return read_metrics(registry, registry.resolve_run_id(wanted), keys)
+            return read_metrics(registry, registry.resolve_run_id(wanted), keys,
+                                segment=segment)
 
         result = self._exchange.run_on_zero(
-            Call("get_metrics", run_id, {"keys": keys}), query, encode=_identity,
+            Call("get_metrics", run_id, {"keys": keys, "segment": segment}), query,
+            encode=_identity,
             decode=lambda d: {k: [tuple(r) for r in v] for k, v in d.items()},
         )
         return result or {}

@@ -82,16 +82,17 @@ class Batch:
 
 
 def write_part(conn: sqlite3.Connection, run_id: str, part: Batch,
-               series: dict[str, int]) -> None:
+               series: dict[str, int], *, segment: int = 0) -> None:
     """Insert one part inside the caller's transaction. ``series`` caches name -> series id
-    and gains the names created here: the caller must clear it if the transaction fails."""
+    and gains the names created here: the caller must clear it if the transaction fails.
+    ``segment``: which stretch of a resumed run logged the points."""
     if part.columns:
         _series_ids(conn, run_id, part.columns, series)
         conn.executemany(
             "INSERT INTO metric_chunks (series_id, count, first_step, last_step, steps,"
-            " vals, times) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " vals, times, segment) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [(series[key], len(steps), min(steps), max(steps), pack(steps), pack(vals),
-              pack(times)) for key, (steps, vals, times) in part.columns.items()],
+              pack(times), segment) for key, (steps, vals, times) in part.columns.items()],
         )
     for table, rows in part.rows.items():
         if rows:

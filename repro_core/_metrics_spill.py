@@ -74,19 +74,19 @@ class SpillReport:
         return bool(self.files or self.invalid or self.kept)
 
 
-def write_spill(root: Path, run_id: str, part: Batch, index: int) -> Path:
+def write_spill(root: Path, run_id: str, part: Batch, index: int, *, segment: int = 0) -> Path:
     """Write one part as a spill file, atomically and durably; return its path."""
     spill_id = f"{time.time_ns():x}-{index:04d}-{secrets.token_hex(8)}"
     safe = run_id if _SAFE_NAME.fullmatch(run_id) else "run"
     path = root / SPILL_DIR / f"{safe}-{spill_id}.jsonl"
     real_dirs(root, SPILL_DIR)  # a planted spill -> /elsewhere would receive our file
-    return _fsio.write_file_atomic(path, _encode(run_id, spill_id, part))
+    return _fsio.write_file_atomic(path, _encode(run_id, spill_id, part, segment))
 
 
-def _encode(run_id: str, spill_id: str, part: Batch) -> bytes:
+def _encode(run_id: str, spill_id: str, part: Batch, segment: int) -> bytes:
     lines = [json.dumps({"format": _FORMAT, "version": _VERSION, "spill_id": spill_id,
                          "run_id": run_id, "created_at": time.time(), "points": part.points,
-                         "rows": part.row_count})]
+                         "rows": part.row_count, "segment": segment})]
     lines += [json.dumps({"metric": key, "steps": _b64(steps), "vals": _b64(vals),
                           "times": _b64(times)})
               for key, (steps, vals, times) in part.columns.items()]
@@ -162,13 +162,13 @@ def _import_one(registry: Registry, spill: Path) -> tuple[int, int] | None:
         if not spill.exists() and not spill.is_symlink():
             return None  # imported and removed by another process meanwhile
         raise ValueError("not a regular spill file of a sane size")
-    run_id, spill_id, batch = _decode(data)
+    run_id, spill_id, batch, segment = _decode(data)
     if not registry._read("SELECT 1 FROM runs WHERE id = ?", (run_id,)):
         raise ValueError(f"run {run_id!r} is not in this registry")
     marker, counts = f"spill:{spill_id}", None
     with registry.transaction() as conn:
         if conn.execute("SELECT 1 FROM store_meta WHERE key = ?", (marker,)).fetchone() is None:
-            write_part(conn, run_id, batch, {})
+            write_part(conn, run_id, batch, {}, segment=segment)
             conn.execute("INSERT INTO store_meta (key, value) VALUES (?, ?)",
                          (marker, json.dumps({"file": spill.name, "at": time.time()})))
             counts = (batch.points, batch.row_count)
@@ -177,7 +177,7 @@ def _import_one(registry: Registry, spill: Path) -> tuple[int, int] | None:
     return counts
 
 
-def _decode(data: bytes) -> tuple[str, str, Batch]:
+def _decode(data: bytes) -> tuple[str, str, Batch, int]:
     """Parse and validate a spill file; ValueError/SerializationError if anything is off."""
     lines = data.decode("utf-8").split("\n")
     if lines[-1] != "":
@@ -188,6 +188,9 @@ def _decode(data: bytes) -> tuple[str, str, Batch]:
     run_id, spill_id = check_key(header.get("run_id")), header.get("spill_id")
     if not isinstance(spill_id, str) or not _SPILL_ID.fullmatch(spill_id):
         raise ValueError(f"bad spill id {spill_id!r}")
+    segment = header.get("segment", 0)  # files written before v5 have none: the first
+    if not isinstance(segment, int) or isinstance(segment, bool) or not 0 <= segment < 1_000_000:
+        raise ValueError(f"bad segment {segment!r}")
     if end != {"end": True, "records": len(records)}:
         raise ValueError("the end record is missing or wrong (truncated)")
     batch = Batch()
@@ -195,7 +198,7 @@ def _decode(data: bytes) -> tuple[str, str, Batch]:
         _decode_record(record, run_id, batch)
     if (batch.points, batch.row_count) != (header.get("points"), header.get("rows")):
         raise ValueError("the counts in the header do not match the records")
-    return run_id, spill_id, batch
+    return run_id, spill_id, batch, segment
 
 
 def _decode_record(record: dict[str, Any], run_id: str, batch: Batch) -> None:

@@ -14,6 +14,7 @@ Contexts do not nest: one process holds one run at a time (``RunStateError`` say
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import traceback
@@ -31,6 +32,7 @@ from .capture import (
     scrub_text,
 )
 from .capture.environment import coerce_level
+from .distributed import rank_zero_only
 from .errors import RunStateError
 from .manager import ArtifactManager
 from .monitor import HardwareMonitor
@@ -67,12 +69,18 @@ class ExperimentContext:
         *,
         root: str | Path | None = None,
         monitor_interval: float = 5.0,
+        run_id: str | None = None,
+        resume: str = "never",
+        handle_sigterm: bool = True,
     ) -> None:
         """Validate everything now, before any run is opened or file written.
 
         ``offline_mode=None`` auto-detects (see :func:`detect_offline`). Every store is local
         today, so offline and online runs are recorded the same way; the resolved mode is kept
         in the run's config under ``_repro.offline`` for the remote backends to honour.
+        ``run_id``/``resume`` continue an earlier run (``ArtifactManager.init_run``).
+        ``handle_sigterm=False`` leaves SIGTERM to a host that handles it itself (Lightning
+        turns it into an exception at the next step; the adapter then calls :meth:`close`).
         """
         self.capture_level = coerce_level(capture_level if capture_level is not None
                                           else self._default_level)
@@ -87,6 +95,7 @@ class ExperimentContext:
         self._last_checkpoint: ArtifactMetadata | None = None
         self._previous_sigterm: Any = None
         self._sigterm_installed = False
+        self._run_id, self._resume, self._handle_sigterm = run_id, resume, handle_sigterm
 
     # -- enter / exit -------------------------------------------------------------------------
 
@@ -99,12 +108,14 @@ class ExperimentContext:
             )
         config = {**self.config, "_repro": {"offline": self.offline}}
         self.run = self.manager.init_run(self.name, config=config, project=self.project,
-                                         tags=self.tags, root=self.root)
+                                         tags=self.tags, root=self.root, run_id=self._run_id,
+                                         resume=self._resume)
         try:
             self._capture()
             if self.monitor is not None:
                 self.monitor.start()
-            self._install_sigterm()
+            if self._handle_sigterm:
+                self._install_sigterm()
         except BaseException:
             self._finish(RunState.FAILED, None)
             raise
@@ -134,22 +145,48 @@ class ExperimentContext:
                           RuntimeWarning, stacklevel=2)
         return False
 
-    def _finish(self, state: RunState, exc: BaseException | None) -> None:
-        self._restore_sigterm()
+    def close(self, state: RunState, exc: BaseException | None = None, *,
+              alone: bool | None = None) -> None:
+        """Finish the run with ``state`` (for adapters whose host decides what an exception
+        means, e.g. Lightning's ``SIGTERMException`` is an interruption, not a clean exit).
+        A FAILED ``exc`` keeps its traceback; nothing here raises in place of ``exc``.
+        ``alone=True``: only this rank is here (a rank-zero-only logger), so no call may wait
+        for the others (default: alone after an error)."""
+        if exc is None:
+            self._finish(state, None, alone=alone)
+            return
         try:
-            self._stop_monitor()
-            if exc is not None and state is RunState.FAILED:
-                trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                # A traceback quotes the exception message, and messages quote URLs with
-                # credentials: repro's own record of it is scrubbed like any other.
-                self.manager.log_artifact("error_trace", ArtifactType.CODE,
-                                          data=scrub_text(trace))
+            self._finish(state, exc, alone=alone)
+        except Exception as finish_error:
+            warnings.warn(f"repro could not finalize run {self.name!r}: {finish_error!r}",
+                          RuntimeWarning, stacklevel=2)
+
+    def _finish(self, state: RunState, exc: BaseException | None, *,
+                alone: bool | None = None) -> None:
+        self._restore_sigterm()
+        # After an error, another rank may be dead or stuck in a collective: rank 0 records
+        # the end alone (calls that publish nothing, no barrier); other ranks let go.
+        alone = exc is not None if alone is None else alone
+        try:
+            if alone and self.run is not None and not self.run.is_rank_zero:
+                if self.monitor is not None and self.monitor.running:
+                    self.monitor.stop()
+                return
+            with rank_zero_only() if alone else contextlib.nullcontext():
+                self._stop_monitor()
+                if exc is not None and state is RunState.FAILED:
+                    trace = "".join(traceback.format_exception(type(exc), exc,
+                                                               exc.__traceback__))
+                    # A traceback quotes the exception message, and messages quote URLs
+                    # with credentials: repro's own record of it is scrubbed like any other.
+                    self.manager.log_artifact("error_trace", ArtifactType.CODE,
+                                              data=scrub_text(trace))
         finally:
             if self.manager.current_run is not None:
                 reason = None if exc is None else f"{type(exc).__name__}: {exc}"
                 if state is not RunState.COMPLETED:
                     self.manager.set_run_state(state, reason=reason)
-                self.manager.finalize_run()
+                self.manager.finalize_run(wait_for_ranks=not alone)
 
     def _stop_monitor(self) -> None:
         if self.monitor is None or not self.monitor.running:

@@ -8,7 +8,9 @@ The class is assembled from one mixin per concern, each in its own module:
   never create one; a store replaced under the process is noticed);
 - ``_manager_artifacts``: ``log_artifact`` / ``use_artifact`` / ``load_artifact`` (the order
   of every write is drawn there);
-- ``_manager_reads``: ``list_artifacts``, ``get_lineage``, ``get_run``, ``get_metrics``.
+- ``_manager_reads``: ``list_artifacts``, ``get_lineage``, ``get_run``, ``get_metrics``;
+- ``_manager_local``: rank-local reads and links (``artifact_path``, ``identify_file``,
+  ``link_version``) for code where no other rank can answer or wait.
 
 Every rank calls the same API; only global rank 0 touches the store, and other ranks receive
 rank 0's answer to the call they made (``distributed``).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import socket
 import threading
@@ -28,17 +31,20 @@ from typing import Any
 
 from . import _exit, _fsio, distributed
 from ._manager_artifacts import ArtifactsAPI
+from ._manager_local import LocalReads
 from ._manager_reads import ReadQueries
 from ._offline import detect_offline
 from ._safepath import real_dirs
 from ._store_access import StoreAccess
 from .capture import capture_config, scrub, scrub_text
 from .errors import (
+    ArtifactNotFoundError,
     DistributedTimeoutError,
     InvalidArgumentError,
     RankMismatchError,
     ReproError,
     RunStateError,
+    StoreNotFoundError,
 )
 from .metrics import MetricsWriter
 from .registry import RunRow, VersionRow, process_namespace, process_start_time
@@ -54,7 +60,7 @@ from .types import (
 __all__ = ["ArtifactManager"]
 
 
-class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
+class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
     """Singleton manager for all artifact tracking and versioning.
 
     Thread-safe (an ``RLock``: public methods may call each other) and distributed-aware:
@@ -163,6 +169,8 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
         *,
         root: str | Path | None = None,
         create: bool | None = None,
+        run_id: str | None = None,
+        resume: str = "never",
     ) -> Run:
         """Initialize a new experimental run and record it immediately (a crash keeps it).
 
@@ -171,10 +179,19 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
         ``ExperimentContext`` stores, secrets redacted. ``create``: True makes a registry even
         where the store already holds data (``repro init --force``), False never makes one,
         None (default) makes one only in an empty store.
+
+        ``run_id`` + ``resume`` continue a run in a new process (after a preemption, a crash,
+        or to evaluate a finished run), as W&B's ``wandb.init(id=..., resume=...)``:
+        ``"never"`` (default) makes a new run (with ``run_id`` as its id, refused if taken);
+        ``"allow"`` continues run ``run_id`` if it exists, else starts it; ``"must"`` continues
+        it or raises ``ArtifactNotFoundError``. A continued run keeps its id, name, tags and
+        artifacts, records the resume in its state history, and logs metrics in a new segment
+        (``get_metrics``: points re-logged at earlier steps win, the old ones stay queryable).
         """
         if create is not None and not isinstance(create, bool):
             raise InvalidArgumentError(f"create must be True, False or None, got {create!r}",
                                        argument="create")
+        _check_resume(run_id, resume)
         # Names and tags are stored and shown like any other string: scrubbed of credentials.
         name = scrub_text(check_text(name, "name"))
         validate_project(project)
@@ -191,28 +208,43 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
             rank = distributed.global_rank()
             run = Run(id=None, name=name, project=project, tags=tag_list, config=config_dict,
                       root=self.root, rank=rank)
-            run_id = self._exchange.run_on_zero(
+            answer = self._exchange.run_on_zero(
                 distributed.Call("init_run", every_rank=True),
-                lambda: self._create_run(run, create), encode=str, decode=str,
+                lambda: self._create_run(run, create, run_id, resume), encode=str, decode=str,
             )
-            run.id = run_id if run_id is not None else os.environ.get("REPRO_RUN_ID")
+            run.id = answer if answer is not None else os.environ.get("REPRO_RUN_ID")
             self._run = run
             self._run_pid = os.getpid()
             _exit.install(_finish_at_exit)
             _exit.reset()
             return run
 
-    def _create_run(self, run: Run, create: bool | None) -> str:
+    def _create_run(self, run: Run, create: bool | None, run_id: str | None,
+                    resume: str) -> str:
         self._check_store_identity()
-        _, registry = self._open(create=create)
-        run.id = secrets.token_hex(6)
-        pid = os.getpid()
-        registry.create_run(RunRow(
-            id=run.id, name=run.name, project=run.project, state=RunState.RUNNING.value,
-            tags=run.tags, config=run.config, created_at=run.created_at, ended_at=None,
-            host=socket.gethostname(), pid=pid, world_size=distributed.world_size(),
-            pid_started=process_start_time(pid), process_ns=process_namespace(),
-        ))
+        try:  # resume='must' never makes a store: a mistyped root stays empty
+            _, registry = self._open(create=False if resume == "must" and create is None
+                                     else create)
+        except StoreNotFoundError as exc:
+            if resume != "must":
+                raise
+            raise ArtifactNotFoundError(f"no run {run_id!r} to resume: {exc}",
+                                        key=str(run_id)) from exc
+        if run_id is not None and registry.has_run(run_id):
+            if resume == "never":
+                raise RunStateError(
+                    f"run {run_id} already exists; pass resume='allow' (or 'must') to continue "
+                    "it, or another run_id for a new run")
+            self._resume_run(registry, run, run_id)
+        elif resume == "must":
+            raise ArtifactNotFoundError(
+                f"no run {run_id!r} to resume in {self.root} (resume='must'); check the id "
+                "and the store (REPRO_HOME / root=), or pass resume='allow' to start it",
+                key=str(run_id))
+        else:
+            run.id = run_id or secrets.token_hex(6)
+            registry.create_run(_owner_row(run))
+        assert run.id is not None
         try:
             self._export_run(run.id, config=run.config)
         except ReproError as exc:
@@ -222,6 +254,23 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
                                        ended=True)
             raise
         return run.id
+
+    def _resume_run(self, registry: Any, run: Run, run_id: str) -> None:
+        """Rank 0: reattach ``run_id`` to this process (``init_run(resume=...)``)."""
+        stored = registry.get_run(run_id)
+        if stored.project != run.project:
+            raise InvalidArgumentError(
+                f"run {run_id} belongs to project {stored.project!r}, not {run.project!r}; "
+                f"pass project={stored.project!r} to resume it", argument="project")
+        run.id = run_id
+        changed = bool(run.config) and run.config != stored.config
+        reason = (f"resumed in process {os.getpid()} on {socket.gethostname()} after "
+                  f"{stored.state}" + ("; config updated" if changed else ""))
+        row = registry.resume_run(run_id, _owner_row(run), reason=reason,
+                                  config=run.config if changed else None)
+        run.name, run.tags, run.created_at = row.name, row.tags, row.created_at
+        run.config = run.config if changed else row.config
+        run.segment = row.segment
 
     def set_run_state(self, state: RunState | str, *, reason: str | None = None) -> None:
         """Update run state for atomic tracking (recorded with a timestamp in the history)."""
@@ -233,13 +282,20 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
                 self._open()[1].set_run_state(run.id, new_state.value, reason=reason,
                                               ended=new_state.is_terminal)
 
-    def finalize_run(self) -> None:
+    def finalize_run(self, *, wait_for_ranks: bool = True) -> None:
         """Finalize the current run: every rank meets at a barrier (with a timeout), then rank 0
         marks it COMPLETED (unless already FAILED/INTERRUPTED) and writes ``run.json``.
-        Idempotent: a second call does nothing."""
+        Idempotent: a second call does nothing.
+
+        ``wait_for_ranks=False`` is for error paths, where another rank may be dead or stuck
+        in a collective: this rank finishes alone, without a barrier (rank 0 records the run's
+        end; other ranks only let go of it), instead of waiting ``REPRO_BARRIER_TIMEOUT``."""
         with self._lock:
             run = self._run
             if run is None:
+                return
+            if not wait_for_ranks:
+                self._finish_alone(run)
                 return
             if distributed.in_rank_zero_only():  # refused before anything changes
                 raise RankMismatchError(
@@ -262,6 +318,13 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
             finally:
                 self._run = None
                 self._wait_for_ranks(run)  # also after an error: rank 0 may host the store
+
+    def _finish_alone(self, run: Run) -> None:
+        try:
+            if run.is_rank_zero and run.id is not None:
+                self._finish(run, run.state if run.state.is_terminal else RunState.COMPLETED)
+        finally:
+            self._run = None
 
     def _finish_paired(self, run: Run, final: RunState) -> str:
         """Rank 0 after the finalize barrier: a run where another rank may hold the answer to
@@ -352,7 +415,10 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries):
             if not run.is_rank_zero or run.id is None:
                 return None
             if self._metrics is None:
-                self._metrics = MetricsWriter(self._open()[0].root / "registry.sqlite", run.id)
+                registry = self._open()[1]
+                self._metrics = MetricsWriter(
+                    registry.path, run.id, segment=run.segment,
+                    next_step=registry.next_metric_step(run.id) if run.resumed else 0)
             return self._metrics
 
 def _finish_at_exit(outcome: _exit.Outcome) -> None:
@@ -372,6 +438,37 @@ def _finish_at_exit(outcome: _exit.Outcome) -> None:
         manager._finish(run, state, reason=reason)
     finally:
         manager._run = None
+
+
+def _owner_row(run: Run) -> RunRow:
+    """The registry row of a run this process starts (or continues)."""
+    assert run.id is not None
+    pid = os.getpid()
+    return RunRow(
+        id=run.id, name=run.name, project=run.project, state=RunState.RUNNING.value,
+        tags=run.tags, config=run.config, created_at=run.created_at, ended_at=None,
+        host=socket.gethostname(), pid=pid, world_size=distributed.world_size(),
+        pid_started=process_start_time(pid), process_ns=process_namespace(),
+    )
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{3,63}")
+_RESUME = ("never", "allow", "must")
+
+
+def _check_resume(run_id: object, resume: object) -> None:
+    if resume not in _RESUME:
+        raise InvalidArgumentError(f"resume must be one of {', '.join(map(repr, _RESUME))}, "
+                                   f"got {resume!r}", argument="resume")
+    if run_id is None:
+        if resume == "must":
+            raise InvalidArgumentError("resume='must' needs the run_id of the run to continue",
+                                       argument="run_id")
+        return
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise InvalidArgumentError(
+            f"run_id must be 4-64 letters, digits, '_' or '-' (starting with a letter or "
+            f"digit), got {run_id!r}", argument="run_id")
 
 
 def _check_tags(tags: object) -> list[str]:

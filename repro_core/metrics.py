@@ -81,7 +81,7 @@ class MetricsWriter:
     def __init__(self, registry_path: Path, run_id: str, *, interval: float = 1.0,
                  max_pending_rows: int | None = None, max_pending_points: int | None = None,
                  max_txn_rows: int | None = None, warn_keys: int | None = None,
-                 max_keys: int | None = None) -> None:
+                 max_keys: int | None = None, segment: int = 0, next_step: int = 0) -> None:
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) \
                 or not math.isfinite(interval) or interval <= 0:
             raise InvalidArgumentError(f"interval must be a positive number of seconds, got "
@@ -108,7 +108,8 @@ class MetricsWriter:
         self._wake_points = max(self._max_points // 2, 1)
         self._keys: set[str] = set()  # every name admitted: validated once, counted
         self._renamed: dict[str, str] = {}  # names with a credential in them -> scrubbed
-        self._step = -1
+        self._segment = segment  # a resumed run writes a new segment (reads: the later wins)
+        self._step = next_step - 1
         self._hold = False  # producers take the slow path (_gate): closed, failing or full
         self._error: BaseException | None = None
         self._episode = self._warned_episode = 0  # failure episodes, and the last one warned
@@ -380,7 +381,8 @@ class MetricsWriter:
                 time.sleep(_TXN_GAP_S)
             try:
                 with self._registry.transaction() as conn:
-                    write_part(conn, self._run_id, part, self._series)
+                    write_part(conn, self._run_id, part, self._series,
+                               segment=self._segment)
             except Exception as exc:  # keep the data; retry later, report on the next call
                 self._series.clear()  # ids cached inside the rolled-back transaction are void
                 self._requeue(parts[index:], exc)
@@ -411,7 +413,8 @@ class MetricsWriter:
         parts = list(self._take().parts(self._txn_rows))
         for index, part in enumerate(parts):
             try:
-                path = write_spill(self._root, self._run_id, part, self._spill_seq)
+                path = write_spill(self._root, self._run_id, part, self._spill_seq,
+                                   segment=self._segment)
             except Exception as exc:
                 self._requeue(parts[index:], exc)
                 return False
@@ -447,24 +450,57 @@ def _spill_message(run_id: str, error: BaseException | None, spill: SpillReport)
             "opened (repro_core.metrics.import_spills)")
 
 
-def read_metrics(registry: Registry, run_id: str, keys: Sequence[str] | None = None
-                 ) -> dict[str, list[tuple[int, float, float]]]:
-    """``{key: [(step, value, unix_time), …]}`` in logging order."""
+def read_metrics(registry: Registry, run_id: str, keys: Sequence[str] | None = None, *,
+                 segment: int | None = None) -> dict[str, list[tuple[int, float, float]]]:
+    """``{key: [(step, value, unix_time), …]}`` in logging order.
+
+    A resumed run logs in segments (0, then one more per resume). By default the later segment
+    wins: once segment *s* logged a name from step *k* on, the earlier segments' points of that
+    name at steps ≥ *k* are hidden (they belong to the stretch the resume replayed, as
+    TensorBoard's purge on restart hides them). ``segment=n`` returns that segment's points
+    alone, so the earlier history stays queryable.
+    """
     if keys is not None and (isinstance(keys, str) or not all(isinstance(k, str)
                                                                for k in keys)):
         raise InvalidArgumentError(f"keys must be a list of metric names, got {keys!r}",
                                    argument="keys")
-    sql = ("SELECT s.key, c.steps, c.vals, c.times FROM metric_chunks c JOIN metric_series s"
-           " ON s.id = c.series_id WHERE s.run_id = ?")
+    if segment is not None and (not isinstance(segment, int) or isinstance(segment, bool)
+                                or segment < 0):
+        raise InvalidArgumentError(f"segment must be a segment number ≥ 0, got {segment!r}",
+                                   argument="segment")
+    sql = ("SELECT s.key, c.segment, c.steps, c.vals, c.times FROM metric_chunks c JOIN"
+           " metric_series s ON s.id = c.series_id WHERE s.run_id = ?")
     params: list[Any] = [run_id]
     if keys is not None:
         sql += f" AND s.key IN ({', '.join('?' * len(keys))})"
         params.extend(keys)
-    out: dict[str, list[tuple[int, float, float]]] = {}
-    for key, steps, vals, times in registry._read(sql + " ORDER BY c.series_id, c.id", params):
-        out.setdefault(key, []).extend(zip(unpack("q", steps), unpack("d", vals),
-                                           unpack("d", times), strict=True))
-    return out
+    if segment is not None:
+        sql += " AND c.segment = ?"
+        params.append(segment)
+    by_key: dict[str, list[tuple[int, list[tuple[int, float, float]]]]] = {}
+    for key, seg, steps, vals, times in registry._read(
+            sql + " ORDER BY c.series_id, c.segment, c.id", params):
+        points = list(zip(unpack("q", steps), unpack("d", vals), unpack("d", times),
+                          strict=True))
+        segments = by_key.setdefault(key, [])
+        if segments and segments[-1][0] == seg:
+            segments[-1][1].extend(points)
+        else:
+            segments.append((seg, points))
+    return {key: _later_segment_wins(segments) for key, segments in by_key.items()}
+
+
+def _later_segment_wins(segments: list[tuple[int, list[tuple[int, float, float]]]]
+                        ) -> list[tuple[int, float, float]]:
+    """Merge one name's segments (ascending): each later segment hides what the earlier
+    ones logged at or after its first step."""
+    merged: list[tuple[int, float, float]] = []
+    for _, points in segments:
+        if points and merged:
+            start = min(p[0] for p in points)
+            merged = [p for p in merged if p[0] < start]
+        merged.extend(points)
+    return merged
 
 
 @atexit.register

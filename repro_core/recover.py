@@ -46,7 +46,8 @@ from .types import (
 
 __all__ = ["RecoverReport", "recover_store"]
 
-_RUN_ID = re.compile(r"[0-9a-f]{6,64}")
+# What init_run accepts as a run id (generated ids are 12 hex digits; run_id= chooses one).
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{3,63}")
 _FORMATS = {"json", "text", "bytes", "safetensors", "npy", "file", "directory"}
 
 
@@ -118,6 +119,8 @@ class _Rebuild:
         self.pending_parents: list[tuple[str, Any]] = []
         self.uses: list[tuple[str, Any]] = []
         self.aliases: list[tuple[str, Any]] = []
+        self.prunes: list[tuple[str, str]] = []  # (version key, when)
+        self.missing: list[tuple[str, str]] = []  # (version key, problem): unless pruned
 
     def run(self, runs_dir: Path) -> None:
         run_dirs = sorted(d for d in runs_dir.iterdir() if d.is_dir() and not d.is_symlink()) \
@@ -127,6 +130,10 @@ class _Rebuild:
             for run_dir in run_dirs:
                 if not _RUN_ID.fullmatch(run_dir.name):
                     self.report.problems.append(f"skipped runs/{run_dir.name!r}: not a run id")
+                    continue
+                if not any((run_dir / n).exists() for n in ("run.json", JOURNAL_NAME)):
+                    self.report.problems.append(f"skipped runs/{run_dir.name!r}: not a run "
+                                                "(no run.json, no journal)")
                     continue
                 self._run(conn, run_dir)
                 skipped: list[int] = []
@@ -155,8 +162,8 @@ class _Rebuild:
         fields = _run_fields(run_id, row)
         conn.execute(
             "INSERT INTO runs (id, name, project, state, tags, config, created_at, ended_at,"
-            " host, pid, world_size, pid_started, process_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
-            " ?, ?, ?, ?, ?)", fields)
+            " host, pid, world_size, pid_started, process_ns, segment) VALUES (?, ?, ?, ?, ?,"
+            " ?, ?, ?, ?, ?, ?, ?, ?, ?)", fields)
         history = [s for s in states if isinstance(s, dict) and _is_state(s.get("state"))
                    and isinstance(s.get("at"), str)] or [{"state": fields[3], "at": fields[6]}]
         conn.executemany("INSERT INTO run_states (run_id, state, at, reason) VALUES"
@@ -170,10 +177,13 @@ class _Rebuild:
         try:
             if event["event"] == "version":
                 self._version(conn, run_id, event)
-            elif event["event"] == "use":
+            elif event["event"] in ("use", "prune"):
                 key = event.get("key")
                 parse_key(key)  # a forged key is reported, not silently dropped
-                self.uses.append((run_id, key))
+                if event["event"] == "use":
+                    self.uses.append((run_id, key))
+                else:
+                    self.prunes.append((str(key), _time(event.get("at")) or utc_now()))
             else:
                 raise ValueError(f"unknown event {event['event']!r}")
         except KeyError as exc:
@@ -240,8 +250,8 @@ class _Rebuild:
         for blob, blob_size in blobs:
             path = self.store.blob_path(blob)
             if not path.is_file() or path.stat().st_size != blob_size:
-                self.report.problems.append(f"{key}: blob {blob} is missing or damaged "
-                                            "(the version is restored; `repro verify` lists it)")
+                self.missing.append((key, f"{key}: blob {blob} is missing or damaged (the "
+                                          "version is restored; `repro verify` lists it)"))
         return blobs
 
     # -- edges ------------------------------------------------------------------------------
@@ -273,10 +283,17 @@ class _Rebuild:
                     (run_id, self.ids[key], run_id, self.ids[key])).rowcount
         for key, aliases in self.aliases:
             self._aliases(conn, key, aliases)
+        for key, at in self.prunes:  # as prune_version did: no aliases, pruned_at set
+            if key in self.ids:
+                conn.execute("DELETE FROM aliases WHERE version_id = ?", (self.ids[key],))
+                conn.execute("UPDATE versions SET pruned_at = ? WHERE id = ?",
+                             (at, self.ids[key]))
+        pruned = {key for key, _ in self.prunes}  # their blobs were released on purpose
+        self.report.problems += [problem for key, problem in self.missing if key not in pruned]
         conn.execute(
             "INSERT INTO aliases (project, name, alias, version_id) SELECT project, name,"
             " 'latest', id FROM versions v WHERE version = (SELECT MAX(version) FROM versions"
-            " w WHERE w.project = v.project AND w.name = v.name)"
+            " w WHERE w.project = v.project AND w.name = v.name AND w.pruned_at IS NULL)"
             " ON CONFLICT DO UPDATE SET version_id = excluded.version_id")
 
     def _aliases(self, conn: Any, key: str, aliases: Any) -> None:
@@ -334,7 +351,8 @@ def _run_fields(run_id: str, row: dict[str, Any]) -> tuple[Any, ...]:
             _json_or(config, {}), _time(row.get("created_at")) or utc_now(),
             _time(ended), text("host", ""), integer("pid"), integer("world_size"),
             started if isinstance(started, (int, float)) else None,
-            row.get("process_ns") if isinstance(row.get("process_ns"), str) else None)
+            row.get("process_ns") if isinstance(row.get("process_ns"), str) else None,
+            min(max(integer("segment") or 0, 0), 999_999))
 
 
 def _time(value: Any) -> str | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ._safepath import component_problem
 from .errors import IntegrityError, SerializationError
 
 __all__ = ["Payload", "canonical_json", "check_npy", "check_safetensors", "load_payload",
@@ -39,14 +40,24 @@ class _Sink(Protocol):
 
 @dataclass(frozen=True)
 class Payload:
-    """Validated data, ready to be streamed into a blob."""
+    """Validated data, ready to be streamed into a blob.
+
+    Adapters that serialize their own objects (a Lightning checkpoint) pass a ``Payload`` as
+    ``log_artifact(data=...)``: its ``write`` streams straight into the hashing blob writer,
+    so the bytes are never written elsewhere first and never read back. ``filename`` is the
+    name ``use_artifact(...).path`` shows (default: the artifact name + the format's
+    extension); ``format`` must be one :func:`load_payload` reads.
+    """
 
     format: str
     write: Callable[[_Sink], None]
+    filename: str | None = None
 
 
 def prepare(data: object) -> Payload:
     """Validate ``data`` and choose its format; raise ``SerializationError`` if unsupported."""
+    if isinstance(data, Payload):
+        return _check_payload(data)
     if isinstance(data, str):
         encoded = data.encode("utf-8")
         return Payload("text", lambda sink: _write(sink, encoded))
@@ -66,6 +77,21 @@ def prepare(data: object) -> Payload:
         "file and pass file_path=",
         path="data",
     )
+
+
+def _check_payload(payload: Payload) -> Payload:
+    if not isinstance(payload.format, str) or payload.format not in _LOADERS \
+            or not callable(payload.write):
+        raise SerializationError(f"a Payload needs a callable write and a format among "
+                                 f"{sorted(_LOADERS)}, got {payload.format!r}", path="data")
+    name = payload.filename
+    # the rule the served file's name is checked by (``_cache.file_name``): a name it would
+    # replace by the digest, or one SQLite cannot store (a lone surrogate), is refused here
+    problem = component_problem(name) if name is not None else None
+    if problem is not None:
+        raise SerializationError(f"Payload.filename must be a plain file name; {name!r} "
+                                 f"{problem}", path="data")
+    return payload
 
 
 def canonical_json(value: object, *, root: str = "value") -> bytes:

@@ -88,9 +88,15 @@ class TTRLContext(ExperimentContext):
         self._started = self._last_snapshot = self._clock()
         return self
 
-    def _finish(self, state: Any, exc: BaseException | None) -> None:
+    def _finish(self, state: Any, exc: BaseException | None, *,
+                alone: bool | None = None) -> None:
         self._active = None  # the writer is closed by finalize; never hand it out again
-        super()._finish(state, exc)
+        super()._finish(state, exc, alone=alone)
+
+    def set_model_version(self, checkpoint_key: str) -> None:
+        """Make ``checkpoint_key`` the model version later updates link to (what logging a
+        checkpoint through this context does; for adapters that log checkpoints themselves)."""
+        self._model_version_id = self._version_id(checkpoint_key)
 
     # -- hot path -------------------------------------------------------------------------------
 

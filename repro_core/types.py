@@ -322,6 +322,12 @@ class Run:
     created_at: str = field(default_factory=utc_now)
     state: RunState = RunState.RUNNING
     rank: int = 0
+    segment: int = 0  # 0 for a new run; n after the n-th resume (``init_run(resume=...)``)
+
+    @property
+    def resumed(self) -> bool:
+        """Whether this process continues a run an earlier process started."""
+        return self.segment > 0
 
     @property
     def is_rank_zero(self) -> bool:

@@ -81,11 +81,11 @@ def test_recover_rebuilds_a_lost_registry(logged: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{logged}{suffix}").unlink(missing_ok=True)
     assert cli("runs", "--root", str(root)).exit_code == 2  # lost: says `repro recover`
-    (root / "runs" / "NOT-A-RUN").mkdir()
+    (root / "runs" / "not.a.run").mkdir()  # (run ids: letters, digits, _ and -)
     result = cli("recover", "--root", str(root))
     assert result.exit_code == 0, result.output
     assert "1 run(s), 1 version(s)" in result.stdout and "1 problem(s):" in result.stdout
-    assert "  - skipped runs/'NOT-A-RUN'" in result.stdout and "not recoverable:" in result.stdout
+    assert "  - skipped runs/'not.a.run'" in result.stdout and "not recoverable:" in result.stdout
     runs = json.loads(cli("runs", "--root", str(root), "--json").stdout)
     assert [(r["name"], r["project"]) for r in runs] == [("train", "vision")]
 

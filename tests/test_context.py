@@ -152,7 +152,7 @@ def test_finalize_failure_during_exception_warns_and_keeps_user_error(
     error = ValueError("the real problem")
     original = ArtifactManager.finalize_run
 
-    def broken_finalize(self: ArtifactManager) -> None:
+    def broken_finalize(self: ArtifactManager, **_: object) -> None:
         raise RuntimeError("disk on fire")
 
     ctx = _ctx(store_root)
@@ -188,7 +188,7 @@ def test_error_trace_failure_still_finalizes_failed(manager: ArtifactManager, st
 
 def test_finalize_failure_without_user_error_is_raised(
         manager: ArtifactManager, store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_finalize(self: ArtifactManager) -> None:
+    def broken_finalize(self: ArtifactManager, **_: object) -> None:
         raise RuntimeError("cannot write run.json")
 
     with pytest.raises(RuntimeError, match=r"cannot write run\.json"), _ctx(store_root):

@@ -26,12 +26,12 @@ __all__ = [
 # ``a`` = artifacts, for the type).
 VERSION_COLUMNS = (
     "v.id, v.name, a.type, v.version, v.digest, v.size, v.format, v.run_id, v.created_at, "
-    "v.metadata, v.project, v.filename"
+    "v.metadata, v.project, v.filename, v.pruned_at"
 )
 ARTIFACT_JOIN = "JOIN artifacts a ON a.project = v.project AND a.name = v.name"
 VERSION_FROM = f"versions v {ARTIFACT_JOIN}"
 RUN_COLUMNS = ("id, name, project, state, tags, config, created_at, ended_at, host, pid,"
-               " world_size, pid_started, process_ns")
+               " world_size, pid_started, process_ns, segment")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class VersionRow:
     metadata: dict[str, Any]
     project: str = "default"
     filename: str | None = None
+    pruned_at: str | None = None  # pruned (``prune_version``): kept for lineage, content gone
 
     @property
     def key(self) -> str:
@@ -74,6 +75,7 @@ class RunRow:
     world_size: int | None
     pid_started: float | None = None
     process_ns: str | None = None  # "<boot id>/<pid namespace>": where ``pid`` means anything
+    segment: int = 0  # how many times the run was resumed (metrics carry the segment they came in)
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,8 @@ def version_row(r: Sequence[Any]) -> VersionRow:
         raise IntegrityError(f"the registry's metadata of version {r[0]} is not a JSON object")
     return VersionRow(id=r[0], name=r[1], type=r[2], version=r[3], digest=r[4], size=r[5],
                       format=r[6], run_id=r[7], created_at=r[8], metadata=metadata,
-                      project=r[10], filename=r[11])
+                      project=r[10], filename=r[11],
+                      pruned_at=r[12] if isinstance(r[12], str) else None)
 
 
 def run_row(r: Sequence[Any]) -> RunRow:
@@ -144,4 +147,10 @@ def run_row(r: Sequence[Any]) -> RunRow:
                   tags=load_json(r[4], f"tags of run {r[0]}"),
                   config=load_json(r[5], f"config of run {r[0]}"), created_at=r[6],
                   ended_at=r[7], host=r[8], pid=r[9], world_size=r[10], pid_started=r[11],
-                  process_ns=r[12])
+                  process_ns=r[12], segment=_segment(r[0], r[13]))
+
+
+def _segment(run_id: object, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1_000_000:
+        raise IntegrityError(f"registry row of run {run_id!r} has a forged segment {value!r}")
+    return value

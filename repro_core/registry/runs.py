@@ -14,12 +14,13 @@ import socket
 from pathlib import Path
 
 from ..capture.scrub import scrub_text
-from ..errors import ArtifactNotFoundError, InvalidArgumentError
+from ..errors import ArtifactNotFoundError, InvalidArgumentError, RunStateError
 from ..types import RunState, utc_now
 from .connection import Connection
 from .records import RUN_COLUMNS, RunRow, dumps, run_row
 
-__all__ = ["RunQueries", "is_crashed", "process_namespace", "process_start_time"]
+__all__ = ["RunQueries", "is_alive_here", "is_crashed", "process_namespace",
+           "process_start_time"]
 
 _MIN_PREFIX = 4
 # Process start times are read from /proc in clock ticks: allow for the rounding.
@@ -66,16 +67,33 @@ def is_crashed(run: RunRow, host: str | None = None, namespace: str | None = Non
     return abs(started - run.pid_started) > _START_TOLERANCE
 
 
+def is_alive_here(run: RunRow) -> bool:
+    """A RUNNING run whose process provably still runs (this host, this pid namespace, same
+    pid with the same start time). A run of another host cannot be proven alive: a preempted
+    job that resumes on another node must not be locked out by its own dead process."""
+    if run.state != RunState.RUNNING.value or not run.pid or run.host != socket.gethostname():
+        return False
+    here = process_namespace()
+    if run.process_ns is not None and here is not None and run.process_ns != here:
+        return False
+    started = process_start_time(int(run.pid))
+    if started is None:
+        return False
+    if started < 0 or run.pid_started is None:
+        return True
+    return abs(started - run.pid_started) <= _START_TOLERANCE
+
+
 class RunQueries(Connection):
     """Run rows. Run ids are 12 hex digits; any unique prefix of 4+ digits names a run."""
 
     def create_run(self, run: RunRow) -> None:
         with self._write() as conn:
             conn.execute(
-                f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * 14)})",
                 (run.id, run.name, run.project, run.state, dumps(run.tags), dumps(run.config),
                  run.created_at, run.ended_at, run.host, run.pid, run.world_size,
-                 run.pid_started, run.process_ns),
+                 run.pid_started, run.process_ns, run.segment),
             )
             conn.execute(
                 "INSERT INTO run_states (run_id, state, at, reason) VALUES (?, ?, ?, NULL)",
@@ -98,6 +116,54 @@ class RunQueries(Connection):
                 "INSERT INTO run_states (run_id, state, at, reason) VALUES (?, ?, ?, ?)",
                 (run_id, state, now, reason),
             )
+
+    def resume_run(self, run_id: str, owner: RunRow, *, reason: str,
+                   config: dict[str, object] | None = None) -> RunRow:
+        """Reattach run ``run_id`` (exact id) to the process described by ``owner`` (its host,
+        pid, pid start time, namespace, world size): RUNNING again, one more metrics segment,
+        the resume recorded in the state history after whatever ended it (INTERRUPTED, FAILED,
+        CRASHED, COMPLETED), ``config`` (if given) replacing the stored one — all in one
+        transaction. Refused while a live process on this host still runs it."""
+        with self._write() as conn:
+            found = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?",
+                                 (run_id,)).fetchone()
+            if found is None:
+                raise ArtifactNotFoundError(f"no run with id {run_id!r} to resume", key=run_id)
+            run = run_row(found)
+            if is_alive_here(run):
+                raise RunStateError(
+                    f"run {run_id} is still running in process {run.pid} on {run.host}; "
+                    "stop it before resuming the run elsewhere")
+            now = utc_now()
+            if run.state == RunState.RUNNING.value:  # its process died unnoticed: say so
+                conn.execute("INSERT INTO run_states (run_id, state, at, reason) VALUES"
+                             " (?, ?, ?, ?)", (run_id, RunState.CRASHED.value, now,
+                                               _crash_reason(run)))
+            conn.execute(
+                "UPDATE runs SET state = ?, ended_at = NULL, host = ?, pid = ?, pid_started = ?,"
+                " process_ns = ?, world_size = ?, segment = segment + 1,"
+                " config = COALESCE(?, config) WHERE id = ?",
+                (RunState.RUNNING.value, owner.host, owner.pid, owner.pid_started,
+                 owner.process_ns, owner.world_size, None if config is None else dumps(config),
+                 run_id))
+            conn.execute("INSERT INTO run_states (run_id, state, at, reason) VALUES"
+                         " (?, ?, ?, ?)", (run_id, RunState.RUNNING.value, now,
+                                           scrub_text(reason)))
+        return self.get_run(run_id)
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether a run with exactly this id exists (no prefix matching)."""
+        return bool(self._read("SELECT 1 FROM runs WHERE id = ?", (run_id,)))
+
+    def next_metric_step(self, run_id: str) -> int:
+        """One past the highest step the run logged: where a resumed run's automatic steps
+        continue. The ``hardware/…`` series ``ExperimentContext`` stores are indexed by sample
+        number, not by step (``advance=False``): they do not count."""
+        row = self._read("SELECT MAX(c.last_step) FROM metric_chunks c JOIN metric_series s"
+                         " ON s.id = c.series_id WHERE s.run_id = ? AND s.key NOT GLOB"
+                         " 'hardware/*'", (run_id,))
+        last = row[0][0] if row else None
+        return int(last) + 1 if isinstance(last, int) and last >= 0 else 0
 
     def get_run(self, run_id: str) -> RunRow:
         """The run with this id (or unique id prefix); CRASHED when its process is gone."""

@@ -20,7 +20,7 @@ from ..types import DEFAULT_PROJECT, validate_project
 
 __all__ = ["SCHEMA_VERSION", "Migration", "migrations", "retry_busy"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 Migration = str | Callable[[sqlite3.Connection], None]
 
 _SCHEMA_V1 = """
@@ -176,8 +176,19 @@ def _project_or_default(project: object) -> str:
         return DEFAULT_PROJECT
 
 
+# v5: runs can be resumed (``init_run(run_id=..., resume=...)``): each resume starts a new
+# metrics *segment*, so points logged again at steps recorded before the interruption are kept
+# (reads let the later segment win; W&B drops them: "step must only increase"). Versions can be
+# *pruned* (a ModelCheckpoint top-k deletion mirrored into the store): the row stays for lineage,
+# its aliases go, and gc may reclaim its blobs.
+_SCHEMA_V5 = """
+ALTER TABLE runs ADD COLUMN segment INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE metric_chunks ADD COLUMN segment INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE versions ADD COLUMN pruned_at TEXT;
+"""
+
 _MIGRATIONS: dict[int, Migration] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3,
-                                     4: _migrate_v4}
+                                     4: _migrate_v4, 5: _SCHEMA_V5}
 
 
 def run_script(conn: sqlite3.Connection, script: str) -> None:

@@ -232,8 +232,31 @@ class VersionQueries(RunQueries):
         files included) and TTRL experience payloads (size None if written before v3).
         gc keeps exactly these."""
         return [(_text(r[0]), None if r[1] is None else _size(r[1])) for r in self._read(
-            "SELECT digest, size FROM version_blobs UNION SELECT payload_digest, payload_size"
+            "SELECT b.digest, b.size FROM version_blobs b JOIN versions v ON v.id = b.version_id"
+            " WHERE v.pruned_at IS NULL UNION SELECT payload_digest, payload_size"
             " FROM experiences WHERE payload_digest IS NOT NULL ORDER BY 1")]
+
+    def prune_version(self, version_id: int) -> list[str]:
+        """Mark a version pruned: its aliases go (``latest`` moves to the newest version left),
+        its row and lineage edges stay, and gc may reclaim the blobs no other live version
+        needs. Returns the aliases it had. Idempotent."""
+        with self._write() as conn:
+            row = _fetch(conn, "v.id = ?", (version_id,))
+            if row is None:
+                raise ArtifactNotFoundError(f"no version with id {version_id}",
+                                            key=str(version_id))
+            aliases = [r[0] for r in conn.execute(
+                "SELECT alias FROM aliases WHERE version_id = ? ORDER BY alias", (version_id,))]
+            conn.execute("DELETE FROM aliases WHERE version_id = ?", (version_id,))
+            conn.execute("UPDATE versions SET pruned_at = ? WHERE id = ? AND pruned_at IS NULL",
+                         (utc_now(), version_id))
+            if "latest" in aliases:
+                newest = conn.execute(
+                    "SELECT id FROM versions WHERE project = ? AND name = ? AND pruned_at IS"
+                    " NULL ORDER BY version DESC LIMIT 1", (row.project, row.name)).fetchone()
+                if newest is not None:
+                    _set_aliases(conn, row.project, row.name, int(newest[0]), ["latest"])
+        return aliases
 
 
 def _same_type(project: str, name: str, existing: str | None, type_: str) -> None:
