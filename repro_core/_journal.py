@@ -16,6 +16,8 @@ Events::
      "type", "digest", "size", "format", "filename", "metadata", "parents": [keys],
      "aliases": [...], "blobs": [[digest, size], …]}
     {"event": "use", "at": …, "key": "project/name:vN", "digest": …}
+    {"event": "prune", "at": …, "key": "project/name:vN", "digest": …, "aliases": [...]}
+      (in the pruning run's journal, or the producing run's when no run was active)
 """
 
 from __future__ import annotations

@@ -61,6 +61,9 @@ class MetricsTap:
             connector.update_train_step_metrics = update_train_step_metrics
         self._connector = connector
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_connector": None}  # a Trainer's internals stay behind
+
     def detach(self) -> None:
         connector, self._connector = self._connector, None
         if connector is not None:

@@ -47,7 +47,6 @@ class RunSession:
 
     def __init__(self, settings: SessionSettings) -> None:
         self.settings = settings
-        self.manager = ArtifactManager()
         self.context: ExperimentContext | None = None
         self.run_id: str | None = None  # the current (or last) run, kept across stages
         self.parents: list[str] = []  # config + datasets: every checkpoint's parents
@@ -59,6 +58,17 @@ class RunSession:
         # is then a TTRLContext and values under these keys become online-update rows
         self.planned_id = secrets.token_hex(6)  # a new run's id, known before it starts
         self.alone = False  # only rank 0 drives it (a logger without ReproCallback)
+
+    @property
+    def manager(self) -> ArtifactManager:
+        return ArtifactManager()  # the process's singleton (never pickled with the session)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (spawned DDP workers, ``torch.save(trainer)``): an open run belongs to
+        its process and stays behind."""
+        state = dict(self.__dict__)
+        state["context"] = None
+        return state
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -79,6 +89,7 @@ class RunSession:
             handle_sigterm=False)
         context.__enter__()
         self.context = context
+        self.planned_id = secrets.token_hex(6)  # (a later new run of this Trainer: another)
         try:
             assert context.run is not None and context.config_artifact is not None
             self.run_id = context.run.id
