@@ -124,12 +124,15 @@ class ExperimentContext:
     def _capture(self) -> None:
         self.config_artifact = self.manager.log_artifact("config", ArtifactType.CONFIG,
                                                          data=self.config)
-        env = capture_environment(self.capture_level)
-        patch = env.get("git", {}).pop("patch", None) if isinstance(env.get("git"), dict) \
-            else None
-        self.manager.log_artifact("environment", ArtifactType.ENVIRONMENT, data=env)
-        if patch:
-            self.manager.log_artifact("git_patch", ArtifactType.CODE, data=patch)
+        # What each rank sees of its machine differs (devices, processes): rank 0's is kept,
+        # logged as rank 0's alone so no rank waits for an answer to different arguments.
+        with rank_zero_only():
+            env = capture_environment(self.capture_level)
+            patch = env.get("git", {}).pop("patch", None) \
+                if isinstance(env.get("git"), dict) else None
+            self.manager.log_artifact("environment", ArtifactType.ENVIRONMENT, data=env)
+            if patch:
+                self.manager.log_artifact("git_patch", ArtifactType.CODE, data=patch)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> Literal[False]:
@@ -192,8 +195,9 @@ class ExperimentContext:
         if self.monitor is None or not self.monitor.running:
             return
         summary = self.monitor.stop()
-        self.manager.log_artifact("hardware_usage", ArtifactType.METRICS,
-                                  data=capture_config(summary))  # NaN-safe JSON
+        with rank_zero_only():  # each rank measured its own process: rank 0's is kept
+            self.manager.log_artifact("hardware_usage", ArtifactType.METRICS,
+                                      data=capture_config(summary))  # NaN-safe JSON
         self._store_hardware_series(self.monitor.samples)
         run_dir = self.run.dir if self.run is not None else None
         if run_dir is not None and self.run is not None and self.run.is_rank_zero:
