@@ -1,6 +1,7 @@
 """What ReproCallback costs a Lightning run, beside plain Lightning and W&B offline artifacts.
 
-    python benchmarks/lightning_overhead.py [--repeats 3] [--epochs 6] [--size-gb 2] [--quick]
+    python benchmarks/lightning_overhead.py [--repeats 3] [--epochs 6] [--size-gb 2]
+                                            [--part all|train|save] [--quick]
 
 **Training** (same model, data, seed and steps; one ``ModelCheckpoint(monitor="val_loss",
 save_top_k=1, save_last=True)``, so two checkpoint files per epoch):
@@ -14,15 +15,18 @@ save_top_k=1, save_last=True)``, so two checkpoint files per epoch):
   ``log_model="all"`` code path: ``log_model`` itself refuses ``offline=True``), timed up to
   the end of ``wandb.finish()``, which waits for the artifacts.
 
-Each round is one fresh interpreter that first runs a short untimed warm-up fit, then (a), (b)
-and (c) once each, in an order rotated from round to round; the time of a variant is the wall
-time from building its ``Trainer`` to the end of ``fit`` (+ ``wandb.finish()``), so each pays
-its one-time costs (a new store, the W&B service) as a real job does; imports are not timed.
-The table gives the median over rounds, and the CPU seconds used meanwhile (every thread of
-the process, plus the W&B service process): on a shared machine they move less than wall
-time. Training uses one torch thread (``--threads``): with two OpenMP threads on a busy
-2-core machine every other runnable thread (another job's, or a background writer's) makes
-each kernel wait for a straggler, and an epoch took 10-24 s instead of 1.3 s here, which
+Each round runs (a), (b) and (c) once each, in an order rotated from round to round, each in a
+fresh interpreter that first runs a short untimed warm-up fit (nothing one variant leaves
+behind, such as the W&B service process, can slow another); the time of a variant is the
+wall time from building its ``Trainer`` to the end of ``fit`` (+ ``wandb.finish()``), so each
+pays its one-time costs (a new store, the W&B service) as a real job does; imports are not
+timed. The table gives the median over rounds, then each round's ratio to (a), and the CPU
+seconds used meanwhile (every thread of the process, plus the W&B service process; they tell
+work from waiting, but on a shared machine they grow with contention too).
+
+Training uses one torch thread (``--threads``): with two OpenMP threads on a busy 2-core
+machine every other runnable thread (another job's, or a background writer's) makes each
+kernel wait for a straggler, and a 224-step epoch took 10-24 s instead of 1.3 s here, which
 measures the scheduler, not the callback. (On a GPU the training loop is one CPU thread too.)
 
 **A big checkpoint**: a state dict of ``--size-gb`` of float32 tensors (default 2 GB, less if
@@ -31,7 +35,8 @@ through ``SafetensorsCheckpointIO`` with an active ``ReproCallback`` run (stream
 store, hashed, linked at the path), against a bare ``safetensors.torch.save_file`` of the same
 tensors to the same disk, without and with ``fsync`` (``REPRO_FSYNC=none`` / ``full``), plus
 Lightning's default ``TorchCheckpointIO`` for reference. Dirty pages are flushed (``sync``,
-untimed) before every measurement. Median over ``--repeats`` fresh interpreters.
+untimed) before every measurement, and each interpreter first writes the whole state dict once,
+untimed. Median over ``--repeats`` fresh interpreters, in an order rotated from round to round.
 
 Prints Markdown tables. ``--quick`` is a seconds-long smoke run (tiny model, 20 MB).
 """
@@ -240,6 +245,10 @@ def _save_worker(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="repro-bench-save-", dir=args.save_dir) as tmp:
         for kind in args.order:  # warm-up: each path once with 4 MB, untimed
             _save(kind, Path(tmp) / f"warmup-{kind}", small)
+        # ... and one full-size write: the first big write of a process was several times
+        # slower than the next ones here (the kernel finding free pages for the page cache)
+        _save("st", Path(tmp) / "warmup-full", state)
+        shutil.rmtree(Path(tmp) / "warmup-full")
         for kind in args.order:
             scratch = Path(tmp) / kind
             results.append({"kind": kind, "seconds": _save(kind, scratch, state),
@@ -320,6 +329,13 @@ def _print_train(rounds: list[dict[str, Any]]) -> None:
         print(f"| {label} | {wall[v]:.2f} | {runs} | **{wall[v] / wall['a']:.3f}x** "
               f"| {cpu[v]:.2f} | {cpu[v] / cpu['a']:.3f}x "
               f"| {statistics.median(r['val_loss'] for r in by[v]):.4f} |")
+    paired = {v: [r["seconds"] / a["seconds"] for r, a in zip(by[v], by["a"], strict=True)]
+              for v in ("b", "c")}
+    for v in ("b", "c"):
+        print(f"\n({v})/(a) round by round: "
+              f"{', '.join(f'{x:.3f}' for x in paired[v])} "
+              f"(median {statistics.median(paired[v]):.3f})", end="")
+    print()
     ratio = wall["b"] / wall["a"]
     print(f"\n(b)/(a) = {ratio:.3f} (target ≤ 1.03: {'met' if ratio <= 1.03 else 'NOT met'}); "
           f"(c)/(a) = {wall['c'] / wall['a']:.3f}; (b) faster than (c): "
@@ -390,7 +406,8 @@ def main() -> None:
           f"{args.threads} training thread(s), {time.strftime('%Y-%m-%d')}")
     with tempfile.TemporaryDirectory(prefix="repro-bench-lightning-") as scratch:
         if args.part in ("all", "train"):
-            _print_train([_spawn("train", _rotate(list(_TRAIN), i), args, scratch)
+            _print_train([{"train": [_spawn("train", [v], args, scratch)["train"][0]
+                                     for v in _rotate(list(_TRAIN), i)]}
                           for i in range(args.repeats)])
         if size_gb > 0 and args.part in ("all", "save"):
             _print_save([_spawn("save", _rotate(list(_SAVE), i), args, scratch)
