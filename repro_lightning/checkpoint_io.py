@@ -93,6 +93,13 @@ class TorchLoggingCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any | None = None) -> None:
+        # The file at ``path`` may be our hard link to an earlier version's blob. Lightning
+        # writes through fsspec, whose temp file lives in the system temp directory: on
+        # another file system its final "move" is a copy *into* the existing file, which
+        # would rewrite that blob (as root, whom 0444 does not stop). Unlinking first makes
+        # every save a new file; the earlier version stays whole in the store.
+        if self.session is not None and self.session.active:
+            _unlink_link(os.fspath(path))
         super().save_checkpoint(checkpoint, path, storage_options)
         if self.session is not None:
             self.session.log_checkpoint(None, os.fspath(path), self.trainer)
@@ -158,6 +165,16 @@ def _write_atomic(payload: Any, path: str) -> None:
         if os.path.exists(temp):
             os.unlink(temp)
         raise
+
+
+def _unlink_link(path: str) -> None:
+    """Remove ``path`` if it is a file shared with another name (a link to a blob)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if os.path.islink(path) or st.st_nlink > 1:
+        os.unlink(path)
 
 
 def _remove(path: Any) -> None:

@@ -315,6 +315,39 @@ def test_torch_format_logs_versions_of_lightnings_own_files(store: Path) -> None
     assert verify_store(store).ok
 
 
+def _other_filesystem(than: Path) -> Path | None:
+    """A writable directory on another file system than ``than`` (tmpfs /dev/shm), if any."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != than.stat().st_dev:
+        return shm
+    return None
+
+
+def test_torch_format_resaving_last_never_rewrites_an_earlier_blob(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's torch saves go through fsspec, whose temp file lives in the system temp
+    directory: on another file system the final move is a copy *into* the existing
+    ``last.ckpt`` — our hard link to the previous version's blob — unless it is unlinked
+    first. (Before the fix, ``verify_store`` found those blobs rewritten.)"""
+    import tempfile
+
+    other = _other_filesystem(store.parent)
+    if other is None:
+        pytest.skip("no second file system (tmpfs /dev/shm) for the temp directory here")
+    temp = Path(tempfile.mkdtemp(dir=other))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    try:
+        checkpoint = ModelCheckpoint(dirpath=store.parent / "ckpt", save_last=True,
+                                     every_n_train_steps=2, save_top_k=-1)
+        fit(callbacks=[repro(checkpoint_format="torch"), checkpoint], max_epochs=2)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    lasts = [m for m in versions() if m.metadata["filename"] == "last.ckpt"]
+    assert len(lasts) > 1
+    report = verify_store(store)
+    assert report.ok, report.problems
+
+
 # -- loading back --------------------------------------------------------------------------------
 
 
