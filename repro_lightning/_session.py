@@ -38,6 +38,7 @@ class SessionSettings:
     capture_level: EnvironmentCaptureLevel | int = EnvironmentCaptureLevel.STANDARD
     monitor_hardware: bool = True
     checkpoint_name: str = "checkpoint"
+    model_name: str | None = "model"  # the final weights at the end of fit (None: not logged)
     prune: str = "keep"
     tags: tuple[str, ...] = ()
 
@@ -157,6 +158,28 @@ class RunSession:
         next checkpoint descends from it."""
         self.resumed_from = key
 
+    def log_model(self, module: Any, trainer: Any) -> ArtifactMetadata | None:
+        """The final weights after ``fit`` as a ``model`` version (safetensors of the module's
+        ``state_dict``), descending from the newest checkpoint. Weights only, nothing that
+        names the run: two runs that train the same weights (same seed, ``deterministic``)
+        share one version and one blob, as checkpoints — which carry their run — cannot."""
+        name = self.settings.model_name
+        if name is None or not self.active:
+            return None
+        tensors = {k: v for k, v in module.state_dict().items() if _is_tensor(v)}
+        parents = [*self.parents, *([self.previous] if self.previous else [])]
+        metadata = {"global_step": _int_or_none(getattr(trainer, "global_step", None)),
+                    "epoch": _int_or_none(getattr(trainer, "current_epoch", None)),
+                    "run_id": self.run_id}
+        try:
+            with rank_zero_only():  # rank 0's weights (DDP keeps every rank's equal)
+                return self.manager.log_artifact(name, ArtifactType.MODEL, data=tensors or {},
+                                                 metadata=metadata, parent_artifacts=parents)
+        except ReproError as exc:  # e.g. a dtype safetensors cannot store: the fit succeeded
+            warnings.warn(f"repro: the final weights were not logged as {name!r}: {exc}",
+                          RuntimeWarning, stacklevel=3)
+            return None
+
     def released(self, path: str) -> None:
         """Lightning deleted the checkpoint at ``path`` (top-k): with ``prune="mirror"`` its
         version is pruned too (aliases dropped, blobs left for ``repro gc``)."""
@@ -229,6 +252,10 @@ def _checkpoint_metadata(trainer: Any, path: str, run_id: str | None) -> dict[st
         "score": value if value is not None and math.isfinite(value) else None,
         "run_id": run_id,
     }
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.split(".", 1)[0] == "torch" and hasattr(value, "dtype")
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -59,6 +59,9 @@ class ReproCallback(Callback):
         prune: ``"keep"`` (default): a top-k file Lightning deletes keeps its version;
             ``"mirror"``: its version is pruned too (aliases dropped, ``repro gc`` reclaims it).
         checkpoint_name: the artifact name checkpoints are logged under.
+        model_name: the artifact name of the final weights logged after a successful
+            ``fit`` (safetensors of ``state_dict``, parent: the newest checkpoint); None: not
+            logged. Unlike checkpoints, which carry their run, equal weights share one version.
         tags: run tags.
     """
 
@@ -74,6 +77,7 @@ class ReproCallback(Callback):
         *,
         prune: str = "keep",
         checkpoint_name: str = "checkpoint",
+        model_name: str | None = "model",
         tags: list[str] | None = None,
     ) -> None:
         validate_project(project)
@@ -81,11 +85,13 @@ class ReproCallback(Callback):
             raise ValueError(f"checkpoint_format must be 'safetensors' or 'torch', got "
                              f"{checkpoint_format!r}")
         parse_key(checkpoint_name)
+        if model_name is not None:
+            parse_key(model_name)
         self.checkpoint_format = checkpoint_format
         self.session = RunSession(SessionSettings(
             project=project, name=name, datasets=_check_datasets(datasets),
             capture_level=capture_level, monitor_hardware=bool(monitor_hardware),
-            checkpoint_name=checkpoint_name, prune=check_prune(prune),
+            checkpoint_name=checkpoint_name, model_name=model_name, prune=check_prune(prune),
             tags=tuple(tags or ())))
         self._tap = MetricsTap(self._record_metrics) if log_metrics else None
         self._resume_id: str | None = None
@@ -143,6 +149,8 @@ class ReproCallback(Callback):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._tap is not None:
             self._tap.detach()
+        if stage == "fit" and self.session.active:
+            self.session.log_model(pl_module, trainer)
         self.session.finish(RunState.COMPLETED)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
