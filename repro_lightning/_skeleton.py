@@ -17,6 +17,7 @@ JSON str / int / true / false / null  the same value
 ``["o", pairs]`` / ``["o", pairs, meta]``  OrderedDict, with its ``_metadata`` attribute if any
 ``["AD", pairs, module]``          Lightning ``AttributeDict`` (``module`` says which one)
 ``["ns", [[name, v]…]]``           argparse.Namespace
+``["OC", kind, node]`` ``["OCT", kind]``  OmegaConf DictConfig/ListConfig (unresolved), its class
 ``["set", [n…]]`` ``["fs", [n…]]``  set, frozenset (sorted by encoded text: deterministic)
 ``["T", name]``                    the tensor stored as ``name``
 ``["nd", name, dtype, shape]``     numpy array (not object dtype) whose data is tensor ``name``

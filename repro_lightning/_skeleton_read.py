@@ -365,7 +365,32 @@ _TEXT_LEAVES: dict[str, Callable[[str], Any]] = {
     "b": lambda s: base64.b64decode(s, validate=True),
     "ba": lambda s: bytearray(base64.b64decode(s, validate=True)),
 }
+def _omegaconf(decoder: _Decoder, node: list[Any], depth: int) -> Any:
+    """``["OC", kind, plain]`` → an OmegaConf config again; ``["OCT", kind]`` → its class.
+    Without omegaconf installed, the plain container (the class: None, as Lightning reads a
+    missing hparams type)."""
+    kind = node[1] if len(node) > 1 else None
+    if kind not in ("DictConfig", "ListConfig"):
+        raise IntegrityError(f"unknown OmegaConf kind {_short(kind)} in the skeleton")
+    if node[0] == "OCT":
+        _args(node, str)
+    else:
+        _args(node, str, type(node[2]) if len(node) == 3 else list)
+    try:
+        import omegaconf
+    except ImportError:
+        return None if node[0] == "OCT" else decoder.value(node[2], depth)
+    if node[0] == "OCT":
+        return getattr(omegaconf, kind)
+    plain = decoder.value(node[2], depth)
+    expected = dict if kind == "DictConfig" else list
+    if type(plain) is not expected:
+        raise IntegrityError(f"an OmegaConf {kind} holding {_short(plain)}")
+    return omegaconf.OmegaConf.create(plain)
+
+
 _HANDLERS: dict[str, Callable[[_Decoder, list[Any], int], Any]] = {
+    "OC": _omegaconf, "OCT": _omegaconf,
     "l": _Decoder._items, "t": lambda d, n, depth: tuple(d._items(n, depth)),
     "set": lambda d, n, depth: set(d._items(n, depth)),
     "fs": lambda d, n, depth: frozenset(d._items(n, depth)),

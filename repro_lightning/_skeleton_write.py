@@ -81,10 +81,9 @@ class _Encoder:
             return leaf(x)
         if kind is torch.Tensor or kind is torch.nn.Parameter:
             return ["T", self._tensor(x, path, name)]
-        if kind is np.ndarray:
-            return self._array(x, path, name)
-        if isinstance(x, np.generic):
-            return self._numpy_scalar(x, path, name)
+        special = self._special(x, path, name, depth)
+        if special is not None:
+            return special
         tag = _container_tag(x)
         if tag is None:
             raise _refuse(x, path)
@@ -100,6 +99,21 @@ class _Encoder:
         node = self._container(tag, x, path, name, depth + 1)
         self._on_path.discard(id(x))
         return node
+
+    def _special(self, x: Any, path: str, name: str, depth: int) -> list[Any] | None:
+        """numpy arrays and scalars, OmegaConf configs (and the class Lightning stores with
+        OmegaConf hparams); None for anything else."""
+        if type(x) is np.ndarray:
+            return self._array(x, path, name)  # type: ignore[no-any-return]
+        if isinstance(x, np.generic):
+            return self._numpy_scalar(x, path, name)  # type: ignore[no-any-return]
+        omega = _omegaconf_node(x)
+        if omega is None:
+            return None
+        kind_name, plain = omega
+        if plain is _CLASS:
+            return ["OCT", kind_name]
+        return ["OC", kind_name, self.value(plain, path, name, depth + 1)]
 
     def _container(self, tag: str, x: Any, path: str, name: str, depth: int) -> list[Any]:
         if tag in ("l", "t"):
@@ -201,6 +215,27 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
     if problem is not None:
         raise CheckpointEncodingError(
             f"{_where(path)} is {problem}; {_FIX}", path=path)
+
+
+_CLASS = object()
+_OMEGA_KINDS = ("DictConfig", "ListConfig")
+
+
+def _omegaconf_node(x: Any) -> tuple[str, Any] | None:
+    """An OmegaConf ``DictConfig``/``ListConfig`` as (kind, plain container, unresolved: the
+    interpolations stay as written), or the class itself as (kind, ``_CLASS``) — Lightning
+    stores ``type(hparams)`` beside OmegaConf hparams. None for anything else."""
+    if isinstance(x, type):
+        module, kind_name = x.__module__, x.__name__
+        if module.split(".", 1)[0] == "omegaconf" and kind_name in _OMEGA_KINDS:
+            return kind_name, _CLASS
+        return None
+    kind = type(x)
+    if kind.__module__.split(".", 1)[0] != "omegaconf" or kind.__name__ not in _OMEGA_KINDS:
+        return None
+    from omegaconf import OmegaConf
+
+    return kind.__name__, OmegaConf.to_container(x, resolve=False)
 
 
 def _container_tag(x: Any) -> str | None:

@@ -100,7 +100,7 @@ class TorchLoggingCheckpointIO(TorchCheckpointIO):
         # every save a new file; the earlier version stays whole in the store.
         if self.session is not None and self.session.active:
             _unlink_link(os.fspath(path))
-        super().save_checkpoint(checkpoint, path, storage_options)
+        super().save_checkpoint(checkpoint, path, storage_options=storage_options)
         if self.session is not None:
             self.session.log_checkpoint(None, os.fspath(path), self.trainer)
 

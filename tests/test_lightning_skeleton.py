@@ -439,6 +439,23 @@ def test_extra_metadata_is_checked() -> None:
             payload({}, bad)  # type: ignore[arg-type]
 
 
+def test_omegaconf_hparams_round_trip_unresolved(tmp_path: Path) -> None:
+    """Lightning stores OmegaConf hparams as the config itself plus its class
+    (``hparams_type``); both come back, interpolations as written, without pickle."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    hparams = OmegaConf.create({"lr": 0.1, "model": {"width": 8, "name": "${lr}"},
+                                "layers": [1, 2]})
+    checkpoint = {"hyper_parameters": hparams, "hparams_type": DictConfig,
+                  "extra": OmegaConf.create([1, {"a": None}]), "kind": ListConfig}
+    back = load(write(checkpoint, tmp_path / "oc.ckpt"))
+    assert type(back["hyper_parameters"]) is DictConfig and back["hparams_type"] is DictConfig
+    assert OmegaConf.to_container(back["hyper_parameters"]) == OmegaConf.to_container(hparams)
+    assert back["hyper_parameters"].model.name == 0.1  # the interpolation still resolves
+    assert type(back["extra"]) is ListConfig and back["kind"] is ListConfig
+    assert OmegaConf.to_container(back["extra"]) == [1, {"a": None}]
+
+
 # -- forged and foreign files -------------------------------------------------------------------
 
 
@@ -461,6 +478,8 @@ def _deep(levels: int) -> str:
     '{"root":["d",[["a",["d",[[1]]]]]]}', '{"root":["d",[["a",["set",[["l",[]]]]]]]}',
     '{"root":["d",[["a",["nd","x","<f4",[2]]],["b",["nd","x","<f4",[2]]]]]}',
     '{"root":["d",[["a",["o",[],1,2]]]]}', '{"root":["d",[["a",["npv","not a dtype",1]]]]}',
+    '{"root":["d",[["a",["OC","Evil",["d",[]]]]]]}', '{"root":["d",[["a",["OCT","os"]]]]}',
+    '{"root":["d",[["a",["OC","DictConfig",["l",[]]]]]]}', '{"root":["d",[["a",["OC"]]]]}',
     _deep(100_000), _deep(sk._MAX_DEPTH + 50),
 ])
 def test_forged_skeletons_fail_typed(skeleton: str, tmp_path: Path) -> None:
