@@ -209,7 +209,12 @@ class ExperimentContext:
         writer = self.manager.metrics_writer()
         if writer is None:
             return
-        for index, sample in enumerate(samples):
+        # A resumed run's samples continue the numbering, so the merged view (later segment
+        # wins from its first index on) keeps the earlier segments' samples.
+        first = 0
+        if self.run is not None and self.run.resumed and self.run.id is not None:
+            first = self.manager.registry().next_metric_step(self.run.id, hardware=True)
+        for index, sample in enumerate(samples, start=first):
             # ("samples": how many raw samples a merged one stands for — not a measurement)
             values = {f"hardware/{k}": v for k, v in sample.items()
                       if k not in ("t", "gpus", "samples") and isinstance(v, (int, float))}

@@ -44,6 +44,7 @@ from .errors import (
     RankMismatchError,
     ReproError,
     RunStateError,
+    StorageError,
     StoreNotFoundError,
 )
 from .metrics import MetricsWriter
@@ -243,7 +244,18 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
                 key=str(run_id))
         else:
             run.id = run_id or secrets.token_hex(6)
-            registry.create_run(_owner_row(run))
+            try:
+                registry.create_run(_owner_row(run))
+            except StorageError:
+                # Another process created this id between our check and our insert (two
+                # jobs resuming one new id at once): the id is taken, so this is a resume
+                # (refused while that process holds it) or, with resume='never', a clash.
+                if run_id is None or not registry.has_run(run_id):
+                    raise
+                if resume == "never":
+                    raise RunStateError(f"run {run_id} was just created by another process; "
+                                        "pass another run_id") from None
+                self._resume_run(registry, run, run_id)
         assert run.id is not None
         try:
             self._export_run(run.id, config=run.config)
@@ -263,7 +275,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
                 f"run {run_id} belongs to project {stored.project!r}, not {run.project!r}; "
                 f"pass project={stored.project!r} to resume it", argument="project")
         run.id = run_id
-        changed = bool(run.config) and run.config != stored.config
+        changed = _config_changed(run.config, stored.config)
         reason = (f"resumed in process {os.getpid()} on {socket.gethostname()} after "
                   f"{stored.state}" + ("; config updated" if changed else ""))
         row = registry.resume_run(run_id, _owner_row(run), reason=reason,
@@ -438,6 +450,14 @@ def _finish_at_exit(outcome: _exit.Outcome) -> None:
         manager._finish(run, state, reason=reason)
     finally:
         manager._run = None
+
+
+def _config_changed(given: dict[str, Any], stored: dict[str, Any]) -> bool:
+    """Whether a resume brings a config of its own. Repro's bookkeeping (``_repro``, which
+    ``ExperimentContext`` adds) alone is not one: resuming without a config keeps the run's."""
+    def own(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k != "_repro"}
+    return bool(own(given)) and given != stored
 
 
 def _owner_row(run: Run) -> RunRow:

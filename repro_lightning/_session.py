@@ -111,8 +111,8 @@ class RunSession:
         """Metrics at ``step``; with a TTRLLogger, a reward (+ confidence, KL) is also an
         online-update row linked to the checkpoint in force. Written on rank 0 only."""
         context = self.context
-        if context is None or self.manager.rank != 0:
-            return
+        if context is None or context.run is None or not context.run.is_rank_zero:
+            return  # (the rank was read once, when the run started: this runs every step)
         keys = self.ttrl_keys
         if keys is not None and keys[0] in values and isinstance(context, TTRLContext):
             reward, confidence, kl = keys

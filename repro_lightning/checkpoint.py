@@ -8,9 +8,10 @@
 
 ``LightningModule.load_from_checkpoint(path)`` calls ``torch.load`` directly, bypassing every
 ``CheckpointIO``, so on a safetensors checkpoint it would fail to unpickle. Importing
-``repro_lightning`` therefore wraps the loader that method uses (``lightning.pytorch.core.saving
-.pl_load``): a file that is a repro checkpoint is read without pickle; any other goes to the
-original loader unchanged.
+``repro_lightning`` therefore wraps the loader that method and Lightning's default
+``TorchCheckpointIO`` use (``pl_load`` in ``lightning.pytorch.core.saving`` and
+``lightning.fabric.plugins.io.torch_io``): a file that is a repro checkpoint is read without
+pickle; any other goes to the original loader unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any, TypeVar
 
+from lightning.fabric.plugins.io import torch_io
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core import saving
 
@@ -111,3 +113,7 @@ def _repro_aware_load(path_or_url: Any, map_location: Any = None,
 _ORIGINAL_LOAD = getattr(saving.pl_load, "__wrapped__", saving.pl_load)
 _repro_aware_load.__wrapped__ = _ORIGINAL_LOAD  # type: ignore[attr-defined]
 saving.pl_load = _repro_aware_load
+# Lightning's default TorchCheckpointIO loads through the same function: a Trainer without
+# ReproCallback (or the main process of a ``ddp_spawn`` job, which reads back the weights its
+# rank-0 worker saved) reads repro checkpoints too, still without pickle.
+torch_io.pl_load = _repro_aware_load

@@ -376,3 +376,20 @@ def test_prune_event_lines_are_json(root: Path) -> None:
     prune = json.loads(lines[-1])
     assert prune["event"] == "prune" and prune["key"] == "default/a:v1"
     assert prune["aliases"] == []  # v1 had no alias left when pruned
+
+
+def test_the_cli_marks_pruned_versions(root: Path) -> None:
+    from click.testing import CliRunner
+
+    from repro_core.cli import main
+
+    manager = _manager(root)
+    _three(manager)
+    manager.prune_version("ckpt:v1")
+    listed = CliRunner().invoke(main, ["artifacts", "ckpt", "--root", str(root), "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["version"]: r for r in json.loads(listed.stdout)}
+    assert rows["v1"]["pruned_at"] and rows["v2"]["pruned_at"] is None
+    table = CliRunner().invoke(main, ["artifacts", "ckpt", "--root", str(root)])
+    line = next(x for x in table.stdout.splitlines() if "ckpt:v1" in x)
+    assert "pruned" in line

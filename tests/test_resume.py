@@ -668,3 +668,76 @@ def test_a_resume_whose_export_fails_does_not_leave_the_run_held(
     again = manager.init_run("r", run_id=run.id, resume="must")  # not refused as "alive"
     assert again.segment == 2
     manager.finalize_run()
+
+
+# -- review follow-ups -------------------------------------------------------------------------
+
+
+def test_a_context_resumed_without_config_keeps_the_runs_config(
+        fresh: None, tmp_path: Path) -> None:
+    """``ExperimentContext`` adds its bookkeeping (``_repro``) to every config: that alone is
+    not a config of the resume's own, so the run's stored config stays."""
+    from repro_core import ExperimentContext
+
+    with ExperimentContext({"lr": 0.1}, name="ctx", root=tmp_path / "s",
+                           monitor_hardware=False) as first:
+        assert first.run is not None
+        run_id = first.run.id
+    _manager(tmp_path / "s")
+    with ExperimentContext(name="ctx", root=tmp_path / "s", monitor_hardware=False,
+                           run_id=run_id, resume="must") as again:
+        assert again.run is not None and again.run.config["lr"] == 0.1
+    record = ArtifactManager().get_run(run_id)
+    assert record["config"]["lr"] == 0.1
+    assert "config updated" not in (record["states"][-2][2] or "")
+
+
+@pytest.mark.parametrize("resume", ["allow", "never"])
+def test_an_id_taken_between_check_and_insert_is_a_resume_or_a_clear_clash(
+        fresh: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resume: str) -> None:
+    """Two jobs starting one new id at once: the loser of the insert sees the id taken. With
+    ``allow`` it continues that run; with ``never`` it gets a RunStateError (not the SQL
+    UNIQUE error as a StorageError)."""
+    manager = _manager(tmp_path / "s")
+    manager.init_run("winner", run_id="shared-id", resume="never")
+    manager.finalize_run()
+    manager = _manager(tmp_path / "s")
+    real, calls = Registry.has_run, []
+
+    def raced(self: Registry, run_id: str) -> bool:  # the first check runs before the insert
+        calls.append(run_id)
+        return False if len(calls) == 1 else real(self, run_id)
+
+    monkeypatch.setattr(Registry, "has_run", raced)
+    if resume == "never":
+        with pytest.raises(RunStateError, match="another process"):
+            manager.init_run("loser", run_id="shared-id", resume="never")
+        return
+    run = manager.init_run("loser", run_id="shared-id", resume="allow")
+    assert run.id == "shared-id" and run.segment == 1 and run.name == "winner"
+    manager.finalize_run()
+
+
+def test_hardware_samples_of_a_resumed_run_continue_the_numbering(
+        fresh: None, tmp_path: Path) -> None:
+    """Hardware series are indexed by sample number; a resumed segment continues after the
+    earlier samples, so the merged view keeps both segments' samples."""
+    from repro_core import ExperimentContext
+
+    def one_segment(**resume: str) -> str:
+        with ExperimentContext({"lr": 1}, name="hw", root=tmp_path / "s",
+                               monitor_interval=0.05, **resume) as ctx:
+            time.sleep(0.3)
+            assert ctx.run is not None and ctx.run.id is not None
+            return ctx.run.id
+
+    run_id = one_segment()
+    _manager(tmp_path / "s")
+    one_segment(run_id=run_id, resume="must")
+    manager = ArtifactManager()
+    first = manager.get_metrics(run_id, ["hardware/t"], segment=0)["hardware/t"]
+    second = manager.get_metrics(run_id, ["hardware/t"], segment=1)["hardware/t"]
+    merged = manager.get_metrics(run_id, ["hardware/t"])["hardware/t"]
+    assert first and second
+    assert second[0][0] == first[-1][0] + 1
+    assert len(merged) == len(first) + len(second)

@@ -31,7 +31,8 @@ __all__ = ["artifacts"]
 @json_option
 def artifacts(name: str | None, project: str | None, root: Path | None, as_json: bool) -> None:
     """List artifact versions (all, one project's, or one artifact's): project, key, type,
-    aliases, digest, size, run."""
+    aliases, digest, size, run. A pruned version (content released) shows "pruned" in place
+    of its aliases; its lineage stays."""
     name, project = _split_name(name, project)
     with open_registry(root) as registry:
         rows = [_version_dict(registry, v) for v in registry.list_versions(name, project)]
@@ -44,7 +45,8 @@ def artifacts(name: str | None, project: str | None, root: Path | None, as_json:
     out = table("project", "artifact", "type", "aliases", "digest", "size", "run", "created")
     for r in rows:
         out.add_row(r["project"], f"{r['name']}:{r['version']}", r["type"],
-                    ", ".join(r["aliases"]), r["digest"][:19], fmt_size(r["size"]),
+                    "pruned" if r["pruned_at"] else ", ".join(r["aliases"]), r["digest"][:19],
+                    fmt_size(r["size"]),
                     r["run_id"] or "-", r["created_at"][:19])
     console().print(out)
 
@@ -67,4 +69,4 @@ def _version_dict(registry: Registry, v: VersionRow) -> dict[str, Any]:
     return {"key": v.key, "project": v.project, "name": v.name, "version": f"v{v.version}",
             "type": v.type, "aliases": registry.aliases_of(v.id), "digest": v.digest,
             "size": v.size, "format": v.format, "run_id": v.run_id,
-            "created_at": v.created_at, "metadata": v.metadata}
+            "created_at": v.created_at, "metadata": v.metadata, "pruned_at": v.pruned_at}

@@ -155,12 +155,14 @@ class RunQueries(Connection):
         """Whether a run with exactly this id exists (no prefix matching)."""
         return bool(self._read("SELECT 1 FROM runs WHERE id = ?", (run_id,)))
 
-    def next_metric_step(self, run_id: str) -> int:
+    def next_metric_step(self, run_id: str, *, hardware: bool = False) -> int:
         """One past the highest step the run logged: where a resumed run's automatic steps
         continue. The ``hardware/…`` series ``ExperimentContext`` stores are indexed by sample
-        number, not by step (``advance=False``): they do not count."""
+        number, not by step (``advance=False``): they do not count — ``hardware=True`` asks
+        for the next sample number instead (a resumed run's samples continue after it)."""
+        test = "GLOB" if hardware else "NOT GLOB"
         row = self._read("SELECT MAX(c.last_step) FROM metric_chunks c JOIN metric_series s"
-                         " ON s.id = c.series_id WHERE s.run_id = ? AND s.key NOT GLOB"
+                         f" ON s.id = c.series_id WHERE s.run_id = ? AND s.key {test}"
                          " 'hardware/*'", (run_id,))
         last = row[0][0] if row else None
         return int(last) + 1 if isinstance(last, int) and last >= 0 else 0

