@@ -46,7 +46,7 @@ class _Digester:
         if algorithm == "blake3":
             import blake3
 
-            threads = blake3.blake3.AUTO if parallel else 1
+            threads = blake3.blake3.AUTO if parallel and not _forked else 1
             self._h: Hasher = blake3.blake3(max_threads=threads)
         else:
             self._h = hashlib.sha256()
@@ -64,6 +64,21 @@ class _Digester:
 
     def digest(self) -> str:
         return f"{self.algorithm}:{self._h.hexdigest()}"
+
+
+# BLAKE3's threads come from a process-wide pool (rayon) that a fork() does not copy: in a
+# forked child whose parent had hashed in parallel, a parallel update waits forever for
+# workers that do not exist. Forked children hash on one thread.
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def new_hasher(algorithm: str = "blake3", *, parallel: bool = False) -> _Digester:

@@ -192,3 +192,29 @@ def test_blob_identity_ignores_new_links_but_not_writes(store: LocalStorageBacke
     with open(tmp_path / "link", "r+b") as f:  # root writes despite 0444
         f.write(b"y")
     assert not known.vouches_for(os.lstat(blob))
+
+
+def test_big_writes_are_hashed_while_written(store: LocalStorageBackend) -> None:
+    """Chunks of 4 MiB and more are hashed in another thread while they are written: the
+    digest must still be the content's, in order, small and big chunks mixed, also in a
+    forked child (which has none of the parent's hashing threads)."""
+    chunks = [os.urandom(5 << 20), b"small", os.urandom(4 << 20), bytearray(os.urandom(9 << 20))]
+    expected = hash_bytes(b"".join(chunks))
+    with store.open_writer() as writer:
+        for chunk in chunks:
+            assert writer.write(chunk) == len(chunk)
+        digest, size = writer.commit()
+    assert (digest, size) == (expected, sum(map(len, chunks)))
+    assert store.blob_path(digest).read_bytes() == b"".join(chunks)
+    pid = os.fork()
+    if pid == 0:  # the child writes a new big blob and reports through its exit status
+        code = 1
+        try:
+            data = os.urandom(6 << 20)
+            with store.open_writer() as child:
+                child.write(data)
+                code = 0 if child.commit()[0] == hash_bytes(data) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
