@@ -72,6 +72,7 @@ class ExperimentContext:
         run_id: str | None = None,
         resume: str = "never",
         handle_sigterm: bool = True,
+        capture_in_background: bool = False,
     ) -> None:
         """Validate everything now, before any run is opened or file written.
 
@@ -81,6 +82,9 @@ class ExperimentContext:
         ``run_id``/``resume`` continue an earlier run (``ArtifactManager.init_run``).
         ``handle_sigterm=False`` leaves SIGTERM to a host that handles it itself (Lightning
         turns it into an exception at the next step; the adapter then calls :meth:`close`).
+        ``capture_in_background=True`` captures the environment (every installed package,
+        git, devices: ~0.1-0.3 s) in a thread while the program goes on — the training loop
+        of an adapter — and the run's end waits for it.
         """
         self.capture_level = coerce_level(capture_level if capture_level is not None
                                           else self._default_level)
@@ -96,6 +100,9 @@ class ExperimentContext:
         self._previous_sigterm: Any = None
         self._sigterm_installed = False
         self._run_id, self._resume, self._handle_sigterm = run_id, resume, handle_sigterm
+        self._background = bool(capture_in_background)
+        self._capturing: threading.Thread | None = None
+        self._capture_error: BaseException | None = None
 
     # -- enter / exit -------------------------------------------------------------------------
 
@@ -124,6 +131,29 @@ class ExperimentContext:
     def _capture(self) -> None:
         self.config_artifact = self.manager.log_artifact("config", ArtifactType.CONFIG,
                                                          data=self.config)
+        if not self._background:
+            self._capture_environment()
+        elif self.run is not None and self.run.is_rank_zero:
+            self._capturing = threading.Thread(target=self._capture_quietly, daemon=True,
+                                               name="repro-capture-environment")
+            self._capturing.start()
+
+    def _capture_quietly(self) -> None:
+        try:
+            self._capture_environment()
+        except BaseException as exc:  # reported when the run ends (_join_capture)
+            self._capture_error = exc
+
+    def _join_capture(self) -> None:
+        thread, self._capturing = self._capturing, None
+        if thread is not None:
+            thread.join()
+        error, self._capture_error = self._capture_error, None
+        if error is not None:
+            warnings.warn(f"repro could not capture the environment of run {self.name!r}: "
+                          f"{error!r}", RuntimeWarning, stacklevel=3)
+
+    def _capture_environment(self) -> None:
         # What each rank sees of its machine differs (devices, processes): rank 0's is kept,
         # logged as rank 0's alone so no rank waits for an answer to different arguments.
         with rank_zero_only():
@@ -167,6 +197,7 @@ class ExperimentContext:
     def _finish(self, state: RunState, exc: BaseException | None, *,
                 alone: bool | None = None) -> None:
         self._restore_sigterm()
+        self._join_capture()
         # After an error, another rank may be dead or stuck in a collective: rank 0 records
         # the end alone (calls that publish nothing, no barrier); other ranks let go.
         alone = exc is not None if alone is None else alone

@@ -87,7 +87,7 @@ class RunSession:
             config, name=settings.name, project=settings.project, tags=list(settings.tags),
             capture_level=settings.capture_level, monitor_hardware=settings.monitor_hardware,
             run_id=run_id or self.planned_id, resume="allow" if run_id else "never",
-            handle_sigterm=False)
+            handle_sigterm=False, capture_in_background=True)
         context.__enter__()
         self.context = context
         self.planned_id = secrets.token_hex(6)  # (a later new run of this Trainer: another)
@@ -119,7 +119,7 @@ class RunSession:
             context.log_online_update(
                 f"step-{step}", values[reward], values.get(confidence, math.nan),
                 values.get(kl), metadata={"step": step})
-        self.manager.log_metrics(values, step=step)
+        context.manager.log_metrics(values, step=step)  # (the run's manager: no lookup)
 
     # -- checkpoints (global rank 0 only) ---------------------------------------------------
 

@@ -98,7 +98,12 @@ class ReproCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(project=self.session.settings.project)
+        # Lightning reads it for every hook call (profiler names): computed once.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._state_key = self._generate_state_key(
+                project=self.session.settings.project)
+        return key
 
     @property
     def run_id(self) -> str | None:

@@ -421,3 +421,41 @@ def test_sigterm_chains_previous_handler(manager: ArtifactManager, store_root: P
         f"exit {128 + signal.SIGTERM} restored True")
     assert code == 128 + signal.SIGTERM
     assert manager.get_run(run_id)["state"] == "interrupted"
+
+
+def test_environment_captured_in_background_is_logged_by_the_end(
+        manager: ArtifactManager, store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``capture_in_background=True`` (what the Lightning adapter uses) returns from enter
+    before the capture is done, and the run's end waits for it: the environment is logged."""
+    import threading
+
+    from repro_core import context as context_module
+
+    release = threading.Event()
+    real = context_module.capture_environment
+
+    def slow_capture(level: Any) -> dict[str, Any]:
+        assert release.wait(10)
+        return real(level)
+
+    monkeypatch.setattr(context_module, "capture_environment", slow_capture)
+    with _ctx(store_root, capture_in_background=True) as ctx:
+        assert not [m for m in manager.list_artifacts() if m.name == "environment"]
+        release.set()
+        run_id = ctx.run.id if ctx.run else None
+    assert _state(run_id) == "completed"
+    assert [m.name for m in manager.list_artifacts() if m.name == "environment"]
+
+
+def test_a_failed_background_capture_is_a_warning_not_a_failed_run(
+        manager: ArtifactManager, store_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from repro_core import context as context_module
+
+    def broken(level: Any) -> dict[str, Any]:
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(context_module, "capture_environment", broken)
+    with pytest.warns(RuntimeWarning, match="could not capture the environment"), \
+            _ctx(store_root, capture_in_background=True) as ctx:
+        run_id = ctx.run.id if ctx.run else None
+    assert _state(run_id) == "completed"
