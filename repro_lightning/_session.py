@@ -144,7 +144,8 @@ class RunSession:
                     settings.checkpoint_name, ArtifactType.CHECKPOINT, data=data,
                     metadata=metadata, parent_artifacts=parents, aliases=aliases)
         assert meta is not None  # (rank 0)
-        self.manager.link_version(meta.key, path)
+        if not os.path.isdir(path):  # (a sharded strategy's directory stays as written)
+            self.manager.link_version(meta.key, path)
         if isinstance(self.context, TTRLContext):  # later online updates link to it
             self.context.set_model_version(meta.key)
         if aliases:

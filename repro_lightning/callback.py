@@ -32,7 +32,7 @@ from repro_core.capture import EnvironmentCaptureLevel
 from repro_core.types import parse_key, validate_project
 
 from ._config import training_config
-from ._install import install_checkpoint_io
+from ._install import install_checkpoint_io, log_directory_saves, stop_directory_saves
 from ._metrics_tap import MetricsTap
 from ._session import RunSession, SessionSettings, check_prune
 from .logger import ReproLogger
@@ -117,6 +117,7 @@ class ReproCallback(Callback):
             if isinstance(logger, ReproLogger):
                 logger.share(self.session, records_metrics=self._tap is not None)
         install_checkpoint_io(trainer, self.session, self.checkpoint_format)
+        log_directory_saves(trainer, self.session)
         if self._tap is not None:
             self._tap.attach(trainer)
 
@@ -152,6 +153,7 @@ class ReproCallback(Callback):
                            inputs=(loaded,) if loaded and not self.session.run_id else ())
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        stop_directory_saves(trainer)
         if self._tap is not None:
             self._tap.detach()
         if stage == "fit" and self.session.active:
@@ -159,6 +161,7 @@ class ReproCallback(Callback):
         self.session.finish(RunState.COMPLETED)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        stop_directory_saves(trainer)
         if self._tap is not None:
             self._tap.detach()
         interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))

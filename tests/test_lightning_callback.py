@@ -10,6 +10,7 @@ loading back, pruning, argument errors, other loggers beside it, and determinism
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -21,8 +22,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_scripts.common import TinyModel, trainer_kwargs
+from safetensors.torch import save_file
 
 import repro_lightning
 from repro_core import (
@@ -346,6 +349,37 @@ def test_torch_format_resaving_last_never_rewrites_an_earlier_blob(
     assert len(lasts) > 1
     report = verify_store(store)
     assert report.ok, report.problems
+
+
+class DirectoryStrategy(SingleDeviceStrategy):
+    """Saves the way sharded strategies (DeepSpeed, FSDP ``state_dict_type="sharded"``) do:
+    a checkpoint *directory* of shard files written by the strategy's own code, never
+    through the ``CheckpointIO``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
+                        storage_options: Any | None = None) -> None:
+        os.makedirs(filepath, exist_ok=True)
+        state = {k: v.contiguous() for k, v in checkpoint["state_dict"].items()}
+        save_file(state, os.path.join(filepath, "model-shard-0.safetensors"))
+        meta = {"global_step": checkpoint["global_step"], "epoch": checkpoint["epoch"]}
+        with open(os.path.join(filepath, "meta.json"), "w") as f:
+            json.dump(meta, f)
+
+
+def test_a_strategy_that_saves_directories_gets_them_logged(store: Path) -> None:
+    checkpoint = CountingCheckpoint(dirpath=store.parent / "ckpt", save_top_k=-1)
+    trainer = fit(callbacks=[repro(), checkpoint], max_epochs=2,
+                  strategy=DirectoryStrategy(device=torch.device("cpu")))
+    logged = versions()
+    assert [m.metadata["path"] for m in logged] == checkpoint.saved
+    for meta in logged:
+        assert meta.format == "directory"
+        served = ArtifactManager().artifact_path(meta.key)
+        assert sorted(p.name for p in served.iterdir()) == ["meta.json",
+                                                             "model-shard-0.safetensors"]
+        assert Path(meta.metadata["path"]).is_dir()  # left as the strategy wrote it
+    assert "save_checkpoint" not in trainer.__dict__  # unwrapped at the end: picklable
+    assert verify_store(store).ok
 
 
 # -- loading back --------------------------------------------------------------------------------
