@@ -69,7 +69,8 @@ class LocalReads:
     def identify_file(self, path: str | os.PathLike[str], name: str
                       ) -> ArtifactMetadata | None:
         """The version of artifact ``name`` whose content is the file at ``path`` (hashed
-        now, with the store's algorithm), or None when no version of ``name`` holds it.
+        now, with the store's algorithm), or None when no version of ``name`` holds it — a
+        pruned version included (its content is gone from the store, not from this file).
         No store at all is ``StoreNotFoundError``."""
         parse_key(name)  # validates the name before any I/O
         registry = self._read_registry()
@@ -78,7 +79,7 @@ class LocalReads:
             row = self._resolve(registry, parse_key(f"{name}@{digest}"))
         except ArtifactNotFoundError:
             return None
-        return metadata_from_row(registry, row, None) if row.pruned_at is None else None
+        return metadata_from_row(registry, row, None)  # (a pruned version's intact file too)
 
     def has_run(self, run_id: str) -> bool:
         """Whether the store records a run with exactly this id (False without a store)."""

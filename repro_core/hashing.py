@@ -8,9 +8,12 @@ GIL on big buffers). Memory stays flat whatever the file size.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
@@ -79,6 +82,47 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_OVERLAP_BYTES = 4 << 20
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def update_while_writing(hasher: _Digester, view: memoryview,
+                         write: Callable[[], object]) -> None:
+    """``hasher.update(view)`` and ``write()`` (which writes ``view`` somewhere), overlapped
+    for big chunks: BLAKE3 and ``write(2)`` both release the GIL, so hashing a checkpoint's
+    tensor in another thread while it is written hides the hashing time instead of adding
+    it. Both are done when this returns (the caller may reuse its buffer); a failed write's
+    error is the one raised. Small chunks, forked children and an interpreter that is
+    shutting down (no new threads) do the two in turn."""
+    pool = _hash_pool() if len(view) >= _OVERLAP_BYTES else None
+    future = None
+    if pool is not None:
+        with contextlib.suppress(RuntimeError):  # "cannot schedule new futures after shutdown"
+            future = pool.submit(hasher.update, view)
+    if future is None:
+        hasher.update(view)
+        write()
+        return
+    try:
+        write()
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            future.result()
+        raise
+    future.result()
+
+
+def _hash_pool() -> concurrent.futures.ThreadPoolExecutor | None:
+    global _pool
+    if _forked:
+        return None  # (its thread pool would not exist in the child)
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="repro-hash")
+        return _pool
 
 
 def new_hasher(algorithm: str = "blake3", *, parallel: bool = False) -> _Digester:

@@ -55,7 +55,7 @@ class MetricsTap:
             def update_train_step_metrics() -> None:
                 self._sent = False
                 original_step()
-                if not self._sent and not _accumulating(trainer):
+                if not self._sent and trainer.global_rank == 0 and not _accumulating(trainer):
                     self._record(trainer, connector.metrics["log"], None)
 
             connector.update_train_step_metrics = update_train_step_metrics
@@ -73,8 +73,8 @@ class MetricsTap:
     def _record(self, trainer: Any, metrics: Mapping[str, Any], step: int | None) -> None:
         """Mirror ``_LoggerConnector.log_metrics``: a ``step`` value logged by the user is the
         step; otherwise the optimizer-step count, with the epoch added."""
-        if not metrics:
-            return
+        if not metrics or trainer.global_rank != 0:
+            return  # (only rank 0 records: no .item() device syncs elsewhere)
         scalars = {str(k): _scalar(v) for k, v in metrics.items()}
         values = {k: v for k, v in scalars.items() if v is not None}
         if step is None:

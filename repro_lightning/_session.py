@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ from repro_core.capture import EnvironmentCaptureLevel
 from repro_core.context import ExperimentContext
 from repro_core.errors import ReproError
 from repro_core.ttrl import TTRLContext
+from repro_core.types import parse_key
 
 __all__ = ["RunSession", "SessionSettings"]
 
@@ -58,6 +61,7 @@ class RunSession:
         self.ttrl_keys: tuple[str, str, str] | None = None  # set by a TTRLLogger: the run
         # is then a TTRLContext and values under these keys become online-update rows
         self.planned_id = secrets.token_hex(6)  # a new run's id, known before it starts
+        self._lock = threading.RLock()  # checkpoint bookkeeping (AsyncCheckpointIO's thread)
         self.alone = False  # only rank 0 drives it (a logger without ReproCallback)
 
     @property
@@ -69,7 +73,12 @@ class RunSession:
         its process and stays behind."""
         state = dict(self.__dict__)
         state["context"] = None
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -94,9 +103,11 @@ class RunSession:
         try:
             assert context.run is not None and context.config_artifact is not None
             self.run_id = context.run.id
-            used = [self.manager.use_artifact(key).key
-                    for key in [*settings.datasets.values(), *inputs]]
-            self.parents = [context.config_artifact.key, *used]
+            used = [self.manager.use_artifact(key).key for key in settings.datasets.values()]
+            with rank_zero_only():  # what this process loaded: rank 0's view decides
+                evaluated = [self.manager.use_artifact(key) for key in inputs]
+            self.parents = [context.config_artifact.key, *used,
+                            *(meta.key for meta in evaluated if meta is not None)]
         except BaseException as exc:
             self.finish(RunState.FAILED, exc)
             raise
@@ -123,17 +134,28 @@ class RunSession:
 
     # -- checkpoints (global rank 0 only) ---------------------------------------------------
 
-    def log_checkpoint(self, data: Any, path: str, trainer: Any) -> ArtifactMetadata | None:
+    def log_checkpoint(self, data: Any, path: str, trainer: Any, *, link: bool = True,
+                       checkpoint: dict[str, Any] | None = None) -> ArtifactMetadata | None:
         """Log what Lightning saves at ``path`` as a ``checkpoint`` version and put a link to
         it at ``path``. ``data`` is a ``repro_core`` Payload (safetensors, streamed into the
         store) or None for a file Lightning already wrote there (torch format). Returns None
-        when no run is active (the caller then writes the file itself)."""
+        when no run is active (the caller then writes the file itself). ``checkpoint``: the
+        dict being saved — its step and epoch are the version's (an ``AsyncCheckpointIO``
+        writes after training moved on); the bookkeeping is locked for the same reason."""
+        with self._lock:
+            return self._log_checkpoint(data, path, trainer, link, checkpoint)
+
+    def _log_checkpoint(self, data: Any, path: str, trainer: Any, link: bool,
+                        checkpoint: dict[str, Any] | None) -> ArtifactMetadata | None:
         if not self.active:
             return None
         settings = self.settings
         parents = [*self.parents, *([self.previous] if self.previous else [])]
         aliases = ["best"] if _is_best(trainer, path) else []
         metadata = _checkpoint_metadata(trainer, path, self.run_id)
+        for name in ("global_step", "epoch"):
+            if checkpoint is not None and _int_or_none(checkpoint.get(name)) is not None:
+                metadata[name] = checkpoint[name]
         with rank_zero_only():
             if data is None:
                 meta = self.manager.log_artifact(
@@ -144,7 +166,9 @@ class RunSession:
                     settings.checkpoint_name, ArtifactType.CHECKPOINT, data=data,
                     metadata=metadata, parent_artifacts=parents, aliases=aliases)
         assert meta is not None  # (rank 0)
-        if not os.path.isdir(path):  # (a sharded strategy's directory stays as written)
+        # A directory (a sharded strategy's) stays as written; ``link=False``: the writer of
+        # that path is not ours and might write into it in place (ReproLogger alone).
+        if link and not os.path.isdir(path):
             self.manager.link_version(meta.key, path)
         if isinstance(self.context, TTRLContext):  # later online updates link to it
             self.context.set_model_version(meta.key)
@@ -184,7 +208,8 @@ class RunSession:
     def released(self, path: str) -> None:
         """Lightning deleted the checkpoint at ``path`` (top-k): with ``prune="mirror"`` its
         version is pruned too (aliases dropped, blobs left for ``repro gc``)."""
-        key = self.paths.pop(os.path.abspath(path), None)
+        with self._lock:
+            key = self.paths.pop(os.path.abspath(path), None)
         if key is not None:
             self._maybe_prune(key)
 
@@ -233,6 +258,22 @@ def check_prune(prune: object) -> str:
         raise ValueError(f"prune must be 'keep' (top-k deletions keep their versions) or "
                          f"'mirror' (they are pruned too), got {prune!r}")
     return str(prune)
+
+
+def check_datasets(datasets: Mapping[str, str] | None) -> dict[str, str]:
+    if datasets is None:
+        return {}
+    if not isinstance(datasets, Mapping):
+        raise TypeError(f"datasets must be a mapping like {{'train': 'mnist:v3'}}, got "
+                        f"{datasets!r}")
+    checked = {}
+    for role, key in datasets.items():
+        if not isinstance(role, str) or not isinstance(key, str):
+            raise TypeError(f"datasets maps a role (str) to an artifact key (str), got "
+                            f"{role!r}: {key!r}")
+        parse_key(key)
+        checked[role] = key
+    return checked
 
 
 def _is_best(trainer: Any, path: str) -> bool:

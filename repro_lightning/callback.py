@@ -34,7 +34,7 @@ from repro_core.types import parse_key, validate_project
 from ._config import training_config
 from ._install import install_checkpoint_io, log_directory_saves, stop_directory_saves
 from ._metrics_tap import MetricsTap
-from ._session import RunSession, SessionSettings, check_prune
+from ._session import RunSession, SessionSettings, check_datasets, check_prune
 from .logger import ReproLogger
 
 __all__ = ["ReproCallback"]
@@ -58,6 +58,11 @@ class ReproCallback(Callback):
             ``log_every_n_steps`` says to the loggers).
         prune: ``"keep"`` (default): a top-k file Lightning deletes keeps its version;
             ``"mirror"``: its version is pruned too (aliases dropped, ``repro gc`` reclaims it).
+        resume: ``"allow"`` (default): ``fit(ckpt_path=...)`` with a checkpoint whose run this
+            store knows continues that run (a preempted job carries on); ``"never"``: every
+            ``fit`` is a new run, recording the checkpoint it starts from as an input (to
+            branch or fine-tune from another run's checkpoint). A checkpoint from a run this
+            store does not know always starts a new run.
         checkpoint_name: the artifact name checkpoints are logged under.
         model_name: the artifact name of the final weights logged after a successful
             ``fit`` (safetensors of ``state_dict``, parent: the newest checkpoint); None: not
@@ -79,6 +84,7 @@ class ReproCallback(Callback):
         checkpoint_name: str = "checkpoint",
         model_name: str | None = "model",
         tags: list[str] | None = None,
+        resume: str = "allow",
     ) -> None:
         validate_project(project)
         if checkpoint_format not in _FORMATS:
@@ -87,9 +93,12 @@ class ReproCallback(Callback):
         parse_key(checkpoint_name)
         if model_name is not None:
             parse_key(model_name)
-        self.checkpoint_format = checkpoint_format
+        if resume not in ("allow", "never"):
+            raise ValueError(f"resume must be 'allow' (continue the checkpoint's run) or "
+                             f"'never' (always a new run), got {resume!r}")
+        self.checkpoint_format, self.resume = checkpoint_format, resume
         self.session = RunSession(SessionSettings(
-            project=project, name=name, datasets=_check_datasets(datasets),
+            project=project, name=name, datasets=check_datasets(datasets),
             capture_level=capture_level, monitor_hardware=bool(monitor_hardware),
             checkpoint_name=checkpoint_name, model_name=model_name, prune=check_prune(prune),
             tags=tuple(tags or ())))
@@ -132,7 +141,12 @@ class ReproCallback(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if not self.session.active:
             run_id, self._resume_id = self._resume_id, None
-            self.session.start(training_config(trainer, pl_module), run_id=run_id)
+            if run_id is not None and (self.resume == "never"
+                                       or not self.session.manager.has_run(run_id)):
+                run_id = None  # (rank 0's answer decides the run; see init_run)
+            loaded = self.session.resumed_from
+            self.session.start(training_config(trainer, pl_module), run_id=run_id,
+                               inputs=(loaded,) if loaded and run_id is None else ())
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         self._start_evaluation(trainer, pl_module)
@@ -170,19 +184,3 @@ class ReproCallback(Callback):
 
     def _record_metrics(self, values: dict[str, float], step: int) -> None:
         self.session.record(values, step)
-
-
-def _check_datasets(datasets: Mapping[str, str] | None) -> dict[str, str]:
-    if datasets is None:
-        return {}
-    if not isinstance(datasets, Mapping):
-        raise TypeError(f"datasets must be a mapping like {{'train': 'mnist:v3'}}, got "
-                        f"{datasets!r}")
-    checked = {}
-    for role, key in datasets.items():
-        if not isinstance(role, str) or not isinstance(key, str):
-            raise TypeError(f"datasets maps a role (str) to an artifact key (str), got "
-                            f"{role!r}: {key!r}")
-        parse_key(key)
-        checked[role] = key
-    return checked

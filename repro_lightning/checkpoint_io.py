@@ -62,7 +62,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
             filename=os.path.basename(path))  # validated: nothing written on a bad value
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         session = self.session
-        if session is not None and session.log_checkpoint(payload, path, self.trainer):
+        if session is not None and session.log_checkpoint(payload, path, self.trainer,
+                                                          checkpoint=checkpoint):
             return
         _write_atomic(payload, path)
 
@@ -98,11 +99,27 @@ class TorchLoggingCheckpointIO(TorchCheckpointIO):
         # another file system its final "move" is a copy *into* the existing file, which
         # would rewrite that blob (as root, whom 0444 does not stop). Unlinking first makes
         # every save a new file; the earlier version stays whole in the store.
-        if self.session is not None and self.session.active:
-            _unlink_link(os.fspath(path))
+        _unlink_link(os.fspath(path))  # (also after the run: the blob outlives it)
         super().save_checkpoint(checkpoint, path, storage_options=storage_options)
         if self.session is not None:
-            self.session.log_checkpoint(None, os.fspath(path), self.trainer)
+            self.session.log_checkpoint(None, os.fspath(path), self.trainer,
+                                        checkpoint=checkpoint)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        loaded = super().load_checkpoint(path, map_location=map_location,
+                                         weights_only=weights_only)
+        session = self.session
+        if session is not None:  # which version this is: the next checkpoint's parent
+            settings = session.settings
+            try:
+                meta = ArtifactManager().identify_file(
+                    os.fspath(path), f"{settings.project}/{settings.checkpoint_name}")
+            except (StoreNotFoundError, ArtifactNotFoundError, OSError):
+                meta = None
+            if meta is not None:
+                session.loaded(meta.key, os.fspath(path))
+        return loaded
 
     def remove_checkpoint(self, path: Any) -> None:
         super().remove_checkpoint(path)

@@ -22,9 +22,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from repro_core import RunState
 from repro_core.capture import EnvironmentCaptureLevel
-from repro_core.types import validate_project
+from repro_core.types import parse_key, validate_project
 
-from ._session import RunSession, SessionSettings
+from ._session import RunSession, SessionSettings, check_datasets
 
 __all__ = ["ReproLogger"]
 
@@ -49,8 +49,12 @@ class ReproLogger(Logger):
     ) -> None:
         super().__init__()
         validate_project(project)
+        parse_key(checkpoint_name)  # everything checked before any run or file exists
+        if tags is not None and (isinstance(tags, str) or not all(
+                isinstance(t, str) for t in tags)):
+            raise TypeError(f"tags must be a list of str, got {tags!r}")
         self._session = RunSession(SessionSettings(
-            project=project, name=name, datasets=dict(datasets or {}),
+            project=project, name=name, datasets=check_datasets(datasets),
             capture_level=capture_level, monitor_hardware=bool(monitor_hardware),
             checkpoint_name=checkpoint_name, tags=tuple(tags or ())))
         self._session.alone = True
@@ -123,7 +127,8 @@ class ReproLogger(Logger):
         view = SimpleNamespace(checkpoint_callback=checkpoint_callback, current_epoch=None,
                                global_step=getattr(checkpoint_callback,
                                                    "_last_global_step_saved", None))
-        self._session.log_checkpoint(None, path, view)
+        # No link at the path: Lightning's own writer (not ours here) may write into it.
+        self._session.log_checkpoint(None, path, view, link=False)
         self._logged[path] = os.stat(path).st_mtime
 
     @rank_zero_only

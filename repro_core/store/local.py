@@ -28,7 +28,6 @@ Nothing under ``blobs/`` is ever handed out directly: ``check`` verifies, ``_cac
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import fcntl
 import os
@@ -36,7 +35,6 @@ import re
 import secrets
 import shutil
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,7 +43,7 @@ from typing import TypeVar
 from .. import _fsio, constants
 from .._safepath import real_dirs
 from ..errors import IntegrityError, StorageError
-from ..hashing import copy_and_hash, hash_file, new_hasher, parse_digest
+from ..hashing import copy_and_hash, hash_file, new_hasher, parse_digest, update_while_writing
 from . import _identity
 from ._tmp import is_stale_temp, new_locked_temp
 from ._tmp import remove_entry as _remove_entry
@@ -72,29 +70,6 @@ def _storage_errors(what: str, path: Path | str | None, fn: Callable[[], _T]) ->
         raise StorageError(f"{what} failed: {exc}", path=path, errno=exc.errno) from exc
 
 
-_OVERLAP_BYTES = 4 << 20
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _hash_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads that hash big chunks while the writer writes them (created on first use)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="repro-hash")
-        return _POOL
-
-
-def _forget_pool_in_child() -> None:
-    """A forked child has none of the parent's threads: it makes its own pool."""
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool_in_child)
-
-
 class BlobWriter:
     """A write-once file: bytes written here are hashed on the way to a temp file in ``tmp/``.
 
@@ -112,20 +87,9 @@ class BlobWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
-        if len(view) < _OVERLAP_BYTES:
-            self._hasher.update(view)
-            _storage_errors("writing a blob", self.temp_path,
-                            lambda: _fsio.write_all(self._fd, view))
-        else:
-            # A big chunk (a tensor of a checkpoint) is hashed in another thread while it is
-            # written: BLAKE3 and write(2) both release the GIL, so the two overlap instead of
-            # adding up. Both finish before this returns: the caller may reuse its buffer.
-            hashing = _hash_pool().submit(self._hasher.update, view)
-            try:
-                _storage_errors("writing a blob", self.temp_path,
-                                lambda: _fsio.write_all(self._fd, view))
-            finally:
-                hashing.result()
+        # A big chunk (a checkpoint's tensor) is hashed in another thread while written.
+        update_while_writing(self._hasher, view, lambda: _storage_errors(
+            "writing a blob", self.temp_path, lambda: _fsio.write_all(self._fd, view)))
         self._size += len(view)
         return len(view)
 
