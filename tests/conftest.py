@@ -48,6 +48,17 @@ def manager(store_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Artif
 
 
 @pytest.fixture
+def store_home(manager: ArtifactManager, store_root: Path, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The ``manager`` fixture's fresh store, also named by ``REPRO_HOME`` (what a Lightning
+    Trainer's callbacks and subprocesses find), with ``tmp_path`` as the working directory (a
+    Trainer's default directories land there, never in the checkout)."""
+    monkeypatch.setenv("REPRO_HOME", str(store_root))
+    monkeypatch.chdir(tmp_path)
+    return store_root
+
+
+@pytest.fixture
 def run(manager: ArtifactManager):  # type: ignore[no-untyped-def]
     """An active run on the fresh store."""
     return manager.init_run("test-run", config={"lr": 0.1})

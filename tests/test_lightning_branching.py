@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,6 @@ from repro_lightning import ReproCallback, ReproLogger, checkpoint_path
 PROJECT = "branch"
 
 
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    root = tmp_path / "store"
-    monkeypatch.setenv("REPRO_HOME", str(root))
-    monkeypatch.chdir(tmp_path)
-    ArtifactManager.reset_instance().set_root(root)
-    yield root
-    ArtifactManager.reset_instance()
-
-
 def _fit(tmp: Path, callback: Any, *, max_epochs: int, ckpt_path: str | None = None,
          logger: Any = False, dirname: str = "ckpt") -> pl.Trainer:
     pl.seed_everything(3)
@@ -43,8 +32,8 @@ def _fit(tmp: Path, callback: Any, *, max_epochs: int, ckpt_path: str | None = N
     return trainer
 
 
-def _runs(store: Path) -> list[str]:
-    return [r.id for r in Registry(store / "registry.sqlite", readonly=True).list_runs()]
+def _runs(store_home: Path) -> list[str]:
+    return [r.id for r in Registry(store_home / "registry.sqlite", readonly=True).list_runs()]
 
 
 def _repro(**kwargs: Any) -> ReproCallback:
@@ -59,7 +48,7 @@ def _checkpoints() -> list[Any]:
     return ArtifactManager().list_artifacts(f"{PROJECT}/checkpoint")
 
 
-def test_resume_never_branches_a_new_run_from_the_checkpoint(store: Path,
+def test_resume_never_branches_a_new_run_from_the_checkpoint(store_home: Path,
                                                              tmp_path: Path) -> None:
     first = _repro()
     _fit(tmp_path, first, max_epochs=1)
@@ -67,7 +56,7 @@ def test_resume_never_branches_a_new_run_from_the_checkpoint(store: Path,
     before = {m.key for m in _checkpoints()}
     second = _repro(resume="never")
     _fit(tmp_path, second, max_epochs=2, ckpt_path=checkpoint_path(start.key), dirname="b")
-    assert second.run_id != first.run_id and len(_runs(store)) == 2
+    assert second.run_id != first.run_id and len(_runs(store_home)) == 2
     run = ArtifactManager().get_run(second.run_id)
     assert start.key in run["inputs"]  # the branch point is an input of the new run
     (after,) = _new(_checkpoints(), before)
@@ -75,17 +64,17 @@ def test_resume_never_branches_a_new_run_from_the_checkpoint(store: Path,
     assert ArtifactManager().get_run(first.run_id)["state"] == "completed"  # untouched
 
 
-def test_resume_allow_continues_the_checkpoints_run(store: Path, tmp_path: Path) -> None:
+def test_resume_allow_continues_the_checkpoints_run(store_home: Path, tmp_path: Path) -> None:
     first = _repro()
     _fit(tmp_path, first, max_epochs=1)
     (start,) = _checkpoints()
     second = _repro()
     _fit(tmp_path, second, max_epochs=2, ckpt_path=checkpoint_path(start.key), dirname="b")
-    assert second.run_id == first.run_id and len(_runs(store)) == 1
+    assert second.run_id == first.run_id and len(_runs(store_home)) == 1
 
 
 def test_a_checkpoint_from_another_store_starts_a_new_run(
-        store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        store_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     other = tmp_path / "other-store"
     ArtifactManager.reset_instance().set_root(other)
     monkeypatch.setenv("REPRO_HOME", str(other))
@@ -93,17 +82,17 @@ def test_a_checkpoint_from_another_store_starts_a_new_run(
     trainer = _fit(tmp_path, foreign, max_epochs=1, dirname="foreign")
     copied = tmp_path / "copied.ckpt"
     shutil.copyfile(trainer.checkpoint_callback.best_model_path, copied)
-    monkeypatch.setenv("REPRO_HOME", str(store))
-    ArtifactManager.reset_instance().set_root(store)
+    monkeypatch.setenv("REPRO_HOME", str(store_home))
+    ArtifactManager.reset_instance().set_root(store_home)
     local = _repro()
     with pytest.warns(RuntimeWarning, match="loading it unverified"):
         _fit(tmp_path, local, max_epochs=2, ckpt_path=str(copied), dirname="b")
     assert local.run_id != foreign.run_id  # no run adopted under a foreign id
-    assert _runs(store) == [local.run_id]
+    assert _runs(store_home) == [local.run_id]
 
 
 def test_torch_format_resume_descends_from_the_checkpoint_loaded(
-        store: Path, tmp_path: Path) -> None:
+        store_home: Path, tmp_path: Path) -> None:
     first = _repro(checkpoint_format="torch")
     _fit(tmp_path, first, max_epochs=2)
     oldest = min(_checkpoints(), key=lambda m: int(m.version[1:]))
@@ -116,7 +105,7 @@ def test_torch_format_resume_descends_from_the_checkpoint_loaded(
     assert oldest.key in first_new.parent_artifacts  # not the newest saved before it
 
 
-def test_an_intact_file_of_a_pruned_version_still_loads(store: Path, tmp_path: Path) -> None:
+def test_an_intact_file_of_a_pruned_version_still_loads(store_home: Path, tmp_path: Path) -> None:
     first = _repro(prune="mirror")
     trainer = _fit(tmp_path, first, max_epochs=1)
     path = trainer.checkpoint_callback.best_model_path
@@ -129,7 +118,7 @@ def test_an_intact_file_of_a_pruned_version_still_loads(store: Path, tmp_path: P
     assert again.run_id == first.run_id
 
 
-def test_logger_alone_never_links_lightnings_own_files(store: Path, tmp_path: Path) -> None:
+def test_logger_alone_never_links_lightnings_own_files(store_home: Path, tmp_path: Path) -> None:
     """Without ReproCallback, Lightning's own writer saves the files, and may write into an
     existing one: the logger logs a copy and leaves the file alone (no link to a blob)."""
     logger = ReproLogger(project=PROJECT, monitor_hardware=False)

@@ -4,7 +4,6 @@ sharing one run with ``ReproCallback``."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,6 @@ from repro_core.ttrl import run_updates
 from repro_lightning import ReproCallback, ReproLogger, TTRLLogger
 
 PROJECT = "loggers"
-
-
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    root = tmp_path / "store"
-    monkeypatch.setenv("REPRO_HOME", str(root))
-    monkeypatch.chdir(tmp_path)
-    ArtifactManager.reset_instance().set_root(root)
-    yield root
-    ArtifactManager.reset_instance()
 
 
 class RLModel(TinyModel):
@@ -62,7 +51,7 @@ def _checkpoints() -> list[Any]:
                   key=lambda m: int(m.version[1:]))
 
 
-def test_repro_logger_alone_records_a_run(store: Path, tmp_path: Path) -> None:
+def test_repro_logger_alone_records_a_run(store_home: Path, tmp_path: Path) -> None:
     logger = ReproLogger(project=PROJECT, monitor_hardware=False)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
     _fit(TinyModel(lr=0.02), [checkpoint], logger, tmp_path)
@@ -78,13 +67,13 @@ def test_repro_logger_alone_records_a_run(store: Path, tmp_path: Path) -> None:
     assert logger.name == PROJECT and logger.experiment is None  # finished
 
 
-def test_repro_logger_shares_the_callbacks_run(store: Path, tmp_path: Path) -> None:
+def test_repro_logger_shares_the_callbacks_run(store_home: Path, tmp_path: Path) -> None:
     callback = ReproCallback(project=PROJECT, monitor_hardware=False)
     logger = ReproLogger(project=PROJECT, monitor_hardware=False)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
     _fit(TinyModel(), [callback, checkpoint], logger, tmp_path, log_every_n_steps=2)
     manager = ArtifactManager()
-    assert [r.id for r in Registry(store / "registry.sqlite", readonly=True).list_runs()] \
+    assert [r.id for r in Registry(store_home / "registry.sqlite", readonly=True).list_runs()] \
         == [callback.run_id]
     assert logger.version == callback.run_id
     points = manager.get_metrics(callback.run_id)["train_loss"]
@@ -94,7 +83,7 @@ def test_repro_logger_shares_the_callbacks_run(store: Path, tmp_path: Path) -> N
 
 
 def test_ttrl_logger_with_the_callback_links_updates_to_checkpoints(
-        store: Path, tmp_path: Path) -> None:
+        store_home: Path, tmp_path: Path) -> None:
     callback = ReproCallback(project=PROJECT, monitor_hardware=False)
     logger = TTRLLogger(project=PROJECT, monitor_hardware=False)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
@@ -102,7 +91,7 @@ def test_ttrl_logger_with_the_callback_links_updates_to_checkpoints(
     manager = ArtifactManager()
     run_id = callback.run_id
     assert run_id is not None
-    registry = Registry(store / "registry.sqlite", readonly=True)
+    registry = Registry(store_home / "registry.sqlite", readonly=True)
     updates = run_updates(registry, run_id)
     assert len(updates) == 6  # every training step, whatever log_every_n_steps says
     # (Lightning keeps logged floats as float32 tensors: compared at float32 precision)
