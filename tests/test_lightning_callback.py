@@ -533,8 +533,8 @@ def _tensorboard(save_dir: Path) -> Logger:
     from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    if not (_TENSORBOARD_AVAILABLE or _TENSORBOARDX_AVAILABLE):
-        pytest.skip("TensorBoardLogger needs tensorboard or tensorboardX")
+    # (tensorboardX is in the test extra: coexistence with TensorBoardLogger is required)
+    assert _TENSORBOARD_AVAILABLE or _TENSORBOARDX_AVAILABLE, "pip install tensorboardX"
 
     return TensorBoardLogger(save_dir)
 
