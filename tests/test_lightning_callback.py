@@ -213,6 +213,25 @@ def test_best_alias_is_on_the_model_checkpoint_best(store: Path, mode: str,
         os.stat(best_path).st_ino
 
 
+def test_save_last_link_keeps_latest_on_the_file_the_link_names(store: Path) -> None:
+    """``save_last="link"`` makes ``last.ckpt`` a symlink with ``_link_checkpoint`` and never
+    calls the loggers' ``after_save_checkpoint``: no version of its own, ``latest`` is the
+    version the link points at, and resuming from ``last.ckpt`` identifies that version."""
+    checkpoint = CountingCheckpoint(dirpath=store.parent / "ckpt", monitor="val_epoch",
+                                    mode="min", save_top_k=-1, save_last="link")
+    fit(callbacks=[repro(), checkpoint])
+    last = store.parent / "ckpt" / "last.ckpt"
+    assert last.is_symlink()
+    logged = versions()
+    assert [m.metadata["path"] for m in logged] == checkpoint.saved  # the link is no save
+    assert not any(m.metadata["filename"] == "last.ckpt" for m in logged)
+    (latest,) = [m for m in logged if "latest" in m.aliases]
+    assert latest.metadata["path"] == os.path.realpath(last)
+    assert ArtifactManager().identify_file(last, f"{PROJECT}/checkpoint").key == latest.key
+    (best,) = [m for m in logged if "best" in m.aliases]
+    assert best.metadata["epoch"] == 0 and best.key != latest.key
+
+
 # -- lineage -------------------------------------------------------------------------------------
 
 
