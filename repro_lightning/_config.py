@@ -70,12 +70,10 @@ def _plain(value: Any) -> Any:
 
 
 def _seed() -> int | None:
-    """The seed ``lightning.seed_everything`` (or ``repro_core.seed_everything``) set."""
-    for var in ("PL_GLOBAL_SEED", "REPRO_GLOBAL_SEED"):
-        raw = os.environ.get(var)
-        if raw is not None:
-            try:
-                return int(raw)
-            except ValueError:
-                continue
-    return None
+    """The seed ``lightning.seed_everything`` (or ``repro_core.seed_everything``, which
+    exports the same variable) set; None when neither ran."""
+    raw = os.environ.get("PL_GLOBAL_SEED")
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
