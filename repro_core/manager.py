@@ -53,6 +53,7 @@ from .types import (
     ParsedKey,
     Run,
     RunState,
+    check_tags,
     check_text,
     parse_key,
     validate_project,
@@ -196,7 +197,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
         # Names and tags are stored and shown like any other string: scrubbed of credentials.
         name = scrub_text(check_text(name, "name"))
         validate_project(project)
-        tag_list = [scrub_text(t) for t in _check_tags(tags)]
+        tag_list = [scrub_text(t) for t in check_tags(tags)]
         config_dict = capture_config(config)
         with self._lock:
             if self._run is not None:
@@ -489,14 +490,6 @@ def _check_resume(run_id: object, resume: object) -> None:
         raise InvalidArgumentError(
             f"run_id must be 4-64 letters, digits, '_' or '-' (starting with a letter or "
             f"digit), got {run_id!r}", argument="run_id")
-
-
-def _check_tags(tags: object) -> list[str]:
-    if tags is None:
-        return []
-    if isinstance(tags, str) or not isinstance(tags, (list, tuple)):
-        raise InvalidArgumentError(f"tags must be a list of str, got {tags!r}", argument="tags")
-    return [check_text(t, "tag") for t in tags]
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:

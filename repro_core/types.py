@@ -21,6 +21,7 @@ __all__ = [
     "ParsedKey",
     "Run",
     "RunState",
+    "check_tags",
     "check_text",
     "parse_key",
     "utc_now",
@@ -182,6 +183,15 @@ def validate_project(project: object) -> str:
     """Projects follow the artifact-name grammar: they are the first part of a key
     (``project/name:v3``), so ``/``, ``:`` and ``@`` cannot appear in them."""
     return validate_name(project, what="project name")
+
+
+def check_tags(tags: object) -> list[str]:
+    """Run tags: None or a list/tuple of short printable strings (``InvalidArgumentError``)."""
+    if tags is None:
+        return []
+    if isinstance(tags, str) or not isinstance(tags, (list, tuple)):
+        raise InvalidArgumentError(f"tags must be a list of str, got {tags!r}", argument="tags")
+    return [check_text(t, "tag") for t in tags]
 
 
 def check_text(value: object, what: str, *, limit: int = 256) -> str:

@@ -105,7 +105,8 @@ class RunSession:
             self.run_id = context.run.id
             used = [self.manager.use_artifact(key).key for key in settings.datasets.values()]
             with rank_zero_only():  # what this process loaded: rank 0's view decides
-                evaluated = [self.manager.use_artifact(key) for key in inputs]
+                # (identified by its digest when it was loaded: not hashed a second time)
+                evaluated = [self.manager.use_artifact(key, verify=False) for key in inputs]
             self.parents = [context.config_artifact.key, *used,
                             *(meta.key for meta in evaluated if meta is not None)]
         except BaseException as exc:

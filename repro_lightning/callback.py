@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from repro_core import RunState
 from repro_core.capture import EnvironmentCaptureLevel
-from repro_core.types import parse_key, validate_project
+from repro_core.types import check_tags, parse_key, validate_project
 
 from ._config import training_config
 from ._install import install_checkpoint_io, log_directory_saves, stop_directory_saves
@@ -101,7 +101,7 @@ class ReproCallback(Callback):
             project=project, name=name, datasets=check_datasets(datasets),
             capture_level=capture_level, monitor_hardware=bool(monitor_hardware),
             checkpoint_name=checkpoint_name, model_name=model_name, prune=check_prune(prune),
-            tags=tuple(tags or ())))
+            tags=tuple(check_tags(tags))))
         self._tap = MetricsTap(self._record_metrics) if log_metrics else None
         self._resume_id: str | None = None
 

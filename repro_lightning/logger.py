@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from repro_core import RunState
 from repro_core.capture import EnvironmentCaptureLevel
-from repro_core.types import parse_key, validate_project
+from repro_core.types import check_tags, parse_key, validate_project
 
 from ._session import RunSession, SessionSettings, check_datasets
 
@@ -50,13 +50,10 @@ class ReproLogger(Logger):
         super().__init__()
         validate_project(project)
         parse_key(checkpoint_name)  # everything checked before any run or file exists
-        if tags is not None and (isinstance(tags, str) or not all(
-                isinstance(t, str) for t in tags)):
-            raise TypeError(f"tags must be a list of str, got {tags!r}")
         self._session = RunSession(SessionSettings(
             project=project, name=name, datasets=check_datasets(datasets),
             capture_level=capture_level, monitor_hardware=bool(monitor_hardware),
-            checkpoint_name=checkpoint_name, tags=tuple(tags or ())))
+            checkpoint_name=checkpoint_name, tags=tuple(check_tags(tags))))
         self._session.alone = True
         self._owned = True  # False once a ReproCallback shares its session
         self._callback_records = False

@@ -512,11 +512,17 @@ def test_a_never_logged_metric_fails_at_the_first_validation_end(store: Path) ->
     ({"datasets": ["mnist:v1"]}, TypeError),
     ({"project": "bad name!"}, ValueError),
     ({"prune": "some"}, ValueError),
+    ({"resume": "must"}, ValueError),
+    ({"tags": "one-tag"}, ValueError),  # (InvalidArgumentError, a ValueError)
+    ({"checkpoint_name": "a/b/c"}, ValueError),
 ])
 def test_bad_callback_arguments_raise_before_any_store_exists(
         store: Path, kwargs: dict[str, Any], error: type[Exception]) -> None:
     with pytest.raises(error):
         repro_lightning.ReproCallback(**kwargs)
+    if set(kwargs) <= {"datasets", "tags", "checkpoint_name"}:
+        with pytest.raises(error):  # the logger checks the same arguments up front
+            repro_lightning.ReproLogger(**kwargs)
     assert not store.exists()
 
 
