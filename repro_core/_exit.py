@@ -23,7 +23,7 @@ from typing import NoReturn
 
 from .types import RunState
 
-__all__ = ["Outcome", "install", "reset"]
+__all__ = ["Outcome", "install", "outcome", "reset", "set_outcome"]
 
 Outcome = tuple[RunState, str] | None
 _lock = threading.Lock()
@@ -68,6 +68,18 @@ def install(finisher: Callable[[Outcome], None]) -> None:
 def _set_outcome(state: RunState, reason: str) -> None:
     global _outcome
     _outcome = (state, reason)
+
+
+def set_outcome(state: RunState, reason: str) -> None:
+    """Record how the process is ending (a SIGTERM handler raising ``SystemExit``, which
+    neither ``sys.excepthook`` nor the ``sys.exit`` wrapper sees)."""
+    _set_outcome(state, reason)
+
+
+def outcome() -> Outcome:
+    """What was seen so far (None: nothing yet, a clean exit), for adapters that finish a
+    run of their own at exit before the manager's finisher runs."""
+    return _outcome
 
 
 def reset() -> None:

@@ -53,6 +53,15 @@ class LocalReads:
         """The checked local path of a logged version, read by this process whatever its
         rank, recording nothing (``use_artifact`` records the use and is answered by rank 0).
         The size is always checked, the digest unless ``verify=False``/``REPRO_VERIFY=size``."""
+        path = self.artifact_metadata(key, type, verify=verify).path
+        assert path is not None  # (check_content always gives one)
+        return path
+
+    def artifact_metadata(self, key: str, type: ArtifactType | str | None = None, *,
+                          verify: bool | None = None) -> ArtifactMetadata:
+        """``artifact_path`` with the version's metadata (``.path`` is the checked path):
+        rank-local, for code every rank runs that needs what was logged with the version
+        (an Accelerate state's run and step), before or without a process group."""
         parsed = parse_key(key)
         wanted = ArtifactType.coerce(type) if type is not None else None
         if verify is not None and not isinstance(verify, bool):
@@ -64,7 +73,8 @@ class LocalReads:
         if wanted is not None and row.type != wanted.value:
             raise ArtifactNotFoundError(
                 f"{row.key} is a {row.type!r} artifact, not {wanted.value!r}", key=row.key)
-        return ArtifactWriter.check_content(store, registry, row, full=full)
+        path = ArtifactWriter.check_content(store, registry, row, full=full)
+        return metadata_from_row(registry, row, path)
 
     def identify_file(self, path: str | os.PathLike[str], name: str
                       ) -> ArtifactMetadata | None:

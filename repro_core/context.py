@@ -19,11 +19,13 @@ import signal
 import threading
 import traceback
 import warnings
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal
 
+from . import _exit
 from ._offline import detect_offline
 from .capture import (
     EnvironmentCaptureLevel,
@@ -32,6 +34,7 @@ from .capture import (
     scrub_text,
 )
 from .capture.environment import coerce_level
+from .capture.redact import Redactor
 from .distributed import rank_zero_only
 from .errors import RunStateError
 from .manager import ArtifactManager
@@ -73,6 +76,7 @@ class ExperimentContext:
         resume: str = "never",
         handle_sigterm: bool = True,
         capture_in_background: bool = False,
+        environment_extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """Validate everything now, before any run is opened or file written.
 
@@ -101,6 +105,7 @@ class ExperimentContext:
         self._sigterm_installed = False
         self._run_id, self._resume, self._handle_sigterm = run_id, resume, handle_sigterm
         self._background = bool(capture_in_background)
+        self._environment_extra = environment_extra
         self._capturing: threading.Thread | None = None
         self._capture_error: BaseException | None = None
 
@@ -158,6 +163,8 @@ class ExperimentContext:
         # logged as rank 0's alone so no rank waits for an answer to different arguments.
         with rank_zero_only():
             env = capture_environment(self.capture_level)
+            if self._environment_extra is not None:
+                env.update(Redactor.from_settings().tree(self._environment_extra()))
             patch = env.get("git", {}).pop("patch", None) \
                 if isinstance(env.get("git"), dict) else None
             self.manager.log_artifact("environment", ArtifactType.ENVIRONMENT, data=env)
@@ -272,6 +279,9 @@ class ExperimentContext:
         def handler(signum: int, frame: FrameType | None) -> None:
             if callable(previous):
                 previous(signum, frame)
+            # Terminated is a SystemExit: if it escapes a context an adapter opened without
+            # ``with``, the run is finished at exit, and must read INTERRUPTED there.
+            _exit.set_outcome(RunState.INTERRUPTED, "SIGTERM")
             raise Terminated()
 
         self._previous_sigterm = previous

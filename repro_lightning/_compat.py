@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import importlib.util
 
-__all__ = ["require_lightning"]
+__all__ = ["lightning_available", "require_lightning"]
 
 _HINT = ("repro_lightning's Lightning adapters need the `lightning` package (lightning.pytorch, "
          ">= 2.2): pip install 'repro-lightning[lightning]'")
 
 
+def lightning_available() -> bool:
+    """Whether ``lightning.pytorch`` can be imported (found, not imported)."""
+    try:
+        return importlib.util.find_spec("lightning.pytorch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def require_lightning() -> None:
     """Raise ``ModuleNotFoundError`` with the install line when ``lightning`` is missing."""
-    try:
-        found = importlib.util.find_spec("lightning.pytorch") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
+    if not lightning_available():
         standalone = _installed("pytorch_lightning")
         extra = (" (`pytorch_lightning` is installed, but its classes are not "
                  "lightning.pytorch's: use `import lightning.pytorch as pl`)") if standalone else ""

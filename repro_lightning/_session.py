@@ -15,7 +15,7 @@ import os
 import secrets
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,16 +87,19 @@ class RunSession:
         return self.context is not None
 
     def start(self, config: dict[str, Any], *, run_id: str | None = None,
-              inputs: tuple[str, ...] = ()) -> None:
+              inputs: tuple[str, ...] = (), handle_sigterm: bool = False,
+              environment: Callable[[], dict[str, Any]] | None = None) -> None:
         """Open (or, with ``run_id``, continue) the run on every rank; record the datasets
-        and ``inputs`` (a checkpoint evaluated) as used."""
+        and ``inputs`` (a checkpoint evaluated) as used. ``handle_sigterm``: the host does
+        not (Accelerate); ``environment``: the host's sections of the environment artifact."""
         settings = self.settings
         factory = TTRLContext if self.ttrl_keys else ExperimentContext
         context = factory(
             config, name=settings.name, project=settings.project, tags=list(settings.tags),
             capture_level=settings.capture_level, monitor_hardware=settings.monitor_hardware,
             run_id=run_id or self.planned_id, resume="allow" if run_id else "never",
-            handle_sigterm=False, capture_in_background=True)
+            handle_sigterm=handle_sigterm, capture_in_background=True,
+            environment_extra=environment)
         context.__enter__()
         self.context = context
         self.planned_id = secrets.token_hex(6)  # (a later new run of this Trainer: another)
@@ -136,24 +139,30 @@ class RunSession:
     # -- checkpoints (global rank 0 only) ---------------------------------------------------
 
     def log_checkpoint(self, data: Any, path: str, trainer: Any, *, link: bool = True,
-                       checkpoint: dict[str, Any] | None = None) -> ArtifactMetadata | None:
+                       checkpoint: dict[str, Any] | None = None,
+                       aliases: list[str] | None = None,
+                       extra: dict[str, Any] | None = None) -> ArtifactMetadata | None:
         """Log what Lightning saves at ``path`` as a ``checkpoint`` version and put a link to
         it at ``path``. ``data`` is a ``repro_core`` Payload (safetensors, streamed into the
         store) or None for a file Lightning already wrote there (torch format). Returns None
         when no run is active (the caller then writes the file itself). ``checkpoint``: the
         dict being saved — its step and epoch are the version's (an ``AsyncCheckpointIO``
-        writes after training moved on); the bookkeeping is locked for the same reason."""
+        writes after training moved on); the bookkeeping is locked for the same reason.
+        ``aliases`` and ``extra`` metadata: a host's own (Accelerate's ``save_state``)."""
         with self._lock:
-            return self._log_checkpoint(data, path, trainer, link, checkpoint)
+            return self._log_checkpoint(data, path, trainer, link, checkpoint,
+                                        list(aliases or ()), dict(extra or {}))
 
     def _log_checkpoint(self, data: Any, path: str, trainer: Any, link: bool,
-                        checkpoint: dict[str, Any] | None) -> ArtifactMetadata | None:
+                        checkpoint: dict[str, Any] | None, aliases: list[str],
+                        extra: dict[str, Any]) -> ArtifactMetadata | None:
         if not self.active:
             return None
         settings = self.settings
         parents = [*self.parents, *([self.previous] if self.previous else [])]
-        aliases = ["best"] if _is_best(trainer, path) else []
-        metadata = _checkpoint_metadata(trainer, path, self.run_id)
+        if _is_best(trainer, path) and "best" not in aliases:
+            aliases.append("best")
+        metadata = {**_checkpoint_metadata(trainer, path, self.run_id), **extra}
         for name in ("global_step", "epoch"):
             if checkpoint is not None and _int_or_none(checkpoint.get(name)) is not None:
                 metadata[name] = checkpoint[name]
@@ -173,7 +182,7 @@ class RunSession:
             self.manager.link_version(meta.key, path)
         if isinstance(self.context, TTRLContext):  # later online updates link to it
             self.context.set_model_version(meta.key)
-        if aliases:
+        if "best" in aliases:
             self.best = meta.key
         self.previous = meta.key
         self._replace(os.path.abspath(path), meta.key)

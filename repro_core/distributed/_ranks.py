@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -108,10 +109,28 @@ def barrier(name: str, timeout: float | None = None) -> None:
     store.set(f"{PREFIX}barrier/{name}/{rank}", b"1")
     keys = [f"{PREFIX}barrier/{name}/{r}" for r in range(world)]
     try:
-        store.wait(keys, timedelta(seconds=timeout))
+        _wait(store, keys, timeout)
     except RuntimeError as exc:
         missing = [r for r, k in enumerate(keys) if not key_exists(store, k)]
         raise DistributedTimeoutError(
             f"barrier {name!r}: rank(s) {missing or '?'} did not arrive within {timeout:.0f}s "
             f"(REPRO_BARRIER_TIMEOUT); a rank probably died or skipped finalize_run()"
         ) from exc
+
+
+def _wait(store: Any, keys: list[str], timeout: float) -> None:
+    """``store.wait`` in slices of at most a second: a wait in C++ holds off Python's signal
+    handlers, and a SIGTERM (a launcher stopping the job because another rank died) must
+    end the process now, not when the whole timeout has run out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        began = time.monotonic()
+        try:
+            store.wait(keys, timedelta(seconds=max(0.001, min(1.0, left))))
+            return
+        except RuntimeError:
+            if time.monotonic() >= deadline:
+                raise
+            if time.monotonic() - began < 0.01:  # failed at once (store gone): no busy loop
+                time.sleep(0.05)
