@@ -138,7 +138,7 @@ def log_update(accelerator: Accelerator, step: int, out: torch.Tensor,
                      "kl_divergence": drift}, step=step)
     if accelerator.is_main_process:  # the tracker exists on the main process only
         accelerator.get_tracker("repro").log_experience(
-            f"update-{step}", {"batch_mean": float(out.mean())}, {"reward": -loss},
+            f"step-{step}", {"batch_mean": float(out.mean())}, {"reward": -loss},
             {"step": step})
 
 

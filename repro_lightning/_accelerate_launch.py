@@ -7,13 +7,15 @@ mixed precision, gradient accumulation and where each process runs. Per-process 
 derived from Accelerate's placement rule (process ``i`` on machine ``i // n_local`` uses local
 device ``i % n_local``), since asking the other processes would take a collective on a
 main-process-only path. ``ACCELERATE_*`` and the launcher's variables are kept with secret
-names redacted (``environment_extra`` runs them through the same redactor).
+names redacted as in the ``env_vars`` of a COMPLETE capture.
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
+
+from repro_core.capture.redact import Redactor
 
 __all__ = ["launch_info"]
 
@@ -27,8 +29,8 @@ def launch_info() -> dict[str, Any]:
     info: dict[str, Any] = {"version": _accelerate_version()}
     info.update(_partial_state())
     info.update(_accelerator_state())
-    info["env"] = {k: v for k, v in sorted(os.environ.items())
-                   if k.startswith("ACCELERATE_") or k in _LAUNCHER_VARS}
+    info["env"] = Redactor.from_settings().env(
+        {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_") or k in _LAUNCHER_VARS})
     return {"accelerate": info}
 
 
@@ -56,7 +58,7 @@ def _partial_state() -> dict[str, Any]:
         "num_machines": max(1, world // local) if local else 1,
         "processes_per_machine": local,
         "process_index": int(state.process_index),
-        "device": str(device) if device is not None else None,
+        "device": str(device) if device is not None else None,  # this (main) process's
         "devices": _devices(device, world, local),
         "backend": getattr(state, "backend", None),
     }
@@ -89,8 +91,10 @@ def _local_world_size(world: int) -> int:
 
 
 def _devices(device: Any, world: int, local: int) -> list[dict[str, Any]]:
+    """Accelerators are indexed by local process (``cuda:<local rank>``); every CPU process
+    uses "the" CPU (Accelerate may name it ``cpu:0`` on each, which says nothing)."""
     kind = getattr(device, "type", None) or "cpu"
-    indexed = getattr(device, "index", None) is not None
+    indexed = kind != "cpu" and getattr(device, "index", None) is not None
     return [{"process_index": i, "machine": i // local,
              "device": f"{kind}:{i % local}" if indexed else kind} for i in range(world)]
 

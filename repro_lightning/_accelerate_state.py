@@ -80,8 +80,15 @@ def _log_state(tracker: ReproTracker, accelerator: Any, location: str, step: int
     """Main process: log the directory in the tracker's background thread (joined before the
     next ``save_state``, ``load_state``, ``save_model`` and at the run's end), so training
     does not wait for the copy and hash of a big state."""
-    if tracker._open() is None:
+    context = tracker._open()
+    if context is None:
         return
+    writer = context.manager.metrics_writer()
+    try:
+        if writer is not None:  # a relaunch from this state keeps every metric before it
+            writer.flush()
+    except ReproError as exc:  # (kept in memory and retried by the writer)
+        warnings.warn(f"repro: metrics not yet written: {exc}", RuntimeWarning, stacklevel=3)
     extra = {**extra, "project": tracker.project, "step": step,
              "iteration": int(accelerator.save_iteration),
              "num_processes": int(accelerator.num_processes),

@@ -30,7 +30,7 @@ from accelerate.tracking import GeneralTracker
 
 from repro_core import ArtifactManager, RunState, rank_zero_only
 from repro_core import _exit as exit_outcome
-from repro_core.capture import EnvironmentCaptureLevel
+from repro_core.capture import EnvironmentCaptureLevel, capture_config
 from repro_core.context import ExperimentContext, Terminated
 from repro_core.errors import RunStateError
 from repro_core.ttrl import TTRLContext
@@ -150,10 +150,11 @@ class ReproTracker(GeneralTracker):
         self._started = True
 
     def store_init_configuration(self, values: dict[str, Any]) -> None:
-        """``init_trackers(config=...)``: the run's config (a copy: the caller's dict is not
-        touched). Given again once the run is open, it is logged as a new ``config``
-        version, the parent of later states."""
-        config = dict(values or {})
+        """``init_trackers(config=...)``: the run's config, captured now (as JSON: the caller's
+        dict is not touched, and changing it later changes nothing recorded). Given again
+        once the run is open, it is logged as a new ``config`` version, the parent of later
+        states."""
+        config = capture_config(dict(values or {}))
         self.wait()
         with self._lock:
             if not self._session.active:
@@ -177,6 +178,9 @@ class ReproTracker(GeneralTracker):
         with self._lock:
             if self._open() is None:
                 return
+            keys = self._session.ttrl_keys
+            if keys is not None and keys[0] in values:
+                self.wait()  # an update links to the state in force: the one just saved
             if step is None:
                 step = self._next_step
             self._next_step = max(self._next_step, step + 1)

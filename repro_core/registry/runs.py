@@ -32,7 +32,11 @@ def process_start_time(pid: int) -> float | None:
     import psutil
 
     try:
-        return float(psutil.Process(pid).create_time())
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None  # dead, not yet reaped (a parent that never waits: no init in a
+            # container, an orphaned rank): its run is over, and may be resumed
+        return float(process.create_time())
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return None
     except (psutil.AccessDenied, OSError, ValueError):
