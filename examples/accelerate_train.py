@@ -3,12 +3,12 @@ artifacts, and a relaunch that continues the run after a preemption.
 
     python examples/accelerate_train.py                                # one process
     torchrun --nproc_per_node 2 examples/accelerate_train.py          # 2 processes (gloo)
-    accelerate launch --cpu --num_processes 2 examples/accelerate_train.py
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_train.py  # CPU: 2 too
     python examples/accelerate_train.py --resume    # continue the run that saved state:latest
     python examples/accelerate_train.py --ttrl      # an online (test-time RL) loop
 
 Everything is synthetic (a small regression model on random data) and runs on CPU in seconds.
-The store is ``REPRO_HOME`` (default ``~/.repro``); look at the result with
+The store is ``REPRO_HOME`` (default ``./repro_store``); look at the result with
 ``repro runs --project accelerate-demo``, ``repro artifacts`` and ``repro lineage state:latest``.
 """
 
@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import repro_lightning
-from repro_core.errors import ArtifactNotFoundError
+from repro_core.errors import ArtifactNotFoundError, StoreNotFoundError
 from repro_lightning import ReproTracker
 
 
@@ -72,7 +72,7 @@ def resume_step(accelerator: Accelerator, wanted: bool) -> int:
         return 0
     try:
         meta = repro_lightning.load_state(accelerator, "state:latest")
-    except ArtifactNotFoundError:
+    except (ArtifactNotFoundError, StoreNotFoundError):
         accelerator.print("no state:latest in the store yet: starting from step 0")
         return 0
     assert meta is not None

@@ -95,6 +95,11 @@ class BulkQueries:
             f"SELECT {_UPDATE_SELECT} FROM online_updates WHERE run_id = ? AND {where}"
             " ORDER BY id", params)]
 
+    def count_online_updates(self, run_id: str) -> int:
+        """How many online updates a run has (a resumed TTRL run numbers on from there)."""
+        rows = self._read("SELECT COUNT(*) FROM online_updates WHERE run_id = ?", [run_id])
+        return int(rows[0][0]) if rows else 0
+
     def run_online_updates(self, run_id: str) -> list[dict[str, Any]]:
         """Every online update of a run, in order, each with its ``model_version_id``."""
         out = []

@@ -86,6 +86,10 @@ class TTRLContext(ExperimentContext):
     def __enter__(self) -> TTRLContext:
         super().__enter__()
         self._started = self._last_snapshot = self._clock()
+        run = self.run
+        if run is not None and run.resumed and run.is_rank_zero and run.id is not None:
+            # update ids (<run>-u<n>) stay unique across the segments of a resumed run
+            self._update_count = self.manager.registry().count_online_updates(run.id)
         return self
 
     def _finish(self, state: Any, exc: BaseException | None, *,

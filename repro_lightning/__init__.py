@@ -52,7 +52,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'repro_lightning' has no attribute {name!r}")
     if module in _ACCELERATE.values():
         _require("accelerate", "repro_lightning's Accelerate adapter needs `accelerate`: "
-                               "pip install accelerate")
+                               "pip install 'repro-lightning[accelerate]'")
     value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value

@@ -25,10 +25,14 @@ _LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP
 
 
 def launch_info() -> dict[str, Any]:
-    """``{"accelerate": {...}}``: the launch as this (main) process sees it."""
+    """``{"accelerate": {...}}``: the launch as this (main) process sees it. A failure to
+    read Accelerate's state is recorded in the section, never loses the environment."""
     info: dict[str, Any] = {"version": _accelerate_version()}
-    info.update(_partial_state())
-    info.update(_accelerator_state())
+    try:
+        info.update(_partial_state())
+        info.update(_accelerator_state())
+    except Exception as exc:  # (an Accelerate whose state classes changed)
+        info["error"] = repr(exc)
     info["env"] = Redactor.from_settings().env(
         {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_") or k in _LAUNCHER_VARS})
     return {"accelerate": info}

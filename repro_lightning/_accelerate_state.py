@@ -5,11 +5,15 @@ written), so the finished files are logged by wrapping the documented calls. Eac
 called exactly where its Accelerate call is — on every process — and does what Accelerate
 does, then:
 
-- ``save_state(accelerator, ...)``: every process waits at a store-based barrier (with the
-  ``REPRO_BARRIER_TIMEOUT`` timeout, never a bare collective) until each has written its own
-  files (``random_states_<rank>.pkl``), then the main process logs the directory as one
-  version of ``state`` with lineage to the config, the datasets and the previous state. The
-  other processes do nothing more, so nothing can wait on a main-process-only branch.
+- ``save_state(accelerator, ...)``: every process meets at a store-based barrier (with the
+  ``REPRO_BARRIER_TIMEOUT`` timeout, never a bare collective) once before Accelerate writes
+  (every process has chosen its folder, the previous state is logged) and once after (each
+  has written its own ``random_states_<rank>.pkl``); then the main process logs the directory
+  as one version of ``state`` with lineage to the config, the datasets and the previous state,
+  in a background thread, so training goes on while a big state is copied and hashed (joined
+  before the next ``save_state``/``load_state``/``save_model`` and at the run's end:
+  ``tracker.wait()``). The other processes do nothing more, so nothing can wait on a
+  main-process-only branch.
 - ``load_state(accelerator, "state:latest")``: every process reads the verified directory
   from the store itself (no collective), Accelerate loads it, the automatic-naming save
   counter is set past the loaded state (the next ``save_state`` would otherwise fail with
@@ -34,8 +38,9 @@ from typing import Any
 from repro_core import ArtifactManager, ArtifactType, rank_zero_only
 from repro_core.distributed import barrier, is_rank_zero
 from repro_core.errors import DistributedTimeoutError, InvalidArgumentError, ReproError
-from repro_core.types import ArtifactMetadata, parse_key, validate_alias
+from repro_core.types import ArtifactMetadata, parse_key
 
+from ._accelerate_checks import STATE_KEYS, check_aliases, check_metadata, check_step
 from .tracker import ReproTracker
 
 __all__ = ["load_state", "save_model", "save_state", "state_path"]
@@ -55,24 +60,36 @@ def save_state(accelerator: Any, output_dir: str | os.PathLike[str] | None = Non
     Returns the directory Accelerate wrote. A failure to log (a full disk under
     ``REPRO_HOME``) is a warning: the state is on disk and training goes on.
     """
-    _check_step(step)
-    aliases = _check_aliases(aliases)
-    extra = _check_metadata(metadata)
+    step = check_step(step)
+    aliases = check_aliases(aliases)
+    extra = check_metadata(metadata, STATE_KEYS)
     tracker = find_tracker(accelerator)
     if tracker is not None:
         tracker.wait()  # the previous state is logged before Accelerate writes or deletes
     _skip_taken_iteration(accelerator)
-    location = os.fspath(accelerator.save_state(output_dir, **save_kwargs))
     call = next(_calls)
-    try:  # every rank's files exist before the main process reads them
-        barrier(f"accelerate/save_state/{call}")
+    # Every process has chosen its folder (before the main one deletes any for total_limit)
+    # and the previous state is logged (a reused output_dir is not rewritten under it).
+    _meet(f"accelerate/save_state/{call}/begin")
+    location = accelerator.save_state(output_dir, **save_kwargs)
+    _meet(f"accelerate/save_state/{call}/end")  # every process's own files are written
+    if tracker is not None and _is_main(accelerator):
+        if tracker._started:
+            _log_state(tracker, accelerator, os.path.abspath(os.fspath(location)), step,
+                       aliases, extra)
+        else:
+            tracker.warn_once("save_state", "repro: save_state was not logged: call "
+                              "accelerator.init_trackers(...) to start the ReproTracker")
+    return os.fspath(location)
+
+
+def _meet(name: str) -> None:
+    try:
+        barrier(name)
     except DistributedTimeoutError as exc:
         raise DistributedTimeoutError(
             f"{exc}; repro_lightning.save_state must be called on every process, like "
             "accelerator.save_state (not inside `if accelerator.is_main_process:`)") from exc
-    if tracker is not None and _is_main(accelerator) and tracker._started:
-        _log_state(tracker, accelerator, location, step, aliases, extra)
-    return location
 
 
 def _log_state(tracker: ReproTracker, accelerator: Any, location: str, step: int | None,
@@ -80,9 +97,15 @@ def _log_state(tracker: ReproTracker, accelerator: Any, location: str, step: int
     """Main process: log the directory in the tracker's background thread (joined before the
     next ``save_state``, ``load_state``, ``save_model`` and at the run's end), so training
     does not wait for the copy and hash of a big state."""
-    context = tracker._open()
+    try:
+        context = tracker._open()
+    except ReproError as exc:
+        warnings.warn(f"repro: the state saved at {location} was not logged: {exc}",
+                      RuntimeWarning, stacklevel=3)
+        return
     if context is None:
         return
+    _warn_if_incomplete(location, int(accelerator.num_processes))
     writer = context.manager.metrics_writer()
     try:
         if writer is not None:  # a relaunch from this state keeps every metric before it
@@ -90,6 +113,7 @@ def _log_state(tracker: ReproTracker, accelerator: Any, location: str, step: int
     except ReproError as exc:  # (kept in memory and retried by the writer)
         warnings.warn(f"repro: metrics not yet written: {exc}", RuntimeWarning, stacklevel=3)
     extra = {**extra, "project": tracker.project, "step": step,
+             "next_log_step": tracker.next_step,
              "iteration": int(accelerator.save_iteration),
              "num_processes": int(accelerator.num_processes),
              "distributed_type": str(getattr(accelerator.distributed_type, "value",
@@ -103,13 +127,26 @@ def _log_now(tracker: ReproTracker, location: str, step: int | None, aliases: li
     try:
         meta = session.log_checkpoint(None, location, _View(step), link=False,
                                       aliases=aliases, extra=extra)
-    except ReproError as exc:  # the state is on disk: report, never stop the training
-        warnings.warn(f"repro: the state saved at {location} was not logged: {exc}",
+    except Exception as exc:  # the state is on disk: report, never stop the training
+        warnings.warn(f"repro: the state saved at {location} was not logged: {exc!r}",
                       RuntimeWarning, stacklevel=2)
         return
     tracker._last_state = meta
     for path in [p for p in session.paths if not os.path.exists(p)]:
         session.released(path)  # Accelerate deleted it (total_limit): prune="mirror"
+
+
+def _warn_if_incomplete(location: str, processes: int) -> None:
+    """Every process writes its ``random_states_<i>.pkl``: one missing means a process saved
+    elsewhere (several machines without a shared ``project_dir``), so the version would not
+    restore that process."""
+    missing = [i for i in range(processes) if processes > 1 and
+               not os.path.exists(os.path.join(location, f"random_states_{i}.pkl"))]
+    if missing:
+        warnings.warn(f"repro: {location} lacks the RNG states of process(es) {missing}: "
+                      "they saved into another directory (a project_dir not shared between "
+                      "machines?); the logged state will not restore them", RuntimeWarning,
+                      stacklevel=4)
 
 
 def load_state(accelerator: Any, source: str | os.PathLike[str], *,
@@ -170,22 +207,29 @@ def save_model(accelerator: Any, model: Any, save_directory: str | os.PathLike[s
     """``accelerator.save_model(model, save_directory, **save_kwargs)`` (call it on every
     process), then the main process logs the directory as a ``model`` version descending
     from the config, datasets and newest state. Returns it there, None elsewhere."""
-    aliases = _check_aliases(aliases)
-    extra = _check_metadata(metadata)
+    aliases = check_aliases(aliases)
+    extra = check_metadata(metadata)
     tracker = find_tracker(accelerator)
     if tracker is not None:
         tracker.wait()  # the newest state is this model's parent
     accelerator.save_model(model, os.fspath(save_directory), **save_kwargs)
-    if tracker is None or not _is_main(accelerator) or not tracker._started \
-            or tracker._open() is None:
+    if tracker is None or not _is_main(accelerator) or not tracker._started:
         return None
-    session = tracker._session
-    parents = [*session.parents, *([session.previous] if session.previous else [])]
-    with rank_zero_only():  # Accelerate wrote on the main process only
-        return ArtifactManager().log_artifact(
-            session.settings.model_name or "model", ArtifactType.MODEL,
-            file_path=os.fspath(save_directory), parent_artifacts=parents, aliases=aliases,
-            metadata={**extra, "run_id": session.run_id, "project": tracker.project})
+    try:
+        if tracker._open() is None:
+            return None
+        session = tracker._session
+        parents = [*session.parents, *([session.previous] if session.previous else [])]
+        with rank_zero_only():  # Accelerate wrote on the main process only
+            return ArtifactManager().log_artifact(
+                session.settings.model_name or "model", ArtifactType.MODEL,
+                file_path=os.fspath(save_directory), parent_artifacts=parents,
+                aliases=aliases, metadata={**extra, "run_id": session.run_id,
+                                           "project": tracker.project})
+    except ReproError as exc:  # the model is on disk: report, never fail the job here
+        warnings.warn(f"repro: the model saved at {save_directory} was not logged: {exc}",
+                      RuntimeWarning, stacklevel=2)
+        return None
 
 
 def find_tracker(accelerator: Any) -> ReproTracker | None:
@@ -228,25 +272,3 @@ class _View:
 
     def __init__(self, step: int | None) -> None:
         self.global_step = step
-
-
-def _check_step(step: object) -> None:
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise InvalidArgumentError(f"step must be a non-negative int or None, got {step!r}",
-                                   argument="step")
-
-
-def _check_aliases(aliases: object) -> list[str]:
-    if aliases is None:
-        return []
-    if isinstance(aliases, str) or not isinstance(aliases, (list, tuple)):
-        raise TypeError(f"aliases must be a list of str, got {aliases!r}")
-    return [validate_alias(a) for a in aliases]
-
-
-def _check_metadata(metadata: object) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
-        raise TypeError(f"metadata must be a dict with str keys, got {metadata!r}")
-    return dict(metadata)

@@ -43,6 +43,7 @@ from repro_core.types import (
     validate_project,
 )
 
+from ._accelerate_checks import check_step
 from ._accelerate_launch import launch_info
 from ._session import RunSession, SessionSettings, check_datasets, check_prune
 
@@ -109,6 +110,7 @@ class ReproTracker(GeneralTracker):
         self._finished = False
         self._config: dict[str, Any] = {}
         self._continue: str | None = None  # run id a loaded state asks to continue
+        self._resume_step: int | None = None  # and the step its logs went on at
         self._inputs: tuple[str, ...] = ()  # states loaded before the run opened (branch)
         self._next_step = 0
         self._skipped: set[str] = set()
@@ -172,9 +174,7 @@ class ReproTracker(GeneralTracker):
         """Numbers (ints, floats, 0-d tensors, numpy scalars) become metrics at ``step``
         (None: one past the last step logged, as W&B counts); other values are skipped,
         with one warning per name. ``kwargs`` (other trackers' options) are ignored."""
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int)
-                                 or step < 0):
-            raise ValueError(f"step must be a non-negative int or None, got {step!r}")
+        step = check_step(step)
         with self._lock:
             if self._open() is None:
                 return
@@ -196,6 +196,17 @@ class ReproTracker(GeneralTracker):
                 self._open()
             self._finished = True
             self._session.finish(RunState.COMPLETED)
+
+    @property
+    def next_step(self) -> int:
+        """The step a ``log`` without one would use (kept with each state, so a relaunch
+        from it counts on from there)."""
+        return self._next_step
+
+    def warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._skipped:
+            self._skipped.add(topic)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     # -- background logging of saved states --------------------------------------------------
 
@@ -242,27 +253,39 @@ class ReproTracker(GeneralTracker):
             context = self._session.context
             assert context is not None and context.run is not None
             if context.run.resumed and context.run.id is not None:
-                self._next_step = context.manager.registry().next_metric_step(context.run.id)
+                self._next_step = self._resume_step if self._resume_step is not None else \
+                    context.manager.registry().next_metric_step(context.run.id)
+            self._link_updates()
             atexit.register(self._finish_at_exit)
             return context
+
+    def _link_updates(self) -> None:
+        """Online updates link to the state in force: after a load, the loaded one."""
+        context, previous = self._session.context, self._session.previous
+        if isinstance(context, TTRLContext) and previous is not None:
+            context.set_model_version(previous)
 
     def loaded_state(self, meta: ArtifactMetadata) -> None:
         """A logged state was loaded (``repro_lightning.load_state``): before the run opens,
         with ``resume="allow"``, continue the run that saved it; else record it as used. The
         next state descends from it either way."""
         with self._lock:
-            run_id = meta.metadata.get("run_id")
-            same = isinstance(run_id, str) and meta.metadata.get("project") == self.project
+            run_id = meta.run_id  # the registry's record of who logged it, not its metadata
+            same = run_id is not None and meta.project == self.project
             if not self._session.active:
                 if self._resume == "allow" and same and ArtifactManager().has_run(str(run_id)):
                     self._continue = str(run_id)
+                    step = meta.metadata.get("next_log_step")
+                    self._resume_step = step if isinstance(step, int) else None
                 else:
                     self._inputs = (meta.key,)
-            elif meta.metadata.get("run_id") != self._session.run_id:
+            elif run_id != self._session.run_id:
                 with rank_zero_only():  # lineage: this run used that state
                     ArtifactManager().use_artifact(meta.key, verify=False)
             self._session.loaded(meta.key, os.fspath(meta.path or ""))
             self._session.previous = meta.key
+            if self._session.active:
+                self._link_updates()
 
     def _finish_at_exit(self) -> None:
         """``atexit``: the program ended without ``end_training``."""

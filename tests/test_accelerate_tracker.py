@@ -139,8 +139,7 @@ def test_config_is_snapshotted_deeply_at_init_trackers(store_home: Path) -> None
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT, config=config)
     config["optim"]["momentum"] = 0.0
-    # LIBRARY BUG (reported): store_init_configuration keeps dict(values), a shallow copy,
-    # until the run opens at the first log: the nested change above reaches the config.
+    # (the run opens at the first log: the config must have been captured before, deeply)
     accelerator.log({"loss": 1.0})
     accelerator.end_training()
     stored = ArtifactManager().load_artifact(f"{PROJECT}/config:v1")
@@ -446,8 +445,7 @@ def test_secret_named_accelerate_variables_are_redacted(
     assert run_id is not None
     accelerator.end_training()
     env = _environment(run_id)
-    # LIBRARY BUG (reported): launch_info() copies ACCELERATE_* verbatim and the context's
-    # Redactor.tree() scrubs values only, never judging keys, so the value is stored.
+    # (judged by the variable's name, as the env_vars of a COMPLETE capture)
     assert env["accelerate"]["env"].get("ACCELERATE_FAKE_TOKEN") not in (None, "secret123")
     assert "secret123" not in json.dumps(env)  # nowhere in the artifact
     blobs = [p for p in (store_home).rglob("*") if p.is_file()]
@@ -572,3 +570,25 @@ def test_artifact_types_logged_by_a_plain_run(store_home: Path) -> None:
                                                         f"{PROJECT}/environment"]
     types = {m.name: m.type for m in ArtifactManager().list_artifacts()}
     assert types == {"config": ArtifactType.CONFIG, "environment": ArtifactType.ENVIRONMENT}
+
+
+def test_devices_follow_accelerates_placement_on_accelerators() -> None:
+    """Process ``i`` of a launch with ``local`` processes per machine uses local device
+    ``i % local`` (``cuda:<local rank>``); CPU processes all use "cpu"."""
+    from repro_lightning._accelerate_launch import _devices
+
+    devices = _devices(torch.device("cuda", 0), world=4, local=2)
+    assert [(d["machine"], d["device"]) for d in devices] == [
+        (0, "cuda:0"), (0, "cuda:1"), (1, "cuda:0"), (1, "cuda:1")]
+    assert [d["device"] for d in _devices(torch.device("cpu", 0), world=2, local=2)] == \
+        ["cpu", "cpu"]
+
+
+def test_log_takes_numpy_integer_steps(store_home: Path) -> None:
+    accelerator = Accelerator(cpu=True, log_with=[ReproTracker(project=PROJECT,
+                                                               monitor_hardware=False)])
+    accelerator.init_trackers(PROJECT)
+    accelerator.log({"loss": 1.0}, step=np.int64(7))
+    run_id = accelerator.get_tracker("repro").run_id
+    accelerator.end_training()
+    assert [s for s, _, _ in ArtifactManager().get_metrics(run_id)["loss"]] == [7]

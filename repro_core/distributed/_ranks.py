@@ -123,6 +123,7 @@ def _wait(store: Any, keys: list[str], timeout: float) -> None:
     handlers, and a SIGTERM (a launcher stopping the job because another rank died) must
     end the process now, not when the whole timeout has run out."""
     deadline = time.monotonic() + timeout
+    instant = 0
     while True:
         left = deadline - time.monotonic()
         began = time.monotonic()
@@ -130,7 +131,8 @@ def _wait(store: Any, keys: list[str], timeout: float) -> None:
             store.wait(keys, timedelta(seconds=max(0.001, min(1.0, left))))
             return
         except RuntimeError:
-            if time.monotonic() >= deadline:
-                raise
-            if time.monotonic() - began < 0.01:  # failed at once (store gone): no busy loop
+            instant = instant + 1 if time.monotonic() - began < 0.01 else 0
+            if time.monotonic() >= deadline or instant >= 3:
+                raise  # (3 failures at once in a row: the store is gone, not slow)
+            if instant:
                 time.sleep(0.05)
