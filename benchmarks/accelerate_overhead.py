@@ -65,6 +65,7 @@ import accelerate
 import psutil
 import torch
 import wandb
+from _measure import cpu_seconds
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, TensorDataset
@@ -124,7 +125,7 @@ def _train(variant: str, scratch: Path, args: argparse.Namespace, data: TensorDa
                         generator=torch.Generator().manual_seed(0))
     config = {"variant": variant, "steps": steps, "save_every": save_every,
               "hidden": args.hidden, "batch_size": args.batch_size, "lr": 1e-3}
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     accelerator = _make_accelerator(variant, scratch / "out")
     accelerator.init_trackers(_PROJECT, config=config)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader,
@@ -150,7 +151,7 @@ def _train(variant: str, scratch: Path, args: argparse.Namespace, data: TensorDa
     mark = time.perf_counter()
     accelerator.end_training()
     end = time.perf_counter()
-    return {"variant": variant, "seconds": end - start, "cpu": _cpu_seconds() - cpu,
+    return {"variant": variant, "seconds": end - start, "cpu": cpu_seconds() - cpu,
             **spent, "end_s": end - mark, "steps": steps, "saves": steps // save_every,
             "loss": float(loss), "state_mb": _dir_mb(scratch / "out" / "checkpoints")}
 
@@ -196,19 +197,6 @@ def _print_profile(profiler: cProfile.Profile) -> None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(*restrictions)
         print(f"\n-- {title}, by {order} --\n{out.getvalue()}", file=sys.stderr)
-
-
-def _cpu_seconds() -> float:
-    """user + system CPU seconds of this process (every thread) and its live children (the
-    W&B service)."""
-    total = 0.0
-    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def _dir_mb(path: Path) -> float:

@@ -60,6 +60,7 @@ import lightning as L
 import psutil
 import torch
 import wandb
+from _measure import cpu_seconds
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
@@ -131,7 +132,7 @@ def _fit(variant: str, scratch: Path, args: argparse.Namespace, data: tuple[torc
                                             save_top_k=1, save_last=True)]
     if variant == "b":
         ArtifactManager.reset_instance().set_root(scratch / "store")
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     logger: Any = False
     if variant == "b":
         callbacks.append(ReproCallback(project="bench"))
@@ -145,7 +146,7 @@ def _fit(variant: str, scratch: Path, args: argparse.Namespace, data: tuple[torc
     if variant == "c":
         wandb.finish()  # waits for the artifacts
     return {"variant": variant, "seconds": time.perf_counter() - start,
-            "cpu": _cpu_seconds() - cpu, "steps": trainer.global_step,
+            "cpu": cpu_seconds() - cpu, "steps": trainer.global_step,
             "val_loss": float(trainer.callback_metrics["val_loss"]),
             "checkpoint_mb": _size_mb(scratch / "ckpt" / "last.ckpt")}
 
@@ -255,19 +256,6 @@ def _save_worker(args: argparse.Namespace) -> dict[str, Any]:
                             "bytes": nbytes})
             shutil.rmtree(scratch)
     return {"save": results}
-
-
-def _cpu_seconds() -> float:
-    """user + system CPU seconds of this process (every thread) and its live children (the
-    W&B service)."""
-    total = 0.0
-    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def _size_mb(path: Path) -> float:

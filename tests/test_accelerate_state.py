@@ -9,7 +9,6 @@ import copy
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,44 +16,19 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
+from accelerate_support import (  # noqa: F401 (fresh_accelerate: an autouse fixture)
+    PROJECT,
+    fresh_accelerate,
+    make_tracker,
+    reset_accelerate,
+)
 
 import repro_lightning
 from repro_core import ArtifactManager, ArtifactType, RunState
 from repro_core.errors import ArtifactNotFoundError
 from repro_core.registry import Registry
 from repro_lightning import ReproTracker
-
-PROJECT = "acc"
-_TRACKERS: list[ReproTracker] = []
-
-
-def _reset_accelerate() -> None:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate() -> Iterator[None]:
-    """Accelerate's process-wide singletons reset around every test; a run a failing test
-    left open is finished."""
-    _reset_accelerate()
-    yield
-    while _TRACKERS:
-        tracker = _TRACKERS.pop()
-        tracker.wait()
-        if tracker._session.active:
-            tracker._session.finish(RunState.COMPLETED)
-    _reset_accelerate()
-
-
-def _tracker(**kwargs: Any) -> ReproTracker:
-    kwargs.setdefault("project", PROJECT)
-    kwargs.setdefault("monitor_hardware", False)
-    tracker = ReproTracker(**kwargs)
-    _TRACKERS.append(tracker)
-    return tracker
 
 
 class Launch:
@@ -128,7 +102,7 @@ def _dataset(manager: ArtifactManager) -> str:
 def test_each_save_state_is_a_state_version_descending_from_config_datasets_and_previous(
         store_home: Path, tmp_path: Path, manager: ArtifactManager) -> None:
     dataset = _dataset(manager)
-    tracker = _tracker(datasets={"train": dataset})
+    tracker = make_tracker(datasets={"train": dataset})
     launch = Launch(tracker, config={"lr": 0.1, "epochs": 3})
     written = []
     for step in (2, 5, 9):
@@ -164,7 +138,7 @@ def test_each_save_state_is_a_state_version_descending_from_config_datasets_and_
 
 
 def test_save_state_keeps_aliases_and_metadata(store_home: Path, tmp_path: Path) -> None:
-    tracker = _tracker()
+    tracker = make_tracker()
     launch = Launch(tracker)
     launch.save(tmp_path / "s", step=3, aliases=["best", "epoch-1"],
                 metadata={"val_loss": 0.25, "note": "first"})
@@ -188,7 +162,7 @@ def test_save_state_before_init_trackers_or_without_a_tracker_only_saves(
 
 def test_load_state_restores_model_and_optimizer_exactly(store_home: Path,
                                                          tmp_path: Path) -> None:
-    first = Launch(_tracker())
+    first = Launch(make_tracker())
     first.train(3)
     first.save(tmp_path / "a", step=3)
     saved = first.snapshot()
@@ -201,9 +175,9 @@ def test_load_state_restores_model_and_optimizer_exactly(store_home: Path,
     assert _same_state(first, later)
     first.end()
     assert not all(torch.equal(saved[0][k], later[0][k]) for k in saved[0])
-    _reset_accelerate()
+    reset_accelerate()
 
-    second = Launch(_tracker(), seed=123)  # fresh weights, empty optimizer state
+    second = Launch(make_tracker(), seed=123)  # fresh weights, empty optimizer state
     assert not _same_state(second, saved)
     meta = repro_lightning.load_state(second.accelerator, "state:v1")
     assert meta is not None and meta.key == f"{PROJECT}/state:v1"
@@ -215,12 +189,12 @@ def test_load_state_restores_model_and_optimizer_exactly(store_home: Path,
 
 
 def test_state_path_is_a_directory_accelerate_loads(store_home: Path, tmp_path: Path) -> None:
-    first = Launch(_tracker())
+    first = Launch(make_tracker())
     first.train(2)
     first.save(tmp_path / "a", step=1)
     saved = first.snapshot()
     first.end()
-    _reset_accelerate()
+    reset_accelerate()
 
     path = repro_lightning.state_path(f"{PROJECT}/state:latest")
     assert os.path.isdir(path) and Path(path, "model.safetensors").is_file()
@@ -240,17 +214,17 @@ def test_state_path_is_a_directory_accelerate_loads(store_home: Path, tmp_path: 
 def test_relaunch_with_automatic_naming_continues_the_save_counter(
         store_home: Path, tmp_path: Path) -> None:
     project_dir = tmp_path / "project"
-    first = Launch(_tracker(), project_dir=str(project_dir), automatic_checkpoint_naming=True)
+    first = Launch(make_tracker(), project_dir=str(project_dir), automatic_checkpoint_naming=True)
     first.train()
     first.save(step=1)
     first.train()
     last = first.save(step=2)
     assert Path(last) == project_dir / "checkpoints" / "checkpoint_1"
     first.end()
-    _reset_accelerate()
+    reset_accelerate()
 
     # A new process: a new Accelerator (its counter starts at 0) loads the logged state.
-    second = Launch(_tracker(), project_dir=str(project_dir), automatic_checkpoint_naming=True)
+    second = Launch(make_tracker(), project_dir=str(project_dir), automatic_checkpoint_naming=True)
     meta = repro_lightning.load_state(second.accelerator, "state:latest")
     assert meta is not None and meta.metadata["iteration"] == 2
     assert second.accelerator.save_iteration == 2  # past the loaded state
@@ -265,15 +239,15 @@ def test_loaded_state_sets_the_counter_even_where_its_folders_are_gone(
         store_home: Path, tmp_path: Path) -> None:
     """The relaunch runs in a fresh directory (another machine): only the loaded version
     says where the counter stands."""
-    first = Launch(_tracker(), project_dir=str(tmp_path / "one"),
+    first = Launch(make_tracker(), project_dir=str(tmp_path / "one"),
                    automatic_checkpoint_naming=True)
     for step in range(3):
         first.train()
         first.save(step=step)
     first.end()
-    _reset_accelerate()
+    reset_accelerate()
 
-    second = Launch(_tracker(), project_dir=str(tmp_path / "two"),
+    second = Launch(make_tracker(), project_dir=str(tmp_path / "two"),
                     automatic_checkpoint_naming=True)
     repro_lightning.load_state(second.accelerator, "state:latest")
     written = second.save(step=3)
@@ -288,7 +262,7 @@ def test_plain_accelerate_fails_the_same_relaunch(tmp_path: Path) -> None:
     first = Launch(None, project_dir=str(project_dir), automatic_checkpoint_naming=True)
     first.accelerator.save_state()
     first.accelerator.save_state()
-    _reset_accelerate()
+    reset_accelerate()
     second = Launch(None, project_dir=str(project_dir), automatic_checkpoint_naming=True)
     second.accelerator.load_state(str(project_dir / "checkpoints" / "checkpoint_1"))
     assert second.accelerator.save_iteration == 0
@@ -300,7 +274,7 @@ def test_plain_accelerate_fails_the_same_relaunch(tmp_path: Path) -> None:
 
 
 def test_save_model_logs_a_model_version(store_home: Path, tmp_path: Path) -> None:
-    tracker = _tracker(model_name="policy")
+    tracker = make_tracker(model_name="policy")
     launch = Launch(tracker)
     launch.train()
     launch.save(tmp_path / "s", step=1)
@@ -319,7 +293,7 @@ def test_save_model_logs_a_model_version(store_home: Path, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("prune", ["mirror", "keep"])
 def test_prune_mirror_follows_total_limit(store_home: Path, tmp_path: Path, prune: str) -> None:
-    tracker = _tracker(prune=prune)
+    tracker = make_tracker(prune=prune)
     launch = Launch(tracker, project_dir=str(tmp_path / "p"), automatic_checkpoint_naming=True,
                     total_limit=2)
     for step in range(4):
@@ -355,7 +329,7 @@ def _versions(store: Path) -> list[str]:
 ])
 def test_bad_save_arguments_fail_before_anything_is_written(
         store_home: Path, tmp_path: Path, kwargs: dict[str, Any], error: type) -> None:
-    tracker = _tracker()
+    tracker = make_tracker()
     launch = Launch(tracker)
     launch.save(tmp_path / "good", step=0)
     assert tracker.last_state is not None  # (waits for it to be logged)
@@ -380,7 +354,7 @@ def test_load_state_of_a_missing_or_wrong_key_is_a_typed_error(
     file_key = manager.log_artifact("weights", ArtifactType.CHECKPOINT, file_path=weights).key
     manager.finalize_run()
 
-    tracker = _tracker()
+    tracker = make_tracker()
     launch = Launch(tracker)
     launch.save(tmp_path / "s", step=0)
     assert tracker.last_state is not None  # (waits for it to be logged)
@@ -402,11 +376,11 @@ def test_load_state_of_a_missing_or_wrong_key_is_a_typed_error(
 
 
 def test_bare_names_resolve_in_the_trackers_project(store_home: Path, tmp_path: Path) -> None:
-    first = Launch(_tracker())
+    first = Launch(make_tracker())
     first.save(tmp_path / "s", step=0)
     first.end()
-    _reset_accelerate()
-    other = Launch(_tracker(project="elsewhere"))
+    reset_accelerate()
+    other = Launch(make_tracker(project="elsewhere"))
     with pytest.raises(ArtifactNotFoundError):
         repro_lightning.load_state(other.accelerator, "state:latest")  # not acc's
     meta = repro_lightning.load_state(other.accelerator, f"{PROJECT}/state:latest")
@@ -418,7 +392,7 @@ def test_bare_names_resolve_in_the_trackers_project(store_home: Path, tmp_path: 
 
 
 def _run_a(tmp_path: Path) -> tuple[str, Any]:
-    tracker = _tracker()
+    tracker = make_tracker()
     launch = Launch(tracker, project_dir=str(tmp_path / "p"), automatic_checkpoint_naming=True)
     for step in range(3):
         launch.train()
@@ -427,14 +401,14 @@ def _run_a(tmp_path: Path) -> tuple[str, Any]:
     run_id = tracker.run_id
     assert run_id is not None
     launch.end()
-    _reset_accelerate()
+    reset_accelerate()
     return run_id, _states()[-1]
 
 
 def test_load_state_before_the_first_log_continues_the_run_that_saved_it(
         store_home: Path, tmp_path: Path) -> None:
     run_a, state = _run_a(tmp_path)
-    tracker = _tracker()
+    tracker = make_tracker()
     launch = Launch(tracker, project_dir=str(tmp_path / "p"), automatic_checkpoint_naming=True)
     meta = repro_lightning.load_state(launch.accelerator, "state:latest")
     assert meta is not None and meta.key == state.key
@@ -461,7 +435,7 @@ def test_load_state_before_the_first_log_continues_the_run_that_saved_it(
 def test_resume_never_opens_a_new_run_that_used_the_state(store_home: Path,
                                                           tmp_path: Path) -> None:
     run_a, state = _run_a(tmp_path)
-    tracker = _tracker(resume="never")
+    tracker = make_tracker(resume="never")
     launch = Launch(tracker, project_dir=str(tmp_path / "p"), automatic_checkpoint_naming=True)
     repro_lightning.load_state(launch.accelerator, "state:latest")
     launch.accelerator.log({"loss": 5.0}, step=3)
@@ -486,7 +460,7 @@ def test_resume_never_opens_a_new_run_that_used_the_state(store_home: Path,
 def test_load_state_after_the_run_opened_records_it_as_used(store_home: Path,
                                                            tmp_path: Path) -> None:
     run_a, state = _run_a(tmp_path)
-    tracker = _tracker()
+    tracker = make_tracker()
     launch = Launch(tracker)
     launch.accelerator.log({"loss": 1.0})  # the run is open: a new one
     run_b = tracker.run_id
@@ -515,7 +489,7 @@ def test_relaunch_after_a_crash_continues_the_run_with_the_metrics_before_the_sa
     assert crashed.state == RunState.CRASHED.value  # its process is gone, never finished
     registry.close()
 
-    tracker = _tracker(project="exits")
+    tracker = make_tracker(project="exits")
     relaunch = Accelerator(cpu=True, log_with=[tracker])
     relaunch.init_trackers("exits")
     torch.manual_seed(0)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from accelerate_support import (  # noqa: F401 (fresh_accelerate: an autouse fixture)
+    PROJECT,
+    fresh_accelerate,
+    make_tracker,
+    reset_accelerate,
+)
 from click.testing import CliRunner
 
 import repro_lightning
@@ -33,37 +38,11 @@ from repro_core.registry import Registry
 from repro_core.ttrl import TTRLContext
 from repro_lightning import ReproTracker
 
-PROJECT = "acc"
 SCRIPTS = Path(__file__).resolve().parent / "accelerate_scripts"
-_TRACKERS: list[ReproTracker] = []
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate() -> Iterator[None]:
-    """Accelerate's process-wide singletons reset around every test (as Accelerate's own
-    ``AccelerateTestCase`` does); a run a failing test left open is finished."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    while _TRACKERS:
-        tracker = _TRACKERS.pop()
-        tracker.wait()
-        if tracker._session.active:
-            tracker._session.finish(RunState.COMPLETED)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def _tracker(**kwargs: Any) -> ReproTracker:
-    kwargs.setdefault("project", PROJECT)
-    kwargs.setdefault("monitor_hardware", False)
-    tracker = ReproTracker(**kwargs)
-    _TRACKERS.append(tracker)
-    return tracker
 
 
 def _accelerator(tracker: ReproTracker | None = None, **kwargs: Any) -> Accelerator:
-    return Accelerator(cpu=True, log_with=[tracker if tracker is not None else _tracker()],
+    return Accelerator(cpu=True, log_with=[tracker if tracker is not None else make_tracker()],
                        **kwargs)
 
 
@@ -79,7 +58,7 @@ def _store_files(store: Path) -> list[str]:
 
 
 def test_tracker_attributes_match_accelerates_contract() -> None:
-    tracker = _tracker()
+    tracker = make_tracker()
     assert tracker.name == "repro"
     assert tracker.requires_logging_directory is False
     assert tracker.main_process_only is True
@@ -90,7 +69,7 @@ def test_tracker_attributes_match_accelerates_contract() -> None:
 def test_nothing_is_written_before_init_trackers_and_the_run_opens_at_first_use(
         store_home: Path, tmp_path: Path) -> None:
     before = sorted(p.name for p in tmp_path.iterdir())
-    tracker = _tracker()
+    tracker = make_tracker()
     accelerator = _accelerator(tracker)
     assert not store_home.exists()  # ReproTracker() + Accelerator(): no store, no run
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -115,7 +94,7 @@ def test_nothing_is_written_before_init_trackers_and_the_run_opens_at_first_use(
 def test_store_init_configuration_copies_the_config(store_home: Path) -> None:
     config = {"lr": 0.1, "batch_size": 8, "optim": {"name": "sgd", "momentum": 0.9}}
     given = copy.deepcopy(config)
-    tracker = _tracker()
+    tracker = make_tracker()
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT, config=config)
     assert config == given  # the caller's dict untouched
@@ -135,7 +114,7 @@ def test_config_is_snapshotted_deeply_at_init_trackers(store_home: Path) -> None
     in between must not reach the stored config (Accelerate's other trackers record the
     config inside init_trackers)."""
     config = {"optim": {"name": "sgd", "momentum": 0.9}}
-    tracker = _tracker()
+    tracker = make_tracker()
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT, config=config)
     config["optim"]["momentum"] = 0.0
@@ -148,7 +127,7 @@ def test_config_is_snapshotted_deeply_at_init_trackers(store_home: Path) -> None
 
 def test_log_counts_steps_without_step_and_continues_after_an_explicit_one(
         store_home: Path) -> None:
-    tracker = _tracker()
+    tracker = make_tracker()
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT)
     accelerator.log({"a": 1.0})
@@ -170,7 +149,7 @@ def test_log_counts_steps_without_step_and_continues_after_an_explicit_one(
 
 
 def test_numbers_are_logged_and_strings_skipped_with_one_warning(store_home: Path) -> None:
-    tracker = _tracker()
+    tracker = make_tracker()
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT)
     with warnings.catch_warnings(record=True) as caught:
@@ -200,7 +179,7 @@ def test_numbers_are_logged_and_strings_skipped_with_one_warning(store_home: Pat
 
 
 def test_get_tracker_returns_the_tracker_and_unwrap_the_runs_context(store_home: Path) -> None:
-    tracker = _tracker()
+    tracker = make_tracker()
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT)
     assert accelerator.get_tracker("repro") is tracker
@@ -215,7 +194,7 @@ def test_get_tracker_returns_the_tracker_and_unwrap_the_runs_context(store_home:
 def test_end_training_completes_the_run_with_its_metrics_and_config(store_home: Path) -> None:
     sigterm = signal.getsignal(signal.SIGTERM)
     config = {"lr": 0.05, "epochs": 2, "model": "mlp"}
-    tracker = _tracker(name="my-run", tags=["smoke"])
+    tracker = make_tracker(name="my-run", tags=["smoke"])
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT, config=config)
     for step in range(4):
@@ -242,7 +221,7 @@ def test_end_training_completes_the_run_with_its_metrics_and_config(store_home: 
 
 def test_init_trackers_again_after_the_run_opened_logs_a_new_config_version(
         store_home: Path) -> None:
-    tracker = _tracker()
+    tracker = make_tracker()
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT, config={"lr": 0.1})
     accelerator.log({"loss": 1.0})
@@ -272,7 +251,7 @@ def test_invalid_arguments_are_rejected_before_anything_is_written(store_home: P
 
 def test_next_to_tensorboard_both_trackers_record(store_home: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorboardX")
-    tracker = _tracker()
+    tracker = make_tracker()
     logs = tmp_path / "logs"
     accelerator = Accelerator(cpu=True, log_with=["tensorboard", tracker], project_dir=logs)
     accelerator.init_trackers("tb_run", config={"lr": 0.1, "batch_size": 4})
@@ -319,7 +298,7 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def test_reward_logs_become_online_updates_linked_to_the_latest_state(
         store_home: Path, tmp_path: Path) -> None:
-    tracker = _tracker()
+    tracker = make_tracker()
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT)
     model, optimizer = _tiny(accelerator)
@@ -351,7 +330,7 @@ def test_reward_logs_become_online_updates_linked_to_the_latest_state(
 
 
 def test_custom_ttrl_keys_and_none(store_home: Path) -> None:
-    tracker = _tracker(ttrl_keys=("score", "certainty", "drift"))
+    tracker = make_tracker(ttrl_keys=("score", "certainty", "drift"))
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT)
     accelerator.log({"score": 1.5, "certainty": 0.9, "drift": 0.2, "reward": 7.0})
@@ -360,7 +339,7 @@ def test_custom_ttrl_keys_and_none(store_home: Path) -> None:
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
 
-    tracker = _tracker(ttrl_keys=None)
+    tracker = make_tracker(ttrl_keys=None)
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT)
     accelerator.log({"reward": 0.5, "confidence": 0.5, "kl_divergence": 0.1})
@@ -379,7 +358,7 @@ def test_custom_ttrl_keys_and_none(store_home: Path) -> None:
 
 
 def test_log_experience_stores_experiences(store_home: Path) -> None:
-    tracker = _tracker()
+    tracker = make_tracker()
     accelerator = _accelerator(tracker)
     with pytest.raises(RuntimeError, match="init_trackers"):
         tracker.log_experience("e0", 1, 2)  # not started
@@ -413,7 +392,7 @@ def _environment(run_id: str) -> dict[str, Any]:
 def test_environment_has_an_accelerate_section(store_home: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACCELERATE_FAKE_SETTING", "kept-value")
-    tracker = _tracker()
+    tracker = make_tracker()
     accelerator = _accelerator(tracker, gradient_accumulation_steps=4, mixed_precision="bf16")
     accelerator.init_trackers(PROJECT)
     accelerator.log({"loss": 1.0})
@@ -437,7 +416,7 @@ def test_environment_has_an_accelerate_section(store_home: Path,
 def test_secret_named_accelerate_variables_are_redacted(
         store_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACCELERATE_FAKE_TOKEN", "secret123")
-    tracker = _tracker()
+    tracker = make_tracker()
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT)
     accelerator.log({"loss": 1.0})
@@ -559,7 +538,7 @@ def test_sigterm_without_end_training_interrupts_the_run_promptly(
 
 def test_artifact_types_logged_by_a_plain_run(store_home: Path) -> None:
     """The run's outputs are a config and an environment artifact and nothing else."""
-    tracker = _tracker()
+    tracker = make_tracker()
     accelerator = _accelerator(tracker)
     accelerator.init_trackers(PROJECT, config={"a": 1})
     accelerator.log({"loss": 1.0})
