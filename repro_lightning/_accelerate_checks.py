@@ -35,7 +35,11 @@ def check_aliases(aliases: object) -> list[str]:
         return []
     if isinstance(aliases, str) or not isinstance(aliases, (list, tuple)):
         raise TypeError(f"aliases must be a list of str, got {aliases!r}")
-    return [validate_alias(a) for a in aliases]
+    checked = [validate_alias(a) for a in aliases]
+    if "latest" in checked:
+        raise InvalidArgumentError("'latest' is moved by repro itself to the newest version; "
+                                   "pass other aliases", argument="aliases")
+    return checked
 
 
 def check_metadata(metadata: object, reserved: frozenset[str] = frozenset({"run_id", "project"})

@@ -164,11 +164,20 @@ def load_state(accelerator: Any, source: str | os.PathLike[str], *,
     if tracker is not None:
         tracker.wait()
     path = os.fspath(source)
-    if isinstance(source, os.PathLike) or os.path.isdir(path):
+    if isinstance(source, os.PathLike) or os.path.isdir(path) or _looks_like_path(path):
+        if not os.path.isdir(path):
+            raise InvalidArgumentError(f"no directory {path!r} to load a state from (an "
+                                       "artifact key looks like 'state:latest')",
+                                       argument="source")
         accelerator.load_state(path, **load_kwargs)
         return None
     meta = state_metadata(path, project=tracker.project if tracker else None, verify=verify,
                           name=tracker._session.settings.checkpoint_name if tracker else None)
+    saved_by = meta.metadata.get("num_processes")
+    if isinstance(saved_by, int) and saved_by != int(accelerator.num_processes):
+        warnings.warn(f"repro: {meta.key} was saved by {saved_by} processes and is loaded by "
+                      f"{accelerator.num_processes}: Accelerate restores the RNG state of "
+                      "the processes both have", RuntimeWarning, stacklevel=2)
     accelerator.load_state(os.fspath(meta.path or ""), **load_kwargs)
     iteration = meta.metadata.get("iteration")
     config = accelerator.project_configuration
@@ -177,6 +186,12 @@ def load_state(accelerator: Any, source: str | os.PathLike[str], *,
     if tracker is not None and _is_main(accelerator):
         tracker.loaded_state(meta)
     return meta
+
+
+def _looks_like_path(text: str) -> bool:
+    """A key is ``[project/]name[:version|@digest]``: one slash at most, never leading."""
+    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or (os.sep != "/" and \
+        os.sep in text)
 
 
 def state_path(key: str, *, verify: bool | None = None) -> str:
@@ -242,9 +257,10 @@ def find_tracker(accelerator: Any) -> ReproTracker | None:
 
 
 def _skip_taken_iteration(accelerator: Any) -> None:
-    """With automatic naming, move the save counter past folders that already exist (a
+    """With automatic naming, move the save counter past the folders that already exist (a
     relaunch, or ``load_state`` of a folder: Accelerate restores neither), instead of failing
-    with "already exists". Every process lists the same folder, so all agree."""
+    with "already exists". Every process lists the folder before any of them passes the
+    first barrier (where the main process may delete some), so all agree."""
     config = accelerator.project_configuration
     if not config.automatic_checkpoint_naming:
         return
@@ -253,7 +269,9 @@ def _skip_taken_iteration(accelerator: Any) -> None:
         taken = [int(m.group(1)) for m in map(_FOLDER.match, os.listdir(folder)) if m]
     except OSError:
         return
-    if int(config.iteration) in taken:
+    # Past the newest, not just past a taken number: total_limit deletes the lowest numbers
+    # first, and must never delete this launch's new folders before an older launch's.
+    if taken and int(config.iteration) <= max(taken):
         config.iteration = max(taken) + 1
 
 

@@ -31,6 +31,7 @@ from accelerate.tracking import GeneralTracker
 from repro_core import ArtifactManager, RunState, rank_zero_only
 from repro_core import _exit as exit_outcome
 from repro_core.capture import EnvironmentCaptureLevel, capture_config
+from repro_core.capture.environment import coerce_level
 from repro_core.context import ExperimentContext, Terminated
 from repro_core.errors import RunStateError
 from repro_core.ttrl import TTRLContext
@@ -39,7 +40,8 @@ from repro_core.types import (
     ArtifactType,
     Run,
     check_tags,
-    parse_key,
+    check_text,
+    validate_name,
     validate_project,
 )
 
@@ -91,9 +93,14 @@ class ReproTracker(GeneralTracker):
         ttrl_keys: tuple[str, str, str] | None = _TTRL_DEFAULT,
     ) -> None:
         super().__init__()
-        validate_project(project)
-        parse_key(state_name)  # everything checked before any run or file exists
-        parse_key(model_name)
+        validate_project(project)  # everything checked before any run or file exists
+        validate_name(state_name, what="state_name")
+        validate_name(model_name, what="model_name")
+        if name is not None:
+            check_text(name, "name")
+        coerce_level(capture_level)
+        if not isinstance(monitor_hardware, bool):
+            raise TypeError(f"monitor_hardware must be True or False, got {monitor_hardware!r}")
         if resume not in _RESUME:
             raise ValueError(f"resume must be 'allow' (loading a logged state continues its "
                              f"run) or 'never' (a new run), got {resume!r}")
@@ -150,6 +157,7 @@ class ReproTracker(GeneralTracker):
     def start(self) -> None:
         """Called by ``init_trackers``. The run itself opens at first use (module doc)."""
         self._started = True
+        _warn_if_not_distributed()
 
     def store_init_configuration(self, values: dict[str, Any]) -> None:
         """``init_trackers(config=...)``: the run's config, captured now (as JSON: the caller's
@@ -300,7 +308,8 @@ class ReproTracker(GeneralTracker):
             exc = last if isinstance(last, BaseException) else RuntimeError(outcome[1]
                                                                             if outcome else "")
         elif state is RunState.INTERRUPTED:
-            exc = Terminated()
+            last = getattr(sys, "last_value", None)
+            exc = last if isinstance(last, KeyboardInterrupt) else Terminated()
         self._finished = True
         self._session.finish(state, exc)
 
@@ -316,6 +325,22 @@ class ReproTracker(GeneralTracker):
                 continue
             out[str(key)] = number
         return out
+
+
+def _warn_if_not_distributed() -> None:
+    """torchrun started several processes but Accelerate runs each alone (a CPU-only machine
+    without ``Accelerator(cpu=True)``): every process then trains, saves and logs by itself."""
+    from accelerate.state import PartialState
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return
+    if world > 1 and PartialState._shared_state and PartialState().num_processes == 1:
+        warnings.warn(f"WORLD_SIZE={world} but Accelerate runs this process alone: every "
+                      "process acts as the main one (on a machine without a GPU pass "
+                      "Accelerator(cpu=True) for a multi-process CPU launch)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _as_number(value: Any) -> float | None:

@@ -326,6 +326,7 @@ def _versions(store: Path) -> list[str]:
     ({"metadata": {"val_loss": float("nan")}}, TypeError),  # not JSON: refused up front
     ({"metadata": {"run_id": "forged"}}, ValueError),  # repro's own key
     ({"step": np.int64(-3)}, ValueError),
+    ({"aliases": ["latest"]}, ValueError),  # moved by repro: refused up front, not in logging
 ])
 def test_bad_save_arguments_fail_before_anything_is_written(
         store_home: Path, tmp_path: Path, kwargs: dict[str, Any], error: type) -> None:
@@ -507,3 +508,26 @@ def test_relaunch_after_a_crash_continues_the_run_with_the_metrics_before_the_sa
     assert steps[-1] == 6 and points[-1][1] == 6.0
     history = [s for s, _, _ in _registry(store_home).run_state_history(crashed.id)]
     assert history[0] == "running" and history[-2:] == ["running", "completed"]
+
+
+def test_load_state_of_a_missing_directory_says_so(store_home: Path, tmp_path: Path) -> None:
+    launch = Launch(make_tracker())
+    for missing in (str(tmp_path / "nope"), "./missing_rel", "out/checkpoints/checkpoint_3"):
+        with pytest.raises(ValueError, match="no directory"):
+            repro_lightning.load_state(launch.accelerator, missing)
+    launch.end()
+
+
+def test_automatic_naming_numbers_past_an_earlier_launchs_newest_folder(
+        store_home: Path, tmp_path: Path) -> None:
+    """Folders 2, 4 and 5 left by earlier launches, the counter at 3: the new state is
+    ``checkpoint_6`` (not 3, which total_limit would delete before the older 4 and 5)."""
+    checkpoints = tmp_path / "p" / "checkpoints"
+    for number in (2, 4, 5):
+        (checkpoints / f"checkpoint_{number}").mkdir(parents=True)
+    launch = Launch(make_tracker(), project_dir=str(tmp_path / "p"),
+                    automatic_checkpoint_naming=True, iteration=3)
+    location = repro_lightning.save_state(launch.accelerator, step=0)
+    assert os.path.basename(location) == "checkpoint_6"
+    assert launch.accelerator.save_iteration == 7
+    launch.end()

@@ -243,7 +243,27 @@ def test_invalid_arguments_are_rejected_before_anything_is_written(store_home: P
         ReproTracker(project="bad project/name")
     with pytest.raises(TypeError):
         ReproTracker(project=PROJECT, datasets=["mnist:v1"])  # type: ignore[arg-type]
+    # (these once passed construction and failed at the first log, mid-training)
+    with pytest.raises(ValueError, match="name"):
+        ReproTracker(project=PROJECT, name=123)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="level"):
+        ReproTracker(project=PROJECT, capture_level=99)
+    with pytest.raises(TypeError, match="monitor_hardware"):
+        ReproTracker(project=PROJECT, monitor_hardware="no")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="state_name"):
+        ReproTracker(project=PROJECT, state_name="a:b")
     assert not store_home.exists()
+
+
+def test_a_launch_accelerate_does_not_distribute_is_warned(
+        store_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun set WORLD_SIZE=2 but Accelerate runs the process alone (a CPU-only machine
+    without ``cpu=True``): every process would act as the main one, so it is said."""
+    accelerator = Accelerator(cpu=True, log_with=[make_tracker()])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(RuntimeWarning, match="WORLD_SIZE=2.*cpu=True"):
+        accelerator.init_trackers(PROJECT)
+    accelerator.end_training()
 
 
 # -- beside another tracker ----------------------------------------------------------------------
@@ -483,6 +503,18 @@ def test_uncaught_exception_without_end_training_fails_the_run(
     (trace_key,) = [k for k in manager.get_run(run.id)["outputs"] if "/error_trace:" in k]
     trace = manager.load_artifact(trace_key)
     assert "the loss went to pieces" in trace and "ZeroDivisionError" in trace
+
+
+@pytest.mark.slow
+def test_ctrl_c_without_end_training_interrupts_the_run(
+        tmp_path: Path, manager: ArtifactManager) -> None:
+    proc = _start(tmp_path, "interrupt")
+    log = _finish(proc)
+    assert proc.returncode != 0, log
+    run, history = _only_run(tmp_path / "store")
+    assert run.state == RunState.INTERRUPTED.value, log[-4000:]
+    assert [s for s, _, _ in history] == ["running", "interrupted"]
+    assert "KeyboardInterrupt" in str(history[-1][2]), history  # not SIGTERM's reason
 
 
 @pytest.mark.slow

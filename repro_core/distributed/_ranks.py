@@ -110,12 +110,20 @@ def barrier(name: str, timeout: float | None = None) -> None:
     keys = [f"{PREFIX}barrier/{name}/{r}" for r in range(world)]
     try:
         _wait(store, keys, timeout)
+    except _StoreGone as exc:
+        raise DistributedTimeoutError(
+            f"barrier {name!r}: the process group's store stopped answering ({exc.__cause__}); "
+            "the launcher or rank 0 is probably gone") from exc
     except RuntimeError as exc:
         missing = [r for r, k in enumerate(keys) if not key_exists(store, k)]
         raise DistributedTimeoutError(
             f"barrier {name!r}: rank(s) {missing or '?'} did not arrive within {timeout:.0f}s "
             f"(REPRO_BARRIER_TIMEOUT); a rank probably died or skipped finalize_run()"
         ) from exc
+
+
+class _StoreGone(RuntimeError):
+    """The store failed at once, several times in a row: not a slow rank."""
 
 
 def _wait(store: Any, keys: list[str], timeout: float) -> None:
@@ -130,9 +138,11 @@ def _wait(store: Any, keys: list[str], timeout: float) -> None:
         try:
             store.wait(keys, timedelta(seconds=max(0.001, min(1.0, left))))
             return
-        except RuntimeError:
+        except RuntimeError as exc:
             instant = instant + 1 if time.monotonic() - began < 0.01 else 0
-            if time.monotonic() >= deadline or instant >= 3:
-                raise  # (3 failures at once in a row: the store is gone, not slow)
+            if instant >= 3:  # failing at once, again and again: gone, not slow
+                raise _StoreGone(str(exc)) from exc
+            if time.monotonic() >= deadline:
+                raise
             if instant:
                 time.sleep(0.05)

@@ -34,6 +34,8 @@ def main(mode: str, marker: Path) -> None:
         raise ZeroDivisionError("the loss went to pieces")
     if mode == "exit0":
         sys.exit(0)
+    if mode == "interrupt":
+        raise KeyboardInterrupt  # what Ctrl-C raises
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.01))
