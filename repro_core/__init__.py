@@ -39,6 +39,7 @@ from .manager import ArtifactManager
 from .monitor import HardwareMonitor
 from .recover import RecoverReport, recover_store
 from .store import LocalStorageBackend, StorageBackend
+from .store.wandb_backend import WandBStorageBackend
 from .ttrl import TTRLContext
 from .types import ArtifactMetadata, ArtifactType, Run, RunState
 
@@ -76,6 +77,7 @@ __all__ = [
     "StoreNotFoundError",
     "TTRLContext",
     "VerifyReport",
+    "WandBStorageBackend",
     "capture_config",
     "capture_environment",
     "checkpoint",

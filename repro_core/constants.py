@@ -24,6 +24,10 @@ Variables (README's "Settings" table says the same):
   (private writable copies) for what ``use_artifact`` hands out.
 - ``REPRO_GIT_TIMEOUT``: seconds each git call of a capture may take (default 10).
 - ``REPRO_MAX_PATCH_BYTES``: cap on the captured git patch (default 1 MiB).
+- ``REPRO_REMOTE_RETRIES``: retries of a remote-store request that failed transiently
+  (connection refused or reset, timeout, 5xx, throttling), with exponential backoff (default 4).
+- ``REPRO_REMOTE_BACKOFF``: seconds before the first such retry; doubled for each next one
+  (default 0.5).
 
 ``REPRO_REDACT_ALLOW`` / ``REPRO_REDACT_DENY`` are the exception: read at every capture
 (``capture/redact.py``), so a program may change them between captures.
@@ -81,6 +85,19 @@ def _positive_int(name: str, default: int) -> int:
     return value
 
 
+def _count(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise _bad(name, raw, "a whole number >= 0") from None
+    if value < 0:
+        raise _bad(name, raw, "a whole number >= 0")
+    return value
+
+
 def _flag(name: str, default: bool) -> bool:
     raw = os.environ.get(name, "")
     value = raw.strip().lower()
@@ -111,6 +128,8 @@ REPRO_PROGRESS: bool
 REPRO_MATERIALIZE: str
 REPRO_GIT_TIMEOUT: float
 REPRO_MAX_PATCH_BYTES: int
+REPRO_REMOTE_RETRIES: int
+REPRO_REMOTE_BACKOFF: float
 
 _PARSERS: dict[str, Callable[[], Any]] = {
     "REPRO_HOME": lambda: os.environ.get("REPRO_HOME") or None,
@@ -124,6 +143,8 @@ _PARSERS: dict[str, Callable[[], Any]] = {
     "REPRO_MATERIALIZE": lambda: _choice("REPRO_MATERIALIZE", "link", MATERIALIZE_MODES),
     "REPRO_GIT_TIMEOUT": lambda: _as_seconds("REPRO_GIT_TIMEOUT", 10.0),
     "REPRO_MAX_PATCH_BYTES": lambda: _positive_int("REPRO_MAX_PATCH_BYTES", 1 << 20),
+    "REPRO_REMOTE_RETRIES": lambda: _count("REPRO_REMOTE_RETRIES", 4),
+    "REPRO_REMOTE_BACKOFF": lambda: _as_seconds("REPRO_REMOTE_BACKOFF", 0.5),
 }
 #: Every setting parsed here (the CLI checks them all before running a command).
 SETTINGS = tuple(_PARSERS)
@@ -149,5 +170,10 @@ def reload() -> None:
 IO_CHUNK = 16 * 1024 * 1024
 # Files at least this big are hashed with every core (BLAKE3 is parallel within one file).
 PARALLEL_HASH_MIN = 32 * 1024 * 1024
+# Remote stores move big files in parts of this size (an S3 multipart part; memory holds one).
+REMOTE_BLOCK_SIZE = 64 * 1024 * 1024
+# ...and read them back in ranged GETs of this size: the HTTP stack holds about four copies of
+# one read while it is in flight (measured: ~30 MiB peak at 8 MiB, ~70 MiB at 16 MiB).
+REMOTE_READ_CHUNK = 8 * 1024 * 1024
 # SQLite waits this long for a competing writer before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 60_000

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from s3_support import moto_s3, s3_bucket, s3_env  # noqa: F401 (fixtures: a moto S3 server)
 
 from repro_core import ArtifactManager
 from repro_core.capture import seed as _seed

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from repro_core import IntegrityError, LocalStorageBackend, StorageError, constants
+from repro_core import ArtifactNotFoundError, IntegrityError, LocalStorageBackend, constants
 from repro_core.hashing import hash_bytes
 from repro_core.registry import detect_network_fs
 from repro_core.store import _identity
@@ -34,7 +34,7 @@ def test_upload_download_exists_delete(store: LocalStorageBackend, tmp_path: Pat
     assert list(store.iter_digests()) == [digest]
     store.verify(digest)
     assert store.delete(digest) and not store.delete(digest)
-    with pytest.raises(StorageError):
+    with pytest.raises(ArtifactNotFoundError):
         store.download(digest, tmp_path / "again")
 
 

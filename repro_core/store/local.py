@@ -33,7 +33,6 @@ import fcntl
 import os
 import re
 import secrets
-import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -42,9 +41,10 @@ from typing import TypeVar
 
 from .. import _fsio, constants
 from .._safepath import real_dirs
-from ..errors import IntegrityError, StorageError
+from ..errors import ArtifactNotFoundError, IntegrityError, StorageError
 from ..hashing import copy_and_hash, hash_file, new_hasher, parse_digest, update_while_writing
 from . import _identity
+from ._stream import read_fd_chunks, receive_into
 from ._tmp import is_stale_temp, new_locked_temp
 from ._tmp import remove_entry as _remove_entry
 from .base import StorageBackend
@@ -184,24 +184,26 @@ class LocalStorageBackend(StorageBackend):
         return str(self.blob_path(content_hash))
 
     def download(self, content_hash: str, target_path: Path) -> Path:
-        """Copy the blob to ``target_path`` atomically (temp file beside it + rename)."""
+        """Copy the blob to ``target_path`` atomically, re-hashing it on the way: a corrupt
+        blob is an ``IntegrityError`` (target untouched), a missing one an
+        ``ArtifactNotFoundError``."""
         source = self.blob_path(content_hash)
-        if not source.is_file():
-            raise StorageError(f"blob {content_hash} is not in the store", path=source)
-        target = Path(target_path)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
-
-        def _copy() -> Path:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                shutil.copyfile(source, tmp)
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
-            return target
-
-        return _storage_errors("downloading a blob", target, _copy)
+        try:  # O_NOFOLLOW: a symlink planted in blobs/ is never served
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ArtifactNotFoundError(f"blob {content_hash} is not in {self.blobs_dir}",
+                                        key=content_hash) from None
+        except OSError as exc:
+            raise StorageError(f"reading blob {content_hash} failed: {exc}", path=source,
+                               errno=exc.errno) from exc
+        try:
+            return receive_into(target_path, _read_blob(fd, source), content_hash,
+                                source=f"blob {content_hash} at {source}")
+        except IntegrityError:
+            _identity.forget(self.root, content_hash)  # so re-logging the bytes repairs it
+            raise
+        finally:
+            os.close(fd)
 
     def delete(self, content_hash: str) -> bool:
         path = self.blob_path(content_hash)
@@ -487,6 +489,13 @@ def stored_algorithm(root: Path) -> str | None:
                 if d.is_dir() and not d.is_symlink()):
             return name
     return None
+
+
+def _read_blob(fd: int, path: Path) -> Iterator[memoryview]:
+    try:
+        yield from read_fd_chunks(fd)
+    except OSError as exc:
+        raise StorageError(f"reading {path} failed: {exc}", path=path, errno=exc.errno) from exc
 
 
 def _flock_with_deadline(fd: int, path: Path) -> None:

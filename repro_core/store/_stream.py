@@ -1,0 +1,100 @@
+"""Downloads every backend shares: stream into a temp file beside the target, verify, rename.
+
+The target appears only complete and verified: bytes go to ``.<name>.<token>.part`` in the
+target's directory (same filesystem, so the rename is atomic) while they are hashed; a digest
+mismatch, an error or an interrupt (Ctrl-C) deletes the temp file and leaves the target as it
+was. Only a ``kill -9`` can leave the dot-named ``.part`` behind, never a partial target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import secrets
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from .. import constants
+from ..errors import IntegrityError, StorageError
+from ..hashing import new_hasher, parse_digest, update_while_writing
+
+__all__ = ["read_fd_chunks", "receive_into"]
+
+
+def receive_into(target_path: Path, chunks: Iterable[bytes | bytearray | memoryview],
+                 content_hash: str, *, source: str) -> Path:
+    """Write ``chunks`` to ``target_path`` atomically, refusing bytes that do not hash to
+    ``content_hash`` (``IntegrityError``, nothing at the target). ``source`` names where the
+    bytes came from, for messages. Memory: the caller's chunk, nothing more."""
+    algorithm, _ = parse_digest(content_hash)
+    target = Path(target_path)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
+    hasher = new_hasher(algorithm, parallel=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StorageError(f"creating {tmp} failed: {exc}", path=tmp, errno=exc.errno) from exc
+    try:
+        try:
+            for chunk in chunks:  # a source's own errors pass through as the source raised them
+                view = memoryview(chunk).cast("B")
+                update_while_writing(hasher, view, functools.partial(_write_target, fd, view,
+                                                                     target))
+        finally:
+            os.close(fd)
+        actual = hasher.digest()
+        if actual != content_hash:
+            raise IntegrityError(
+                f"{source} is corrupt: its bytes hash to {actual}, not {content_hash}; "
+                f"nothing was written to {target}",
+                digest=content_hash, path=source, expected=content_hash, actual=actual)
+        _sink(target, lambda: os.replace(tmp, target))
+    except BaseException:  # IntegrityError, any error, KeyboardInterrupt: no partial file
+        _discard(tmp)
+        raise
+    return target
+
+
+def read_fd_chunks(fd: int) -> Iterator[memoryview]:
+    """The file behind ``fd`` in ``IO_CHUNK`` slices of one reused buffer (flat memory)."""
+    view = memoryview(bytearray(constants.IO_CHUNK))
+    while True:
+        got = 0
+        while got < len(view):
+            n = os.readv(fd, [view[got:]])
+            if n == 0:
+                break
+            got += n
+        if got == 0:
+            return
+        yield view[:got]
+        if got < len(view):
+            return
+
+
+def _write_target(fd: int, view: memoryview, target: Path) -> None:
+    _sink(target, lambda: _write(fd, view))
+
+
+def _write(fd: int, view: memoryview) -> None:
+    """One chunk to the temp file (a function of its own so tests can fail it mid-stream)."""
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _sink(target: Path, fn: Callable[[], object]) -> None:
+    """Run a write to the target side, translating ``OSError`` (disk full, permission)."""
+    try:
+        fn()
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"writing {target} failed: {exc}", path=target,
+                           errno=exc.errno) from exc
+
+
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
