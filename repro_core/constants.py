@@ -73,28 +73,23 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
 
 
 def _positive_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    if not raw.strip():
-        return default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise _bad(name, raw, "a whole number > 0") from None
-    if value <= 0:
-        raise _bad(name, raw, "a whole number > 0")
-    return value
+    return _int_at_least(name, default, 1, "a whole number > 0")
 
 
 def _count(name: str, default: int) -> int:
+    return _int_at_least(name, default, 0, "a whole number >= 0")
+
+
+def _int_at_least(name: str, default: int, low: int, expected: str) -> int:
     raw = os.environ.get(name, "")
     if not raw.strip():
         return default
     try:
         value = int(raw.strip())
     except ValueError:
-        raise _bad(name, raw, "a whole number >= 0") from None
-    if value < 0:
-        raise _bad(name, raw, "a whole number >= 0")
+        raise _bad(name, raw, expected) from None
+    if value < low:
+        raise _bad(name, raw, expected)
     return value
 
 

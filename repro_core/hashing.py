@@ -216,7 +216,7 @@ def _copy_full(src_fd: int, dst_fd: int, count: int, copy: _CopyFn) -> int:
     return done
 
 
-def _readinto_full(fd: int, view: memoryview) -> int:
+def readinto_full(fd: int, view: memoryview) -> int:
     """Fill ``view`` as far as the file allows (``readv`` may return short counts)."""
     got = 0
     while got < len(view):
@@ -231,7 +231,7 @@ def _feed_fd(hasher: _Digester, fd: int, report: Callable[[int], None] | None = 
     buf = bytearray(constants.IO_CHUNK)
     view = memoryview(buf)
     while True:
-        n = _readinto_full(fd, view)
+        n = readinto_full(fd, view)
         if n == 0:
             return
         hasher.update(view[:n])

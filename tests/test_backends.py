@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backend_suite import MIB, BackendSuite, Harness, layout_key
+from backend_suite import MIB, BackendSuite, Harness, layout_key, write_file
 from s3_support import MotoS3
 
-from repro_core import InvalidArgumentError, StorageError, constants
+from repro_core import InvalidArgumentError, ReproError, StorageError, constants
 from repro_core.hashing import hash_bytes, hash_file
 from repro_core.store import FsspecStorageBackend, LocalStorageBackend, _remote, _uploads
 
@@ -69,10 +69,6 @@ class FileHarness(_TreeHarness):
         super().__init__(root)
         self.spec = {"kind": "fsspec", "url": f"file://{root}", "block_size": TEST_BLOCK, **FAST}
         self.backend = FsspecStorageBackend(f"file://{root}", block_size=TEST_BLOCK, **FAST)
-
-    def stamp(self, digest: str) -> object:
-        st = (self.root / layout_key(digest)).stat()
-        return st.st_ino, st.st_mtime_ns
 
 
 class S3Harness(Harness):
@@ -146,6 +142,10 @@ def test_url_forms(url: str, normal: str) -> None:
     ("s3://bucket/../x", "'..'"), ("s3://bucket//x", "empty"), ("s3://b/p?versionId=1", "query"),
     ("file://relative/path", "absolute"), ("file:///a/../b", "'..'"),
     ("s3://AKIAEXAMPLE:hunter2@bucket/p", "never stores credentials"), (42, "string"),
+    # the secret must not be echoed by an earlier check either (review finding)
+    ("s3://AKIA:hunter2@bucket/p?x=1", "query"), ("https://user:hunter2@host/p", "unknown"),
+    ("user:hunter2@bucket/p", "no scheme"), ("file://u:hunter2@host/x", "absolute"),
+    ("s3://bucket/p?X-Amz-Signature=hunter2", "query"),
 ])
 def test_bad_urls_are_refused(url: Any, says: str) -> None:
     with pytest.raises(InvalidArgumentError, match=None) as info:
@@ -415,3 +415,19 @@ def test_s3_transient_failures_are_retried_per_request(s3_bucket: str, tmp_path:
     out = backend.download(digest, tmp_path / "out")
     assert out.read_bytes() == src.read_bytes() and len(sleeps) == 2
     assert fetches[1] == fetches[2]  # the failed range was asked for again
+
+
+@pytest.mark.parametrize("planted", ["blobs", "tmp"])
+def test_file_url_never_writes_through_a_planted_symlink(tmp_path: Path, planted: str) -> None:
+    """A ``file://`` remote is a directory anyone may have touched: a ``blobs`` or ``tmp``
+    that is a symlink elsewhere is refused, and nothing lands where it points."""
+    root, outside = tmp_path / "remote", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / planted).symlink_to(outside, target_is_directory=True)
+    src = tmp_path / "src.bin"
+    digest = write_file(src, 1000)
+    backend = FsspecStorageBackend(f"file://{root}", **FAST)
+    with pytest.raises(ReproError):
+        backend.upload(src, digest)
+    assert list(outside.rglob("*")) == []

@@ -65,6 +65,19 @@ class RemoteURL:
         return self.root.split("/", 1)[0]
 
 
+def redact_url(url: str) -> str:
+    """A URL fit for a message: no ``user:password@``, query or fragment (a presigned
+    URL's signature lives there)."""
+    text = url.split("#", 1)[0].split("?", 1)[0]
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    host, slash, path = rest.partition("/")
+    if "@" in host:
+        host = "<credentials>@" + host.rsplit("@", 1)[1]
+    return f"{scheme}{sep}{host}{slash}{path}"
+
+
 def parse_url(url: object) -> RemoteURL:
     """Check a store URL before any I/O; say what is wrong and what would work."""
     if not isinstance(url, str):
@@ -73,24 +86,24 @@ def parse_url(url: object) -> RemoteURL:
     match = _URL.fullmatch(url.strip())
     if match is None:
         raise InvalidArgumentError(
-            f"store URL {url!r} has no scheme: expected s3://bucket/prefix, gs://bucket/prefix "
-            "or file:///absolute/path", argument="url")
+            f"store URL {redact_url(url)!r} has no scheme: expected s3://bucket/prefix, "
+            "gs://bucket/prefix or file:///absolute/path", argument="url")
     scheme, rest = match.group("scheme").lower(), match.group("rest")
     if scheme not in _SCHEMES:
         raise InvalidArgumentError(
-            f"unknown store URL scheme {scheme!r} in {url!r}: supported are "
+            f"unknown store URL scheme {scheme!r} in {redact_url(url)!r}: supported are "
             f"{', '.join(s + '://' for s in _SCHEMES)}", argument="url")
     protocol, module, hint = _SCHEMES[scheme]
     if any(c in rest for c in "?#"):
-        raise InvalidArgumentError(f"store URL {url!r} has a query or fragment; pass options "
-                                   "as storage_options instead", argument="url")
+        raise InvalidArgumentError(f"store URL {redact_url(url)!r} has a query or fragment; "
+                                   "pass options as storage_options instead", argument="url")
     root = _file_root(url, rest) if scheme == "file" else _bucket_root(url, rest)
     return RemoteURL(f"{scheme}://{root}", scheme, protocol, module, hint, root)
 
 
 def _file_root(url: str, rest: str) -> str:
     if not rest.startswith("/"):
-        raise InvalidArgumentError(f"file URL {url!r} must name an absolute path: "
+        raise InvalidArgumentError(f"file URL {redact_url(url)!r} must name an absolute path: "
                                    "file:///absolute/path", argument="url")
     parts = [p for p in rest.split("/") if p]
     _check_segments(url, parts)
@@ -107,7 +120,7 @@ def _bucket_root(url: str, rest: str) -> str:
             argument="url")
     parts = rest.rstrip("/").split("/")
     if not parts[0]:
-        raise InvalidArgumentError(f"store URL {url!r} names no bucket", argument="url")
+        raise InvalidArgumentError(f"store URL {redact_url(url)!r} names no bucket", argument="url")
     _check_segments(url, parts)
     return "/".join(parts)
 
@@ -116,7 +129,8 @@ def _check_segments(url: str, parts: list[str]) -> None:
     for part in parts:
         if not _SEGMENT.fullmatch(part) or part in (".", ".."):
             raise InvalidArgumentError(
-                f"store URL {url!r} has an empty, '.' or '..' path segment", argument="url")
+                f"store URL {redact_url(url)!r} has an empty, '.' or '..' path segment",
+                argument="url")
 
 
 def import_filesystem(location: RemoteURL, options: dict[str, Any]) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import constants
 from ..errors import IntegrityError, StorageError
-from ..hashing import new_hasher, parse_digest, update_while_writing
+from ..hashing import new_hasher, parse_digest, readinto_full, update_while_writing
 
 __all__ = ["read_fd_chunks", "receive_into"]
 
@@ -61,12 +61,7 @@ def read_fd_chunks(fd: int) -> Iterator[memoryview]:
     """The file behind ``fd`` in ``IO_CHUNK`` slices of one reused buffer (flat memory)."""
     view = memoryview(bytearray(constants.IO_CHUNK))
     while True:
-        got = 0
-        while got < len(view):
-            n = os.readv(fd, [view[got:]])
-            if n == 0:
-                break
-            got += n
+        got = readinto_full(fd, view)
         if got == 0:
             return
         yield view[:got]

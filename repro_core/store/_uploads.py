@@ -8,7 +8,6 @@ only when the digest matches.
   S3 shows the object only at ``CompleteMultipartUpload``, and ``AbortMultipartUpload`` drops
   the parts. A killed process leaves an incomplete upload that no listing shows (a bucket
   lifecycle rule ``AbortIncompleteMultipartUpload`` reclaims its space).
-- ``RenameSink`` (``file://``): a temp file in ``<root>/tmp/``, fsynced, renamed into place.
 - ``BufferedFileSink`` (``gs://`` and other object stores): the filesystem's own buffered
   writer, committed by ``close()`` and ``discard()``ed otherwise; never used as a context
   manager, whose ``__exit__`` would commit a half-written file on an exception.
@@ -18,13 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import secrets
 from typing import Any, Protocol
 
 from ._remote import Retrying
 
-__all__ = ["BufferedFileSink", "RenameSink", "S3Sink", "Sink"]
+__all__ = ["BufferedFileSink", "S3Sink", "Sink"]
 
 
 class Sink(Protocol):
@@ -59,8 +56,9 @@ class S3Sink:
 
     def commit(self) -> None:
         if self._upload_id is None:
+            block = self._held or b""
             self._call("uploading", "put_object", Bucket=self._bucket, Key=self._key,
-                       Body=_BlockReader(self._held or b""))
+                       body=block)
             self._held = None
             return
         self._call("completing a multipart upload", "complete_multipart_upload",
@@ -81,11 +79,20 @@ class S3Sink:
         number = len(self._parts) + 1
         out = self._call(f"uploading part {number}", "upload_part", Bucket=self._bucket,
                          Key=self._key, UploadId=self._upload_id, PartNumber=number,
-                         Body=_BlockReader(block))
+                         body=block)
         self._parts.append({"PartNumber": number, "ETag": out["ETag"]})
 
-    def _call(self, what: str, method: str, **kwargs: Any) -> Any:
-        return self._retry(what, lambda: self._fs.call_s3(method, **kwargs))
+    def _call(self, what: str, method: str, *, body: bytes | None = None,
+              **kwargs: Any) -> Any:
+        """One request, retried. A body is a fresh reader at every attempt, with its length
+        given: an attempt that failed half-way must never make the next send only the rest
+        (botocore reads the length from the reader's position), which S3 would accept."""
+        def attempt() -> Any:
+            if body is not None:
+                kwargs.update(Body=_BlockReader(body), ContentLength=len(body))
+            return self._fs.call_s3(method, **kwargs)
+
+        return self._retry(what, attempt)
 
 
 class _BlockReader(io.RawIOBase):
@@ -119,36 +126,6 @@ class _BlockReader(io.RawIOBase):
 
     def tell(self) -> int:
         return self._pos
-
-
-class RenameSink:
-    """Temp file in ``<root>/tmp/`` (same filesystem as ``blobs/``) + rename: atomic."""
-
-    def __init__(self, fs: Any, root: str, path: str) -> None:
-        self._fs, self._path = fs, path
-        tmp_dir = f"{root}/tmp"
-        fs.makedirs(tmp_dir, exist_ok=True)
-        self._tmp = f"{tmp_dir}/{os.getpid()}-{secrets.token_hex(8)}.part"
-        self._file = fs.open(self._tmp, "wb")
-
-    def write(self, block: bytes) -> None:
-        self._file.write(block)
-
-    def commit(self) -> None:
-        self._file.flush()
-        fileno = getattr(self._file, "fileno", None)
-        if fileno is not None:
-            with contextlib.suppress(OSError, ValueError, NotImplementedError):
-                os.fsync(fileno())  # durable before it is visible (a power cut mid-rename)
-        self._file.close()
-        self._fs.makedirs(self._fs._parent(self._path), exist_ok=True)
-        self._fs.mv(self._tmp, self._path)
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._file.close()
-        with contextlib.suppress(Exception):
-            self._fs.rm_file(self._tmp)
 
 
 class BufferedFileSink:

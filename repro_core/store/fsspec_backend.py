@@ -10,6 +10,9 @@ pushed to, pulled from and compared key by key::
     │           └── cdef…        one object per digest, visible only complete
     └── tmp/                     (file:// only) uploads in flight, renamed into blobs/
 
+``file://`` goes through ``LocalStorageBackend`` (same layout): a local directory gets the
+local store's defences against planted symlinks and its crash-safe publishing.
+
 Every upload is hashed while it streams and published only when the digest matches
 (``_uploads.py`` says how each kind of store keeps partial objects invisible); every download
 is hashed while it streams into a temp file beside the target and renamed only when it matches
@@ -45,8 +48,9 @@ from ..errors import (
 from ..hashing import new_hasher, parse_digest
 from ._remote import Retrying, import_filesystem, parse_url
 from ._stream import receive_into
-from ._uploads import BufferedFileSink, RenameSink, S3Sink, Sink
+from ._uploads import BufferedFileSink, S3Sink, Sink
 from .base import StorageBackend
+from .local import LocalStorageBackend
 
 __all__ = ["FsspecStorageBackend"]
 
@@ -83,6 +87,11 @@ class FsspecStorageBackend(StorageBackend):
         self._fs_obj: Any = None
         self._pid = -1
         self._checked = False
+        # file:// is a local directory: the local store's primitives (no-follow opens, checked
+        # directories, flocked temp files that are swept, fsync + rename) make it safe against
+        # planted symlinks and crashes, as fsspec's LocalFileSystem (shutil.move) is not.
+        self._local = LocalStorageBackend(self.location.root) \
+            if self.location.protocol == "file" else None
         self._fs()  # a missing fsspec / s3fs is reported now, not at the first upload
 
     def __repr__(self) -> str:
@@ -106,6 +115,8 @@ class FsspecStorageBackend(StorageBackend):
         return f"{self.location.root}/blobs/{algorithm}/{hexdigest[:2]}/{hexdigest[2:]}"
 
     def exists(self, content_hash: str) -> bool:
+        if self._local is not None:
+            return self._local.exists(content_hash)
         return self._stat(self.blob_key(content_hash)) is not None
 
     def upload(self, file_path: Path, content_hash: str) -> str:
@@ -116,6 +127,9 @@ class FsspecStorageBackend(StorageBackend):
         """
         key = self.blob_key(content_hash)
         path = Path(file_path)
+        if self._local is not None:
+            self._local.upload(path, content_hash)
+            return f"file://{key}"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -137,6 +151,8 @@ class FsspecStorageBackend(StorageBackend):
     def download(self, content_hash: str, target_path: Path) -> Path:
         """Stream the blob into ``target_path`` (temp file + rename), verifying its digest."""
         key = self.blob_key(content_hash)
+        if self._local is not None:
+            return self._local.download(content_hash, target_path)
         remote = self._open_read(key, content_hash)
         try:
             return receive_into(target_path, self._read_chunks(remote), content_hash,
@@ -147,6 +163,8 @@ class FsspecStorageBackend(StorageBackend):
 
     def delete(self, content_hash: str) -> bool:
         key = self.blob_key(content_hash)
+        if self._local is not None:
+            return self._local.delete(content_hash)
         if self._stat(key) is None:
             return False
         with self._errors("deleting a blob"):
@@ -158,6 +176,9 @@ class FsspecStorageBackend(StorageBackend):
 
     def iter_digests(self) -> Iterator[str]:
         """Every complete blob; anything else under ``blobs/`` (a stray file) is skipped."""
+        if self._local is not None:
+            yield from self._local.iter_digests()
+            return
         self._ensure_location()
         base = f"{self.location.root}/blobs"
         with self._errors("listing blobs"):
@@ -173,6 +194,9 @@ class FsspecStorageBackend(StorageBackend):
     def verify(self, content_hash: str) -> None:
         """Re-hash the stored object as it streams (nothing written locally)."""
         key = self.blob_key(content_hash)
+        if self._local is not None:
+            self._local.verify(content_hash)
+            return
         try:
             remote = self._open_read(key, content_hash)
         except ArtifactNotFoundError:
@@ -277,13 +301,24 @@ class FsspecStorageBackend(StorageBackend):
         except BaseException:  # a mismatch, an error, Ctrl-C: the parts are dropped
             sink.abort()
             raise
+        self._check_published(key, size, content_hash)
+
+    def _check_published(self, key: str, size: int, content_hash: str) -> None:
+        """What the store holds now has the file's size (a request that sent less than its
+        block would otherwise leave a short object under the digest): else it is removed."""
+        info = self._stat(key)
+        if info is not None and info.get("size") == size:
+            return
+        with contextlib.suppress(Exception):
+            self._fs().rm_file(key)
+        raise IntegrityError(f"{self.location.scheme}://{key} holds "
+                             f"{None if info is None else info.get('size')} bytes after the "
+                             f"upload, not {size}; removed, upload again", digest=content_hash)
 
     def _open_sink(self, key: str, size: int, block_size: int) -> Sink:
         fs, protocol = self._fs(), self.location.protocol
         if protocol == "s3":
             return S3Sink(fs, key, self._retry, multipart=size > block_size)
-        if protocol == "file":
-            return RenameSink(fs, self.location.root, key)
         return BufferedFileSink(fs, key, block_size)
 
     @contextlib.contextmanager
