@@ -431,3 +431,34 @@ def test_file_url_never_writes_through_a_planted_symlink(tmp_path: Path, planted
     with pytest.raises(ReproError):
         backend.upload(src, digest)
     assert list(outside.rglob("*")) == []
+
+
+@pytest.mark.parametrize(("size", "method"), [(3 * MIB, "put_object"), (12 * MIB, "upload_part")])
+def test_a_retry_after_a_half_sent_body_sends_it_whole(
+        s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int,
+        method: str) -> None:
+    """An attempt that read part of its body before the connection dropped: the retry must
+    send the whole block (botocore takes the length from the reader's position, so a reused
+    half-read body would publish a short object that S3 accepts)."""
+    src = tmp_path / "f"
+    src.write_bytes(os.urandom(size))
+    digest = hash_file(src)
+    backend = FsspecStorageBackend(f"s3://{s3_bucket}/p", block_size=TEST_BLOCK,
+                                   retries=2, backoff=0.01)
+    fs = backend._fs()
+    real_call = fs.call_s3
+    failed: list[str] = []
+
+    def half_sent(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == method and not failed:
+            failed.append(name)
+            kwargs["Body"].read(MIB)  # a first MiB went out, then the peer reset
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        return real_call(name, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "call_s3", half_sent)
+    backend.upload(src, digest)
+    assert failed == [method]
+    got = tmp_path / "got"
+    backend.download(digest, got)  # digest-checked: a short object would fail here
+    assert got.stat().st_size == size

@@ -97,6 +97,8 @@ def test_bad_input_is_refused_before_any_io(tmp_path: Path) -> None:
     path, digest = _blob(tmp_path)
     with pytest.raises(StorageError, match="set_run"):
         WandBStorageBackend().upload(path, digest)
+    with pytest.raises(FileNotFoundError, match="no file"):  # (MissingFileError)
+        WandBStorageBackend(run=object()).upload(tmp_path / "missing", digest)
     for bad in ("sha1:abc", "blake3:../../etc/passwd", "blake3:" + "g" * 64):
         with pytest.raises(InvalidArgumentError):
             WandBStorageBackend().upload(path, bad)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .._safepath import check_digest
-from ..errors import ArtifactNotFoundError, IntegrityError, StorageError
+from ..errors import ArtifactNotFoundError, IntegrityError, MissingFileError, StorageError
 from ..hashing import hash_file, parse_digest
 from .base import StorageBackend
 
@@ -71,6 +71,8 @@ class WandBStorageBackend(StorageBackend):
         algorithm, _ = parse_digest(content_hash)
         run = self._require_run("upload")
         path = Path(file_path)
+        if not path.is_file():
+            raise MissingFileError(f"no file {path} to upload", path=path)
         actual = hash_file(path, algorithm)
         if actual != content_hash:
             raise IntegrityError(f"{path} hashes to {actual}, not {content_hash}; nothing was "
