@@ -19,7 +19,7 @@ import pytest
 from backend_suite import MIB, BackendSuite, Harness, layout_key, write_file
 from s3_support import MotoS3
 
-from repro_core import InvalidArgumentError, ReproError, StorageError, constants
+from repro_core import IntegrityError, InvalidArgumentError, ReproError, StorageError, constants
 from repro_core.hashing import hash_bytes, hash_file
 from repro_core.store import FsspecStorageBackend, LocalStorageBackend, _remote, _uploads
 
@@ -462,3 +462,23 @@ def test_a_retry_after_a_half_sent_body_sends_it_whole(
     got = tmp_path / "got"
     backend.download(digest, got)  # digest-checked: a short object would fail here
     assert got.stat().st_size == size
+
+
+@pytest.mark.parametrize("kind", ["local", "file"])
+def test_a_fifo_planted_as_a_blob_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    """A FIFO where a blob should be: opening it for reading would block for ever (and a
+    device would stream without end); refused as not a regular file, nothing written."""
+    root = tmp_path / "store"
+    backend = (LocalStorageBackend(root) if kind == "local"
+               else FsspecStorageBackend(f"file://{root}", **FAST))
+    src = tmp_path / "src.bin"
+    digest = write_file(src, 1000)
+    backend.upload(src, digest)
+    blob = root / layout_key(digest)
+    blob.unlink()
+    os.mkfifo(blob)
+    target = tmp_path / "out"
+    start = time.monotonic()
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        backend.download(digest, target)
+    assert time.monotonic() - start < 10 and not target.exists()

@@ -238,8 +238,12 @@ class FsspecStorageBackend(StorageBackend):
         with self._errors("opening the store"):
             try:
                 if self.location.protocol == "s3":
-                    self._retry("checking the bucket",
-                                lambda: self._fs().call_s3("head_bucket", Bucket=bucket))
+                    # (ListObjectsV2 under our prefix, not HeadBucket: a bucket shared by
+                    # teams often grants ListBucket for one prefix only)
+                    prefix = self.location.root.partition("/")[2]
+                    self._retry("checking the bucket", lambda: self._fs().call_s3(
+                        "list_objects_v2", Bucket=bucket, MaxKeys=1,
+                        **({"Prefix": prefix + "/"} if prefix else {})))
                 else:
                     self._retry("checking the bucket", lambda: self._fs().info(bucket))
             except FileNotFoundError:

@@ -188,8 +188,9 @@ class LocalStorageBackend(StorageBackend):
         blob is an ``IntegrityError`` (target untouched), a missing one an
         ``ArtifactNotFoundError``."""
         source = self.blob_path(content_hash)
-        try:  # O_NOFOLLOW: a symlink planted in blobs/ is never served
-            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:  # O_NOFOLLOW: a symlink planted in blobs/ is never served; O_NONBLOCK: nor a
+            # FIFO (whose open would block for ever), refused below with any non-file
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ArtifactNotFoundError(f"blob {content_hash} is not in {self.blobs_dir}",
                                         key=content_hash) from None
@@ -197,6 +198,10 @@ class LocalStorageBackend(StorageBackend):
             raise StorageError(f"reading blob {content_hash} failed: {exc}", path=source,
                                errno=exc.errno) from exc
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise IntegrityError(f"{source} is not a regular file (a device, FIFO or "
+                                     "socket planted in the store?); nothing is read from it",
+                                     digest=content_hash, path=source)
             return receive_into(target_path, _read_blob(fd, source), content_hash,
                                 source=f"blob {content_hash} at {source}")
         except IntegrityError:
