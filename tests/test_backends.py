@@ -482,3 +482,21 @@ def test_a_fifo_planted_as_a_blob_is_refused_at_once(tmp_path: Path, kind: str) 
     with pytest.raises(IntegrityError, match="not a regular file"):
         backend.download(digest, target)
     assert time.monotonic() - start < 10 and not target.exists()
+
+
+@pytest.mark.parametrize(("status", "transient"), [(502, True), (504, True), (429, True),
+                                                   (500, True), (403, False), (404, False)])
+def test_http_status_behind_an_oserror_decides_a_retry(status: int, transient: bool) -> None:
+    """s3fs turns some statuses into errnos and leaves the others as ``OSError(EIO)`` raised
+    from botocore's ``ClientError``: the status behind it decides."""
+    from botocore.exceptions import ClientError
+
+    cause = ClientError({"Error": {"Code": str(status)},
+                         "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    try:
+        try:
+            raise cause
+        except ClientError as exc:
+            raise OSError(errno.EIO, "Bad Gateway") from exc
+    except OSError as wrapped:
+        assert _remote.is_transient(wrapped) is transient

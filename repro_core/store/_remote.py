@@ -39,6 +39,7 @@ _SEGMENT = re.compile(r"[^/\x00]+")
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET,
                      errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
                      getattr(errno, "EREMOTEIO", errno.EIO)}
+_TRANSIENT_STATUS = {429, 500, 502, 503, 504}  # throttled, or the server's trouble
 # Exception classes of botocore / aiohttp that mean "try again", matched by name so that
 # classifying an error never imports a library the user does not have.
 _TRANSIENT_NAMES = {
@@ -160,7 +161,24 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
+    if _http_status(exc) in _TRANSIENT_STATUS:
+        return True
     return any((cls.__module__, cls.__name__) in _TRANSIENT_NAMES for cls in type(exc).__mro__)
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a botocore ``ClientError`` behind ``exc`` (s3fs maps only some
+    statuses to errnos: a 502, 504 or 429 arrives as a plain ``OSError(EIO)``)."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # the error, and what it was raised from
+        if seen is None:
+            return None
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            return status if isinstance(status, int) else None
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class Retrying:

@@ -398,6 +398,10 @@ def _filesystem_options(protocol: str, storage_options: Mapping[str, Any] | None
                 "environment instead", argument="storage_options")
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+        # botocore waits 60 s for a connection and for each read by default: a blackholed
+        # endpoint would then take minutes per attempt, not the bounded retry we promise
+        config.setdefault("connect_timeout", 10)
+        config.setdefault("read_timeout", 60)
         options["config_kwargs"] = config
     if protocol != "file":
         options.setdefault("use_listings_cache", False)
