@@ -381,11 +381,7 @@ def test_s3_transient_failures_are_retried_per_request(s3_bucket: str, tmp_path:
                                                        sleeps: list[float]) -> None:
     """A connection reset on one part (or one ranged read) costs that request, not the
     transfer: it is retried after a backoff and the rest goes on."""
-    src = tmp_path / "f"
-    src.write_bytes(os.urandom(12 * MIB))
-    digest = hash_file(src)
-    backend = FsspecStorageBackend(f"s3://{s3_bucket}/p", block_size=TEST_BLOCK,
-                                   retries=2, backoff=0.01)
+    src, digest, backend = _retrying_s3(s3_bucket, tmp_path, 12 * MIB)
     fs = backend._fs()
     real_call = fs.call_s3
     failed: list[str] = []
@@ -440,11 +436,7 @@ def test_a_retry_after_a_half_sent_body_sends_it_whole(
     """An attempt that read part of its body before the connection dropped: the retry must
     send the whole block (botocore takes the length from the reader's position, so a reused
     half-read body would publish a short object that S3 accepts)."""
-    src = tmp_path / "f"
-    src.write_bytes(os.urandom(size))
-    digest = hash_file(src)
-    backend = FsspecStorageBackend(f"s3://{s3_bucket}/p", block_size=TEST_BLOCK,
-                                   retries=2, backoff=0.01)
+    src, digest, backend = _retrying_s3(s3_bucket, tmp_path, size)
     fs = backend._fs()
     real_call = fs.call_s3
     failed: list[str] = []
@@ -500,3 +492,13 @@ def test_http_status_behind_an_oserror_decides_a_retry(status: int, transient: b
             raise OSError(errno.EIO, "Bad Gateway") from exc
     except OSError as wrapped:
         assert _remote.is_transient(wrapped) is transient
+
+
+def _retrying_s3(bucket: str, tmp_path: Path, size: int
+                 ) -> tuple[Path, str, FsspecStorageBackend]:
+    """A random file of ``size`` bytes, its digest, and an S3 backend that retries twice."""
+    src = tmp_path / "f"
+    src.write_bytes(os.urandom(size))
+    backend = FsspecStorageBackend(f"s3://{bucket}/p", block_size=TEST_BLOCK, retries=2,
+                                   backoff=0.01)
+    return src, hash_file(src), backend
