@@ -115,6 +115,7 @@ class ReproTracker(GeneralTracker):
         # Accelerate < 1.8 has no start(): init_trackers takes a custom tracker as built.
         self._started = "start" not in vars(GeneralTracker)
         self._finished = False
+        self._failed: Exception | None = None  # why the run could not start
         self._config: dict[str, Any] = {}
         self._continue: str | None = None  # run id a loaded state asks to continue
         self._resume_step: int | None = None  # and the step its logs went on at
@@ -256,8 +257,15 @@ class ReproTracker(GeneralTracker):
                                     "(end_training was called)")
             if not self._started:
                 raise RunStateError("call accelerator.init_trackers(...) before logging")
-            self._session.start(self._config, run_id=self._continue, inputs=self._inputs,
-                                handle_sigterm=True, environment=launch_info)
+            if self._failed is not None:  # (not a new FAILED run at every later log call)
+                raise RunStateError(f"the repro run could not start: {self._failed!r}") \
+                    from self._failed
+            try:
+                self._session.start(self._config, run_id=self._continue, inputs=self._inputs,
+                                    handle_sigterm=True, environment=launch_info)
+            except Exception as exc:
+                self._failed = exc
+                raise
             context = self._session.context
             assert context is not None and context.run is not None
             if context.run.resumed and context.run.id is not None:

@@ -33,7 +33,7 @@ import repro_lightning
 from repro_core import ArtifactManager, ArtifactType, RunState
 from repro_core.cli import main as repro_cli
 from repro_core.context import ExperimentContext
-from repro_core.errors import RunStateError
+from repro_core.errors import ArtifactNotFoundError, RunStateError
 from repro_core.registry import Registry
 from repro_core.ttrl import TTRLContext
 from repro_lightning import ReproTracker
@@ -603,3 +603,22 @@ def test_log_takes_numpy_integer_steps(store_home: Path) -> None:
     run_id = accelerator.get_tracker("repro").run_id
     accelerator.end_training()
     assert [s for s, _, _ in ArtifactManager().get_metrics(run_id)["loss"]] == [7]
+
+
+def test_a_run_that_cannot_start_fails_once(store_home: Path) -> None:
+    """A dataset key that does not exist: the first log raises what went wrong (one FAILED
+    run in the store); later logs say the run could not start instead of opening (and
+    failing) a new run at every step."""
+    accelerator = Accelerator(cpu=True, log_with=[make_tracker(datasets={"train": "nope:v1"})])
+    accelerator.init_trackers(PROJECT)
+    with pytest.raises(ArtifactNotFoundError):
+        accelerator.log({"loss": 1.0}, step=0)
+    for step in (1, 2):
+        with pytest.raises(RunStateError, match="could not start"):
+            accelerator.log({"loss": 1.0}, step=step)
+    registry = _registry(store_home)
+    try:
+        states = [run.state for run in registry.list_runs()]
+    finally:
+        registry.close()
+    assert states == [RunState.FAILED.value], states
