@@ -54,7 +54,6 @@ import os
 import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +64,7 @@ import accelerate
 import psutil
 import torch
 import wandb
-from _measure import cpu_seconds
+from _measure import cpu_seconds, run_worker
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, TensorDataset
@@ -226,15 +225,8 @@ def _spawn(variant: str, args: argparse.Namespace, scratch: Path) -> dict[str, A
            "--save-every", str(args.save_every), "--threads", str(args.threads),
            "--rows", str(args.rows), "--hidden", str(args.hidden),
            "--batch-size", str(args.batch_size), *(["--profile"] if args.profile else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=scratch,
-                          timeout=3600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(_MARK)]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"worker {variant} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                 f"{proc.stderr[-3000:]}")
-    if args.profile:
-        print(proc.stderr)
-    return json.loads(lines[-1][len(_MARK):])  # type: ignore[no-any-return]
+    return run_worker(cmd, env, scratch, _MARK, f"worker {variant}",
+                      echo_stderr=args.profile)
 
 
 def _summary(rounds: list[list[dict[str, Any]]], variants: list[str]) -> dict[str, Any]:

@@ -49,7 +49,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +59,7 @@ import lightning as L
 import psutil
 import torch
 import wandb
-from _measure import cpu_seconds
+from _measure import cpu_seconds, run_worker
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
@@ -279,13 +278,7 @@ def _spawn(worker: str, order: list[str], args: argparse.Namespace, scratch: str
            "--epochs", str(args.epochs), "--threads", str(args.threads),
            "--rows", str(args.rows), "--hidden", str(args.hidden),
            "--size-gb", str(args.size_gb), "--save-dir", args.save_dir or ""]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=scratch,
-                          timeout=3600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(_MARK)]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"{worker} worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                 f"{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len(_MARK):])  # type: ignore[no-any-return]
+    return run_worker(cmd, env, scratch, _MARK, f"{worker} worker")
 
 
 def _fit_size(size_gb: float) -> tuple[float, str]:
