@@ -28,6 +28,10 @@ Variables (README's "Settings" table says the same):
   (connection refused or reset, timeout, 5xx, throttling), with exponential backoff (default 4).
 - ``REPRO_REMOTE_BACKOFF``: seconds before the first such retry; doubled for each next one
   (default 0.5).
+- ``REPRO_REMOTE``: the remote a command means when none is named, and the remote a run
+  mirrors its artifacts to in the background as they land (unset: no mirroring).
+- ``REPRO_REMOTE_TIMEOUT``: seconds finishing a run waits for its background pushes before it
+  leaves the rest queued for the next open or ``repro push`` (default 120).
 
 ``REPRO_REDACT_ALLOW`` / ``REPRO_REDACT_DENY`` are the exception: read at every capture
 (``capture/redact.py``), so a program may change them between captures.
@@ -125,6 +129,8 @@ REPRO_GIT_TIMEOUT: float
 REPRO_MAX_PATCH_BYTES: int
 REPRO_REMOTE_RETRIES: int
 REPRO_REMOTE_BACKOFF: float
+REPRO_REMOTE: str | None
+REPRO_REMOTE_TIMEOUT: float
 
 _PARSERS: dict[str, Callable[[], Any]] = {
     "REPRO_HOME": lambda: os.environ.get("REPRO_HOME") or None,
@@ -140,6 +146,8 @@ _PARSERS: dict[str, Callable[[], Any]] = {
     "REPRO_MAX_PATCH_BYTES": lambda: _positive_int("REPRO_MAX_PATCH_BYTES", 1 << 20),
     "REPRO_REMOTE_RETRIES": lambda: _count("REPRO_REMOTE_RETRIES", 4),
     "REPRO_REMOTE_BACKOFF": lambda: _as_seconds("REPRO_REMOTE_BACKOFF", 0.5),
+    "REPRO_REMOTE": lambda: os.environ.get("REPRO_REMOTE", "").strip() or None,
+    "REPRO_REMOTE_TIMEOUT": lambda: _as_seconds("REPRO_REMOTE_TIMEOUT", 120.0),
 }
 #: Every setting parsed here (the CLI checks them all before running a command).
 SETTINGS = tuple(_PARSERS)

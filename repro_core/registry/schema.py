@@ -20,7 +20,7 @@ from ..types import DEFAULT_PROJECT, validate_project
 
 __all__ = ["SCHEMA_VERSION", "Migration", "migrations", "retry_busy"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 Migration = str | Callable[[sqlite3.Connection], None]
 
 _SCHEMA_V1 = """
@@ -187,8 +187,27 @@ ALTER TABLE metric_chunks ADD COLUMN segment INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE versions ADD COLUMN pruned_at TEXT;
 """
 
+# v6: remotes (``repro remote add``) and what this store knows of each: the versions and runs
+# it pushed or pulled (``number`` is the version's number on that remote), and the durable
+# queue of background pushes (a crash leaves it for the next open or ``repro push``).
+# Keyed by the remote's URL, not its name: a name re-added for another URL starts afresh.
+_SCHEMA_V6 = """
+CREATE TABLE IF NOT EXISTS remotes (
+    name TEXT PRIMARY KEY, url TEXT NOT NULL, added_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS remote_versions (
+    url TEXT NOT NULL, version_id INTEGER NOT NULL, number INTEGER NOT NULL, at TEXT NOT NULL,
+    PRIMARY KEY (url, version_id));
+CREATE TABLE IF NOT EXISTS remote_runs (
+    url TEXT NOT NULL, run_id TEXT NOT NULL, bundle TEXT NOT NULL, at TEXT NOT NULL,
+    PRIMARY KEY (url, run_id));
+CREATE TABLE IF NOT EXISTS remote_queue (
+    id INTEGER PRIMARY KEY, url TEXT NOT NULL, kind TEXT NOT NULL, ref TEXT NOT NULL,
+    enqueued_at TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+    UNIQUE (url, kind, ref));
+"""
+
 _MIGRATIONS: dict[int, Migration] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3,
-                                     4: _migrate_v4, 5: _SCHEMA_V5}
+                                     4: _migrate_v4, 5: _SCHEMA_V5, 6: _SCHEMA_V6}
 
 
 def run_script(conn: sqlite3.Connection, script: str) -> None:

@@ -1,0 +1,164 @@
+"""Remotes: push and pull versions, runs and their registry rows between stores.
+
+    from repro_core import remote
+    remote.add_remote("origin", "s3://team-bucket/repro")
+    remote.push("origin", run="3f2a…")            # a run, what it logged and used, upstream
+    remote.pull("origin", "checkpoint:best", root="/fresh/store")
+
+A remote is any store URL (``s3://``, ``gs://``, ``file://`` or a directory): blobs keep the
+local layout (``blobs/<algo>/<ab>/<rest>``) and the registry rows travel as records beside them
+(``meta/``: see ``_records``). A pulled store answers ``use_artifact``, ``repro lineage`` and
+``repro verify`` as the source did. Push and pull are idempotent (a second push transfers
+nothing) and resumable (an interrupted one is finished by the next). Version numbers never
+collide: see ``_local`` for how a number logged on two machines is reconciled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import _progress
+from ..errors import ArtifactNotFoundError, InvalidArgumentError
+from ..registry import Registry
+from ..store.local import LocalStorageBackend
+from ..types import DEFAULT_PROJECT, parse_key
+from ._config import default_remote, list_remotes, normalize_url, remove_remote, set_remote
+from ._local import closure
+from ._pull import Puller
+from ._push import Pusher
+from ._records import AliasRecord, RemoteVersion, alias_path, decode, version_path
+from ._remote import Remote, SyncReport
+
+__all__ = ["Remote", "SyncReport", "add_remote", "list_remotes", "normalize_url", "pull",
+           "push", "remotes", "remove_remote"]
+
+
+def _root(root: str | Path | None) -> Path:
+    from .._store_access import default_root
+
+    return Path(root).expanduser().absolute() if root is not None else default_root()
+
+
+def _open(root: str | Path | None, *, create: bool | None = False
+          ) -> tuple[Registry, LocalStorageBackend]:
+    base = _root(root)
+    registry = Registry(base / "registry.sqlite", create=create)
+    registry.open()
+    store = LocalStorageBackend(base, algorithm=registry.hash_algorithm())
+    return registry, store
+
+
+def add_remote(name: str, url: str, *, root: str | Path | None = None,
+               replace: bool = False) -> str:
+    """Name a remote of the store (``repro remote add``); returns its canonical URL."""
+    normalize_url(url)  # a bad URL is refused before the store is opened
+    registry, _ = _open(root)
+    try:
+        return set_remote(registry, name, url, replace=replace)
+    finally:
+        registry.close()
+
+
+def remotes(*, root: str | Path | None = None) -> dict[str, str]:
+    """Name -> URL of every remote of the store."""
+    registry, _ = _open(root)
+    try:
+        return list_remotes(registry)
+    finally:
+        registry.close()
+
+
+def _selection(key: str | None, run: str | None, everything: bool) -> None:
+    given = sum(x is not None and x is not False for x in (key, run, everything or None))
+    if given > 1:
+        raise InvalidArgumentError("give one of KEY, --run RUN or --all", argument="key")
+    if key is not None:
+        parse_key(key)
+
+
+def push(remote: str | None = None, key: str | None = None, *, run: str | None = None,
+         all: bool = False, root: str | Path | None = None,
+         show_progress: bool = True) -> SyncReport:
+    """Push a version (``key``, with its upstream lineage), a run (``run``: what it logged
+    and used) or everything (``all``, the default when nothing is named) to a remote."""
+    _selection(key, run, all)
+    registry, store = _open(root)
+    try:
+        name, url = default_remote(registry, remote)
+        target = Remote.open(name, url)
+        if key is not None:
+            versions, runs = [registry.resolve(parse_key(key), anywhere=True).id], []
+        elif run is not None:
+            versions, runs = [], [registry.resolve_run_id(run)]
+        else:
+            versions = [v.id for v in registry.list_versions()]
+            runs = [r.id for r in registry.list_runs()]
+        versions, runs = closure(registry, versions, runs)
+        report = SyncReport("push", name, url)
+        total = sum(s for v in versions for _, s in registry.blobs_of(v))
+        with _bar(total, f"push → {name}", show_progress) as advance:
+            return Pusher(registry, store, target, report, advance).push(versions, runs)
+    finally:
+        registry.close()
+
+
+def pull(remote: str | None = None, key: str | None = None, *, run: str | None = None,
+         all: bool = False, root: str | Path | None = None,
+         show_progress: bool = True) -> SyncReport:
+    """Pull a version (``key``), a run or everything from a remote into the store (a store
+    that does not exist yet is created)."""
+    _selection(key, run, all)
+    base = _root(root)
+    registry, store = _open(base, create=None)
+    try:
+        name, url = default_remote(registry, remote)
+        source = Remote.open(name, url)
+        report = SyncReport("pull", name, url)
+        if key is not None:
+            paths, runs = [_resolve_remote(source, key)], []
+        elif run is not None:
+            paths, runs = [], [run]
+        else:
+            paths = [p for p in source.records.list("versions") if p.endswith(".json")]
+            runs = [p.rsplit("/", 1)[-1].removesuffix(".json")
+                    for p in source.records.list("runs") if p.endswith(".json")]
+        with _bar(None, f"pull ← {name}", show_progress) as advance:
+            return Puller(registry, store, source, report, advance).pull(paths, runs)
+    finally:
+        registry.close()
+
+
+def _bar(total: int | None, description: str, show: bool
+         ) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+    """A bytes/rate bar on a terminal (``show``), else a no-op advance."""
+    if not show:
+        return contextlib.nullcontext(lambda _: None)
+    return _progress.progress(total, description, min_total=0)
+
+
+def _resolve_remote(source: Remote, key: str) -> str:
+    """The record path a key names on a remote (``name:vN``, ``:alias``, ``:latest``)."""
+    parsed = parse_key(key)
+    project = parsed.project or DEFAULT_PROJECT
+    if parsed.version is not None:
+        return version_path(project, parsed.name, parsed.version)
+    if parsed.alias is not None and parsed.alias != "latest":
+        data = source.records.get(alias_path(project, parsed.name, parsed.alias))
+        record = decode(data, source.where) if data is not None else None
+        if isinstance(record, AliasRecord):
+            return version_path(project, parsed.name, record.number)
+        raise ArtifactNotFoundError(f"{key!r} is not on {source.where}", key=key)
+    numbers = sorted((int(p.rsplit("/", 1)[-1][:-5]) for p in source.records.list(
+        f"versions/{project}/{parsed.name}") if p.endswith(".json")
+        and p.rsplit("/", 1)[-1][:-5].isdigit()), reverse=True)
+    for number in numbers:
+        path = version_path(project, parsed.name, number)
+        data = source.records.get(path)
+        record = decode(data, source.where) if data is not None else None
+        if not isinstance(record, RemoteVersion) or record.pruned_at is not None:
+            continue
+        if parsed.digest_prefix is None or record.digest.startswith(parsed.digest_prefix):
+            return path
+    raise ArtifactNotFoundError(f"{key!r} is not on {source.where}", key=key)

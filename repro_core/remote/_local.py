@@ -1,0 +1,135 @@
+"""The local side of push and pull: what to send, what was sent, and version renumbering.
+
+What a selection needs (so that the other side answers ``repro lineage`` as this one does) is
+its *upstream closure*: a version, its parents, the run that logged it and what that run used,
+recursively. What this store already pushed to, or pulled from, a remote is kept per remote
+URL in ``remote_versions`` / ``remote_runs``, so a second push transfers nothing.
+
+**Renumbering.** A version's number is final once a remote holds it. Two stores that logged
+``v4`` of one name offline cannot both keep it: the remote is the arbiter (create-if-absent
+claims), and the store that loses the race renumbers its version to the next number free on
+both sides — as a W&B offline run's artifacts are numbered when they sync. The version keeps
+its uid, digest, aliases and lineage; ``name@<digest prefix>`` finds it either way, and the
+run's journal records the move (``repro recover`` applies it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterable
+
+from .._journal import append_event
+from ..errors import StorageError
+from ..registry import Registry, VersionRow
+from ..types import utc_now
+from ._records import version_uid
+
+__all__ = ["closure", "local_max", "pushed_numbers", "renumber", "uid_map"]
+
+
+def uid_map(registry: Registry) -> dict[int, str]:
+    """Local version id -> uid, for every version of the store."""
+    return {int(vid): version_uid(p, n, d, c, r) for vid, p, n, d, c, r in registry._read(
+        "SELECT id, project, name, digest, created_at, run_id FROM versions")}
+
+
+def pushed_numbers(registry: Registry, url: str) -> dict[int, int]:
+    """Local version id -> its number on the remote at ``url`` (what is known to be there)."""
+    return {int(v): int(n) for v, n in registry._read(
+        "SELECT version_id, number FROM remote_versions WHERE url = ?", (url,))}
+
+
+def record_numbers(conn: sqlite3.Connection, url: str, numbers: dict[int, int]) -> None:
+    conn.executemany(
+        "INSERT INTO remote_versions (url, version_id, number, at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (url, version_id) DO UPDATE SET number = excluded.number",
+        [(url, vid, number, utc_now()) for vid, number in numbers.items()])
+
+
+def closure(registry: Registry, versions: Iterable[int], runs: Iterable[str]
+            ) -> tuple[list[int], list[str]]:
+    """The upstream closure of some versions and runs: ``(version ids in an order where
+    parents come first, run ids)``."""
+    seen_v: set[int] = set()
+    seen_r: set[str] = set()
+    todo_v, todo_r = list(versions), list(runs)
+    for run_id in todo_r:  # a selected run brings what it logged too
+        todo_v += [v.id for v in registry.outputs_of(run_id)]
+    while todo_v or todo_r:
+        if todo_r:
+            run_id = todo_r.pop()
+            if run_id not in seen_r:
+                seen_r.add(run_id)
+                todo_v += [v.id for v in registry.inputs_of(run_id)]
+            continue
+        vid = todo_v.pop()
+        if vid in seen_v:
+            continue
+        seen_v.add(vid)
+        row = registry.get_version(vid)
+        todo_v += [p.id for p in registry.parents_of(vid)]
+        if row.run_id is not None:
+            todo_r.append(row.run_id)
+    return _parents_first(registry, seen_v), sorted(seen_r)
+
+
+def _parents_first(registry: Registry, ids: set[int]) -> list[int]:
+    order: list[int] = []
+    placed: set[int] = set()
+    for start in sorted(ids):
+        stack = [(start, False)]
+        while stack:
+            vid, expanded = stack.pop()
+            if vid in placed:
+                continue
+            if expanded:
+                placed.add(vid)
+                order.append(vid)
+                continue
+            stack.append((vid, True))
+            stack += [(p.id, False) for p in registry.parents_of(vid)
+                      if p.id in ids and p.id not in placed]
+    return order
+
+
+def local_max(conn: sqlite3.Connection, project: str, name: str) -> int:
+    return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE project = ?"
+                            " AND name = ?", (project, name)).fetchone()[0])
+
+
+def renumber(registry: Registry, row: VersionRow, number: int, *,
+             conn: sqlite3.Connection | None = None) -> None:
+    """Move a local version to ``number`` (free locally), journaling the move."""
+    if conn is None:
+        with registry.transaction() as own:
+            _renumber(own, row, number)
+    else:
+        _renumber(conn, row, number)
+    if row.run_id is not None:
+        # the registry is the source of truth; the journal is its backup
+        with contextlib.suppress(StorageError):
+            append_event(registry.root, row.run_id, {
+                "event": "renumber", "at": utc_now(), "project": row.project,
+                "name": row.name, "from": row.version, "to": number, "digest": row.digest})
+
+
+def _renumber(conn: sqlite3.Connection, row: VersionRow, number: int) -> None:
+    taken = conn.execute("SELECT id FROM versions WHERE project = ? AND name = ? AND"
+                         " version = ?", (row.project, row.name, number)).fetchone()
+    if taken is not None and int(taken[0]) != row.id:
+        raise StorageError(f"cannot renumber {row.key} to v{number}: the number is taken "
+                           "locally", path=None)
+    conn.execute("UPDATE versions SET version = ? WHERE id = ?", (number, row.id))
+    reset_latest(conn, row.project, row.name)
+
+
+def reset_latest(conn: sqlite3.Connection, project: str, name: str) -> None:
+    """``latest`` is the newest version left (what ``add_version`` and pruning maintain)."""
+    newest = conn.execute("SELECT id FROM versions WHERE project = ? AND name = ? AND"
+                          " pruned_at IS NULL ORDER BY version DESC LIMIT 1",
+                          (project, name)).fetchone()
+    if newest is not None:
+        conn.execute("INSERT INTO aliases (project, name, alias, version_id) VALUES"
+                     " (?, ?, 'latest', ?) ON CONFLICT (project, name, alias) DO UPDATE SET"
+                     " version_id = excluded.version_id", (project, name, int(newest[0])))

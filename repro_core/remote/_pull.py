@@ -1,0 +1,287 @@
+"""``repro pull``: copy versions, runs and their rows from a remote into this store.
+
+Everything read from the remote is untrusted: records are checked field by field
+(``_records``), bundles line by line (``_bundle``), blobs by digest and size while they stream.
+The network work (records, bundles, blobs) happens first; then **one registry transaction**
+inserts every row, so an interrupted pull leaves nothing half-imported (the blobs it already
+fetched make the next pull faster, and gc reclaims them if it never comes).
+
+Numbers: a pulled version keeps its remote number. If this store holds another version under
+that number which it never pushed (logged here offline), that one moves to the next free
+number (as W&B numbers offline versions when they sync); the report lists every move.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._metrics_rows import insert_rows
+from ..errors import IntegrityError
+from ..registry import Registry
+from ..registry.records import RUN_COLUMNS, dumps
+from ..store.local import LocalStorageBackend
+from ._bundle import Bundle, read_bundle, revision
+from ._local import local_max, pushed_numbers, record_numbers, renumber, reset_latest, uid_map
+from ._records import AliasRecord, RemoteVersion, RunRecord, decode, ref_path, run_path
+from ._remote import Remote, SyncReport
+
+__all__ = ["Puller"]
+
+_RUN_FIELDS = [c.strip() for c in RUN_COLUMNS.split(",")]
+
+
+@dataclass
+class _Plan:
+    versions: dict[str, RemoteVersion] = field(default_factory=dict)  # uid -> record
+    runs: dict[str, RunRecord] = field(default_factory=dict)
+    bundles: dict[str, Bundle] = field(default_factory=dict)
+    aliases: list[AliasRecord] = field(default_factory=list)
+
+
+class Puller:
+    """One pull of a selection from one remote."""
+
+    def __init__(self, registry: Registry, store: LocalStorageBackend, remote: Remote,
+                 report: SyncReport, advance: Callable[[int], None]) -> None:
+        self.registry, self.store, self.remote = registry, store, remote
+        self.report, self.advance = report, advance
+        self.local = {uid: vid for vid, uid in uid_map(registry).items()}
+        self.numbers = pushed_numbers(registry, remote.url)
+
+    def pull(self, version_paths: list[str], run_ids: list[str]) -> SyncReport:
+        plan = self._gather(version_paths, run_ids)
+        self.store.ensure_layout()
+        with tempfile.TemporaryDirectory(prefix="pull-", dir=self.store.tmp_dir) as tmp:
+            self._bundles(plan, Path(tmp))
+            self._blobs(plan, Path(tmp))
+        plan.aliases = self._alias_records(plan)
+        with self.registry.transaction() as conn:
+            self._apply(conn, plan)
+        self.report.skipped += len([u for u in plan.versions if u in self.local])
+        return self.report
+
+    # -- reading the remote -----------------------------------------------------------------
+
+    def _get(self, path: str) -> Any:
+        data = self.remote.records.get(path)
+        return None if data is None else decode(data, f"{self.remote.where}/meta/{path}")
+
+    def _gather(self, version_paths: list[str], run_ids: list[str]) -> _Plan:
+        """The upstream closure on the remote of what was asked for (known uids stop it)."""
+        plan = _Plan()
+        todo_v, todo_r = list(version_paths), list(run_ids)
+        seen: set[str] = set()
+        while todo_v or todo_r:
+            if todo_r:
+                run_id = todo_r.pop()
+                if run_id in plan.runs or run_id in seen:
+                    continue
+                seen.add(run_id)
+                record = self._get(run_path(run_id))
+                if not isinstance(record, RunRecord) or record.run_id != run_id:
+                    self.report.problems.append(
+                        f"run {run_id} is not on {self.remote.where} (a push that was "
+                        "interrupted? push again from the source); its versions are skipped")
+                    continue
+                plan.runs[run_id] = record
+                todo_v += [ref_path(r) for r in record.versions if r[0] not in self.local]
+                continue
+            path = todo_v.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            record = self._get(path)
+            if not isinstance(record, RemoteVersion) or ref_path(
+                    (record.uid, record.project, record.name, record.number)) != path:
+                raise IntegrityError(f"remote record {self.remote.where}/meta/{path} is "
+                                     "missing or is not the version its path names",
+                                     path=self.remote.where)
+            plan.versions[record.uid] = record
+            todo_v += [ref_path(p) for p in record.parents if p[0] not in self.local]
+            if record.run_id is not None:
+                todo_r.append(record.run_id)
+        for uid, record in list(plan.versions.items()):
+            if record.run_id is not None and record.run_id not in plan.runs \
+                    and not self.registry.has_run(record.run_id):
+                del plan.versions[uid]  # reported above: its run is missing
+        return plan
+
+    def _bundles(self, plan: _Plan, tmp: Path) -> None:
+        for run_id, record in plan.runs.items():
+            known = self.registry._read("SELECT bundle FROM remote_runs WHERE url = ? AND"
+                                        " run_id = ?", (self.remote.url, run_id))
+            if known and known[0][0] == record.bundle:
+                continue  # this very bundle was imported (or pushed from here) before
+            if self.registry.has_run(run_id):
+                with self.registry.transaction() as conn:
+                    if revision(conn, run_id) > record.revision:
+                        continue  # ours has gone further: only its edges are merged
+            target = tmp / f"{run_id}.bundle"
+            self._download(record.bundle, record.bundle_size, target)
+            plan.bundles[run_id] = read_bundle(target, run_id,
+                                               f"{self.remote.where} (run {run_id})")
+            target.unlink()
+
+    def _blobs(self, plan: _Plan, tmp: Path) -> None:
+        wanted = {b for v in plan.versions.values()
+                  if v.uid not in self.local and v.pruned_at is None for b in v.blobs}
+        wanted |= {b for bundle in plan.bundles.values() for b in bundle.blobs}
+        for digest, size in sorted(wanted):
+            if self.store.exists(digest):
+                self.advance(size)
+                continue
+            target = tmp / "blob"
+            self._download(digest, size, target)
+            self.store.upload(target, digest)
+            target.unlink()
+            self.report.blobs += 1
+            self.report.bytes += size
+            self.advance(size)
+
+    def _download(self, digest: str, size: int, target: Path) -> None:
+        import inspect  # TODO(lead): drop once every backend takes expected_size
+
+        backend = self.remote.backend
+        if "expected_size" in inspect.signature(backend.download).parameters:
+            backend.download(digest, target, expected_size=size)  # type: ignore[call-arg]
+        else:
+            backend.download(digest, target)
+
+    def _alias_records(self, plan: _Plan) -> list[AliasRecord]:
+        names = {(v.project, v.name) for v in plan.versions.values()}
+        records = []
+        for project, name in sorted(names):
+            for path in self.remote.records.list(f"aliases/{project}/{name}"):
+                record = self._get(path)
+                if isinstance(record, AliasRecord) and (record.project, record.name) == (
+                        project, name):
+                    records.append(record)
+        return records
+
+    # -- writing the registry (one transaction) ---------------------------------------------
+
+    def _apply(self, conn: sqlite3.Connection, plan: _Plan) -> dict[str, int]:
+        for run_id, bundle in plan.bundles.items():
+            self._run_row(conn, run_id, bundle)
+        ids = dict(self.local)
+        pulled: dict[int, int] = {}
+        for uid, record in plan.versions.items():
+            if uid in ids:
+                pulled[ids[uid]] = record.number
+                continue
+            ids[uid] = self._version(conn, record)
+            pulled[ids[uid]] = record.number
+            self.report.versions.append(record.key)
+        for record in plan.versions.values():
+            conn.executemany(
+                "INSERT INTO artifact_parents (child_id, parent_id) VALUES (?, ?) ON CONFLICT"
+                " DO NOTHING", [(ids[record.uid], ids[p[0]]) for p in record.parents
+                                if p[0] in ids and p[0] != record.uid])
+        for run_id, bundle in plan.bundles.items():
+            self._run_rows(conn, run_id, bundle, ids)
+            conn.execute("INSERT INTO remote_runs (url, run_id, bundle, at) VALUES (?, ?, ?,"
+                         " datetime('now')) ON CONFLICT (url, run_id) DO UPDATE SET bundle ="
+                         " excluded.bundle", (self.remote.url, run_id,
+                                              plan.runs[run_id].bundle))
+            self.report.runs.append(run_id)
+        for alias in plan.aliases:
+            if alias.uid in ids:
+                conn.execute("INSERT INTO aliases (project, name, alias, version_id) VALUES"
+                             " (?, ?, ?, ?) ON CONFLICT (project, name, alias) DO UPDATE SET"
+                             " version_id = excluded.version_id",
+                             (alias.project, alias.name, alias.alias, ids[alias.uid]))
+                self.report.aliases += 1
+        for project, name in {(v.project, v.name) for v in plan.versions.values()}:
+            reset_latest(conn, project, name)
+        record_numbers(conn, self.remote.url, pulled)
+        return ids
+
+    def _version(self, conn: sqlite3.Connection, record: RemoteVersion) -> int:
+        existing = conn.execute("SELECT type FROM artifacts WHERE project = ? AND name = ?",
+                                (record.project, record.name)).fetchone()
+        if existing is not None and existing[0] != record.type:
+            raise IntegrityError(f"{record.key} on {self.remote.where} is a {record.type!r} "
+                                 f"but this store's {record.project}/{record.name} holds "
+                                 f"{existing[0]!r} versions", path=self.remote.where)
+        conn.execute("INSERT INTO artifacts (project, name, type, created_at) VALUES (?, ?, ?,"
+                     " ?) ON CONFLICT DO NOTHING",
+                     (record.project, record.name, record.type, record.created_at))
+        number = self._number(conn, record)
+        cursor = conn.execute(
+            "INSERT INTO versions (project, name, version, digest, size, format, run_id,"
+            " created_at, metadata, filename, pruned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?)", (record.project, record.name, number, record.digest, record.size,
+                    record.format, record.run_id, record.created_at, dumps(record.metadata),
+                    record.filename, record.pruned_at))
+        vid = int(cursor.lastrowid or 0)
+        conn.executemany("INSERT INTO version_blobs (version_id, digest, size) VALUES (?, ?, ?)"
+                         " ON CONFLICT DO NOTHING", [(vid, d, s) for d, s in record.blobs])
+        return vid
+
+    def _number(self, conn: sqlite3.Connection, record: RemoteVersion) -> int:
+        """The remote's number, moving aside a local version that never left this store."""
+        occupant = conn.execute("SELECT id FROM versions WHERE project = ? AND name = ? AND"
+                                " version = ?", (record.project, record.name,
+                                                 record.number)).fetchone()
+        if occupant is None:
+            return record.number
+        row = self.registry_row(conn, int(occupant[0]))
+        top = local_max(conn, record.project, record.name)
+        if row.id in self.numbers:  # it is on this remote under another number: keep it
+            return top + 1
+        renumber(self.registry, row, top + 1, conn=conn)
+        self.report.renumbered.append((row.key, f"{row.project}/{row.name}:v{top + 1}"))
+        return record.number
+
+    def registry_row(self, conn: sqlite3.Connection, vid: int) -> Any:
+        from ..registry.records import VERSION_COLUMNS, VERSION_FROM, version_row
+
+        return version_row(conn.execute(f"SELECT {VERSION_COLUMNS} FROM {VERSION_FROM} WHERE"
+                                        " v.id = ?", (vid,)).fetchone())
+
+    def _run_row(self, conn: sqlite3.Connection, run_id: str, bundle: Bundle) -> None:
+        values = [bundle.run[c] for c in _RUN_FIELDS]
+        conn.execute(f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * len(values))})"
+                     f" ON CONFLICT (id) DO UPDATE SET "
+                     + ", ".join(f"{c} = excluded.{c}" for c in _RUN_FIELDS[1:]), values)
+
+    def _run_rows(self, conn: sqlite3.Connection, run_id: str, bundle: Bundle,
+                  ids: dict[str, int]) -> None:
+        """Replace the run's own rows with the bundle's (it is newer), merge its edges."""
+        for sql in ("DELETE FROM run_states WHERE run_id = ?",
+                    "DELETE FROM metric_chunks WHERE series_id IN (SELECT id FROM"
+                    " metric_series WHERE run_id = ?)",
+                    "DELETE FROM metric_series WHERE run_id = ?",
+                    "DELETE FROM experiences WHERE run_id = ?",
+                    "DELETE FROM online_updates WHERE run_id = ?"):
+            conn.execute(sql, (run_id,))
+        conn.executemany("INSERT INTO run_states (run_id, state, at, reason) VALUES"
+                         " (?, ?, ?, ?)", [(run_id, *s) for s in bundle.states])
+        series: dict[str, int] = {}
+        for key, segment, count, first, last, steps, vals, times in bundle.chunks:
+            if key not in series:
+                series[key] = int(conn.execute(
+                    "INSERT INTO metric_series (run_id, key) VALUES (?, ?) RETURNING id",
+                    (run_id, key)).fetchone()[0])
+            conn.execute("INSERT INTO metric_chunks (series_id, count, first_step, last_step,"
+                         " steps, vals, times, segment) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (series[key], count, first, last, steps, vals, times, segment))
+        if bundle.experiences:
+            insert_rows(conn, "experiences", [(run_id, *e) for e in bundle.experiences])
+        if bundle.updates:
+            insert_rows(conn, "online_updates", [
+                (run_id, *u[:5], ids.get(u[5]) if u[5] is not None else None, *u[6:])
+                for u in bundle.updates])
+        conn.executemany("INSERT INTO run_outputs (run_id, version_id, logged_at) VALUES"
+                         " (?, ?, ?) ON CONFLICT DO NOTHING",
+                         [(run_id, ids[u], at) for u, at in bundle.outputs if u in ids])
+        conn.executemany(
+            "INSERT INTO run_inputs (run_id, version_id, used_at) SELECT ?, ?, ? WHERE NOT"
+            " EXISTS (SELECT 1 FROM run_outputs WHERE run_id = ? AND version_id = ?) ON"
+            " CONFLICT DO NOTHING",
+            [(run_id, ids[u], at, run_id, ids[u]) for u, at in bundle.inputs if u in ids])
