@@ -75,6 +75,7 @@ class ArtifactsAPI:
             if run.id is not None:
                 _journal(store.root, run.id,
                          _version_event(registry, row, meta, created, linked))
+            self._mirror_submit("version", str(row.id))  # type: ignore[attr-defined]
             return meta
 
         # metadata is left out of the fingerprint: it may differ between ranks (a timestamp,

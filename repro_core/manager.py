@@ -33,6 +33,7 @@ from . import _exit, _fsio, distributed
 from ._manager_artifacts import ArtifactsAPI
 from ._manager_local import LocalReads
 from ._manager_reads import ReadQueries
+from ._manager_remote import RemoteMirroring
 from ._offline import detect_offline
 from ._safepath import real_dirs
 from ._store_access import StoreAccess
@@ -62,7 +63,7 @@ from .types import (
 __all__ = ["ArtifactManager"]
 
 
-class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
+class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads, RemoteMirroring):
     """Singleton manager for all artifact tracking and versioning.
 
     Thread-safe (an ``RLock``: public methods may call each other) and distributed-aware:
@@ -102,6 +103,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
             if old._metrics is not None and old._run_pid == os.getpid():
                 with contextlib.suppress(ReproError):  # write what was logged; stop its thread
                     old._metrics.close()
+            old._stop_mirror(0.0)  # its queue stays for the next run with that remote
             old._close_store()
         return cls()
 
@@ -173,6 +175,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
         create: bool | None = None,
         run_id: str | None = None,
         resume: str = "never",
+        remote: str | None = None,
     ) -> Run:
         """Initialize a new experimental run and record it immediately (a crash keeps it).
 
@@ -189,6 +192,8 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
         it or raises ``ArtifactNotFoundError``. A continued run keeps its id, name, tags and
         artifacts, records the resume in its state history, and logs metrics in a new segment
         (``get_metrics``: points re-logged at earlier steps win, the old ones stay queryable).
+        ``remote`` (default ``$REPRO_REMOTE``): a remote name or URL every logged version is
+        pushed to in the background (``_manager_remote``).
         """
         if create is not None and not isinstance(create, bool):
             raise InvalidArgumentError(f"create must be True, False or None, got {create!r}",
@@ -212,7 +217,8 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
                       root=self.root, rank=rank)
             answer = self._exchange.run_on_zero(
                 distributed.Call("init_run", every_rank=True),
-                lambda: self._create_run(run, create, run_id, resume), encode=str, decode=str,
+                lambda: self._create_run(run, create, run_id, resume, remote), encode=str,
+                decode=str,
             )
             run.id = answer if answer is not None else os.environ.get("REPRO_RUN_ID")
             self._run = run
@@ -222,7 +228,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
             return run
 
     def _create_run(self, run: Run, create: bool | None, run_id: str | None,
-                    resume: str) -> str:
+                    resume: str, remote: str | None = None) -> str:
         self._check_store_identity()
         try:  # resume='must' never makes a store: a mistyped root stays empty
             _, registry = self._open(create=False if resume == "must" and create is None
@@ -232,6 +238,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
                 raise
             raise ArtifactNotFoundError(f"no run {run_id!r} to resume: {exc}",
                                         key=str(run_id)) from exc
+        target = self._resolve_remote(registry, remote)  # an unknown one: before the run
         if run_id is not None and registry.has_run(run_id):
             if resume == "never":
                 raise RunStateError(
@@ -266,6 +273,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
                 registry.set_run_state(run.id, RunState.FAILED.value, reason=str(exc),
                                        ended=True)
             raise
+        self._start_mirror(self.root, target)
         return run.id
 
     def _resume_run(self, registry: Any, run: Run, run_id: str) -> None:
@@ -383,6 +391,8 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads):
             # not already recorded by set_run_state(): one history row per transition
             registry.set_run_state(run.id, state.value, reason=reason, ended=True)
         self._export_run(run.id)
+        self._mirror_submit("run", run.id)
+        self._stop_mirror()  # bounded: what is left stays queued
         return state.value
 
     def _export_run(self, run_id: str, *, config: dict[str, Any] | None = None) -> None:

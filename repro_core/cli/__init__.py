@@ -3,6 +3,7 @@
     repro [--root DIR] COMMAND ...
     repro runs | show RUN | artifacts [NAME] | lineage KEY | diff RUN_A RUN_B | updates RUN
     repro verify [KEY | --run RUN] | gc [--delete] | init | recover
+    repro remote add|list|remove | push | pull | status
 
 One module per command family::
 
@@ -14,12 +15,13 @@ One module per command family::
     updates.py     updates (TTRL online updates)
     store.py       verify, gc
     setup.py       init, recover (the only commands that write a registry)
+    remote.py      remote, push, pull, status (write the registry's remote rows and pulls)
 
 ``--root`` is accepted before the command (as ``git -C`` users type it) and after it (the
 command's wins); default ``$REPRO_HOME``, else ``./repro_store``. Only ``init`` and
-``recover`` ever create anything; every other command opens the registry read-only. Run ids
-may be given as a unique prefix (4+ characters), as git short hashes. Exit codes and the
-one-line error contract are in ``_common``.
+``recover`` (and ``pull``, into a new store) ever create anything; every other command opens
+the registry read-only. Run ids may be given as a unique prefix (4+ characters), as git short
+hashes. Exit codes and the one-line error contract are in ``_common``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ._common import ReproGroup, RootPath, remember_group_options
 from .artifacts import artifacts
 from .diff import diff
 from .lineage import lineage
+from .remote import pull, push, remote, status
 from .runs import runs, show
 from .setup import init, recover
 from .store import gc, verify
@@ -56,5 +59,6 @@ def main(ctx: click.Context, root: Path | None, debug: bool) -> None:
         getattr(constants, name)  # a bad value raises InvalidArgumentError naming it
 
 
-for _command in (runs, show, artifacts, lineage, diff, updates, verify, gc, init, recover):
+for _command in (runs, show, artifacts, lineage, diff, updates, verify, gc, init, recover,
+                 remote, push, pull, status):
     main.add_command(_command)

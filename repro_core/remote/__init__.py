@@ -24,15 +24,22 @@ from ..errors import ArtifactNotFoundError, InvalidArgumentError
 from ..registry import Registry
 from ..store.local import LocalStorageBackend
 from ..types import DEFAULT_PROJECT, parse_key
-from ._config import default_remote, list_remotes, normalize_url, remove_remote, set_remote
+from ._config import (
+    default_remote,
+    is_wandb,
+    list_remotes,
+    normalize_url,
+    remove_remote,
+    set_remote,
+)
 from ._local import closure
 from ._pull import Puller
-from ._push import Pusher
+from ._queue import QueueItem, pending, push_selection
 from ._records import AliasRecord, RemoteVersion, alias_path, decode, version_path
 from ._remote import Remote, SyncReport
 
-__all__ = ["Remote", "SyncReport", "add_remote", "list_remotes", "normalize_url", "pull",
-           "push", "remotes", "remove_remote"]
+__all__ = ["QueueItem", "Remote", "SyncReport", "add_remote", "drop_remote", "pull", "push",
+           "remotes", "status"]
 
 
 def _root(root: str | Path | None) -> Path:
@@ -70,6 +77,39 @@ def remotes(*, root: str | Path | None = None) -> dict[str, str]:
         registry.close()
 
 
+def drop_remote(name: str, *, root: str | Path | None = None) -> bool:
+    """Forget a remote (``repro remote remove``); its queued pushes are dropped too."""
+    registry, _ = _open(root)
+    try:
+        url = list_remotes(registry).get(name)
+        removed = remove_remote(registry, name)
+        if url is not None:
+            with registry.transaction() as conn:
+                conn.execute("DELETE FROM remote_queue WHERE url = ?", (url,))
+        return removed
+    finally:
+        registry.close()
+
+
+def status(*, root: str | Path | None = None) -> dict[str, dict[str, object]]:
+    """Per remote: its URL and the background pushes still queued (with their last error)."""
+    registry, _ = _open(root)
+    try:
+        names = list_remotes(registry)
+        items = pending(registry)
+        by_url: dict[str, list[QueueItem]] = {}
+        for item in items:
+            by_url.setdefault(item.url, []).append(item)
+        out: dict[str, dict[str, object]] = {}
+        for name, url in names.items():
+            out[name] = {"url": url, "pending": by_url.pop(url, [])}
+        for url, left in by_url.items():  # queued for a remote since removed or unnamed
+            out[url] = {"url": url, "pending": left}
+        return out
+    finally:
+        registry.close()
+
+
 def _selection(key: str | None, run: str | None, everything: bool) -> None:
     given = sum(x is not None and x is not False for x in (key, run, everything or None))
     if given > 1:
@@ -95,11 +135,11 @@ def push(remote: str | None = None, key: str | None = None, *, run: str | None =
         else:
             versions = [v.id for v in registry.list_versions()]
             runs = [r.id for r in registry.list_runs()]
-        versions, runs = closure(registry, versions, runs)
         report = SyncReport("push", name, url)
-        total = sum(s for v in versions for _, s in registry.blobs_of(v))
+        total = sum(s for v in closure(registry, versions, runs)[0]
+                    for _, s in registry.blobs_of(v))
         with _bar(total, f"push → {name}", show_progress) as advance:
-            return Pusher(registry, store, target, report, advance).push(versions, runs)
+            return push_selection(registry, store, target, versions, runs, report, advance)
     finally:
         registry.close()
 
@@ -111,9 +151,18 @@ def pull(remote: str | None = None, key: str | None = None, *, run: str | None =
     that does not exist yet is created)."""
     _selection(key, run, all)
     base = _root(root)
-    registry, store = _open(base, create=None)
+    fresh = not base.exists() or (base.is_dir() and not any(base.iterdir()))
+    named = _fresh_remote(remote) if fresh else None  # checked before the store is made
+    registry, store = _open(base, create=True if fresh else None)  # a new store: on purpose
     try:
-        name, url = default_remote(registry, remote)
+        name, url = named or default_remote(registry, remote)
+        if fresh:  # as ``git clone`` names its source
+            set_remote(registry, "origin", url)
+        if is_wandb(url):
+            raise InvalidArgumentError(
+                f"remote {name!r} is a W&B mirror ({url}): W&B remotes are push-only; pull "
+                "from the store or object-store remote the artifacts were pushed to",
+                argument="remote")
         source = Remote.open(name, url)
         report = SyncReport("pull", name, url)
         if key is not None:
@@ -128,6 +177,21 @@ def pull(remote: str | None = None, key: str | None = None, *, run: str | None =
             return Puller(registry, store, source, report, advance).pull(paths, runs)
     finally:
         registry.close()
+
+
+def _fresh_remote(remote: str | None) -> tuple[str, str]:
+    """The remote of a pull into a store that does not exist yet: it has no named remotes, so
+    only a URL (or a directory) can say where to pull from."""
+    from .. import constants
+
+    chosen = remote or constants.REPRO_REMOTE
+    if chosen is None or not ("://" in chosen or chosen.startswith(("/", ".", "~"))):
+        raise InvalidArgumentError(
+            f"a new store has no named remotes: give the remote's URL (repro pull "
+            f"s3://bucket/prefix …{'' if chosen is None else f', not {chosen!r}'}), or create "
+            "the store and name the remote first (`repro init`, `repro remote add`)",
+            argument="remote")
+    return "origin", normalize_url(chosen)
 
 
 def _bar(total: int | None, description: str, show: bool
