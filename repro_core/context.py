@@ -77,6 +77,7 @@ class ExperimentContext:
         handle_sigterm: bool = True,
         capture_in_background: bool = False,
         environment_extra: Callable[[], dict[str, Any]] | None = None,
+        remote: str | None = None,
     ) -> None:
         """Validate everything now, before any run is opened or file written.
 
@@ -104,6 +105,9 @@ class ExperimentContext:
         self._previous_sigterm: Any = None
         self._sigterm_installed = False
         self._run_id, self._resume, self._handle_sigterm = run_id, resume, handle_sigterm
+        from .remote._config import check_remote  # (no import cost for runs without one)
+
+        self._remote = check_remote(remote)
         self._background = bool(capture_in_background)
         self._environment_extra = environment_extra
         self._capturing: threading.Thread | None = None
@@ -121,7 +125,7 @@ class ExperimentContext:
         config = {**self.config, "_repro": {"offline": self.offline}}
         self.run = self.manager.init_run(self.name, config=config, project=self.project,
                                          tags=self.tags, root=self.root, run_id=self._run_id,
-                                         resume=self._resume)
+                                         resume=self._resume, remote=self._remote)
         try:
             self._capture()
             if self.monitor is not None:

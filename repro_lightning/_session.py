@@ -44,6 +44,7 @@ class SessionSettings:
     model_name: str | None = "model"  # the final weights at the end of fit (None: not logged)
     prune: str = "keep"
     tags: tuple[str, ...] = ()
+    remote: str | None = None  # a remote name or URL artifacts are pushed to as they land
 
 
 class RunSession:
@@ -99,7 +100,7 @@ class RunSession:
             capture_level=settings.capture_level, monitor_hardware=settings.monitor_hardware,
             run_id=run_id or self.planned_id, resume="allow" if run_id else "never",
             handle_sigterm=handle_sigterm, capture_in_background=True,
-            environment_extra=environment)
+            environment_extra=environment, remote=settings.remote)
         context.__enter__()
         self.context = context
         self.planned_id = secrets.token_hex(6)  # (a later new run of this Trainer: another)

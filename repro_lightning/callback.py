@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from repro_core import RunState
 from repro_core.capture import EnvironmentCaptureLevel
+from repro_core.remote import check_remote
 from repro_core.types import check_tags, parse_key, validate_project
 
 from ._config import training_config
@@ -85,6 +86,7 @@ class ReproCallback(Callback):
         model_name: str | None = "model",
         tags: list[str] | None = None,
         resume: str = "allow",
+        remote: str | None = None,
     ) -> None:
         validate_project(project)
         if checkpoint_format not in _FORMATS:
@@ -101,7 +103,7 @@ class ReproCallback(Callback):
             project=project, name=name, datasets=check_datasets(datasets),
             capture_level=capture_level, monitor_hardware=bool(monitor_hardware),
             checkpoint_name=checkpoint_name, model_name=model_name, prune=check_prune(prune),
-            tags=tuple(check_tags(tags))))
+            tags=tuple(check_tags(tags)), remote=check_remote(remote)))
         self._tap = MetricsTap(self._record_metrics) if log_metrics else None
         self._resume_id: str | None = None
 

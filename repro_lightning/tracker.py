@@ -34,6 +34,7 @@ from repro_core.capture import EnvironmentCaptureLevel, capture_config
 from repro_core.capture.environment import coerce_level
 from repro_core.context import ExperimentContext, Terminated
 from repro_core.errors import RunStateError
+from repro_core.remote import check_remote
 from repro_core.ttrl import TTRLContext
 from repro_core.types import (
     ArtifactMetadata,
@@ -91,6 +92,7 @@ class ReproTracker(GeneralTracker):
         resume: str = "allow",
         prune: str = "keep",
         ttrl_keys: tuple[str, str, str] | None = _TTRL_DEFAULT,
+        remote: str | None = None,
     ) -> None:
         super().__init__()
         validate_project(project)  # everything checked before any run or file exists
@@ -108,7 +110,8 @@ class ReproTracker(GeneralTracker):
             project=project, name=name or f"accelerate_{datetime.now():%Y%m%d_%H%M%S}",
             datasets=check_datasets(datasets), capture_level=capture_level,
             monitor_hardware=bool(monitor_hardware), checkpoint_name=state_name,
-            model_name=model_name, prune=check_prune(prune), tags=tuple(check_tags(tags))))
+            model_name=model_name, prune=check_prune(prune), tags=tuple(check_tags(tags)),
+            remote=check_remote(remote)))
         self._session.alone = True  # the main process alone drives it
         self._session.ttrl_keys = _check_ttrl_keys(ttrl_keys)
         self._resume = resume

@@ -25,6 +25,7 @@ from ..registry import Registry
 from ..store.local import LocalStorageBackend
 from ..types import DEFAULT_PROJECT, parse_key
 from ._config import (
+    check_remote,
     default_remote,
     is_wandb,
     list_remotes,
@@ -38,8 +39,8 @@ from ._queue import QueueItem, pending, push_selection
 from ._records import AliasRecord, RemoteVersion, alias_path, decode, version_path
 from ._remote import Remote, SyncReport
 
-__all__ = ["QueueItem", "Remote", "SyncReport", "add_remote", "drop_remote", "pull", "push",
-           "remotes", "status"]
+__all__ = ["QueueItem", "Remote", "SyncReport", "add_remote", "check_remote", "drop_remote",
+           "pull", "push", "remotes", "status"]
 
 
 def _root(root: str | Path | None) -> Path:

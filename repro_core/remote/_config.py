@@ -45,6 +45,22 @@ def normalize_url(url: object) -> str:
     return parse_url(text).url
 
 
+def check_remote(remote: object) -> str | None:
+    """A run's ``remote=``: None, a remote name (resolved when the run starts, against the
+    store's remotes) or a URL (checked now). Refused before any run or file exists."""
+    if remote is None:
+        return None
+    if not isinstance(remote, str) or not remote.strip():
+        raise InvalidArgumentError(f"remote must be a remote name or URL, got {remote!r}",
+                                   argument="remote")
+    text = remote.strip()
+    if "://" in text or text.startswith(("/", ".", "~")):
+        normalize_url(text)
+    else:
+        check_name(text)
+    return text
+
+
 def is_wandb(url: str) -> bool:
     return url.lower().startswith("wandb://")
 
