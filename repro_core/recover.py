@@ -144,7 +144,7 @@ class _Rebuild:
                         f"run {run_dir.name}: skipped {len(skipped)} unreadable journal "
                         f"line(s) (torn or forged): line {', '.join(map(str, skipped[:5]))}"
                         f"{', …' if len(skipped) > 5 else ''}")
-            for _, run_id, event in sorted(events, key=lambda t: (t[0], t[1])):
+            for _, run_id, event in sorted(_renumbered(events), key=lambda t: (t[0], t[1])):
                 self._event(conn, run_id, event)
             self._link(conn)
 
@@ -311,6 +311,42 @@ class _Rebuild:
                          " excluded.version_id", (parsed.project, parsed.name, alias,
                                                   self.ids[key]))
             self.report.aliases += 1
+
+
+def _renumbered(events: list[tuple[str, str, dict[str, Any]]]
+                ) -> list[tuple[str, str, dict[str, Any]]]:
+    """Apply the journal's ``renumber`` lines (a push or pull moved a version to another
+    number: ``remote/_local.py``) to the lines written before them, and drop them.
+
+    A line written here before the move names the version by its old number: a version, use
+    or prune line (they carry the digest) is matched by name and digest, a parent key by the
+    number alone. Journals derived by ``repro pull`` (``"derived": true``) already use this
+    store's final numbers and are left as they are.
+    """
+    moves = sorted((str(e.get("at", "")), e) for _, _, e in events
+                   if e.get("event") == "renumber")
+    kept = [t for t in events if t[2].get("event") != "renumber"]
+    for when, move in moves:
+        try:
+            project, name = str(move["project"]), str(move["name"])
+            old, new, digest = int(move["from"]), int(move["to"]), move.get("digest")
+        except (KeyError, TypeError, ValueError):
+            continue  # a forged line: nothing to apply
+        old_key, new_key = f"{project}/{name}:v{old}", f"{project}/{name}:v{new}"
+        for at, _, event in kept:
+            if at > when or event.get("derived"):
+                continue
+            kind = event.get("event")
+            if kind == "version" and (event.get("project"), event.get("name"),
+                                      event.get("digest"), event.get("version")) == (
+                                          project, name, digest, old):
+                event["version"] = new
+            elif kind in ("use", "prune") and event.get("key") == old_key \
+                    and event.get("digest") == digest:
+                event["key"] = new_key
+            if kind == "version" and isinstance(event.get("parents"), list):
+                event["parents"] = [new_key if p == old_key else p for p in event["parents"]]
+    return kept
 
 
 def _insert_output(conn: Any, run_id: str, version_id: int, at: Any) -> None:

@@ -101,7 +101,9 @@ def test_bad_input_is_one_line_exit_2(store: dict[str, str], store_root: Path,
 READERS = [("runs",), ("show", "{run}"), ("artifacts",), ("lineage", "model"),
            ("diff", "{run}", "{run}"), ("updates", "{run}"), ("verify",),
            ("verify", "model"), ("verify", "--run", "{run}"), ("gc",),
-           ("gc", "--delete", "--grace", "0")]
+           ("gc", "--delete", "--grace", "0"), ("remote", "list"),
+           ("remote", "add", "origin", "s3://bucket/prefix"), ("push",), ("push", "model"),
+           ("pull",), ("pull", "origin"), ("status",)]
 
 
 @pytest.mark.parametrize("args", [*READERS, ("recover",), ("recover", "--force")],

@@ -33,6 +33,7 @@ from ._config import (
     remove_remote,
     set_remote,
 )
+from ._exports import export_pulled_run
 from ._local import closure
 from ._pull import Puller
 from ._queue import QueueItem, pending, push_selection
@@ -153,7 +154,7 @@ def pull(remote: str | None = None, key: str | None = None, *, run: str | None =
     _selection(key, run, all)
     base = _root(root)
     fresh = not base.exists() or (base.is_dir() and not any(base.iterdir()))
-    named = _fresh_remote(remote) if fresh else None  # checked before the store is made
+    named = _fresh_remote(remote, base) if fresh else None  # checked before the store is made
     registry, store = _open(base, create=True if fresh else None)  # a new store: on purpose
     try:
         name, url = named or default_remote(registry, remote)
@@ -175,12 +176,17 @@ def pull(remote: str | None = None, key: str | None = None, *, run: str | None =
             runs = [p.rsplit("/", 1)[-1].removesuffix(".json")
                     for p in source.records.list("runs") if p.endswith(".json")]
         with _bar(None, f"pull ← {name}", show_progress) as advance:
-            return Puller(registry, store, source, report, advance).pull(paths, runs)
+            Puller(registry, store, source, report, advance).pull(paths, runs)
+        touched = set(report.runs) | {registry.resolve(parse_key(key)).run_id
+                                      for key in report.versions}
+        for run_id in sorted(r for r in touched if r is not None):
+            export_pulled_run(registry, base, run_id)
+        return report
     finally:
         registry.close()
 
 
-def _fresh_remote(remote: str | None) -> tuple[str, str]:
+def _fresh_remote(remote: str | None, base: Path) -> tuple[str, str]:
     """The remote of a pull into a store that does not exist yet: it has no named remotes, so
     only a URL (or a directory) can say where to pull from."""
     from .. import constants
@@ -188,7 +194,7 @@ def _fresh_remote(remote: str | None) -> tuple[str, str]:
     chosen = remote or constants.REPRO_REMOTE
     if chosen is None or not ("://" in chosen or chosen.startswith(("/", ".", "~"))):
         raise InvalidArgumentError(
-            f"a new store has no named remotes: give the remote's URL (repro pull "
+            f"no repro store at {base} yet, so no named remotes: give the remote's URL (repro pull "
             f"s3://bucket/prefix …{'' if chosen is None else f', not {chosen!r}'}), or create "
             "the store and name the remote first (`repro init`, `repro remote add`)",
             argument="remote")

@@ -47,6 +47,7 @@ class Pusher:
         self.uids = uid_map(registry)
         self.numbers = pushed_numbers(registry, remote.url)
         self.listings: dict[tuple[str, str], dict[int, str]] = {}
+        self.floor: dict[tuple[str, str], int] = {}  # per name: the number claimed last
 
     def push(self, version_ids: list[int], run_ids: list[str]) -> SyncReport:
         todo = [vid for vid in version_ids if vid not in self.numbers]
@@ -88,26 +89,43 @@ class Pusher:
     # -- versions ---------------------------------------------------------------------------
 
     def _claim(self, row: VersionRow) -> None:
-        """Record the version on the remote under its number, or the next free one."""
-        uid = self.uids[row.id]
-        listing = self._listing(row.project, row.name)
-        number = row.version
+        """Record the version on the remote under its number, or, when another store took
+        that number, under the next one free there; versions of one name keep their order
+        (a version claimed after another of its name gets a higher number)."""
+        row = self.registry.get_version(row.id)  # an earlier claim may have moved it
+        uid, key = self.uids[row.id], (row.project, row.name)
+        listing = self._listing(*key)
+        number = max(row.version, self.floor.get(key, 0) + 1)
         for _ in range(_CLAIM_ATTEMPTS):
             ours = [n for n, held in listing.items() if held == uid]
             if ours:  # already there (an earlier push died before recording it here)
                 return self._claimed(row, ours[0])
-            if number not in listing and self.remote.records.put(
-                    version_path(row.project, row.name, number),
-                    encode(self._record(row, number)), create=True):
+            if number in listing:
+                number = max(listing) + 1
+                continue
+            if number != row.version:
+                self._make_room(row, number)
+            if self.remote.records.put(version_path(row.project, row.name, number),
+                                       encode(self._record(row, number)), create=True):
                 return self._claimed(row, number)
-            listing = self._listing(row.project, row.name, refresh=True)
-            with self.registry.transaction() as conn:
-                top = local_max(conn, row.project, row.name)
-            if number in listing or (number <= top and number != row.version):
-                number = max(max(listing, default=0), top) + 1
+            listing = self._listing(*key, refresh=True)  # another store won that number
         raise StorageError(f"could not claim a version number for {row.key} on "
                            f"{self.remote.where} after {_CLAIM_ATTEMPTS} attempts",
                            path=self.remote.where)
+
+    def _make_room(self, row: VersionRow, number: int) -> None:
+        """Free ``number`` locally for ``row``: a version of this store that holds it has
+        never reached this remote (it is numbered past the remote's versions), so it moves
+        to the end; it is claimed in its turn."""
+        with self.registry.transaction() as conn:
+            held = conn.execute("SELECT id FROM versions WHERE project = ? AND name = ? AND"
+                                " version = ?", (row.project, row.name, number)).fetchone()
+            if held is None or int(held[0]) == row.id:
+                return
+            occupant = self.registry.get_version(int(held[0]))
+            top = local_max(conn, row.project, row.name) + 1
+            renumber(self.registry, occupant, top, conn=conn)
+        self._moved(occupant.key, f"{row.project}/{row.name}:v{top}")
 
     def _listing(self, project: str, name: str, *, refresh: bool = False) -> dict[int, str]:
         """Number -> uid of every version the remote holds for a name. Records this store
@@ -153,10 +171,24 @@ class Pusher:
         with self.registry.transaction() as conn:
             if number != row.version:
                 renumber(self.registry, row, number, conn=conn)
-                self.report.renumbered.append((row.key, f"{row.project}/{row.name}:v{number}"))
+                self._moved(row.key, f"{row.project}/{row.name}:v{number}")
             record_numbers(conn, self.remote.url, {row.id: number})
         self.numbers[row.id] = number
+        self.floor[(row.project, row.name)] = number
         self.report.versions.append(f"{row.project}/{row.name}:v{number}")
+
+    def _moved(self, old: str, new: str) -> None:
+        """Report a move as the user sees it: where a version was before this push and where
+        it ended. A version moved aside (``_make_room``) and later claimed under another
+        number is one move, not two: ``v3→v4, v4→v5`` is reported as ``v3→v5``."""
+        for i, (first, then) in enumerate(self.report.renumbered):
+            if then == old:  # each entry's target is where that version is now: unique
+                if first == new:
+                    del self.report.renumbered[i]
+                else:
+                    self.report.renumbered[i] = (first, new)
+                return
+        self.report.renumbered.append((old, new))
 
     # -- runs -------------------------------------------------------------------------------
 
