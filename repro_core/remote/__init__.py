@@ -214,7 +214,10 @@ def _resolve_remote(source: Remote, key: str) -> str:
     parsed = parse_key(key)
     project = parsed.project or DEFAULT_PROJECT
     if parsed.version is not None:
-        return version_path(project, parsed.name, parsed.version)
+        path = version_path(project, parsed.name, parsed.version)
+        if source.records.get(path) is None:
+            raise ArtifactNotFoundError(f"{key!r} is not on {source.where}", key=key)
+        return path
     if parsed.alias is not None and parsed.alias != "latest":
         data = source.records.get(alias_path(project, parsed.name, parsed.alias))
         record = decode(data, source.where) if data is not None else None
