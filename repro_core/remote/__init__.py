@@ -172,7 +172,11 @@ def pull(remote: str | None = None, key: str | None = None, *, run: str | None =
         elif run is not None:
             paths, runs = [], [run]
         else:
-            paths = [p for p in source.records.list("versions") if p.endswith(".json")]
+            known = {version_path(p, n, int(number)) for p, n, number in registry._read(
+                "SELECT v.project, v.name, r.number FROM remote_versions r JOIN versions v ON"
+                " v.id = r.version_id WHERE r.url = ?", (url,))}  # pulled or pushed before
+            paths = [p for p in source.records.list("versions")
+                     if p.endswith(".json") and p not in known]
             runs = [p.rsplit("/", 1)[-1].removesuffix(".json")
                     for p in source.records.list("runs") if p.endswith(".json")]
         with _bar(None, f"pull ← {name}", show_progress) as advance:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from .._journal import append_event
 from ..errors import StorageError
@@ -25,7 +26,8 @@ from ..registry import Registry, VersionRow
 from ..types import utc_now
 from ._records import version_uid
 
-__all__ = ["closure", "local_max", "pushed_numbers", "renumber", "uid_map"]
+__all__ = ["closure", "local_max", "note_move", "pushed_numbers", "renumber", "snapshot",
+           "uid_map"]
 
 
 def uid_map(registry: Registry) -> dict[int, str]:
@@ -93,6 +95,19 @@ def _parents_first(registry: Registry, ids: set[int]) -> list[int]:
     return order
 
 
+@contextmanager
+def snapshot(registry: Registry) -> Iterator[sqlite3.Connection]:
+    """A consistent read of the registry that takes no write lock: writing a run's bundle
+    (seconds, for a long run) must never hold up the training thread's next write."""
+    with registry._lock:
+        conn = registry._conn()
+        conn.execute("BEGIN")  # deferred: WAL gives this reader a snapshot
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+
 def local_max(conn: sqlite3.Connection, project: str, name: str) -> int:
     return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE project = ?"
                             " AND name = ?", (project, name)).fetchone()[0])
@@ -122,6 +137,20 @@ def _renumber(conn: sqlite3.Connection, row: VersionRow, number: int) -> None:
                            "locally", path=None)
     conn.execute("UPDATE versions SET version = ? WHERE id = ?", (number, row.id))
     reset_latest(conn, row.project, row.name)
+
+
+def note_move(moves: list[tuple[str, str]], old: str, new: str) -> None:
+    """Add a renumbering to a report as the user sees it: where a version was before the push
+    or pull and where it ended. A version moved aside and later moved again is one move, not
+    two (``v3→v4, v4→v5`` is reported as ``v3→v5``), and one moved back is none."""
+    for i, (first, then) in enumerate(moves):
+        if then == old:  # each entry's target is where that version is now: unique
+            if first == new:
+                del moves[i]
+            else:
+                moves[i] = (first, new)
+            return
+    moves.append((old, new))
 
 
 def reset_latest(conn: sqlite3.Connection, project: str, name: str) -> None:

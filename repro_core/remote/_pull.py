@@ -21,13 +21,31 @@ from pathlib import Path
 from typing import Any
 
 from .._metrics_rows import insert_rows
-from ..errors import IntegrityError
+from ..errors import IntegrityError, InvalidArgumentError
 from ..registry import Registry
 from ..registry.records import RUN_COLUMNS, dumps
 from ..store.local import LocalStorageBackend
 from ._bundle import Bundle, read_bundle, revision
-from ._local import local_max, pushed_numbers, record_numbers, renumber, reset_latest, uid_map
-from ._records import AliasRecord, RemoteVersion, RunRecord, decode, ref_path, run_path
+from ._local import (
+    local_max,
+    note_move,
+    pushed_numbers,
+    record_numbers,
+    renumber,
+    reset_latest,
+    snapshot,
+    uid_map,
+)
+from ._records import (
+    RUN_ID,
+    AliasRecord,
+    RemoteVersion,
+    RunRecord,
+    alias_path,
+    decode,
+    ref_path,
+    run_path,
+)
 from ._remote import Remote, SyncReport
 
 __all__ = ["Puller"]
@@ -68,8 +86,17 @@ class Puller:
     # -- reading the remote -----------------------------------------------------------------
 
     def _get(self, path: str) -> Any:
-        data = self.remote.records.get(path)
-        return None if data is None else decode(data, f"{self.remote.where}/meta/{path}")
+        """The checked record at ``path``. Paths come from the remote's listing or from
+        checked records, so one that ``_meta`` refuses (``a..b``, a planted odd name) means a
+        damaged or forged remote: an ``IntegrityError``, not the caller's bad argument."""
+        where = f"{self.remote.where}/meta/{path}"
+        try:
+            data = self.remote.records.get(path)
+        except InvalidArgumentError:
+            raise IntegrityError(f"remote record {where[:300]} has a name repro never writes; "
+                                 "the remote is damaged or forged", path=self.remote.where
+                                 ) from None
+        return None if data is None else decode(data, where)
 
     def _gather(self, version_paths: list[str], run_ids: list[str]) -> _Plan:
         """The upstream closure on the remote of what was asked for (known uids stop it)."""
@@ -82,7 +109,7 @@ class Puller:
                 if run_id in plan.runs or run_id in seen:
                     continue
                 seen.add(run_id)
-                record = self._get(run_path(run_id))
+                record = self._get(run_path(run_id)) if RUN_ID.fullmatch(run_id) else None
                 if not isinstance(record, RunRecord) or record.run_id != run_id:
                     self.report.problems.append(
                         f"run {run_id} is not on {self.remote.where} (a push that was "
@@ -118,7 +145,7 @@ class Puller:
             if known and known[0][0] == record.bundle:
                 continue  # this very bundle was imported (or pushed from here) before
             if self.registry.has_run(run_id):
-                with self.registry.transaction() as conn:
+                with snapshot(self.registry) as conn:
                     if revision(conn, run_id) > record.revision:
                         continue  # ours has gone further: only its edges are merged
             target = tmp / f"{run_id}.bundle"
@@ -158,9 +185,13 @@ class Puller:
         for project, name in sorted(names):
             for path in self.remote.records.list(f"aliases/{project}/{name}"):
                 record = self._get(path)
-                if isinstance(record, AliasRecord) and (record.project, record.name) == (
-                        project, name):
-                    records.append(record)
+                if not isinstance(record, AliasRecord) or alias_path(
+                        record.project, record.name, record.alias) != path:
+                    raise IntegrityError(f"remote record {self.remote.where}/meta/{path} is "
+                                         "not the alias its path names", path=self.remote.where)
+                if record.alias == "latest":
+                    continue  # each store keeps its own (the highest number), never a record's
+                records.append(record)
         return records
 
     # -- writing the registry (one transaction) ---------------------------------------------
@@ -170,7 +201,10 @@ class Puller:
             self._run_row(conn, run_id, bundle)
         ids = dict(self.local)
         pulled: dict[int, int] = {}
-        for uid, record in plan.versions.items():
+        # Creation order, not discovery order: local ids order parents, children and listings
+        # (``ORDER BY v.id``), so a pulled store lists them as the source did.
+        for uid, record in sorted(plan.versions.items(), key=lambda kv: (
+                kv[1].created_at, kv[1].project, kv[1].name, kv[1].number)):
             if uid in ids:
                 pulled[ids[uid]] = record.number
                 continue
@@ -190,16 +224,35 @@ class Puller:
                                               plan.runs[run_id].bundle))
             self.report.runs.append(run_id)
         for alias in plan.aliases:
-            if alias.uid in ids:
-                conn.execute("INSERT INTO aliases (project, name, alias, version_id) VALUES"
-                             " (?, ?, ?, ?) ON CONFLICT (project, name, alias) DO UPDATE SET"
-                             " version_id = excluded.version_id",
-                             (alias.project, alias.name, alias.alias, ids[alias.uid]))
-                self.report.aliases += 1
+            self._alias(conn, alias, ids)
         for project, name in {(v.project, v.name) for v in plan.versions.values()}:
             reset_latest(conn, project, name)
         record_numbers(conn, self.remote.url, pulled)
         return ids
+
+    def _alias(self, conn: sqlite3.Connection, alias: AliasRecord, ids: dict[str, int]) -> None:
+        """Point a local alias where the remote's does. Only a move counts (a second pull
+        must report nothing transferred), and the target must be a version of the alias's
+        own name: a forged record naming another artifact's uid is a reported problem."""
+        vid = ids.get(alias.uid)
+        if vid is None:
+            return  # its version was not pulled (not selected, or its run is missing)
+        row = conn.execute("SELECT project, name FROM versions WHERE id = ?", (vid,)).fetchone()
+        if row is None or (row[0], row[1]) != (alias.project, alias.name):
+            self.report.problems.append(
+                f"alias {alias.project}/{alias.name}:{alias.alias} on {self.remote.where} "
+                "names a version of another artifact; not applied (the remote is damaged or "
+                "forged)")
+            return
+        current = conn.execute("SELECT version_id FROM aliases WHERE project = ? AND name = ?"
+                               " AND alias = ?", (alias.project, alias.name,
+                                                  alias.alias)).fetchone()
+        if current is not None and int(current[0]) == vid:
+            return
+        conn.execute("INSERT INTO aliases (project, name, alias, version_id) VALUES (?, ?, ?, ?)"
+                     " ON CONFLICT (project, name, alias) DO UPDATE SET version_id ="
+                     " excluded.version_id", (alias.project, alias.name, alias.alias, vid))
+        self.report.aliases += 1
 
     def _version(self, conn: sqlite3.Connection, record: RemoteVersion) -> int:
         existing = conn.execute("SELECT type FROM artifacts WHERE project = ? AND name = ?",
@@ -235,7 +288,7 @@ class Puller:
         if row.id in self.numbers:  # it is on this remote under another number: keep it
             return top + 1
         renumber(self.registry, row, top + 1, conn=conn)
-        self.report.renumbered.append((row.key, f"{row.project}/{row.name}:v{top + 1}"))
+        note_move(self.report.renumbered, row.key, f"{row.project}/{row.name}:v{top + 1}")
         return record.number
 
     def registry_row(self, conn: sqlite3.Connection, vid: int) -> Any:

@@ -18,7 +18,15 @@ from ..hashing import hash_file
 from ..registry import Registry, VersionRow
 from ..store.local import LocalStorageBackend
 from ._bundle import revision, write_bundle
-from ._local import local_max, pushed_numbers, record_numbers, renumber, uid_map
+from ._local import (
+    local_max,
+    note_move,
+    pushed_numbers,
+    record_numbers,
+    renumber,
+    snapshot,
+    uid_map,
+)
 from ._records import (
     AliasRecord,
     RemoteVersion,
@@ -178,27 +186,16 @@ class Pusher:
         self.report.versions.append(f"{row.project}/{row.name}:v{number}")
 
     def _moved(self, old: str, new: str) -> None:
-        """Report a move as the user sees it: where a version was before this push and where
-        it ended. A version moved aside (``_make_room``) and later claimed under another
-        number is one move, not two: ``v3→v4, v4→v5`` is reported as ``v3→v5``."""
-        for i, (first, then) in enumerate(self.report.renumbered):
-            if then == old:  # each entry's target is where that version is now: unique
-                if first == new:
-                    del self.report.renumbered[i]
-                else:
-                    self.report.renumbered[i] = (first, new)
-                return
-        self.report.renumbered.append((old, new))
+        note_move(self.report.renumbered, old, new)
 
     # -- runs -------------------------------------------------------------------------------
 
     def _run(self, run_id: str) -> None:
         refs = {vid: self.uids[vid] for vid in self.numbers if vid in self.uids}
-        with self.registry.transaction() as conn:
-            rev = revision(conn, run_id)
         with tempfile.TemporaryDirectory(prefix="push-", dir=self.store.tmp_dir) as tmp:
             path = Path(tmp) / "bundle.jsonl.gz"
-            with self.registry.transaction() as conn:
+            with snapshot(self.registry) as conn:  # one consistent read, no write lock
+                rev = revision(conn, run_id)
                 payloads = write_bundle(conn, run_id, refs, path)
                 named = self._named(conn, run_id)
             digest = hash_file(path, self.store.algorithm)
