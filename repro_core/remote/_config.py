@@ -38,8 +38,7 @@ def normalize_url(url: object) -> str:
     if text.lower().startswith("wandb://"):
         from ..store.wandb_backend import WandBStorageBackend
 
-        WandBStorageBackend.from_url(text)  # validates
-        return text
+        return str(WandBStorageBackend.from_url(text).url)  # validated, one canonical form
     if "://" not in text:
         text = "file://" + str(Path(text).expanduser().absolute())
     return parse_url(text).url

@@ -72,8 +72,11 @@ def pending(registry: Registry, url: str | None = None) -> list[QueueItem]:
 
 
 def settle(registry: Registry, url: str) -> int:
-    """Drop queued items a push has since covered; returns how many."""
+    """Drop queued items a push has since covered; returns how many. (A W&B mirror holds
+    artifacts only: a run's item there has nothing left to push once its versions are.)"""
     with registry.transaction() as conn:
+        if is_wandb(url):
+            conn.execute("DELETE FROM remote_queue WHERE url = ? AND kind = 'run'", (url,))
         return conn.execute(
             "DELETE FROM remote_queue WHERE url = ? AND ((kind = 'version' AND CAST(ref AS"
             " INTEGER) IN (SELECT version_id FROM remote_versions WHERE url = ?)) OR (kind ="

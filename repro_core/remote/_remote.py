@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InvalidArgumentError
 from ..store._meta import RecordStore, records_for
 from ..store._remote import redact_url
 from ..store.base import StorageBackend
-from ._config import open_backend
+from ._config import is_wandb, open_backend
 
 __all__ = ["Remote", "SyncReport"]
 
@@ -25,11 +26,25 @@ class Remote:
     @classmethod
     def open(cls, name: str, url: str, **options: Any) -> Remote:
         backend = open_backend(url, **options)
-        return cls(name, url, backend, records_for(backend))
+        records = _NoRecords(url) if is_wandb(url) else records_for(backend)
+        return cls(name, url, backend, records)
 
     @property
     def where(self) -> str:
         return redact_url(self.url)
+
+
+class _NoRecords(RecordStore):
+    """A W&B mirror keeps artifacts only: no registry rows to read or claim."""
+
+    def __init__(self, url: str) -> None:
+        self.where = url
+
+    def _refuse(self, *_: Any, **__: Any) -> Any:
+        raise InvalidArgumentError(f"{self.where} is a W&B mirror: it holds artifacts, not "
+                                   "registry rows (push-only)", argument="remote")
+
+    get = put = list = delete = _refuse
 
 
 @dataclass

@@ -32,23 +32,32 @@ class WandbPusher:
         self.numbers = pushed_numbers(registry, remote.url)
 
     def push(self, version_ids: list[int], run_ids: list[str]) -> SyncReport:
+        """Mirror every version not mirrored yet; recorded as pushed only once the W&B run's
+        log is complete on disk (``close``): an offline run's ``.wandb`` file is what
+        ``wandb sync`` uploads, and W&B 0.31 finishes writing it after ``finish()`` returns."""
         del run_ids  # W&B holds artifacts only; runs and metrics stay in repro
         backend: Any = self.remote.backend
+        mirrored: dict[int, int] = {}
         try:
             for vid in version_ids:
                 if vid in self.numbers:
                     self.report.skipped += 1
                     continue
-                self._mirror(backend, vid)
+                number = self._mirror(backend, vid)
+                if number is not None:
+                    mirrored[vid] = number
         finally:
             backend.close()
+        with self.registry.transaction() as conn:
+            record_numbers(conn, self.remote.url, mirrored)
+        self.numbers.update(mirrored)
         return self.report
 
-    def _mirror(self, backend: Any, vid: int) -> None:
+    def _mirror(self, backend: Any, vid: int) -> int | None:
         row = self.registry.get_version(vid)
         if row.pruned_at is not None:
             self.report.skipped += 1
-            return
+            return None
         path = serve_version(self.store, self.registry, row, full=True)
         aliases = [a for a in self.registry.aliases_of(vid) if a != "latest"]
         if self.registry._read("SELECT 1 FROM aliases WHERE version_id = ? AND alias ="
@@ -59,10 +68,8 @@ class WandbPusher:
             type=row.type, aliases=aliases,
             parents=[p.digest for p in self.registry.parents_of(vid)],
             metadata=row.metadata)
-        with self.registry.transaction() as conn:
-            record_numbers(conn, self.remote.url, {vid: row.version})
-        self.numbers[vid] = row.version
         self.report.versions.append(row.key)
         self.report.blobs += 1
         self.report.bytes += row.size
         self.advance(row.size)
+        return row.version
