@@ -10,6 +10,7 @@ queued for the next run with that remote, or ``repro push``.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -56,8 +57,11 @@ class RemoteMirroring:
         try:
             mirror.close(constants.REPRO_REMOTE_TIMEOUT if timeout is None else timeout)
         except ReproError as exc:  # finishing a run never fails for its remote
-            warnings.warn(f"repro: stopping the mirror failed: {exc}", RuntimeWarning,
-                          stacklevel=2)
+            with contextlib.suppress(Warning):
+                warnings.warn(f"repro: stopping the mirror failed: {exc}", RuntimeWarning,
+                              stacklevel=2)
+        except Warning:
+            pass  # its "N pushes left" made an error (-W error): the queue still says so
 
     def pending_pushes(self) -> list[Any]:
         """The background pushes of the current run's remote still queued (with the last

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal
 
-from . import _exit
+from . import _exit, constants
 from ._offline import detect_offline
 from .capture import (
     EnvironmentCaptureLevel,
@@ -108,6 +108,7 @@ class ExperimentContext:
         from .remote._config import check_remote  # (no import cost for runs without one)
 
         self._remote = check_remote(remote)
+        check_remote(constants.REPRO_REMOTE)  # a bad $REPRO_REMOTE: now, not at the run
         self._background = bool(capture_in_background)
         self._environment_extra = environment_extra
         self._capturing: threading.Thread | None = None

@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import _exit, _fsio, distributed
+from . import _exit, _fsio, constants, distributed
 from ._manager_artifacts import ArtifactsAPI
 from ._manager_local import LocalReads
 from ._manager_reads import ReadQueries
@@ -199,6 +199,9 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads, Remote
             raise InvalidArgumentError(f"create must be True, False or None, got {create!r}",
                                        argument="create")
         _check_resume(run_id, resume)
+        from .remote._config import check_remote
+
+        check_remote(constants.REPRO_REMOTE if remote is None else remote)  # before any I/O
         # Names and tags are stored and shown like any other string: scrubbed of credentials.
         name = scrub_text(check_text(name, "name"))
         validate_project(project)

@@ -94,7 +94,7 @@ class Mirror:
         self._wake = threading.Event()
         self._stop = False
         self._warned: set[str] = set()
-        self._thread = threading.Thread(target=self._loop, name=f"repro-mirror-{name}",
+        self._thread = threading.Thread(target=self._run, name=f"repro-mirror-{name}",
                                         daemon=True)
         self._thread.start()
 
@@ -129,6 +129,13 @@ class Mirror:
         return left
 
     # -- the worker -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self._stop:  # (a worker that outlived close() closes its own connection)
+                self._registry.close()
 
     def _loop(self) -> None:
         failures = 0
@@ -184,4 +191,6 @@ class Mirror:
     def _warn(self, kind: str, message: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(f"repro: {message}", RuntimeWarning, stacklevel=2)
+            # (warnings made errors, -W error: the worker must live on all the same)
+            with contextlib.suppress(Warning):
+                warnings.warn(f"repro: {message}", RuntimeWarning, stacklevel=2)
