@@ -20,6 +20,7 @@ import gzip
 import io
 import json
 import sqlite3
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 from .._metrics_rows import check_key
 from ..errors import IntegrityError, ReproError
 from ..registry.records import RUN_COLUMNS
-from ..types import RunState
+from ..types import RunState, validate_project
 from ._records import RUN_ID, _blob, _digest, _size, _text, _uid
 
 __all__ = ["BUNDLE_FORMAT", "Bundle", "read_bundle", "write_bundle"]
@@ -72,9 +73,15 @@ def revision(conn: sqlite3.Connection, run_id: str) -> tuple[int, int, int]:
 
 
 def write_bundle(conn: sqlite3.Connection, run_id: str, uids: dict[int, str],
-                 target: Path) -> list[tuple[str, int]]:
+                 target: Path, *, models: dict[int, str] | None = None
+                 ) -> list[tuple[str, int]]:
     """Write the run's bundle to ``target``; returns the blobs it needs (TTRL payloads).
-    ``uids`` maps local version ids to uids (edges to versions not in it are left out)."""
+    ``uids`` maps local version ids to uids (edges to versions not in it are left out).
+    ``models`` (default ``uids``) names an online update's model version even when the
+    remote lacks it (``push KEY`` sends part of a run): written as ``null`` it would read
+    back as "made before any checkpoint", a wrong answer; a puller that lacks the version
+    leaves such an update out instead (``_pull``)."""
+    models = uids if models is None else models
     row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
     blobs = sorted({(d, int(s)) for d, s in conn.execute(
         "SELECT payload_digest, payload_size FROM experiences WHERE run_id = ? AND"
@@ -105,7 +112,7 @@ def write_bundle(conn: sqlite3.Connection, run_id: str, uids: dict[int, str],
                 "SELECT update_id, experience_id, reward, confidence, kl_divergence,"
                 " model_version_id, metadata, time FROM online_updates WHERE run_id = ?"
                 " ORDER BY id", (run_id,)):
-            _line(out, {"u": [*upd[:5], uids.get(upd[5]) if upd[5] is not None else None,
+            _line(out, {"u": [*upd[:5], models.get(upd[5]) if upd[5] is not None else None,
                               *upd[6:]]})
     return blobs
 
@@ -141,10 +148,14 @@ def read_bundle(path: Path, run_id: str, where: str) -> Bundle:
                 bundle.updates.append(_update(line["u"]))
             else:
                 raise ValueError("unknown line")
+        payloads = {e[3] for e in bundle.experiences if e[3] is not None}
+        if not payloads <= {d for d, _ in bundle.blobs}:
+            raise ValueError("an experience names a payload blob the bundle does not list")
         return bundle
     except StopIteration:
         raise IntegrityError(f"run bundle {where} is empty", path=where) from None
-    except (ValueError, TypeError, KeyError, OSError, EOFError, ReproError) as exc:
+    except (ValueError, TypeError, KeyError, OSError, EOFError, zlib.error, ReproError) as exc:
+        # (zlib.error: a gzip header that parses over a deflate stream that does not)
         raise IntegrityError(f"run bundle {where} is damaged or forged: {exc}"[:500],
                              path=where) from None
 
@@ -188,6 +199,7 @@ def _check_run(run: dict[str, Any]) -> None:
         if not isinstance(run[name], str):
             raise ValueError(f"bad run {name}")
     _state(run["state"])
+    validate_project(run["project"])
     json.loads(run["tags"]), json.loads(run["config"])
     for name in ("pid", "world_size", "segment"):
         if run[name] is not None and (isinstance(run[name], bool)

@@ -99,9 +99,13 @@ class Puller:
         return None if data is None else decode(data, where)
 
     def _gather(self, version_paths: list[str], run_ids: list[str]) -> _Plan:
-        """The upstream closure on the remote of what was asked for (known uids stop it)."""
+        """The upstream closure on the remote of what was asked for (known uids stop it):
+        a version, its parents, the run that logged it and what that run used — not the
+        run's other outputs (``ckpt:best`` must not bring every checkpoint of its run).
+        A run asked for by name brings all its versions."""
         plan = _Plan()
         todo_v, todo_r = list(version_paths), list(run_ids)
+        whole = set(run_ids)
         seen: set[str] = set()
         while todo_v or todo_r:
             if todo_r:
@@ -116,7 +120,9 @@ class Puller:
                         "interrupted? push again from the source); its versions are skipped")
                     continue
                 plan.runs[run_id] = record
-                todo_v += [ref_path(r) for r in record.versions if r[0] not in self.local]
+                follow = record.versions if run_id in whole or record.inputs is None \
+                    else record.inputs
+                todo_v += [ref_path(r) for r in follow if r[0] not in self.local]
                 continue
             path = todo_v.pop()
             if path in seen:
@@ -136,14 +142,44 @@ class Puller:
             if record.run_id is not None and record.run_id not in plan.runs \
                     and not self.registry.has_run(record.run_id):
                 del plan.versions[uid]  # reported above: its run is missing
+        self._check_acyclic(plan)
         return plan
+
+    def _check_acyclic(self, plan: _Plan) -> None:
+        """Parents come before children, so a parent cycle cannot be logged: it is forged.
+        Only new versions can be on one (a local version's parents are all local)."""
+        state: dict[str, int] = {}  # 1: on the current path, 2: done
+        for start in plan.versions:
+            stack = [(start, iter(plan.versions[start].parents))]
+            state.setdefault(start, 1)
+            if state[start] == 2:
+                continue
+            while stack:
+                uid, parents = stack[-1]
+                parent = next((p[0] for p in parents if p[0] in plan.versions
+                               and state.get(p[0]) != 2), None)
+                if parent is None:
+                    state[uid] = 2
+                    stack.pop()
+                elif state.get(parent) == 1:
+                    raise IntegrityError(
+                        f"{plan.versions[parent].key} on {self.remote.where} is its own "
+                        "ancestor: a parent cycle repro cannot log (the remote is damaged or "
+                        "forged)", path=self.remote.where)
+                else:
+                    state[parent] = 1
+                    stack.append((parent, iter(plan.versions[parent].parents)))
 
     def _bundles(self, plan: _Plan, tmp: Path) -> None:
         for run_id, record in plan.runs.items():
             known = self.registry._read("SELECT bundle FROM remote_runs WHERE url = ? AND"
                                         " run_id = ?", (self.remote.url, run_id))
-            if known and known[0][0] == record.bundle:
-                continue  # this very bundle was imported (or pushed from here) before
+            named = {ref[0] for ref in record.versions}
+            if known and known[0][0] == record.bundle and not any(
+                    uid in named and uid not in self.local for uid in plan.versions):
+                # this very bundle was imported (or pushed from here) before, and no version
+                # it names comes now (one that does needs its edges and online updates)
+                continue
             if self.registry.has_run(run_id):
                 with snapshot(self.registry) as conn:
                     if revision(conn, run_id) > record.revision:
@@ -326,10 +362,19 @@ class Puller:
                          (series[key], count, first, last, steps, vals, times, segment))
         if bundle.experiences:
             insert_rows(conn, "experiences", [(run_id, *e) for e in bundle.experiences])
-        if bundle.updates:
+        # An update made under a model version this store does not get (the remote holds
+        # part of the run) is left out: stored with no version it would read as made before
+        # any checkpoint. The next pull, once the remote has the version, brings it.
+        updates = [u for u in bundle.updates if u[5] is None or u[5] in ids]
+        if len(updates) < len(bundle.updates):
+            self.report.problems.append(
+                f"run {run_id}: {len(bundle.updates) - len(updates)} online update(s) made "
+                f"under checkpoints {self.remote.where} does not hold were left out (push the "
+                "whole run from its store to complete it)")
+        if updates:
             insert_rows(conn, "online_updates", [
                 (run_id, *u[:5], ids.get(u[5]) if u[5] is not None else None, *u[6:])
-                for u in bundle.updates])
+                for u in updates])
         conn.executemany("INSERT INTO run_outputs (run_id, version_id, logged_at) VALUES"
                          " (?, ?, ?) ON CONFLICT DO NOTHING",
                          [(run_id, ids[u], at) for u, at in bundle.outputs if u in ids])

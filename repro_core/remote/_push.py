@@ -196,7 +196,7 @@ class Pusher:
             path = Path(tmp) / "bundle.jsonl.gz"
             with snapshot(self.registry) as conn:  # one consistent read, no write lock
                 rev = revision(conn, run_id)
-                payloads = write_bundle(conn, run_id, refs, path)
+                payloads = write_bundle(conn, run_id, refs, path, models=self.uids)
                 named = self._named(conn, run_id)
             digest = hash_file(path, self.store.algorithm)
             known = self.registry._read("SELECT bundle FROM remote_runs WHERE url = ? AND"
@@ -215,7 +215,10 @@ class Pusher:
             self._blobs(payloads)
             self.remote.backend.upload(path, digest)
             size = path.stat().st_size
-        record = RunRecord(run_id, digest, size, rev, tuple(named))
+        used = {int(r[0]) for r in self.registry._read(
+            "SELECT version_id FROM run_inputs WHERE run_id = ?", (run_id,))}
+        inputs = tuple(ref for vid, ref in named if vid in used)
+        record = RunRecord(run_id, digest, size, rev, tuple(ref for _, ref in named), inputs)
         self.remote.records.put(run_path(run_id), encode(record))
         with self.registry.transaction() as conn:
             conn.execute("INSERT INTO remote_runs (url, run_id, bundle, at) VALUES (?, ?, ?,"
@@ -223,8 +226,8 @@ class Pusher:
                          " excluded.bundle", (self.remote.url, run_id, digest))
         self.report.runs.append(run_id)
 
-    def _named(self, conn: object, run_id: str) -> list[VersionRef]:
-        """Where the remote holds every version the run's bundle names."""
+    def _named(self, conn: object, run_id: str) -> list[tuple[int, VersionRef]]:
+        """Where the remote holds every version the run's bundle names (by local id)."""
         ids = {int(r[0]) for r in self.registry._read(
             "SELECT version_id FROM run_outputs WHERE run_id = ? UNION SELECT version_id FROM"
             " run_inputs WHERE run_id = ? UNION SELECT model_version_id FROM online_updates"
@@ -232,7 +235,7 @@ class Pusher:
         refs = []
         for vid in sorted(ids & set(self.numbers)):
             row = self.registry.get_version(vid)
-            refs.append((self.uids[vid], row.project, row.name, self.numbers[vid]))
+            refs.append((vid, (self.uids[vid], row.project, row.name, self.numbers[vid])))
         return refs
 
     # -- aliases ----------------------------------------------------------------------------

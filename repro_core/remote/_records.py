@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._safepath import component_problem
 from ..errors import IntegrityError, ReproError
 from ..hashing import hash_bytes, parse_digest
 from ..registry.records import VersionRow
@@ -139,12 +140,18 @@ class RunRecord:
     revision: tuple[int, int, int]
     #: every version the bundle names (outputs, inputs, TTRL models): where to find it
     versions: tuple[VersionRef, ...] = field(default=())
+    #: which of them the run used: a pull of one of its outputs needs these, not its other
+    #: outputs (None: a record that does not say, so every version is followed)
+    inputs: tuple[VersionRef, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": "run", "format_version": RECORD_FORMAT, "run_id": self.run_id,
-                "bundle": self.bundle, "bundle_size": self.bundle_size,
-                "revision": list(self.revision),
-                "versions": [list(v) for v in self.versions]}
+        out = {"kind": "run", "format_version": RECORD_FORMAT, "run_id": self.run_id,
+               "bundle": self.bundle, "bundle_size": self.bundle_size,
+               "revision": list(self.revision),
+               "versions": [list(v) for v in self.versions]}
+        if self.inputs is not None:
+            out["inputs"] = [list(v) for v in self.inputs]
+        return out
 
 
 def encode(record: RemoteVersion | AliasRecord | RunRecord) -> bytes:
@@ -182,7 +189,7 @@ def _version(raw: dict[str, Any]) -> RemoteVersion:
         uid=_uid(raw["uid"]), project=project, name=name, number=_number(raw["number"]),
         type=ArtifactType.coerce(raw["type"]).value, digest=digest, size=_size(raw["size"]),
         format=_choice(raw["format"], FORMATS), run_id=run_id, created_at=created_at,
-        metadata=_dict(raw["metadata"]), filename=_optional_text(raw.get("filename")),
+        metadata=_dict(raw["metadata"]), filename=_filename(raw.get("filename")),
         blobs=tuple(_blob(b) for b in _list(raw["blobs"])),
         parents=tuple(_ref(p) for p in _list(raw["parents"])),
         pruned_at=_optional_text(raw.get("pruned_at")))
@@ -206,10 +213,15 @@ def _run(raw: dict[str, Any]) -> RunRecord:
     revision = _list(raw["revision"])
     if len(revision) != 3:
         raise ValueError("bad revision")
+    versions = tuple(_ref(v) for v in _list(raw["versions"]))
+    inputs = None if raw.get("inputs") is None else tuple(
+        _ref(v) for v in _list(raw["inputs"]))
+    if inputs is not None and not set(inputs) <= set(versions):
+        raise ValueError("its inputs are not among its versions")
     return RunRecord(run_id=run_id, bundle=_digest(raw["bundle"]),
                      bundle_size=_size(raw["bundle_size"]),
                      revision=(_size(revision[0]), _size(revision[1]), _size(revision[2])),
-                     versions=tuple(_ref(v) for v in _list(raw["versions"])))
+                     versions=versions, inputs=inputs)
 
 
 def _digest(value: object) -> str:
@@ -245,6 +257,15 @@ def _text(value: object) -> str:
 
 def _optional_text(value: object) -> str | None:
     return None if value is None else _text(value)
+
+
+def _filename(value: object) -> str | None:
+    """The name a version is served under: one path component (it becomes a path in the
+    cache, which checks it again; a record naming ``../x`` is forged, so refuse it here)."""
+    name = _optional_text(value)
+    if name is not None and component_problem(name) is not None:
+        raise ValueError(f"bad file name {name[:80]!r}")
+    return name
 
 
 def _choice(value: object, allowed: frozenset[str]) -> str:
