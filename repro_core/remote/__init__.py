@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import _progress
-from ..errors import ArtifactNotFoundError, InvalidArgumentError
+from ..errors import ArtifactNotFoundError, IntegrityError, InvalidArgumentError
 from ..registry import Registry
 from ..store.local import LocalStorageBackend
 from ..types import DEFAULT_PROJECT, parse_key
@@ -37,7 +37,7 @@ from ._exports import export_pulled_run
 from ._local import closure
 from ._pull import Puller
 from ._queue import QueueItem, pending, push_selection
-from ._records import AliasRecord, RemoteVersion, alias_path, decode, version_path
+from ._records import RUN_ID, AliasRecord, RemoteVersion, alias_path, decode, version_path
 from ._remote import Remote, SyncReport
 
 __all__ = ["QueueItem", "Remote", "SyncReport", "add_remote", "check_remote", "drop_remote",
@@ -152,6 +152,9 @@ def pull(remote: str | None = None, key: str | None = None, *, run: str | None =
     """Pull a version (``key``), a run or everything from a remote into the store (a store
     that does not exist yet is created)."""
     _selection(key, run, all)
+    if run is not None and not (isinstance(run, str) and RUN_ID.fullmatch(run)):
+        raise InvalidArgumentError(f"--run needs a full run id to pull (a remote cannot "
+                                   f"expand prefixes), got {run!r}", argument="run")
     base = _root(root)
     fresh = not base.exists() or (base.is_dir() and not any(base.iterdir()))
     named = _fresh_remote(remote, base) if fresh else None  # checked before the store is made
@@ -225,9 +228,16 @@ def _resolve_remote(source: Remote, key: str) -> str:
     if parsed.alias is not None and parsed.alias != "latest":
         data = source.records.get(alias_path(project, parsed.name, parsed.alias))
         record = decode(data, source.where) if data is not None else None
-        if isinstance(record, AliasRecord):
-            return version_path(project, parsed.name, record.number)
-        raise ArtifactNotFoundError(f"{key!r} is not on {source.where}", key=key)
+        if not isinstance(record, AliasRecord):
+            raise ArtifactNotFoundError(f"{key!r} is not on {source.where}", key=key)
+        path = version_path(project, parsed.name, record.number)
+        target = source.records.get(path)
+        version = decode(target, source.where) if target is not None else None
+        if not isinstance(version, RemoteVersion) or version.uid != record.uid:
+            raise IntegrityError(f"alias {key!r} on {source.where} names v{record.number}, "
+                                 "which is not the version it was set on: the remote is "
+                                 "damaged or forged", path=source.where)
+        return path
     numbers = sorted((int(p.rsplit("/", 1)[-1][:-5]) for p in source.records.list(
         f"versions/{project}/{parsed.name}") if p.endswith(".json")
         and p.rsplit("/", 1)[-1][:-5].isdigit()), reverse=True)

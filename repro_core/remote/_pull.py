@@ -24,6 +24,7 @@ from .._metrics_rows import insert_rows
 from ..errors import IntegrityError, InvalidArgumentError
 from ..registry import Registry
 from ..registry.records import RUN_COLUMNS, dumps
+from ..registry.runs import is_alive_here
 from ..store.local import LocalStorageBackend
 from ._bundle import Bundle, read_bundle, revision
 from ._local import (
@@ -181,6 +182,11 @@ class Puller:
                 # it names comes now (one that does needs its edges and online updates)
                 continue
             if self.registry.has_run(run_id):
+                if is_alive_here(self.registry.get_run(run_id)):
+                    self.report.problems.append(
+                        f"run {run_id} is running in this store: its rows are left as they "
+                        "are (pull again once it has finished)")
+                    continue
                 with snapshot(self.registry) as conn:
                     if revision(conn, run_id) > record.revision:
                         continue  # ours has gone further: only its edges are merged
