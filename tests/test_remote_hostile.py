@@ -362,9 +362,11 @@ def test_blob_tampered_on_s3_is_refused(manager: ArtifactManager, tmp_path: Path
     client.put_object(Bucket=s3_bucket, Key=key, Body=b"weightz" * 100)
     with pytest.raises(IntegrityError):
         remote.pull(url, root=dst, show_progress=False)
+    assert not dst.exists()  # a failed first pull leaves no store behind
+    dst.mkdir()
     manager = ArtifactManager.reset_instance()
-    manager.set_root(dst)
-    assert manager.list_artifacts() == []
+    manager.init_run("own", root=dst)  # an existing store: a failed pull changes nothing
+    manager.finalize_run()
     client.put_object(Bucket=s3_bucket, Key="hostile/meta/versions/default/ckpt/000000000001.json",
                       Body=b'{"kind": "version", "format_version": 1, "name": "../x"}')
     with pytest.raises(IntegrityError):

@@ -189,7 +189,9 @@ ALTER TABLE versions ADD COLUMN pruned_at TEXT;
 
 # v6: remotes (``repro remote add``) and what this store knows of each: the versions and runs
 # it pushed or pulled (``number`` is the version's number on that remote), and the durable
-# queue of background pushes (a crash leaves it for the next open or ``repro push``).
+# queue of background pushes (a crash leaves it for the next open or ``repro push``), and
+# where each alias pointed when this store last agreed with the remote on it (so a push only
+# sends alias moves made here, and a pull only applies moves made there).
 # Keyed by the remote's URL, not its name: a name re-added for another URL starts afresh.
 _SCHEMA_V6 = """
 CREATE TABLE IF NOT EXISTS remotes (
@@ -200,6 +202,9 @@ CREATE TABLE IF NOT EXISTS remote_versions (
 CREATE TABLE IF NOT EXISTS remote_runs (
     url TEXT NOT NULL, run_id TEXT NOT NULL, bundle TEXT NOT NULL, at TEXT NOT NULL,
     PRIMARY KEY (url, run_id));
+CREATE TABLE IF NOT EXISTS remote_aliases (
+    url TEXT NOT NULL, project TEXT NOT NULL, name TEXT NOT NULL, alias TEXT NOT NULL,
+    uid TEXT NOT NULL, PRIMARY KEY (url, project, name, alias));
 CREATE TABLE IF NOT EXISTS remote_queue (
     id INTEGER PRIMARY KEY, url TEXT NOT NULL, kind TEXT NOT NULL, ref TEXT NOT NULL,
     enqueued_at TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,

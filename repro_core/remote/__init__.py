@@ -16,6 +16,7 @@ collide: see ``_local`` for how a number logged on two machines is reconciled.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,11 +38,14 @@ from ._exports import export_pulled_run
 from ._local import closure
 from ._pull import Puller
 from ._queue import QueueItem, pending, push_selection
-from ._records import RUN_ID, AliasRecord, RemoteVersion, alias_path, decode, version_path
+from ._records import AliasRecord, RemoteVersion, alias_path, decode, version_path
 from ._remote import Remote, SyncReport
 
 __all__ = ["QueueItem", "Remote", "SyncReport", "add_remote", "check_remote", "drop_remote",
            "pull", "push", "remotes", "status"]
+
+
+_RUN_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{3,63}")
 
 
 def _root(root: str | Path | None) -> Path:
@@ -149,48 +153,91 @@ def push(remote: str | None = None, key: str | None = None, *, run: str | None =
 def pull(remote: str | None = None, key: str | None = None, *, run: str | None = None,
          all: bool = False, root: str | Path | None = None,
          show_progress: bool = True) -> SyncReport:
-    """Pull a version (``key``), a run or everything from a remote into the store (a store
-    that does not exist yet is created)."""
+    """Pull a version (``key``), a run (its id or a unique prefix of 4+ characters) or
+    everything from a remote into the store. A store that does not exist yet is created —
+    and removed again if the pull fails, so a failed first pull leaves nothing behind."""
     _selection(key, run, all)
-    if run is not None and not (isinstance(run, str) and RUN_ID.fullmatch(run)):
-        raise InvalidArgumentError(f"--run needs a full run id to pull (a remote cannot "
-                                   f"expand prefixes), got {run!r}", argument="run")
+    if run is not None and not (isinstance(run, str) and _RUN_PREFIX.fullmatch(run)):
+        raise InvalidArgumentError(f"--run takes a run id or a unique prefix of 4+ "
+                                   f"characters, got {run!r}", argument="run")
     base = _root(root)
     fresh = not base.exists() or (base.is_dir() and not any(base.iterdir()))
     named = _fresh_remote(remote, base) if fresh else None  # checked before the store is made
+    created = not base.exists()
     registry, store = _open(base, create=True if fresh else None)  # a new store: on purpose
     try:
-        name, url = named or default_remote(registry, remote)
-        if fresh:  # as ``git clone`` names its source
-            set_remote(registry, "origin", url)
-        if is_wandb(url):
-            raise InvalidArgumentError(
-                f"remote {name!r} is a W&B mirror ({url}): W&B remotes are push-only; pull "
-                "from the store or object-store remote the artifacts were pushed to",
-                argument="remote")
-        source = Remote.open(name, url)
-        report = SyncReport("pull", name, url)
-        if key is not None:
-            paths, runs = [_resolve_remote(source, key)], []
-        elif run is not None:
-            paths, runs = [], [run]
-        else:
-            known = {version_path(p, n, int(number)) for p, n, number in registry._read(
-                "SELECT v.project, v.name, r.number FROM remote_versions r JOIN versions v ON"
-                " v.id = r.version_id WHERE r.url = ?", (url,))}  # pulled or pushed before
-            paths = [p for p in source.records.list("versions")
-                     if p.endswith(".json") and p not in known]
-            runs = [p.rsplit("/", 1)[-1].removesuffix(".json")
-                    for p in source.records.list("runs") if p.endswith(".json")]
-        with _bar(None, f"pull ← {name}", show_progress) as advance:
-            Puller(registry, store, source, report, advance).pull(paths, runs)
-        touched = set(report.runs) | {registry.resolve(parse_key(key)).run_id
-                                      for key in report.versions}
-        for run_id in sorted(r for r in touched if r is not None):
-            export_pulled_run(registry, base, run_id)
-        return report
+        return _pull(registry, store, base, named, remote, key, run, show_progress)
+    except BaseException:
+        if fresh:
+            registry.close()
+            _remove_new_store(base, created)
+        raise
     finally:
         registry.close()
+
+
+def _pull(registry: Registry, store: LocalStorageBackend, base: Path,
+          named: tuple[str, str] | None, remote: str | None, key: str | None,
+          run: str | None, show_progress: bool) -> SyncReport:
+    name, url = named or default_remote(registry, remote)
+    if named is not None:  # a new store names its source, as ``git clone`` does
+        set_remote(registry, "origin", url)
+    if is_wandb(url):
+        raise InvalidArgumentError(
+            f"remote {name!r} is a W&B mirror ({url}): W&B remotes are push-only; pull from "
+            "the store or object-store remote the artifacts were pushed to", argument="remote")
+    source = Remote.open(name, url)
+    report = SyncReport("pull", name, url)
+    if key is not None:
+        paths, runs = [_resolve_remote(source, key)], []
+    elif run is not None:
+        paths, runs = [], [_resolve_run(source, run)]
+    else:
+        known = {version_path(p, n, int(number)) for p, n, number in registry._read(
+            "SELECT v.project, v.name, r.number FROM remote_versions r JOIN versions v ON"
+            " v.id = r.version_id WHERE r.url = ?", (url,))}  # pulled or pushed before
+        paths = [p for p in source.records.list("versions")
+                 if p.endswith(".json") and p not in known]
+        runs = [p.rsplit("/", 1)[-1].removesuffix(".json")
+                for p in source.records.list("runs") if p.endswith(".json")]
+    puller = Puller(registry, store, source, report, lambda _: None)
+    puller.everything = key is None and run is None
+    with _bar(None, f"pull ← {name}", show_progress) as advance:
+        puller.advance = advance
+        puller.pull(paths, runs)
+    for run_id in sorted(puller.touched):
+        export_pulled_run(registry, base, run_id)
+    return report
+
+
+def _resolve_run(source: Remote, prefix: str) -> str:
+    """The run a prefix names on the remote (listed there: a remote expands prefixes too)."""
+    ids = [p.rsplit("/", 1)[-1].removesuffix(".json") for p in source.records.list("runs")
+           if p.endswith(".json")]
+    matches = sorted(i for i in ids if i.startswith(prefix))
+    if prefix in matches:
+        return prefix
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ArtifactNotFoundError(f"no run {prefix!r} on {source.where}", key=prefix)
+    raise ArtifactNotFoundError(f"run prefix {prefix!r} is ambiguous on {source.where} "
+                                f"({', '.join(matches[:5])}…): give more characters",
+                                key=prefix)
+
+
+def _remove_new_store(base: Path, created: bool) -> None:
+    """Undo the store a failed first pull made (a registry is never made by accident)."""
+    import shutil
+
+    if created:
+        shutil.rmtree(base, ignore_errors=True)
+        return
+    for entry in list(base.iterdir()):  # an empty directory the user gave: empty it again
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _fresh_remote(remote: str | None, base: Path) -> tuple[str, str]:

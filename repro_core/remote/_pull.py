@@ -26,6 +26,7 @@ from ..registry import Registry
 from ..registry.records import RUN_COLUMNS, dumps
 from ..registry.runs import is_alive_here
 from ..store.local import LocalStorageBackend
+from ._aliases import pull_aliases
 from ._bundle import Bundle, read_bundle, revision
 from ._local import (
     local_max,
@@ -71,6 +72,9 @@ class Puller:
         self.report, self.advance = report, advance
         self.local = {uid: vid for vid, uid in uid_map(registry).items()}
         self.numbers = pushed_numbers(registry, remote.url)
+        self.foreign: set[str] = set()  # run ids the remote holds for other runs
+        self.touched: set[str] = set()  # runs whose versions or rows this pull brought
+        self.everything = False  # pull --all: every alias record is read
 
     def pull(self, version_paths: list[str], run_ids: list[str]) -> SyncReport:
         plan = self._gather(version_paths, run_ids)
@@ -139,12 +143,27 @@ class Puller:
             todo_v += [ref_path(p) for p in record.parents if p[0] not in self.local]
             if record.run_id is not None:
                 todo_r.append(record.run_id)
+        self._drop_foreign_runs(plan)
         for uid, record in list(plan.versions.items()):
-            if record.run_id is not None and record.run_id not in plan.runs \
-                    and not self.registry.has_run(record.run_id):
-                del plan.versions[uid]  # reported above: its run is missing
+            if record.run_id in self.foreign or (
+                    record.run_id is not None and record.run_id not in plan.runs
+                    and not self.registry.has_run(record.run_id)):
+                del plan.versions[uid]  # reported above: its run is missing, or another
         self._check_acyclic(plan)
         return plan
+
+    def _drop_foreign_runs(self, plan: _Plan) -> None:
+        """A remote run whose id this store uses for another run (ids may be chosen:
+        ``init_run(run_id="baseline")`` in two stores) is skipped with its versions: they
+        must not be filed under, or replace the rows of, this store's run."""
+        for run_id, run in list(plan.runs.items()):
+            if self.registry.has_run(run_id) and run.created_at not in (
+                    "", self.registry.get_run(run_id).created_at):
+                self.report.problems.append(
+                    f"run {run_id} on {self.remote.where} is another run than this store's "
+                    f"{run_id} (created {run.created_at}); it and its versions are skipped")
+                del plan.runs[run_id]
+                self.foreign.add(run_id)
 
     def _check_acyclic(self, plan: _Plan) -> None:
         """Parents come before children, so a parent cycle cannot be logged: it is forged.
@@ -182,6 +201,8 @@ class Puller:
                 # it names comes now (one that does needs its edges and online updates)
                 continue
             if self.registry.has_run(run_id):
+                if self._logged_here(run_id):
+                    continue  # this store's own run: a remote never rewrites it
                 if is_alive_here(self.registry.get_run(run_id)):
                     self.report.problems.append(
                         f"run {run_id} is running in this store: its rows are left as they "
@@ -195,6 +216,11 @@ class Puller:
             plan.bundles[run_id] = read_bundle(target, run_id,
                                                f"{self.remote.where} (run {run_id})")
             target.unlink()
+
+    def _logged_here(self, run_id: str) -> bool:
+        """A run started in this store (its export exists and no pull wrote it)."""
+        run_dir = self.store.root / "runs" / run_id
+        return (run_dir / "run.json").exists() and not (run_dir / ".pulled").exists()
 
     def _blobs(self, plan: _Plan, tmp: Path) -> None:
         wanted = {b for v in plan.versions.values()
@@ -222,10 +248,17 @@ class Puller:
             backend.download(digest, target)
 
     def _alias_records(self, plan: _Plan) -> list[AliasRecord]:
-        names = {(v.project, v.name) for v in plan.versions.values()}
+        """The alias records of the names pulled (of every name, for ``pull --all``: an
+        alias may have moved to a version this store already holds)."""
+        if self.everything:
+            paths = self.remote.records.list("aliases")
+        else:
+            names = {(v.project, v.name) for v in plan.versions.values()}
+            paths = [p for project, name in sorted(names)
+                     for p in self.remote.records.list(f"aliases/{project}/{name}")]
         records = []
-        for project, name in sorted(names):
-            for path in self.remote.records.list(f"aliases/{project}/{name}"):
+        for path in paths:
+            if path:
                 record = self._get(path)
                 if not isinstance(record, AliasRecord) or alias_path(
                         record.project, record.name, record.alias) != path:
@@ -252,6 +285,8 @@ class Puller:
                 continue
             ids[uid] = self._version(conn, record)
             pulled[ids[uid]] = record.number
+            if record.run_id is not None:
+                self.touched.add(record.run_id)
             self.report.versions.append(record.key)
         for record in plan.versions.values():
             conn.executemany(
@@ -260,41 +295,17 @@ class Puller:
                                 if p[0] in ids and p[0] != record.uid])
         for run_id, bundle in plan.bundles.items():
             self._run_rows(conn, run_id, bundle, ids)
+            self.touched.add(run_id)
             conn.execute("INSERT INTO remote_runs (url, run_id, bundle, at) VALUES (?, ?, ?,"
                          " datetime('now')) ON CONFLICT (url, run_id) DO UPDATE SET bundle ="
                          " excluded.bundle", (self.remote.url, run_id,
                                               plan.runs[run_id].bundle))
             self.report.runs.append(run_id)
-        for alias in plan.aliases:
-            self._alias(conn, alias, ids)
+        pull_aliases(conn, self.registry, self.remote, plan.aliases, ids, self.report)
         for project, name in {(v.project, v.name) for v in plan.versions.values()}:
             reset_latest(conn, project, name)
         record_numbers(conn, self.remote.url, pulled)
         return ids
-
-    def _alias(self, conn: sqlite3.Connection, alias: AliasRecord, ids: dict[str, int]) -> None:
-        """Point a local alias where the remote's does. Only a move counts (a second pull
-        must report nothing transferred), and the target must be a version of the alias's
-        own name: a forged record naming another artifact's uid is a reported problem."""
-        vid = ids.get(alias.uid)
-        if vid is None:
-            return  # its version was not pulled (not selected, or its run is missing)
-        row = conn.execute("SELECT project, name FROM versions WHERE id = ?", (vid,)).fetchone()
-        if row is None or (row[0], row[1]) != (alias.project, alias.name):
-            self.report.problems.append(
-                f"alias {alias.project}/{alias.name}:{alias.alias} on {self.remote.where} "
-                "names a version of another artifact; not applied (the remote is damaged or "
-                "forged)")
-            return
-        current = conn.execute("SELECT version_id FROM aliases WHERE project = ? AND name = ?"
-                               " AND alias = ?", (alias.project, alias.name,
-                                                  alias.alias)).fetchone()
-        if current is not None and int(current[0]) == vid:
-            return
-        conn.execute("INSERT INTO aliases (project, name, alias, version_id) VALUES (?, ?, ?, ?)"
-                     " ON CONFLICT (project, name, alias) DO UPDATE SET version_id ="
-                     " excluded.version_id", (alias.project, alias.name, alias.alias, vid))
-        self.report.aliases += 1
 
     def _version(self, conn: sqlite3.Connection, record: RemoteVersion) -> int:
         existing = conn.execute("SELECT type FROM artifacts WHERE project = ? AND name = ?",
@@ -327,7 +338,13 @@ class Puller:
             return record.number
         row = self.registry_row(conn, int(occupant[0]))
         top = local_max(conn, record.project, record.name)
-        if row.id in self.numbers:  # it is on this remote under another number: keep it
+        if row.id in self.numbers or (row.run_id is not None and is_alive_here(
+                self.registry.get_run(row.run_id))):
+            # on this remote under another number, or its run is running here (its program
+            # holds ``name:vN`` keys): it stays; the pulled one takes the next number here
+            self.report.problems.append(
+                f"{record.key} on {self.remote.where} is v{top + 1} here (v{record.number} "
+                f"is taken by {row.key})")
             return top + 1
         renumber(self.registry, row, top + 1, conn=conn)
         note_move(self.report.renumbered, row.key, f"{row.project}/{row.name}:v{top + 1}")

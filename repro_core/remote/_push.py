@@ -9,14 +9,18 @@ version whose blobs are missing, nor an edge to a version that is not there.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import IntegrityError, StorageError
+from ..errors import IntegrityError, ReproError, StorageError
 from ..hashing import hash_file
 from ..registry import Registry, VersionRow
+from ..registry.runs import is_alive_here
 from ..store.local import LocalStorageBackend
+from ._aliases import push_aliases
 from ._bundle import revision, write_bundle
 from ._local import (
     local_max,
@@ -28,11 +32,9 @@ from ._local import (
     uid_map,
 )
 from ._records import (
-    AliasRecord,
     RemoteVersion,
     RunRecord,
     VersionRef,
-    alias_path,
     decode,
     encode,
     run_path,
@@ -43,21 +45,31 @@ from ._remote import Remote, SyncReport
 __all__ = ["Pusher"]
 
 _CLAIM_ATTEMPTS = 100
+_FOREIGN_CACHE = 1_000_000
+_FOREIGN_UIDS: dict[tuple[str, str], str] = {}  # (remote URL, record path) -> uid
 
 
 class Pusher:
     """One push of a selection to one remote."""
 
     def __init__(self, registry: Registry, store: LocalStorageBackend, remote: Remote,
-                 report: SyncReport, advance: Callable[[int], None]) -> None:
+                 report: SyncReport, advance: Callable[[int], None], *,
+                 refresh_runs: bool = True) -> None:
+        """``refresh_runs=False`` (background mirroring of each checkpoint) sends a run only
+        the first time: its versions need it on the remote, but rewriting its whole bundle
+        for every checkpoint of a long run would not pay; finishing the run sends it."""
         self.registry, self.store, self.remote = registry, store, remote
         self.report, self.advance = report, advance
         self.uids = uid_map(registry)
         self.numbers = pushed_numbers(registry, remote.url)
         self.listings: dict[tuple[str, str], dict[int, str]] = {}
         self.floor: dict[tuple[str, str], int] = {}  # per name: the number claimed last
+        self.live: dict[str, bool] = {}  # run id -> running in this store right now
+        self.refresh_runs = refresh_runs
 
     def push(self, version_ids: list[int], run_ids: list[str]) -> SyncReport:
+        for run_id in run_ids:  # before anything is written there
+            self._same_run(run_id)
         todo = [vid for vid in version_ids if vid not in self.numbers]
         rows = {vid: self.registry.get_version(vid) for vid in todo}
         self.report.skipped += len(version_ids) - len(todo)
@@ -68,9 +80,23 @@ class Pusher:
             self._run(run_id)
         names = {(r.project, r.name) for r in
                  (self.registry.get_version(v) for v in version_ids)}
-        for project, name in sorted(names):
-            self._aliases(project, name)
+        push_aliases(self.registry, self.remote, self.uids, self.numbers, names, self.report)
         return self.report
+
+    def _same_run(self, run_id: str) -> None:
+        """A run id the remote holds for another run (ids may be chosen:
+        ``init_run(run_id="baseline")`` in two stores) refuses the push before anything is
+        written: its versions would otherwise be filed under the other run."""
+        data = self.remote.records.get(run_path(run_id))
+        record = decode(data, f"{self.remote.where}/meta/{run_path(run_id)}") \
+            if data is not None else None
+        mine = self.registry.get_run(run_id).created_at
+        if isinstance(record, RunRecord) and record.created_at not in ("", mine):
+            raise StorageError(
+                f"run id {run_id!r} on {self.remote.where} is another run (created "
+                f"{record.created_at}, this store's was created {mine}); nothing was pushed. "
+                "Push to another remote, or log the run again under a new run_id",
+                path=self.remote.where)
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -111,8 +137,6 @@ class Pusher:
             if number in listing:
                 number = max(listing) + 1
                 continue
-            if number != row.version:
-                self._make_room(row, number)
             if self.remote.records.put(version_path(row.project, row.name, number),
                                        encode(self._record(row, number)), create=True):
                 return self._claimed(row, number)
@@ -121,19 +145,33 @@ class Pusher:
                            f"{self.remote.where} after {_CLAIM_ATTEMPTS} attempts",
                            path=self.remote.where)
 
-    def _make_room(self, row: VersionRow, number: int) -> None:
-        """Free ``number`` locally for ``row``: a version of this store that holds it has
-        never reached this remote (it is numbered past the remote's versions), so it moves
-        to the end; it is claimed in its turn."""
-        with self.registry.transaction() as conn:
-            held = conn.execute("SELECT id FROM versions WHERE project = ? AND name = ? AND"
-                                " version = ?", (row.project, row.name, number)).fetchone()
-            if held is None or int(held[0]) == row.id:
-                return
-            occupant = self.registry.get_version(int(held[0]))
+    def _follow(self, conn: sqlite3.Connection, row: VersionRow, number: int) -> bool:
+        """Give ``row`` the number the remote gave it, here too, when nothing is in the way:
+        a version that holds that number here and never reached this remote moves to the
+        end (it is claimed in its turn). Not while either one's run is still running here —
+        its program holds ``name:vN`` keys (the previous checkpoint, ``best``) that must keep
+        naming what they named; such a version keeps its number here and the remote's is
+        recorded beside it (``remote_versions``). Returns whether it moved."""
+        held = conn.execute("SELECT id FROM versions WHERE project = ? AND name = ? AND"
+                            " version = ?", (row.project, row.name, number)).fetchone()
+        occupant = self.registry.get_version(int(held[0])) if held is not None else None
+        if self._live(row.run_id) or (occupant is not None and (
+                occupant.id in self.numbers or self._live(occupant.run_id))):
+            return False
+        if occupant is not None:
             top = local_max(conn, row.project, row.name) + 1
             renumber(self.registry, occupant, top, conn=conn)
-        self._moved(occupant.key, f"{row.project}/{row.name}:v{top}")
+            self._moved(occupant.key, f"{row.project}/{row.name}:v{top}")
+        renumber(self.registry, row, number, conn=conn)
+        self._moved(row.key, f"{row.project}/{row.name}:v{number}")
+        return True
+
+    def _live(self, run_id: str | None) -> bool:
+        if run_id is None:
+            return False
+        if run_id not in self.live:
+            self.live[run_id] = is_alive_here(self.registry.get_run(run_id))
+        return self.live[run_id]
 
     def _listing(self, project: str, name: str, *, refresh: bool = False) -> dict[int, str]:
         """Number -> uid of every version the remote holds for a name. Records this store
@@ -157,12 +195,19 @@ class Pusher:
             if vid in self.numbers}
 
     def _read_uid(self, path: str, number: int) -> str:
+        """The uid of another store's version record. A claimed record never changes, so
+        each is read once per process (a long run's mirror pushes many times)."""
+        cache_key = (self.remote.url, path)
+        if cache_key in _FOREIGN_UIDS:
+            return _FOREIGN_UIDS[cache_key]
         data = self.remote.records.get(path)
         where = f"{self.remote.where}/meta/{path}"
         record = decode(data, where) if data is not None else None
         if not isinstance(record, RemoteVersion) or record.number != number:
             raise IntegrityError(f"remote record {where} is not the record of v{number}",
                                  path=where)
+        if len(_FOREIGN_UIDS) < _FOREIGN_CACHE:
+            _FOREIGN_UIDS[cache_key] = record.uid
         return record.uid
 
     def _record(self, row: VersionRow, number: int) -> RemoteVersion:
@@ -177,9 +222,11 @@ class Pusher:
     def _claimed(self, row: VersionRow, number: int) -> None:
         self.listings.setdefault((row.project, row.name), {})[number] = self.uids[row.id]
         with self.registry.transaction() as conn:
-            if number != row.version:
-                renumber(self.registry, row, number, conn=conn)
-                self._moved(row.key, f"{row.project}/{row.name}:v{number}")
+            if number != row.version and not self._follow(conn, row, number):
+                self.report.problems.append(
+                    f"{row.key} is v{number} on {self.remote.where} (its number was taken "
+                    "there); it keeps v{0} here while its run, or the version holding "
+                    "v{1} here, is in use".format(row.version, number))
             record_numbers(conn, self.remote.url, {row.id: number})
         self.numbers[row.id] = number
         self.floor[(row.project, row.name)] = number
@@ -191,6 +238,11 @@ class Pusher:
     # -- runs -------------------------------------------------------------------------------
 
     def _run(self, run_id: str) -> None:
+        known = self.registry._read("SELECT bundle FROM remote_runs WHERE url = ? AND"
+                                    " run_id = ?", (self.remote.url, run_id))
+        if known and not self.refresh_runs:
+            self.report.skipped_runs += 1
+            return
         refs = {vid: self.uids[vid] for vid in self.numbers if vid in self.uids}
         with tempfile.TemporaryDirectory(prefix="push-", dir=self.store.tmp_dir) as tmp:
             path = Path(tmp) / "bundle.jsonl.gz"
@@ -199,8 +251,6 @@ class Pusher:
                 payloads = write_bundle(conn, run_id, refs, path, models=self.uids)
                 named = self._named(conn, run_id)
             digest = hash_file(path, self.store.algorithm)
-            known = self.registry._read("SELECT bundle FROM remote_runs WHERE url = ? AND"
-                                        " run_id = ?", (self.remote.url, run_id))
             if known and known[0][0] == digest:
                 self.report.skipped_runs += 1
                 return
@@ -218,8 +268,13 @@ class Pusher:
         used = {int(r[0]) for r in self.registry._read(
             "SELECT version_id FROM run_inputs WHERE run_id = ?", (run_id,))}
         inputs = tuple(ref for vid, ref in named if vid in used)
-        record = RunRecord(run_id, digest, size, rev, tuple(ref for _, ref in named), inputs)
+        record = RunRecord(run_id, digest, size, rev, tuple(ref for _, ref in named), inputs,
+                           created_at=self.registry.get_run(run_id).created_at)
         self.remote.records.put(run_path(run_id), encode(record))
+        if remote_record is not None and isinstance(existing, RunRecord) \
+                and existing.bundle != digest:  # the superseded bundle: nothing names it now
+            with contextlib.suppress(ReproError):
+                self.remote.backend.delete(existing.bundle)
         with self.registry.transaction() as conn:
             conn.execute("INSERT INTO remote_runs (url, run_id, bundle, at) VALUES (?, ?, ?,"
                          " datetime('now')) ON CONFLICT (url, run_id) DO UPDATE SET bundle ="
@@ -237,28 +292,3 @@ class Pusher:
             row = self.registry.get_version(vid)
             refs.append((vid, (self.uids[vid], row.project, row.name, self.numbers[vid])))
         return refs
-
-    # -- aliases ----------------------------------------------------------------------------
-
-    def _aliases(self, project: str, name: str) -> None:
-        for alias, vid in self.registry._read(
-                "SELECT alias, version_id FROM aliases WHERE project = ? AND name = ? AND"
-                " alias != 'latest'", (project, name)):
-            if vid not in self.numbers:
-                continue
-            path = alias_path(project, name, alias)
-            current = self.remote.records.get(path)
-            if current is not None:
-                record = decode(current, f"{self.remote.where}/{path}")
-                if isinstance(record, AliasRecord) and record.uid == self.uids[vid]:
-                    continue
-            self.remote.records.put(path, encode(AliasRecord(
-                project, name, alias, self.uids[vid], self.numbers[vid],
-                _now())))
-            self.report.aliases += 1
-
-
-def _now() -> str:
-    from ..types import utc_now
-
-    return utc_now()

@@ -31,6 +31,7 @@ from ._remote import Remote, SyncReport
 __all__ = ["Mirror", "QueueItem", "pending", "push_selection", "settle"]
 
 _MAX_BACKOFF = 60.0
+_PARKED = 8
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,21 @@ class QueueItem:
 
 def push_selection(registry: Registry, store: LocalStorageBackend, remote: Remote,
                    versions: list[int], runs: list[str], report: SyncReport,
-                   advance: Callable[[int], None]) -> SyncReport:
-    """Push versions and runs (with their upstream closure) to a remote of either kind."""
+                   advance: Callable[[int], None], *, background: bool = False) -> SyncReport:
+    """Push versions and runs (with their upstream closure) to a remote of either kind.
+    ``background`` (the mirror's per-checkpoint pushes): a run already on the remote is not
+    sent again (finishing it does), and the queue is left to the mirror."""
     from ._push import Pusher
     from ._wandb_push import WandbPusher
 
     ids, run_ids = closure(registry, versions, runs)
-    kind = WandbPusher if is_wandb(remote.url) else Pusher
-    kind(registry, store, remote, report, advance).push(ids, run_ids)
-    settle(registry, remote.url)
+    if is_wandb(remote.url):
+        WandbPusher(registry, store, remote, report, advance).push(ids, run_ids)
+    else:
+        Pusher(registry, store, remote, report, advance,
+               refresh_runs=not background or bool(runs)).push(ids, run_ids)
+    if not background:
+        settle(registry, remote.url, run_ids)
     return report
 
 
@@ -71,17 +78,21 @@ def pending(registry: Registry, url: str | None = None) -> list[QueueItem]:
                               f" FROM remote_queue {where} ORDER BY id", params)]
 
 
-def settle(registry: Registry, url: str) -> int:
-    """Drop queued items a push has since covered; returns how many. (A W&B mirror holds
-    artifacts only: a run's item there has nothing left to push once its versions are.)"""
+def settle(registry: Registry, url: str, runs: list[str]) -> int:
+    """Drop queued items a push has since covered: versions the remote now holds, and the
+    ``runs`` this push sent as they are now (a run pushed earlier with a checkpoint is not
+    covered: its final state was not). Returns how many. (A W&B mirror holds artifacts only:
+    a run's item there has nothing to push.)"""
     with registry.transaction() as conn:
         if is_wandb(url):
             conn.execute("DELETE FROM remote_queue WHERE url = ? AND kind = 'run'", (url,))
-        return conn.execute(
-            "DELETE FROM remote_queue WHERE url = ? AND ((kind = 'version' AND CAST(ref AS"
-            " INTEGER) IN (SELECT version_id FROM remote_versions WHERE url = ?)) OR (kind ="
-            " 'run' AND ref IN (SELECT run_id FROM remote_runs WHERE url = ?)))",
-            (url, url, url)).rowcount
+        dropped = conn.execute(
+            "DELETE FROM remote_queue WHERE url = ? AND kind = 'version' AND CAST(ref AS"
+            " INTEGER) IN (SELECT version_id FROM remote_versions WHERE url = ?)",
+            (url, url)).rowcount
+        return dropped + sum(conn.execute(
+            "DELETE FROM remote_queue WHERE url = ? AND kind = 'run' AND ref = ?",
+            (url, run_id)).rowcount for run_id in runs)
 
 
 class Mirror:
@@ -89,7 +100,10 @@ class Mirror:
 
     def __init__(self, root: Path, name: str, url: str) -> None:
         self.root, self.name, self.url = root, name, url
+        # Two connections: the training thread queues through one while the worker reads a
+        # snapshot for a run's bundle through the other (never waiting on each other).
         self._registry = Registry(root / "registry.sqlite", create=False)
+        self._queue = Registry(root / "registry.sqlite", create=False)
         self._store: LocalStorageBackend | None = None
         self._wake = threading.Event()
         self._stop = False
@@ -102,13 +116,13 @@ class Mirror:
         """Queue one push (a registry row: durable) and wake the worker; never blocks on
         the network, never raises into the caller for a remote's trouble."""
         try:
-            enqueue(self._registry, self.url, kind, ref)
+            enqueue(self._queue, self.url, kind, ref)
         except ReproError as exc:
             self._warn("queue", f"could not queue the push of {kind} {ref}: {exc}")
         self._wake.set()
 
     def pending(self) -> list[QueueItem]:
-        return pending(self._registry, self.url)
+        return pending(self._queue, self.url)
 
     def close(self, timeout: float) -> list[QueueItem]:
         """Wait up to ``timeout`` s for the queue to empty; returns (and warns about) what is
@@ -126,6 +140,7 @@ class Mirror:
                 "them (`repro status` lists them)", RuntimeWarning, stacklevel=3)
         if not self._thread.is_alive():
             self._registry.close()
+        self._queue.close()
         return left
 
     # -- the worker -------------------------------------------------------------------------
@@ -157,33 +172,39 @@ class Mirror:
             self._wake.clear()
 
     def _items(self) -> list[QueueItem]:
+        """What is left to do, less the items parked after ``_PARKED`` failed attempts (one
+        item that cannot be pushed — a blob gone from the store — must not hold up every
+        later checkpoint; ``repro push`` and ``repro status`` still see it)."""
         try:
-            return self.pending()
+            return [i for i in pending(self._registry, self.url) if i.attempts < _PARKED]
         except ReproError as exc:
             self._warn("read", f"cannot read the push queue: {exc}")
             return []
 
     def _push(self, items: list[QueueItem]) -> bool:
-        versions = [int(i.ref) for i in items if i.kind == "version"]
-        runs = [i.ref for i in items if i.kind == "run"]
+        """Push the queued items one by one (a failing one does not hold up the others);
+        True when all went through."""
+        return all([self._push_one(item) for item in items])
+
+    def _push_one(self, item: QueueItem) -> bool:
         try:
+            versions = [int(item.ref)] if item.kind == "version" else []
+            runs = [item.ref] if item.kind == "run" else []
             if self._store is None:
                 self._store = LocalStorageBackend(
                     self.root, algorithm=self._registry.hash_algorithm())
             remote = Remote.open(self.name, self.url)
             report = SyncReport("push", self.name, self.url)
             push_selection(self._registry, self._store, remote, versions, runs, report,
-                           lambda _: None)
-            with self._registry.transaction() as conn:  # covered or not: these are done
-                conn.executemany("DELETE FROM remote_queue WHERE id = ?",
-                                 [(i.id,) for i in items])
+                           lambda _: None, background=True)
+            with self._registry.transaction() as conn:
+                conn.execute("DELETE FROM remote_queue WHERE id = ?", (item.id,))
             return True
         except Exception as exc:  # a remote's trouble must never reach the training loop
             text = f"{type(exc).__name__}: {exc}"[:500]
             with contextlib.suppress(ReproError), self._registry.transaction() as conn:
-                conn.executemany("UPDATE remote_queue SET attempts = attempts + 1,"
-                                 " last_error = ? WHERE id = ?",
-                                 [(text, i.id) for i in items])
+                conn.execute("UPDATE remote_queue SET attempts = attempts + 1, last_error = ?"
+                             " WHERE id = ?", (text, item.id))
             self._warn(type(exc).__name__, f"pushing to remote {self.name!r} failed ({text}); "
                        "will retry; the local store keeps everything")
             return False

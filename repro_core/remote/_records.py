@@ -143,11 +143,14 @@ class RunRecord:
     #: which of them the run used: a pull of one of its outputs needs these, not its other
     #: outputs (None: a record that does not say, so every version is followed)
     inputs: tuple[VersionRef, ...] | None = None
+    #: when the run was created: with the id, what tells two runs apart (ids may be chosen
+    #: by users: ``init_run(run_id="baseline")`` in two stores is two runs)
+    created_at: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out = {"kind": "run", "format_version": RECORD_FORMAT, "run_id": self.run_id,
                "bundle": self.bundle, "bundle_size": self.bundle_size,
-               "revision": list(self.revision),
+               "revision": list(self.revision), "created_at": self.created_at,
                "versions": [list(v) for v in self.versions]}
         if self.inputs is not None:
             out["inputs"] = [list(v) for v in self.inputs]
@@ -221,7 +224,9 @@ def _run(raw: dict[str, Any]) -> RunRecord:
     return RunRecord(run_id=run_id, bundle=_digest(raw["bundle"]),
                      bundle_size=_size(raw["bundle_size"]),
                      revision=(_size(revision[0]), _size(revision[1]), _size(revision[2])),
-                     versions=versions, inputs=inputs)
+                     versions=versions, inputs=inputs,
+                     created_at=_text(raw.get("created_at", "")) if raw.get("created_at")
+                     else "")
 
 
 def _digest(value: object) -> str:
