@@ -71,6 +71,8 @@ class Pusher:
         for run_id in run_ids:  # before anything is written there
             self._same_run(run_id)
         todo = [vid for vid in version_ids if vid not in self.numbers]
+        if todo:
+            self.remote.records.check_atomic()  # numbering needs create-if-absent
         rows = {vid: self.registry.get_version(vid) for vid in todo}
         self.report.skipped += len(version_ids) - len(todo)
         self._blobs([b for vid in todo for b in self._live_blobs(rows[vid])])

@@ -33,6 +33,7 @@ from .base import StorageBackend
 __all__ = ["MAX_RECORD", "RecordStore", "records_for"]
 
 MAX_RECORD = 16 * 1024 * 1024
+_ATOMIC: set[str] = set()  # URLs whose conditional writes were seen to work
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
@@ -60,6 +61,10 @@ class RecordStore:
 
     def delete(self, path: str) -> bool:
         raise NotImplementedError
+
+    def check_atomic(self) -> None:
+        """Refuse a store whose create-if-absent is not atomic (version numbering relies on
+        it). A directory's ``link()`` is."""
 
     def _too_big(self, path: str, size: int, limit: int) -> IntegrityError:
         return IntegrityError(f"record {path} at {self.where} is {size} bytes (limit {limit}): "
@@ -230,6 +235,26 @@ class FsspecRecords(RecordStore):
         root = f"{backend.location.root}/meta/"
         return sorted(k[len(root):] for k in keys if k.startswith(root))
 
+    def check_atomic(self) -> None:
+        """Probe once per process and URL: a create-if-absent write of one scratch record,
+        twice. S3 honours ``If-None-Match: *``; an S3-compatible server that ignores it (or
+        a filesystem whose fsspec driver emulates it with exists-then-write) would let two
+        stores both claim ``v4`` — so it is refused before any claim is made."""
+        if self.where in _ATOMIC:
+            return
+        probe = f"locks/probe-{secrets.token_hex(8)}"
+        first = self.put(probe, b"first", create=True)
+        second = self.put(probe, b"second", create=True)
+        with contextlib.suppress(StorageError):
+            self.delete(probe)
+        if not first or second:
+            raise StorageError(
+                f"{self.where} does not honour conditional writes (If-None-Match: *): repro "
+                "cannot number versions safely there (two stores could both claim one "
+                "number). Use AWS S3, a server that supports conditional PUTs (MinIO, Ceph "
+                "RGW recent releases), or a shared directory", path=self.where)
+        _ATOMIC.add(self.where)
+
     def delete(self, path: str) -> bool:
         key = self._key(path)
         backend = self.backend
@@ -242,12 +267,16 @@ class FsspecRecords(RecordStore):
 
 
 def _precondition_failed(exc: BaseException) -> bool:
-    """Whether an error is S3's 412 for a create-if-absent PUT that lost the race."""
+    """Whether an error is S3's 412 for a create-if-absent PUT that lost the race (read from
+    botocore's structured response, never guessed from message text)."""
     seen: BaseException | None = exc
     while seen is not None:
-        text = str(seen)
-        if "PreconditionFailed" in text or "412" in text or "At least one of the pre" in text:
-            return True
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            error = response.get("Error") or {}
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if error.get("Code") in ("PreconditionFailed", "412") or status == 412:
+                return True
         seen = seen.__cause__ or seen.__context__
     return False
 
