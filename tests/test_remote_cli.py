@@ -7,6 +7,7 @@ new directory makes a store that verifies.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -106,3 +107,23 @@ def test_bad_input_is_one_line(logged: str, store_root: Path, tmp_path: Path) ->
     one_line_error(cli("pull", "origin", "model:v1", *root), "not on")
     one_line_error(cli("--root", str(tmp_path / "new"), "pull", "origin"), "no named remotes")
     assert not (tmp_path / "new").exists()
+
+
+def test_push_and_pull_draw_a_bytes_bar_on_a_terminal(
+        logged: str, store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from repro_core import _progress
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(_progress, "_stderr_console",
+                        lambda: Console(file=buffer, force_terminal=True, width=100))
+    root = ("--root", str(store_root))
+    ok("remote", "add", "origin", str(tmp_path / "remote"), *root)
+    ok("push", *root)
+    assert "push → origin" in buffer.getvalue() and "B" in buffer.getvalue()
+    ok("--root", str(tmp_path / "fresh"), "pull", str(tmp_path / "remote"))
+    assert "pull ← origin" in buffer.getvalue()
+    buffer.truncate(0)
+    ok("push", "--json", *root)  # --json: a report for scripts, no bar
+    assert buffer.getvalue().strip("\x00") == ""

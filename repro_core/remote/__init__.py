@@ -202,9 +202,8 @@ def _pull(registry: Registry, store: LocalStorageBackend, base: Path,
                 for p in source.records.list("runs") if p.endswith(".json")]
     puller = Puller(registry, store, source, report, lambda _: None)
     puller.everything = key is None and run is None
-    with _bar(None, f"pull ← {name}", show_progress) as advance:
-        puller.advance = advance
-        puller.pull(paths, runs)
+    puller.bar = lambda total: _bar(total, f"pull ← {name}", show_progress)
+    puller.pull(paths, runs)
     for run_id in sorted(puller.touched):
         export_pulled_run(registry, base, run_id)
     return report

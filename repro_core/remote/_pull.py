@@ -13,6 +13,7 @@ number (as W&B numbers offline versions when they sync); the report lists every 
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import tempfile
 from collections.abc import Callable
@@ -75,6 +76,9 @@ class Puller:
         self.foreign: set[str] = set()  # run ids the remote holds for other runs
         self.touched: set[str] = set()  # runs whose versions or rows this pull brought
         self.everything = False  # pull --all: every alias record is read
+        # the bytes/rate bar of the blob downloads, once their total is known
+        self.bar: Callable[[int], contextlib.AbstractContextManager[Callable[[int], None]]] = \
+            lambda _: contextlib.nullcontext(self.advance)
 
     def pull(self, version_paths: list[str], run_ids: list[str]) -> SyncReport:
         plan = self._gather(version_paths, run_ids)
@@ -226,17 +230,16 @@ class Puller:
         wanted = {b for v in plan.versions.values()
                   if v.uid not in self.local and v.pruned_at is None for b in v.blobs}
         wanted |= {b for bundle in plan.bundles.values() for b in bundle.blobs}
-        for digest, size in sorted(wanted):
-            if self.store.exists(digest):
-                self.advance(size)
-                continue
-            target = tmp / "blob"
-            self._download(digest, size, target)
-            self.store.upload(target, digest)
-            target.unlink()
-            self.report.blobs += 1
-            self.report.bytes += size
-            self.advance(size)
+        missing = sorted(b for b in wanted if not self.store.exists(b[0]))
+        with self.bar(sum(size for _, size in missing)) as advance:
+            for digest, size in missing:
+                target = tmp / "blob"
+                self._download(digest, size, target)
+                self.store.upload(target, digest)
+                target.unlink()
+                self.report.blobs += 1
+                self.report.bytes += size
+                advance(size)
 
     def _download(self, digest: str, size: int, target: Path) -> None:
         import inspect  # TODO(lead): drop once every backend takes expected_size
