@@ -3,18 +3,19 @@
     python benchmarks/remote_throughput.py [--size 1GB] [--repeats 3] [--methods ...]
                                            [--quick] [--json]
 
-``repro push`` / ``repro pull`` do not exist yet, so this measures the layer they will stand
-on: ``FsspecStorageBackend(s3://bucket/prefix).upload(file, digest)`` (the file hashed while
-it streams up, one part at a time, published only when the digest matches: a multipart upload
-of 64 MiB parts, its default ``block_size``, or one ``PutObject`` when the file fits one part;
-before it, one lookup of the key, to skip what is already there) and
-``.download(digest, target)`` (8 MiB ranged GETs, hashed while written to a temp file beside
-the target, renamed when the digest matches). The same file (``--size`` of random bytes,
-written once, untimed; its digest computed once, untimed) against:
+``repro push`` / ``repro pull`` stand on the layer measured here:
+``FsspecStorageBackend(s3://bucket/prefix).upload(file, digest)`` (one ``HeadObject`` to skip
+a blob already there, then the file hashed while it streams up and published only when the
+digest matches: a multipart upload of 16 MiB parts, 4 in flight, its defaults, or one
+``PutObject`` when the file fits one part; a ``HeadObject`` after, to check what was
+published) and ``.download(digest, target)`` (one ``HeadObject``, then one ``GetObject``
+streamed in 8 MiB reads, hashed while written to a temp file beside the target, renamed when
+the digest matches). The same file (``--size`` of random bytes, written once, untimed; its
+digest computed once, untimed) against:
 
 - **s3fs** ``put_file`` / ``get_file`` (``S3FileSystem`` defaults: up to 10 parts or ranges in
-  flight at once), with repro's part size for the put (``chunksize=64 MiB``) and its read size
-  for the get (``chunksize=8 MiB``), so both make the same requests (``aws s3 cp`` equivalent);
+  flight at once), with repro's part size for the put (``chunksize=16 MiB``) and its read size
+  for the get (``chunksize=8 MiB``) (``aws s3 cp`` equivalent);
 - **boto3** ``upload_file`` / ``download_file`` with the default ``TransferConfig`` (8 MiB parts
   and ranges, 10 threads);
 - **W&B offline** ``wandb.Artifact`` + ``add_file`` + ``run.log_artifact``, timed from making
@@ -22,7 +23,7 @@ written once, untimed; its digest computed once, untimed) against:
   timed. ``WANDB_MODE=offline``, ``WANDB_DIR`` / ``WANDB_DATA_DIR`` / ``WANDB_CACHE_DIR`` in a
   temp dir. W&B offline cannot download, so it has no download row.
 - optionally (``--methods``, not by default) **s3fs1**: s3fs with ``max_concurrency=1``, i.e.
-  one part or range in flight, as repro does.
+  one part or range in flight.
 
 The S3 server is moto's ``ThreadedMotoServer`` on 127.0.0.1, in a **subprocess** of its own
 (its CPU is not the client's; the table gives both). One bucket; every transfer writes a fresh
@@ -30,7 +31,8 @@ key, and each worker deletes what it wrote (and aborts any multipart upload) bef
 moto keeps each object in a temp file (in memory up to 5 MB) but *every* GET, ranged or not,
 reads the whole object into the server's memory before slicing out the range: the download
 rate of a big object on moto falls with the number of ranges, and the server's peak memory is
-about (ranges in flight) x size. Real S3 does neither, so read the download rows as "on moto".
+about (ranges in flight) x size. Real S3 does neither, so read the download rows as "on moto"
+(repro's one streamed GET is spared that; s3fs's and boto3's ranged GETs are not).
 
 Each round runs every method once, in an order rotated from round to round, each in a fresh
 interpreter that first does the same transfer with a 1 MiB file, untimed (imports, the
@@ -243,9 +245,10 @@ class _S3fs:
         import s3fs
 
         from repro_core import constants
+        from repro_core.store.fsspec_backend import DEFAULT_BLOCK_SIZE
 
         self.fs = s3fs.S3FileSystem(max_concurrency=concurrency or 10, skip_instance_cache=True)
-        self.put_chunk, self.get_chunk = constants.REMOTE_BLOCK_SIZE, constants.REMOTE_READ_CHUNK
+        self.put_chunk, self.get_chunk = DEFAULT_BLOCK_SIZE, constants.REMOTE_READ_CHUNK
         self.bucket, self.prefix = bucket, prefix
         requests.watch(self.fs.s3)
 

@@ -173,10 +173,10 @@ def reload() -> None:
 IO_CHUNK = 16 * 1024 * 1024
 # Files at least this big are hashed with every core (BLAKE3 is parallel within one file).
 PARALLEL_HASH_MIN = 32 * 1024 * 1024
-# Remote stores move big files in parts of this size (an S3 multipart part; memory holds one).
-REMOTE_BLOCK_SIZE = 64 * 1024 * 1024
-# ...and read them back in ranged GETs of this size: the HTTP stack holds about four copies of
-# one read while it is in flight (measured: ~30 MiB peak at 8 MiB, ~70 MiB at 16 MiB).
+# Remote stores are read back this much at a time (S3: from one streamed GetObject; other
+# fsspec filesystems: reads of this size). The HTTP stack holds a few copies of one read while
+# it is in flight (measured: ~30 MiB peak at 8 MiB, ~70 MiB at 16 MiB). Upload part sizes and
+# concurrency are the backend's (``store/_blob_config.py``).
 REMOTE_READ_CHUNK = 8 * 1024 * 1024
 # SQLite waits this long for a competing writer before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 60_000

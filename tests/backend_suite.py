@@ -1,6 +1,7 @@
 """One test suite every ``StorageBackend`` passes (as fsspec ships ``fsspec/tests/abstract``).
 
-A test module subclasses :class:`BackendSuite` and provides a ``harness`` fixture: the backend
+A test module subclasses :class:`BackendSuite` and provides a ``harness`` fixture
+(``make_harness`` builds the local, fsspec-on-file:// and fsspec-on-S3 ones): the backend
 under test plus a few ways to look behind its back (list the raw objects, flip a byte in a
 stored object, tell whether an object was rewritten, count uploads in flight) and a JSON
 ``spec`` that rebuilds the same backend in a child process (``helpers/backend_worker.py``).
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from s3_support import MotoS3
 
 from repro_core import (
     ArtifactNotFoundError,
@@ -39,12 +41,15 @@ from repro_core import (
     constants,
 )
 from repro_core.hashing import hash_bytes, hash_file, parse_digest
-from repro_core.store import StorageBackend, _stream
+from repro_core.store import FsspecStorageBackend, LocalStorageBackend, StorageBackend, _stream
 
 WORKER = Path(__file__).parent / "helpers" / "backend_worker.py"
 MIB = 1024 * 1024
 LARGE_FILE_BYTES = 256 * MIB
 RSS_GROWTH_LIMIT_MB = 100
+FAST: dict[str, Any] = {"retries": 1, "backoff": 0.01}  # keeps the suite's fault paths quick
+TEST_BLOCK = 5 * MIB  # S3's smallest part: files of a few MiB already go multipart
+HARNESS_KINDS = ["local", "fsspec-file", "fsspec-s3"]
 BAD_DIGESTS = ["sha1:xyz", "blake3:../../x", "blake3:../../" + "0" * 58, "blake3:" + "A" * 64,
                "blake3:" + "0" * 63, "md5:" + "0" * 64, "", "blake3:" + "0" * 64 + "/x"]
 
@@ -89,7 +94,7 @@ def write_file(path: Path, size: int, seed: int = 0) -> str:
     block = os.urandom(MIB) if seed == 0 else bytes([seed % 256]) * MIB
     with open(path, "wb") as f:
         for i in range(0, size, MIB):
-            f.write(i.to_bytes(8, "little") + block[8:min(MIB, size - i)])
+            f.write((i.to_bytes(8, "little") + block[8:])[:min(MIB, size - i)])
     return hash_file(path)
 
 
@@ -97,6 +102,100 @@ def worker(harness: Harness, *args: str, stdin: int | None = None) -> subprocess
     return subprocess.Popen([sys.executable, str(WORKER), json.dumps(harness.spec), *args],
                             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
+
+
+class _TreeHarness(Harness):
+    """A store whose objects are files under ``root`` (local, and fsspec on file://)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def raw_keys(self) -> list[str]:
+        blobs = self.root / "blobs"
+        if not blobs.exists():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in blobs.rglob("*")
+                      if p.is_file())
+
+    def put_raw(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def corrupt(self, digest: str) -> None:
+        path = self.root / layout_key(digest)
+        path.chmod(0o644)  # (local blobs are read-only)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    def stamp(self, digest: str) -> object:
+        st = (self.root / layout_key(digest)).stat()
+        return st.st_ino, st.st_size
+
+
+class LocalHarness(_TreeHarness):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.backend = LocalStorageBackend(root)
+        self.spec = {"kind": "local", "root": str(root)}
+
+
+class FileHarness(_TreeHarness):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.spec = {"kind": "fsspec", "url": f"file://{root}", "block_size": TEST_BLOCK, **FAST}
+        self.backend = FsspecStorageBackend(f"file://{root}", block_size=TEST_BLOCK, **FAST)
+
+
+class S3Harness(Harness):
+    multipart = True
+
+    def __init__(self, moto: MotoS3, bucket: str, **options: Any) -> None:
+        self.client, self.bucket, self.prefix = moto.client(), bucket, "store/p"
+        self.url = f"s3://{bucket}/{self.prefix}"
+        options = {"block_size": TEST_BLOCK, **FAST, **options}
+        self.spec = {"kind": "fsspec", "url": self.url, **options}
+        self.backend = FsspecStorageBackend(self.url, **options)
+
+    def raw_keys(self) -> list[str]:
+        """Every object under the prefix, not just blobs/: we write nothing else there."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + "/")
+        return sorted(obj["Key"][len(self.prefix) + 1:]
+                      for page in pages for obj in page.get("Contents", []))
+
+    def put_raw(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}", Body=data)
+
+    def corrupt(self, digest: str) -> None:
+        key = f"{self.prefix}/{layout_key(digest)}"
+        data = bytearray(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        data[len(data) // 2] ^= 0xFF
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data))
+
+    def stamp(self, digest: str) -> object:
+        """moto's own record of the object: S3's LastModified has whole seconds only."""
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.s3.models import s3_backends
+
+        key = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].get_object(
+            self.bucket, f"{self.prefix}/{layout_key(digest)}")
+        assert key is not None
+        return key.last_modified, id(key)
+
+    def pending_uploads(self) -> int:
+        out = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix + "/")
+        return len(out.get("Uploads", []))
+
+
+def make_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+    """The harness of ``request.param`` (one of ``HARNESS_KINDS``); S3 on the session's moto."""
+    if request.param == "local":
+        return LocalHarness(tmp_path / "store")
+    if request.param == "fsspec-file":
+        return FileHarness(tmp_path / "remote")
+    return S3Harness(request.getfixturevalue("s3_env"), request.getfixturevalue("s3_bucket"))
 
 
 class BackendSuite:

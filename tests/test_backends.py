@@ -16,108 +16,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backend_suite import MIB, BackendSuite, Harness, layout_key, write_file
+from backend_suite import (
+    FAST,
+    HARNESS_KINDS,
+    MIB,
+    TEST_BLOCK,
+    BackendSuite,
+    Harness,
+    layout_key,
+    make_harness,
+    write_file,
+)
 from s3_support import MotoS3
 
 from repro_core import IntegrityError, InvalidArgumentError, ReproError, StorageError, constants
 from repro_core.hashing import hash_bytes, hash_file
 from repro_core.store import FsspecStorageBackend, LocalStorageBackend, _remote, _uploads
 
-FAST: dict[str, Any] = {"retries": 1, "backoff": 0.01}  # keeps the suite's fault paths quick
-TEST_BLOCK = 5 * MIB  # S3's smallest part: files of a few MiB already go multipart
 
-
-class _TreeHarness(Harness):
-    """A store whose objects are files under ``root`` (local, and fsspec on file://)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def raw_keys(self) -> list[str]:
-        blobs = self.root / "blobs"
-        if not blobs.exists():
-            return []
-        return sorted(p.relative_to(self.root).as_posix() for p in blobs.rglob("*")
-                      if p.is_file())
-
-    def put_raw(self, key: str, data: bytes) -> None:
-        path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-    def corrupt(self, digest: str) -> None:
-        path = self.root / layout_key(digest)
-        path.chmod(0o644)  # (local blobs are read-only)
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
-
-    def stamp(self, digest: str) -> object:
-        st = (self.root / layout_key(digest)).stat()
-        return st.st_ino, st.st_size
-
-
-class LocalHarness(_TreeHarness):
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.backend = LocalStorageBackend(root)
-        self.spec = {"kind": "local", "root": str(root)}
-
-
-class FileHarness(_TreeHarness):
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.spec = {"kind": "fsspec", "url": f"file://{root}", "block_size": TEST_BLOCK, **FAST}
-        self.backend = FsspecStorageBackend(f"file://{root}", block_size=TEST_BLOCK, **FAST)
-
-
-class S3Harness(Harness):
-    multipart = True
-
-    def __init__(self, moto: MotoS3, bucket: str) -> None:
-        self.client, self.bucket, self.prefix = moto.client(), bucket, "store/p"
-        url = f"s3://{bucket}/{self.prefix}"
-        self.spec = {"kind": "fsspec", "url": url, "block_size": TEST_BLOCK, **FAST}
-        self.backend = FsspecStorageBackend(url, block_size=TEST_BLOCK, **FAST)
-
-    def raw_keys(self) -> list[str]:
-        """Every object under the prefix, not just blobs/: we write nothing else there."""
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self.prefix + "/")
-        return sorted(obj["Key"][len(self.prefix) + 1:]
-                      for page in pages for obj in page.get("Contents", []))
-
-    def put_raw(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=f"{self.prefix}/{key}", Body=data)
-
-    def corrupt(self, digest: str) -> None:
-        key = f"{self.prefix}/{layout_key(digest)}"
-        data = bytearray(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
-        data[len(data) // 2] ^= 0xFF
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data))
-
-    def stamp(self, digest: str) -> object:
-        """moto's own record of the object: S3's LastModified has whole seconds only."""
-        from moto.core import DEFAULT_ACCOUNT_ID
-        from moto.s3.models import s3_backends
-
-        key = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].get_object(
-            self.bucket, f"{self.prefix}/{layout_key(digest)}")
-        assert key is not None
-        return key.last_modified, id(key)
-
-    def pending_uploads(self) -> int:
-        out = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix + "/")
-        return len(out.get("Uploads", []))
-
-
-@pytest.fixture(params=["local", "fsspec-file", "fsspec-s3"])
+@pytest.fixture(params=HARNESS_KINDS)
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
-    if request.param == "local":
-        return LocalHarness(tmp_path / "store")
-    if request.param == "fsspec-file":
-        return FileHarness(tmp_path / "remote")
-    return S3Harness(request.getfixturevalue("s3_env"), request.getfixturevalue("s3_bucket"))
+    return make_harness(request, tmp_path)
 
 
 class TestBackends(BackendSuite):
@@ -146,6 +65,9 @@ def test_url_forms(url: str, normal: str) -> None:
     ("s3://AKIA:hunter2@bucket/p?x=1", "query"), ("https://user:hunter2@host/p", "unknown"),
     ("user:hunter2@bucket/p", "no scheme"), ("file://u:hunter2@host/x", "absolute"),
     ("s3://bucket/p?X-Amz-Signature=hunter2", "query"),
+    ("gs://user:hunter2@bucket/p", "never stores credentials"), ("gs://", "names no bucket"),
+    ("gs://bucket/p?X-Goog-Signature=hunter2", "query"), ("gcs://b/../x", "'..'"),
+    ("gs://bucket/p#hunter2", "query"),
 ])
 def test_bad_urls_are_refused(url: Any, says: str) -> None:
     with pytest.raises(InvalidArgumentError, match=None) as info:
@@ -161,6 +83,8 @@ def test_bad_urls_are_refused(url: Any, says: str) -> None:
     ({"storage_options": {"key": "AKIA", "secret": "hunter2"}}, "storage_options"),
     ({"storage_options": {"client_kwargs": {"aws_secret_access_key": "hunter2"}}},
      "storage_options"),
+    ({"max_concurrency": 0}, "max_concurrency"), ({"max_concurrency": 2.0}, "max_concurrency"),
+    ({"max_concurrency": True}, "max_concurrency"), ({"max_concurrency": 65}, "max_concurrency"),
 ])
 def test_bad_arguments_are_refused(kwargs: dict[str, Any], argument: str) -> None:
     with pytest.raises(InvalidArgumentError) as info:
@@ -175,6 +99,55 @@ def test_missing_package_names_the_extra(missing: str, monkeypatch: pytest.Monke
         FsspecStorageBackend("s3://bucket/p")
     assert info.value.name == missing
     assert "pip install 'repro-lightning[s3]'" in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/p", "gcs://bucket/p"])
+def test_gs_without_gcsfs_names_the_package(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gcsfs is not a dependency (nor installed here): a gs:// store says how to get it."""
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # `import gcsfs` fails, installed or not
+    with pytest.raises(ModuleNotFoundError) as info:
+        FsspecStorageBackend(url)
+    assert info.value.name == "gcsfs" and "pip install gcsfs" in str(info.value)
+    assert str(info.value).startswith(url.split(":")[0] + "://")
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("gs://user:hunter2@bucket/p?X-Goog-Signature=hunter2", "gs://<credentials>@bucket/p"),
+    ("gs://bucket/p/obj#hunter2", "gs://bucket/p/obj"), ("gs://bucket", "gs://bucket"),
+    ("s3://AKIA:hunter2@b/k?X-Amz-Signature=hunter2", "s3://<credentials>@b/k"),
+])
+def test_redacted_urls(url: str, shown: str) -> None:
+    assert _remote.redact_url(url) == shown
+
+
+def test_gs_url_is_parsed_without_io() -> None:
+    location = _remote.parse_url("gs://bucket/a/b/")
+    assert (location.protocol, location.module, location.root, location.bucket) == (
+        "gcs", "gcsfs", "bucket/a/b", "bucket")
+
+
+def test_publish_guard_excludes_gc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gc lock (now ``store/_gc_lock.py``) behind ``publish_guard``: a writer in another
+    process holds it shared, gc's exclusive hold gives up after its deadline, writers share."""
+    store = LocalStorageBackend(tmp_path / "s")
+    monkeypatch.setattr(constants, "SQLITE_BUSY_TIMEOUT_MS", 300)
+    code = ("import sys, time; from repro_core.store import LocalStorageBackend\n"
+            "with LocalStorageBackend(sys.argv[1]).publish_guard():\n"
+            "    print('held', flush=True); time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s")],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout and child.stdout.readline().strip() == "held"
+        with pytest.raises(StorageError, match="the store is busy"), \
+                store.publish_guard(exclusive=True):
+            pass
+        with store.publish_guard():  # writers share it
+            pass
+    finally:
+        child.kill()
+        child.wait()
+    with store.publish_guard(exclusive=True):  # and once the writer is gone, gc gets it
+        pass
 
 
 def test_repr_and_pickle(tmp_path: Path) -> None:
@@ -352,26 +325,38 @@ def test_retry_settings_apply_to_real_calls(s3_env: MotoS3,
 def test_s3_upload_failing_midway_is_aborted(s3_bucket: str, s3_env: MotoS3, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch,
                                              failure: BaseException) -> None:
-    """An error or Ctrl-C after the first part: the multipart upload is aborted, not
+    """A part refused by the server (sent from a worker thread, others in flight beside it)
+    or Ctrl-C in the main thread after the first parts: the multipart upload is aborted, not
     completed, and nothing is visible."""
     src = tmp_path / "f"
-    src.write_bytes(os.urandom(12 * MIB))
+    src.write_bytes(os.urandom(27 * MIB))  # 6 parts of 5 MiB
     digest = hash_file(src)
-    backend = FsspecStorageBackend(f"s3://{s3_bucket}/p", block_size=TEST_BLOCK, **FAST)
-    real = _uploads.S3Sink._send_part
-    parts: list[int] = []
+    backend = FsspecStorageBackend(f"s3://{s3_bucket}/p", block_size=TEST_BLOCK,
+                                   max_concurrency=4, **FAST)
+    fs = backend._fs()
+    real_call, sent = fs.call_s3, []
 
-    def send_part(self: _uploads.S3Sink, block: bytes) -> None:
-        parts.append(len(block))
-        if len(parts) == 2:
-            raise failure
-        real(self, block)
+    def call(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "upload_part":
+            sent.append(kwargs["PartNumber"])
+            if kwargs["PartNumber"] == 3 and isinstance(failure, OSError):
+                raise failure
+        return real_call(method, *args, **kwargs)
 
-    monkeypatch.setattr(_uploads.S3Sink, "_send_part", send_part)
+    monkeypatch.setattr(fs, "call_s3", call)
+    if isinstance(failure, KeyboardInterrupt):
+        real_submit = _uploads.S3Sink._submit
+
+        def submit(self: _uploads.S3Sink, block: memoryview) -> None:
+            if self._next_part == 4:
+                raise failure
+            real_submit(self, block)
+
+        monkeypatch.setattr(_uploads.S3Sink, "_submit", submit)
     with pytest.raises(StorageError if isinstance(failure, OSError) else KeyboardInterrupt):
         backend.upload(src, digest)
     client = s3_env.client()
-    assert len(parts) == 2 and not backend.exists(digest)
+    assert 3 in sent and 6 not in sent and not backend.exists(digest)
     assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     assert client.list_objects_v2(Bucket=s3_bucket).get("Contents", []) == []
 
@@ -379,8 +364,9 @@ def test_s3_upload_failing_midway_is_aborted(s3_bucket: str, s3_env: MotoS3, tmp
 def test_s3_transient_failures_are_retried_per_request(s3_bucket: str, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        sleeps: list[float]) -> None:
-    """A connection reset on one part (or one ranged read) costs that request, not the
-    transfer: it is retried after a backoff and the rest goes on."""
+    """A connection reset on one part (or in the middle of a download's stream) costs that
+    request, not the transfer: it is retried after a backoff and the rest goes on (a download
+    from the byte it had reached)."""
     src, digest, backend = _retrying_s3(s3_bucket, tmp_path, 12 * MIB)
     fs = backend._fs()
     real_call = fs.call_s3
@@ -395,22 +381,38 @@ def test_s3_transient_failures_are_retried_per_request(s3_bucket: str, tmp_path:
     monkeypatch.setattr(fs, "call_s3", flaky_call)
     backend.upload(src, digest)
     assert failed == ["upload_part"] and len(sleeps) == 1
+    ranges: list[str] = []
 
-    import s3fs.core
+    def breaking_get(method: str, *args: Any, **kwargs: Any) -> Any:
+        out = real_call(method, *args, **kwargs)
+        if method == "get_object":
+            ranges.append(kwargs["Range"])
+            if len(ranges) == 1:  # the first stream breaks after 3 MiB
+                out["Body"] = _BreakingBody(out["Body"], 3 * MIB)
+        return out
 
-    real_fetch = s3fs.core.S3File._fetch_range
-    fetches: list[int] = []
-
-    def flaky_fetch(self: Any, start: int, end: int) -> bytes:
-        fetches.append(start)
-        if len(fetches) == 2:
-            raise TimeoutError("read timed out")
-        return bytes(real_fetch(self, start, end))
-
-    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", flaky_fetch)
+    monkeypatch.setattr(fs, "call_s3", breaking_get)
     out = backend.download(digest, tmp_path / "out")
     assert out.read_bytes() == src.read_bytes() and len(sleeps) == 2
-    assert fetches[1] == fetches[2]  # the failed range was asked for again
+    size = 12 * MIB
+    assert ranges == [f"bytes=0-{size}", f"bytes={3 * MIB}-{size}"]  # resumed where it broke
+
+
+class _BreakingBody:
+    """A response body whose connection resets after ``after`` bytes."""
+
+    def __init__(self, body: Any, after: int) -> None:
+        self.body, self.left = body, after
+
+    async def readinto(self, buffer: memoryview) -> int:
+        if self.left <= 0:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        n: int = await self.body.readinto(buffer[:self.left])
+        self.left -= n
+        return n
+
+    def close(self) -> None:
+        self.body.close()
 
 
 @pytest.mark.parametrize("planted", ["blobs", "tmp"])

@@ -242,13 +242,9 @@ class Puller:
                 advance(size)
 
     def _download(self, digest: str, size: int, target: Path) -> None:
-        import inspect  # TODO(lead): drop once every backend takes expected_size
-
-        backend = self.remote.backend
-        if "expected_size" in inspect.signature(backend.download).parameters:
-            backend.download(digest, target, expected_size=size)  # type: ignore[call-arg]
-        else:
-            backend.download(digest, target)
+        """Digest-verified, and never more than ``size`` bytes read (a forged huge object
+        is refused before its first byte)."""
+        self.remote.backend.download(digest, target, expected_size=size)  # type: ignore[call-arg]
 
     def _alias_records(self, plan: _Plan) -> list[AliasRecord]:
         """The alias records of the names pulled (of every name, for ``pull --all``: an

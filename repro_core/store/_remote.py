@@ -44,6 +44,8 @@ _TRANSIENT_STATUS = {429, 500, 502, 503, 504}  # throttled, or the server's trou
 # classifying an error never imports a library the user does not have.
 _TRANSIENT_NAMES = {
     ("botocore.exceptions", "ConnectionError"), ("botocore.exceptions", "HTTPClientError"),
+    ("botocore.exceptions", "IncompleteReadError"),  # a body cut short: read it again
+    ("asyncio.exceptions", "TimeoutError"),  # (Python 3.10: not yet the built-in one)
     ("fsspec.exceptions", "FSTimeoutError"),
     ("aiohttp.client_exceptions", "ClientConnectionError"),
     ("aiohttp.client_exceptions", "ClientPayloadError"),

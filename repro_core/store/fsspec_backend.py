@@ -14,9 +14,12 @@ pushed to, pulled from and compared key by key::
 local store's defences against planted symlinks and its crash-safe publishing.
 
 Every upload is hashed while it streams and published only when the digest matches
-(``_uploads.py`` says how each kind of store keeps partial objects invisible); every download
-is hashed while it streams into a temp file beside the target and renamed only when it matches
-(``_stream.py``). Memory holds one block, whatever the file size.
+(``_uploads.py`` says how each kind of store keeps partial objects invisible; on S3 up to
+``max_concurrency`` parts go up at once); every download is hashed while it streams into a temp
+file beside the target and renamed only when it matches (``_stream.py``). Memory holds about
+``max_concurrency + 1`` blocks on the way up and one read chunk on the way down, whatever the
+file size. On S3 each published object carries our mark (``_blob_s3.py``): an object without
+it is never taken for a blob, whatever its size.
 
 Credentials are never ours: s3fs/botocore find them through the standard provider chain
 (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, an
@@ -29,13 +32,14 @@ naming the URL and what to fix.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .. import constants
 from ..errors import (
@@ -45,25 +49,35 @@ from ..errors import (
     ReproError,
     StorageError,
 )
-from ..hashing import new_hasher, parse_digest
+from ..hashing import new_hasher, parse_digest, readinto_full
+from . import _blob_s3
+from ._blob_config import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CONCURRENCY,
+    check_block_size,
+    check_concurrency,
+    filesystem_options,
+)
 from ._remote import Retrying, import_filesystem, parse_url
-from ._stream import receive_into
+from ._stream import check_expected_size, receive_into, wrong_size
 from ._uploads import BufferedFileSink, S3Sink, Sink
 from .base import StorageBackend
 from .local import LocalStorageBackend
 
-__all__ = ["FsspecStorageBackend"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_CONCURRENCY", "FsspecStorageBackend"]
 
 _MIB = 1024 * 1024
 _S3_MAX_PARTS = 10_000
-_PART_LIMITS = (5 * _MIB, 5 * 1024 * _MIB)  # S3's smallest and largest part
 _BLOB = re.compile(r"(blake3|sha256)/([0-9a-f]{2})/([0-9a-f]{62})")
-# Credentials in storage_options would travel with the backend object (pickles, reprs, a
-# store config someone saves): S3 credentials come from the provider chain instead.
-_S3_SECRET_OPTIONS = {"key", "secret", "token", "username", "password"}
-_S3_SECRET_CLIENT_KWARGS = {"aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
 _CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError",
                       "CredentialRetrievalError", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+class _Chunks(Protocol):
+    """A blob's bytes in chunks, to be closed once read (or abandoned)."""
+
+    def __iter__(self) -> Iterator[bytes | memoryview]: ...
+    def close(self) -> None: ...
 
 
 class FsspecStorageBackend(StorageBackend):
@@ -71,18 +85,21 @@ class FsspecStorageBackend(StorageBackend):
 
     ``storage_options`` go to the fsspec filesystem (e.g. ``{"endpoint_url": …}`` or
     ``{"client_kwargs": {"region_name": …}}``); ``block_size`` is the multipart part size
-    (default 64 MiB, raised automatically so a file never needs more than 10,000 parts);
-    ``retries`` / ``backoff`` bound the retries of transient failures.
+    (default 16 MiB, raised automatically so a file never needs more than 10,000 parts);
+    ``max_concurrency`` bounds the parts in flight at once (default 4; memory holds about
+    ``max_concurrency + 1`` blocks); ``retries`` / ``backoff`` bound the retries of transient
+    failures.
     """
 
     def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None,
                  block_size: int | None = None, retries: int | None = None,
-                 backoff: float | None = None) -> None:
+                 backoff: float | None = None, max_concurrency: int | None = None) -> None:
         self.location = parse_url(url)
         self.url = self.location.url
-        self.block_size = _check_block_size(block_size)
+        self.block_size = check_block_size(block_size)
+        self.max_concurrency = check_concurrency(max_concurrency)
         self._retry = Retrying(self.url, retries, backoff)
-        self._options = _filesystem_options(self.location.protocol, storage_options)
+        self._options = filesystem_options(self.location.protocol, storage_options)
         self._lock = threading.Lock()
         self._fs_obj: Any = None
         self._pid = -1
@@ -115,15 +132,24 @@ class FsspecStorageBackend(StorageBackend):
         return f"{self.location.root}/blobs/{algorithm}/{hexdigest[:2]}/{hexdigest[2:]}"
 
     def exists(self, content_hash: str) -> bool:
+        """Whether the blob is stored. On S3: an object under its key that carries our mark
+        (one without it may be anything, and ``upload`` will replace it)."""
+        key = self.blob_key(content_hash)
         if self._local is not None:
             return self._local.exists(content_hash)
-        return self._stat(self.blob_key(content_hash)) is not None
+        if self.location.protocol == "s3":
+            found = self._head(key)
+            return found is not None and found.is_blob(content_hash)
+        return self._stat(key) is not None
 
     def upload(self, file_path: Path, content_hash: str) -> str:
         """Stream ``file_path`` up while hashing it; return the blob's URL.
 
-        An object already there with the file's size is kept (no transfer; the file is still
-        hashed, so content that is not ``content_hash`` is refused all the same).
+        An S3 object already there with the file's size *and our mark* for this digest is
+        kept (no transfer; the file is still hashed, so content that is not ``content_hash``
+        is refused all the same). Anything else under the key (a same-size object without the
+        mark, a truncated one) is replaced by a verified upload; so is any object on stores
+        that keep no mark (``gs://``: every upload transfers).
         """
         key = self.blob_key(content_hash)
         path = Path(file_path)
@@ -136,11 +162,11 @@ class FsspecStorageBackend(StorageBackend):
             raise StorageError(f"cannot read {path}: {exc}", path=path, errno=exc.errno) from exc
         try:
             size = os.fstat(fd).st_size
-            info = self._stat(key)
-            if info is not None and info.get("size") == size:
+            if self._holds_blob(key, content_hash, size):
                 hasher = new_hasher(parse_digest(content_hash)[0], parallel=True)
-                while block := _read_block(fd, path, constants.IO_CHUNK):
-                    hasher.update(block)
+                buffer = memoryview(bytearray(constants.IO_CHUNK))
+                while got := _read_into(fd, path, buffer):
+                    hasher.update(buffer[:got])
                 _check_upload(path, hasher.digest(), content_hash)
             else:
                 self._send(fd, path, size, key, content_hash)
@@ -148,18 +174,25 @@ class FsspecStorageBackend(StorageBackend):
             os.close(fd)
         return f"{self.location.scheme}://{key}"
 
-    def download(self, content_hash: str, target_path: Path) -> Path:
-        """Stream the blob into ``target_path`` (temp file + rename), verifying its digest."""
+    def download(self, content_hash: str, target_path: Path, *,
+                 expected_size: int | None = None) -> Path:
+        """Stream the blob into ``target_path`` (temp file + rename), verifying its digest.
+
+        ``expected_size`` (the size a registry row records): an object of another size is an
+        ``IntegrityError`` before any byte is transferred (nothing at the target), and no more
+        than ``expected_size + 1`` bytes are ever read from the remote.
+        """
         key = self.blob_key(content_hash)
+        expected_size = check_expected_size(expected_size)
         if self._local is not None:
-            return self._local.download(content_hash, target_path)
-        remote = self._open_read(key, content_hash)
+            return self._local.download(content_hash, target_path, expected_size=expected_size)
+        source = f"{self.location.scheme}://{key}"
+        chunks = self._open_blob(key, content_hash, expected_size)
         try:
-            return receive_into(target_path, self._read_chunks(remote), content_hash,
-                                source=f"{self.location.scheme}://{key}")
+            return receive_into(target_path, self._translated(chunks, "downloading a blob"),
+                                content_hash, source=source, expected_size=expected_size)
         finally:
-            with contextlib.suppress(Exception):
-                remote.close()
+            chunks.close()
 
     def delete(self, content_hash: str) -> bool:
         key = self.blob_key(content_hash)
@@ -198,23 +231,44 @@ class FsspecStorageBackend(StorageBackend):
             self._local.verify(content_hash)
             return
         try:
-            remote = self._open_read(key, content_hash)
+            chunks = self._open_blob(key, content_hash, None)
         except ArtifactNotFoundError:
             raise IntegrityError(f"blob {content_hash} is missing from {self.url}",
                                  digest=content_hash, path=self.url, expected=content_hash,
                                  actual=None) from None
         hasher = new_hasher(parse_digest(content_hash)[0], parallel=True)
         try:
-            for chunk in self._read_chunks(remote):
+            for chunk in self._translated(chunks, "verifying a blob"):
                 hasher.update(chunk)
         finally:
-            with contextlib.suppress(Exception):
-                remote.close()
+            chunks.close()
         actual = hasher.digest()
         if actual != content_hash:
             raise IntegrityError(f"blob {content_hash} at {self.url} is corrupt: its content "
                                  f"hashes to {actual}", digest=content_hash, path=self.url,
                                  expected=content_hash, actual=actual)
+
+    def sweep_uploads(self, older_than: float = 86400.0) -> int:
+        """Abort the multipart uploads under this store's ``blobs/`` that were started more
+        than ``older_than`` seconds ago; return how many were aborted.
+
+        A killed ``upload`` leaves its parts behind, billed but invisible to every listing of
+        objects. ``older_than`` must outlast the slowest upload in flight (another process's
+        would fail at its end: ``0`` aborts every pending upload). Stores without multipart
+        uploads (``file://``, ``gs://``) have nothing to sweep: 0.
+        """
+        if isinstance(older_than, bool) or not isinstance(older_than, (int, float)) \
+                or not 0 <= older_than < math.inf:
+            raise InvalidArgumentError(f"older_than must be seconds >= 0, got {older_than!r}",
+                                       argument="older_than")
+        if self.location.protocol != "s3":
+            return 0
+        self._ensure_location()
+        bucket, _, prefix = self.location.root.partition("/")
+        with self._errors("sweeping abandoned uploads"):
+            return _blob_s3.sweep_uploads(self._fs(), self._retry, bucket,
+                                          f"{prefix}/blobs/" if prefix else "blobs/",
+                                          float(older_than))
 
     # -- internals --------------------------------------------------------------------------
 
@@ -262,6 +316,43 @@ class FsspecStorageBackend(StorageBackend):
                 return None
         return info if info.get("type") == "file" else None
 
+    def _head(self, key: str) -> _blob_s3.Head | None:
+        """S3 only: the object's size and our mark (``HeadObject``), or None."""
+        self._ensure_location()
+        with self._errors("looking up a blob"):
+            return self._retry("looking up a blob", lambda: _blob_s3.head(self._fs(), key))
+
+    def _holds_blob(self, key: str, content_hash: str, size: int) -> bool:
+        """Whether an upload may be skipped: only for an object a verified upload of this
+        digest published (S3: our mark and the file's size)."""
+        if self.location.protocol != "s3":
+            self._ensure_location()
+            return False
+        found = self._head(key)
+        return found is not None and found.is_blob(content_hash, size)
+
+    def _open_blob(self, key: str, content_hash: str, expected_size: int | None) -> _Chunks:
+        """The blob's bytes, never more than one past ``expected_size`` (or, without one,
+        past the size the store reports when the read starts); a size that is not the
+        expected one is refused here, before any byte is read."""
+        if self.location.protocol == "s3":
+            found = self._head(key)
+            if found is None:
+                raise ArtifactNotFoundError(f"blob {content_hash} is not in {self.url}",
+                                            key=content_hash)
+            size = found.size
+            stream: _Chunks = _blob_s3.S3Stream(self._fs(), key, self._retry, size=size,
+                                                chunk=constants.REMOTE_READ_CHUNK)
+        else:
+            remote = self._open_read(key, content_hash)
+            size = int(getattr(remote, "size", None) or 0)
+            stream = _FileStream(remote, self._retry, size + 1)
+        if expected_size is not None and size != expected_size:
+            stream.close()
+            raise wrong_size(f"{self.location.scheme}://{key}", content_hash, expected_size,
+                             size)
+        return stream
+
     def _open_read(self, key: str, content_hash: str) -> Any:
         self._ensure_location()
         with self._errors("opening a blob"):
@@ -272,33 +363,28 @@ class FsspecStorageBackend(StorageBackend):
                 raise ArtifactNotFoundError(f"blob {content_hash} is not in {self.url}",
                                             key=content_hash) from None
 
-    def _read_chunks(self, remote: Any) -> Iterator[bytes]:
-        """``REMOTE_READ_CHUNK`` at a time (one ranged GET each on S3); a failed read is retried
-        from the same offset (the file's position moves only on success)."""
-        chunk = constants.REMOTE_READ_CHUNK
-        with self._errors("downloading a blob"):
-            while True:
-                data = self._retry("downloading a blob", lambda: remote.read(chunk))
-                if not data:
-                    return
-                yield data
+    def _translated(self, chunks: Iterable[bytes | memoryview], what: str
+                    ) -> Iterator[bytes | memoryview]:
+        """``chunks`` with a library's errors turned into ``StorageError`` (see ``_errors``)."""
+        with self._errors(what):
+            yield from chunks
 
     def _send(self, fd: int, path: Path, size: int, key: str, content_hash: str) -> None:
         """Hash each block as it goes up; publish only if the digest matches."""
         hasher = new_hasher(parse_digest(content_hash)[0], parallel=True)
         block_size = max(self.block_size, math.ceil(size / _S3_MAX_PARTS / _MIB) * _MIB)
         with self._errors("starting an upload"):
-            sink = self._open_sink(key, size, block_size)
+            sink = self._open_sink(key, size, block_size, content_hash)
         try:
             with self._errors("uploading a blob"):
-                block: bytes | None = None
                 while True:
-                    block = None  # drop the last block before reading the next: memory holds one
-                    block = _read_block(fd, path, block_size)
-                    if not block:
+                    buffer = sink.buffer()
+                    got = _read_into(fd, path, buffer)
+                    if got:
+                        hasher.update(buffer[:got])
+                        sink.write(buffer[:got])
+                    if got < len(buffer):  # the end of the file
                         break
-                    hasher.update(block)
-                    sink.write(block)
             _check_upload(path, hasher.digest(), content_hash)
             with self._errors("uploading a blob"):
                 sink.commit()
@@ -309,20 +395,29 @@ class FsspecStorageBackend(StorageBackend):
 
     def _check_published(self, key: str, size: int, content_hash: str) -> None:
         """What the store holds now has the file's size (a request that sent less than its
-        block would otherwise leave a short object under the digest): else it is removed."""
-        info = self._stat(key)
-        if info is not None and info.get("size") == size:
-            return
+        block would otherwise leave a short object under the digest) and, on S3, our mark:
+        else it is removed."""
+        if self.location.protocol == "s3":
+            found = self._head(key)
+            if found is not None and found.is_blob(content_hash, size):
+                return
+            held = None if found is None else found.size
+        else:
+            info = self._stat(key)
+            if info is not None and info.get("size") == size:
+                return
+            held = None if info is None else info.get("size")
         with contextlib.suppress(Exception):
             self._fs().rm_file(key)
-        raise IntegrityError(f"{self.location.scheme}://{key} holds "
-                             f"{None if info is None else info.get('size')} bytes after the "
-                             f"upload, not {size}; removed, upload again", digest=content_hash)
+        raise IntegrityError(f"{self.location.scheme}://{key} holds {held} bytes (or lacks "
+                             f"the mark of this digest) after the upload, not {size}; "
+                             "removed, upload again", digest=content_hash)
 
-    def _open_sink(self, key: str, size: int, block_size: int) -> Sink:
+    def _open_sink(self, key: str, size: int, block_size: int, content_hash: str) -> Sink:
         fs, protocol = self._fs(), self.location.protocol
         if protocol == "s3":
-            return S3Sink(fs, key, self._retry, multipart=size > block_size)
+            return S3Sink(fs, key, self._retry, block_size=block_size, digest=content_hash,
+                          size=size, concurrency=self.max_concurrency)
         return BufferedFileSink(fs, key, block_size)
 
     @contextlib.contextmanager
@@ -348,61 +443,38 @@ class FsspecStorageBackend(StorageBackend):
                             path=self.url, errno=getattr(exc, "errno", None))
 
 
-def _read_block(fd: int, path: Path, block_size: int) -> bytes:
-    """The next ``block_size`` bytes of the local file (fewer only at its end; S3 wants every
-    part but the last at least 5 MiB), as one ``bytes`` object: no copy is made of it later."""
+class _FileStream:
+    """A file of any fsspec filesystem, ``REMOTE_READ_CHUNK`` at a time and ``limit`` bytes at
+    most; a failed read is retried from the same offset (the position moves on success)."""
+
+    def __init__(self, remote: Any, retry: Retrying, limit: int) -> None:
+        self._remote, self._retry, self._left = remote, retry, limit
+
+    def __iter__(self) -> Iterator[bytes]:
+        while self._left > 0:
+            want = min(constants.REMOTE_READ_CHUNK, self._left)
+            data: bytes = self._retry("downloading a blob",
+                                      functools.partial(self._remote.read, want))
+            if not data:
+                return
+            self._left -= len(data)
+            yield data
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._remote.close()
+
+
+def _read_into(fd: int, path: Path, buffer: memoryview) -> int:
+    """Fill ``buffer`` from the local file; fewer bytes only at its end (S3 wants every part
+    but the last at least 5 MiB)."""
     try:
-        block = os.read(fd, block_size)
-        while block and len(block) < block_size:
-            more = os.read(fd, block_size - len(block))
-            if not more:
-                break
-            block += more
+        return readinto_full(fd, buffer)
     except OSError as exc:
         raise StorageError(f"reading {path} failed: {exc}", path=path, errno=exc.errno) from exc
-    return block
 
 
 def _check_upload(path: Path, actual: str, expected: str) -> None:
     if actual != expected:
         raise IntegrityError(f"{path} hashes to {actual}, not {expected}; nothing was stored",
                              digest=expected, path=path, expected=expected, actual=actual)
-
-
-def _check_block_size(block_size: int | None) -> int:
-    if block_size is None:
-        return constants.REMOTE_BLOCK_SIZE
-    low, high = _PART_LIMITS
-    if isinstance(block_size, bool) or not isinstance(block_size, int) \
-            or not low <= block_size <= high:
-        raise InvalidArgumentError(
-            f"block_size must be a whole number of bytes from 5 MiB to 5 GiB (S3's part "
-            f"limits), got {block_size!r}", argument="block_size")
-    return block_size
-
-
-def _filesystem_options(protocol: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The caller's options plus ours: no listing cache (another process's uploads must be
-    seen), and no retry loop inside botocore (ours is the one, see ``Retrying``)."""
-    if storage_options is not None and not isinstance(storage_options, Mapping):
-        raise InvalidArgumentError(f"storage_options must be a mapping, got "
-                                   f"{type(storage_options).__name__}", argument="storage_options")
-    options = dict(storage_options or {})
-    if protocol == "s3":
-        secrets = (_S3_SECRET_OPTIONS & set(options)) | (
-            _S3_SECRET_CLIENT_KWARGS & set(options.get("client_kwargs") or {}))
-        if secrets:
-            raise InvalidArgumentError(
-                f"storage_options {sorted(secrets)} carry credentials, which repro never "
-                "holds: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the "
-                "environment instead", argument="storage_options")
-        config = dict(options.get("config_kwargs") or {})
-        config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
-        # botocore waits 60 s for a connection and for each read by default: a blackholed
-        # endpoint would then take minutes per attempt, not the bounded retry we promise
-        config.setdefault("connect_timeout", 10)
-        config.setdefault("read_timeout", 60)
-        options["config_kwargs"] = config
-    if protocol != "file":
-        options.setdefault("use_listings_cache", False)
-    return options

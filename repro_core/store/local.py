@@ -29,7 +29,6 @@ Nothing under ``blobs/`` is ever handed out directly: ``check`` verifies, ``_cac
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import secrets
@@ -43,8 +42,8 @@ from .. import _fsio, constants
 from .._safepath import real_dirs
 from ..errors import ArtifactNotFoundError, IntegrityError, StorageError
 from ..hashing import copy_and_hash, hash_file, new_hasher, parse_digest, update_while_writing
-from . import _identity
-from ._stream import read_fd_chunks, receive_into
+from . import _gc_lock, _identity
+from ._stream import check_expected_size, read_fd_chunks, receive_into, wrong_size
 from ._tmp import is_stale_temp, new_locked_temp
 from ._tmp import remove_entry as _remove_entry
 from .base import StorageBackend
@@ -183,10 +182,13 @@ class LocalStorageBackend(StorageBackend):
             writer.commit()
         return str(self.blob_path(content_hash))
 
-    def download(self, content_hash: str, target_path: Path) -> Path:
+    def download(self, content_hash: str, target_path: Path, *,
+                 expected_size: int | None = None) -> Path:
         """Copy the blob to ``target_path`` atomically, re-hashing it on the way: a corrupt
         blob is an ``IntegrityError`` (target untouched), a missing one an
-        ``ArtifactNotFoundError``."""
+        ``ArtifactNotFoundError``. With ``expected_size``, a blob of another size is refused
+        before a byte is copied, and no more than ``expected_size + 1`` bytes are ever read."""
+        expected_size = check_expected_size(expected_size)
         source = self.blob_path(content_hash)
         try:  # O_NOFOLLOW: a symlink planted in blobs/ is never served; O_NONBLOCK: nor a
             # FIFO (whose open would block for ever), refused below with any non-file
@@ -198,17 +200,30 @@ class LocalStorageBackend(StorageBackend):
             raise StorageError(f"reading blob {content_hash} failed: {exc}", path=source,
                                errno=exc.errno) from exc
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise IntegrityError(f"{source} is not a regular file (a device, FIFO or "
-                                     "socket planted in the store?); nothing is read from it",
-                                     digest=content_hash, path=source)
-            return receive_into(target_path, _read_blob(fd, source), content_hash,
-                                source=f"blob {content_hash} at {source}")
+            self._check_readable(fd, source, content_hash, expected_size)
+            limit = None if expected_size is None else expected_size + 1
+            return receive_into(target_path, _read_blob(fd, source, limit), content_hash,
+                                source=f"blob {content_hash} at {source}",
+                                expected_size=expected_size)
         except IntegrityError:
             _identity.forget(self.root, content_hash)  # so re-logging the bytes repairs it
             raise
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _check_readable(fd: int, source: Path, content_hash: str,
+                        expected_size: int | None) -> None:
+        """A regular file (not a device, FIFO or socket), of the expected size if one is
+        known: checked before the target side is touched at all."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"{source} is not a regular file (a device, FIFO or "
+                                 "socket planted in the store?); nothing is read from it",
+                                 digest=content_hash, path=source)
+        if expected_size is not None and st.st_size != expected_size:
+            raise wrong_size(f"blob {content_hash} at {source}", content_hash, expected_size,
+                             st.st_size)
 
     def delete(self, content_hash: str) -> bool:
         path = self.blob_path(content_hash)
@@ -331,29 +346,11 @@ class LocalStorageBackend(StorageBackend):
     def publish_guard(self, *, exclusive: bool = False) -> Iterator[None]:
         """Writers hold this shared from publishing a blob until its registry row commits;
         gc holds it exclusively while deleting, so it never sees a blob between the two
-        steps (when the row is not there yet) and deletes it under a writer's feet."""
+        steps (when the row is not there yet) and deletes it under a writer's feet
+        (``_gc_lock.py``)."""
         self.ensure_layout()
-        path = self.root / ".gc.lock"
-
-        def _lock() -> int:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                if exclusive:
-                    _flock_with_deadline(fd, path)
-                else:
-                    fcntl.flock(fd, fcntl.LOCK_SH)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
-
-        fd = _storage_errors("locking the store", path, _lock)
-        _GUARD_FDS.add(fd)
-        try:
+        with _gc_lock.hold(self.root / ".gc.lock", exclusive=exclusive):
             yield
-        finally:
-            _GUARD_FDS.discard(fd)
-            os.close(fd)
 
     def ensure_layout(self) -> None:
         """Create the directory skeleton and CACHEDIR.TAG (idempotent)."""
@@ -467,23 +464,6 @@ class LocalStorageBackend(StorageBackend):
         return True
 
 
-# Guard descriptors open in this process. A fork() child inherits them, and the lock lives as
-# long as any copy is open: a child outliving the call would block gc for ever. The child
-# closes its copies at once (the parent's own copy still holds the lock).
-_GUARD_FDS: set[int] = set()
-
-
-def _close_guards_in_child() -> None:
-    for fd in list(_GUARD_FDS):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _GUARD_FDS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_guards_in_child)
-
-
 def stored_algorithm(root: Path) -> str | None:
     """The digest algorithm of the blobs a store already holds (None when it holds none): a
     registry rebuilt or forced over existing blobs must keep it."""
@@ -496,24 +476,8 @@ def stored_algorithm(root: Path) -> str | None:
     return None
 
 
-def _read_blob(fd: int, path: Path) -> Iterator[memoryview]:
+def _read_blob(fd: int, path: Path, limit: int | None = None) -> Iterator[memoryview]:
     try:
-        yield from read_fd_chunks(fd)
+        yield from read_fd_chunks(fd, limit)
     except OSError as exc:
         raise StorageError(f"reading {path} failed: {exc}", path=path, errno=exc.errno) from exc
-
-
-def _flock_with_deadline(fd: int, path: Path) -> None:
-    """gc's exclusive lock: wait for writers, but not for ever."""
-    deadline = time.monotonic() + constants.SQLITE_BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise StorageError(
-                    f"the store is busy: a writer has held {path} for over "
-                    f"{constants.SQLITE_BUSY_TIMEOUT_MS // 1000} s; retry gc later",
-                    path=path) from None
-            time.sleep(0.05)

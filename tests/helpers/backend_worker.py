@@ -37,7 +37,8 @@ def make_backend(spec: dict[str, Any]) -> StorageBackend:
     if spec["kind"] == "local":
         return LocalStorageBackend(spec["root"])
     return FsspecStorageBackend(spec["url"], block_size=spec.get("block_size"),
-                                retries=spec.get("retries"), backoff=spec.get("backoff"))
+                                retries=spec.get("retries"), backoff=spec.get("backoff"),
+                                max_concurrency=spec.get("max_concurrency"))
 
 
 def _say(line: str | dict[str, Any]) -> None:
