@@ -32,10 +32,21 @@ from . import _fsio
 from ._safepath import open_untrusted, real_dirs
 from .errors import StorageError
 
-__all__ = ["JOURNAL_NAME", "append_event", "journal_digests", "read_events"]
+__all__ = ["JOURNAL_NAME", "append_event", "journal_digests", "read_events", "run_export"]
 
 JOURNAL_NAME = "events.jsonl"
 _MAX_LINE = 16 * 1024 * 1024  # a forged journal must not make a reader allocate without bound
+
+
+def run_export(registry: Any, run_id: str) -> dict[str, Any]:
+    """What ``runs/<id>/run.json`` holds beside the journal (derived from the registry)."""
+    return {
+        "run": registry.get_run(run_id).__dict__,
+        "states": [{"state": s, "at": at, "reason": r}
+                   for s, at, r in registry.run_state_history(run_id)],
+        "inputs": [v.key for v in registry.inputs_of(run_id)],
+        "outputs": [v.key for v in registry.outputs_of(run_id)],
+    }
 
 
 def append_event(root: Path, run_id: str, event: dict[str, Any]) -> None:

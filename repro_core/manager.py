@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _exit, _fsio, constants, distributed
+from ._journal import run_export
 from ._manager_artifacts import ArtifactsAPI
 from ._manager_local import LocalReads
 from ._manager_reads import ReadQueries
@@ -401,14 +402,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads, Remote
     def _export_run(self, run_id: str, *, config: dict[str, Any] | None = None) -> None:
         """Write ``runs/<id>/run.json`` (and ``config.json``): derived, never the source."""
         store, registry = self._open()
-        row = registry.get_run(run_id)
-        export = {
-            "run": row.__dict__,
-            "states": [{"state": s, "at": at, "reason": r}
-                       for s, at, r in registry.run_state_history(run_id)],
-            "inputs": [v.key for v in registry.inputs_of(run_id)],
-            "outputs": [v.key for v in registry.outputs_of(run_id)],
-        }
+        export = run_export(registry, run_id)
         run_dir = store.root / "runs" / run_id
         real_dirs(store.root, "runs", run_id)  # never write through a planted symlink
         _write_json_atomic(run_dir / "run.json", scrub(export))  # (clean already: in depth)

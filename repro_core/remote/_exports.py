@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _fsio
-from .._journal import JOURNAL_NAME
+from .._journal import JOURNAL_NAME, run_export
 from .._safepath import real_dirs
 from ..capture import scrub
 from ..registry import Registry, VersionRow
@@ -28,19 +28,13 @@ def export_pulled_run(registry: Registry, root: Path, run_id: str) -> None:
     """Write the export and the derived journal of a pulled run (not of a run logged here)."""
     run_dir = root / "runs" / run_id
     real_dirs(root, "runs", run_id)  # never write through a planted symlink
-    if (run_dir / JOURNAL_NAME).exists() and not (run_dir / _MARKER).exists():
-        return  # logged here: its journal is the original
+    if any((run_dir / n).exists() for n in (JOURNAL_NAME, "run.json")) \
+            and not (run_dir / _MARKER).exists():
+        return  # logged here: its export and journal are the originals
     run_dir.mkdir(parents=True, exist_ok=True)
     row = registry.get_run(run_id)
-    export = {
-        "run": row.__dict__,
-        "states": [{"state": s, "at": at, "reason": r}
-                   for s, at, r in registry.run_state_history(run_id)],
-        "inputs": [v.key for v in registry.inputs_of(run_id)],
-        "outputs": [v.key for v in registry.outputs_of(run_id)],
-    }
-    _write(run_dir / "run.json", json.dumps(scrub(export), indent=2, sort_keys=True,
-                                            default=str))
+    _write(run_dir / "run.json", json.dumps(scrub(run_export(registry, run_id)), indent=2,
+                                            sort_keys=True, default=str))
     _write(run_dir / "config.json", json.dumps(scrub(row.config), indent=2, sort_keys=True,
                                                default=str))
     _write(run_dir / _MARKER, "written by repro pull: derived from the registry\n")
