@@ -83,7 +83,7 @@ def test_push_pull_status_round_trip(logged: str, store_root: Path, tmp_path: Pa
     assert json.loads(ok("--root", str(fresh), "remote", "list", "--json").output) == {
         "origin": f"file://{remote}"}  # a pull into a new store names its source origin
     status = json.loads(ok("status", "--json", *root).output)
-    assert status == {"origin": {"url": f"file://{remote}", "pending": []}}
+    assert status == {"origin": {"url": f"file://{remote}", "pending": [], "unpushed": 0}}
     assert "up to date" in ok("--root", str(fresh), "pull").output
 
 
@@ -121,7 +121,7 @@ def test_push_and_pull_draw_a_bytes_bar_on_a_terminal(
     root = ("--root", str(store_root))
     ok("remote", "add", "origin", str(tmp_path / "remote"), *root)
     ok("push", *root)
-    assert "push → origin" in buffer.getvalue() and "B" in buffer.getvalue()
+    assert "push → origin" in buffer.getvalue() and "bytes" in buffer.getvalue()
     ok("--root", str(tmp_path / "fresh"), "pull", str(tmp_path / "remote"))
     assert "pull ← origin" in buffer.getvalue()
     buffer.truncate(0)

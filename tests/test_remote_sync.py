@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from repro_core import ArtifactManager, remote
+from repro_core import ArtifactManager, ArtifactNotFoundError, remote
 from repro_core.cli import main
 from repro_core.errors import StorageError
 from repro_core.remote import Remote, SyncReport
@@ -333,9 +333,10 @@ def test_interrupted_push_is_finished_by_the_next(
     target = Remote.open("t", remote.normalize_url(remote_url))
     assert len(list(target.backend.iter_digests())) == 3
     assert target.records.list("versions") == [] and target.records.list("runs") == []
-    # a pull now finds nothing to import, and says nothing is wrong
-    empty = _pull(remote_url, tmp_path / "early")
-    assert not empty.transferred and not empty.problems
+    # a pull now finds no version or run there: one clear error, and no store is left
+    with pytest.raises(ArtifactNotFoundError, match="no version or run"):
+        _pull(remote_url, tmp_path / "early")
+    assert not (tmp_path / "early").exists()
 
     done = _push(remote_url, src)
     assert done.blobs > 0 and len(done.versions) == len(before["versions"])

@@ -13,12 +13,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from .. import remote as remote_api
-from ..errors import StoreNotFoundError
+from ..errors import ArtifactNotFoundError, StoreNotFoundError
 from ..store._remote import redact_url
 from ._common import clean, console, emit_json, json_option, root_option, store_root, table
 
@@ -61,9 +63,11 @@ def list_(root: Path | None, as_json: bool) -> None:
 @root_option
 def remove(name: str, root: Path | None) -> None:
     """Forget a remote (nothing on it is deleted)."""
-    if not remote_api.drop_remote(name, root=store_root(root)):
-        raise click.ClickException(f"no remote named {name!r}")
-    click.echo(f"removed remote {name}")
+    dropped = remote_api.drop_remote(name, root=store_root(root))
+    if dropped is None:
+        raise ArtifactNotFoundError(f"no remote named {name!r}", key=name)
+    click.echo(f"removed remote {name}" + (f" and its {dropped} queued push(es)" if dropped
+                                           else ""))
 
 
 def _target(args: tuple[str, ...], root: Path) -> tuple[str | None, str | None]:
@@ -83,9 +87,26 @@ def _target(args: tuple[str, ...], root: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
+@contextmanager
+def _remote_hint(args: tuple[str, ...], name: str | None, root: Path) -> Iterator[None]:
+    """One argument taken as a KEY (no remote has that name) that turns out to be no key
+    either was probably a remote's name, mistyped or removed: say so."""
+    try:
+        yield
+    except ArtifactNotFoundError as exc:
+        if len(args) != 1 or name is not None:
+            raise
+        try:
+            known = ", ".join(remote_api.remotes(root=root)) or "none"
+        except StoreNotFoundError:
+            raise exc from None
+        raise ArtifactNotFoundError(f"{exc} (if {args[0]!r} was meant as a remote: this "
+                                    f"store's remotes are {known})", key=args[0]) from exc
+
+
 def _sync_options(fn: click.decorators.FC) -> click.decorators.FC:
     for option in reversed([
-        click.argument("args", nargs=-1),
+        click.argument("args", nargs=-1, metavar="[REMOTE] [KEY]"),
         click.option("--run", "run_id", default=None, help="A run (id or unique prefix): "
                      "what it logged and used, with their lineage."),
         click.option("--all", "everything", is_flag=True,
@@ -97,14 +118,18 @@ def _sync_options(fn: click.decorators.FC) -> click.decorators.FC:
 
 @click.command(short_help="Send versions, runs and their rows to a remote.")
 @_sync_options
+@click.option("--check", is_flag=True,
+              help="Look everything up on the remote again instead of trusting what this "
+                   "store recorded of it (repairs a remote that lost data).")
 def push(args: tuple[str, ...], run_id: str | None, everything: bool, root: Path | None,
-         as_json: bool) -> None:
+         as_json: bool, check: bool) -> None:
     """Push to a remote: a KEY (with its upstream lineage), --run RUN, or everything.
     Idempotent (what the remote has is skipped) and resumable."""
     base = store_root(root)
     name, key = _target(args, base)
-    report = remote_api.push(name, key, run=run_id, all=everything, root=base,
-                             show_progress=not as_json)
+    with _remote_hint(args, name, base):
+        report = remote_api.push(name, key, run=run_id, all=everything, root=base,
+                                 show_progress=not as_json, check=check)
     _show(report, as_json)
 
 
@@ -116,8 +141,9 @@ def pull(args: tuple[str, ...], run_id: str | None, everything: bool, root: Path
     everything. Every blob is verified; rows are imported in one transaction."""
     base = store_root(root)
     name, key = _target(args, base)
-    report = remote_api.pull(name, key, run=run_id, all=everything, root=base,
-                             show_progress=not as_json)
+    with _remote_hint(args, name, base):
+        report = remote_api.pull(name, key, run=run_id, all=everything, root=base,
+                                 show_progress=not as_json)
     _show(report, as_json)
 
 
@@ -146,20 +172,25 @@ def _show(report: remote_api.SyncReport, as_json: bool) -> None:
 @json_option
 def status(root: Path | None, as_json: bool) -> None:
     """Remotes and the background pushes still queued for each (with their last error)."""
-    state = remote_api.status(root=store_root(root))
+    base = store_root(root)
+    state = remote_api.status(root=base)
     if as_json:
-        emit_json({name: {"url": redact_url(str(info["url"])), "pending": [
-            {"kind": i.kind, "ref": i.ref, "enqueued_at": i.enqueued_at,
-             "attempts": i.attempts, "last_error": i.last_error}
-            for i in info["pending"]]} for name, info in state.items()})  # type: ignore[attr-defined]
+        emit_json({name: {
+            "url": redact_url(str(info["url"])), "unpushed": info["unpushed"],
+            "pending": [{"what": remote_api.describe(i, root=base), "kind": i.kind,
+                         "ref": i.ref, "enqueued_at": i.enqueued_at, "attempts": i.attempts,
+                         "last_error": i.last_error}
+                        for i in info["pending"]]}  # type: ignore[attr-defined]
+            for name, info in state.items()})
         return
     if not state:
         click.echo("no remotes (`repro remote add NAME URL`)")
         return
-    out = table("remote", "url", "pending", "last error")
+    out = table("remote", "url", "not pushed", "queued", "last error")
     for name, info in state.items():
         items = info["pending"]
         errors = [i.last_error for i in items if i.last_error]  # type: ignore[attr-defined]
         out.add_row(clean(name), clean(redact_url(str(info["url"]))),
-                    str(len(items)), clean(errors[-1]) if errors else "")  # type: ignore[arg-type]
+                    f"{info['unpushed']} version(s)", str(len(items)),  # type: ignore[arg-type]
+                    clean(errors[-1]) if errors else "")
     console().print(out)

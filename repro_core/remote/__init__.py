@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import _progress
-from ..errors import ArtifactNotFoundError, IntegrityError, InvalidArgumentError
+from ..errors import ArtifactNotFoundError, IntegrityError, InvalidArgumentError, ReproError
 from ..registry import Registry
 from ..store.local import LocalStorageBackend
 from ..types import DEFAULT_PROJECT, parse_key
@@ -41,8 +41,8 @@ from ._queue import QueueItem, pending, push_selection
 from ._records import AliasRecord, RemoteVersion, alias_path, decode, version_path
 from ._remote import Remote, SyncReport
 
-__all__ = ["QueueItem", "Remote", "SyncReport", "add_remote", "check_remote", "drop_remote",
-           "pull", "push", "remotes", "status"]
+__all__ = ["QueueItem", "Remote", "SyncReport", "add_remote", "check_remote", "describe",
+           "drop_remote", "pull", "push", "remotes", "status"]
 
 
 _RUN_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{3,63}")
@@ -83,35 +83,56 @@ def remotes(*, root: str | Path | None = None) -> dict[str, str]:
         registry.close()
 
 
-def drop_remote(name: str, *, root: str | Path | None = None) -> bool:
-    """Forget a remote (``repro remote remove``); its queued pushes are dropped too."""
+def drop_remote(name: str, *, root: str | Path | None = None) -> int | None:
+    """Forget a remote (``repro remote remove``; nothing on it is deleted). Its queued
+    background pushes go too: returns how many, or None when there was no such remote."""
     registry, _ = _open(root)
     try:
         url = list_remotes(registry).get(name)
-        removed = remove_remote(registry, name)
-        if url is not None:
-            with registry.transaction() as conn:
-                conn.execute("DELETE FROM remote_queue WHERE url = ?", (url,))
-        return removed
+        if not remove_remote(registry, name) or url is None:
+            return None
+        with registry.transaction() as conn:
+            return int(conn.execute("DELETE FROM remote_queue WHERE url = ?", (url,)).rowcount)
     finally:
         registry.close()
 
 
 def status(*, root: str | Path | None = None) -> dict[str, dict[str, object]]:
-    """Per remote: its URL and the background pushes still queued (with their last error)."""
+    """Per remote: ``url``, ``pending`` (the background pushes still queued, with attempts
+    and last error) and ``unpushed`` (live versions of this store it has not received: what
+    a ``repro push`` would send)."""
     registry, _ = _open(root)
     try:
         names = list_remotes(registry)
-        items = pending(registry)
         by_url: dict[str, list[QueueItem]] = {}
-        for item in items:
+        for item in pending(registry):
             by_url.setdefault(item.url, []).append(item)
         out: dict[str, dict[str, object]] = {}
         for name, url in names.items():
-            out[name] = {"url": url, "pending": by_url.pop(url, [])}
+            out[name] = {"url": url, "pending": by_url.pop(url, []),
+                         "unpushed": _unpushed(registry, url)}
         for url, left in by_url.items():  # queued for a remote since removed or unnamed
-            out[url] = {"url": url, "pending": left}
+            out[url] = {"url": url, "pending": left, "unpushed": _unpushed(registry, url)}
         return out
+    finally:
+        registry.close()
+
+
+def _unpushed(registry: Registry, url: str) -> int:
+    return int(registry._read(
+        "SELECT COUNT(*) FROM versions v WHERE v.pruned_at IS NULL AND NOT EXISTS (SELECT 1"
+        " FROM remote_versions r WHERE r.url = ? AND r.version_id = v.id)", (url,))[0][0])
+
+
+def describe(item: QueueItem, *, root: str | Path | None = None) -> str:
+    """What a queued item is, as a person names it (``project/name:vN``, ``run <id>``)."""
+    if item.kind != "version":
+        return f"run {item.ref}"
+    registry, _ = _open(root)
+    try:
+        return registry.get_version(int(item.ref)).key
+    except (ReproError, ValueError):
+        return f"version #{item.ref} (no longer in the store)"
     finally:
         registry.close()
 
@@ -126,9 +147,11 @@ def _selection(key: str | None, run: str | None, everything: bool) -> None:
 
 def push(remote: str | None = None, key: str | None = None, *, run: str | None = None,
          all: bool = False, root: str | Path | None = None,
-         show_progress: bool = True) -> SyncReport:
+         show_progress: bool = True, check: bool = False) -> SyncReport:
     """Push a version (``key``, with its upstream lineage), a run (``run``: what it logged
-    and used) or everything (``all``, the default when nothing is named) to a remote."""
+    and used) or everything (``all``, the default when nothing is named) to a remote.
+    ``check``: look everything up on the remote again instead of trusting what this store
+    recorded (a remote that lost data, or was restored from a backup, is repaired)."""
     _selection(key, run, all)
     registry, store = _open(root)
     try:
@@ -145,7 +168,8 @@ def push(remote: str | None = None, key: str | None = None, *, run: str | None =
         total = sum(s for v in closure(registry, versions, runs)[0]
                     for _, s in registry.blobs_of(v))
         with _bar(total, f"push → {name}", show_progress) as advance:
-            return push_selection(registry, store, target, versions, runs, report, advance)
+            return push_selection(registry, store, target, versions, runs, report, advance,
+                                  check=check)
     finally:
         registry.close()
 
@@ -196,10 +220,15 @@ def _pull(registry: Registry, store: LocalStorageBackend, base: Path,
         known = {version_path(p, n, int(number)) for p, n, number in registry._read(
             "SELECT v.project, v.name, r.number FROM remote_versions r JOIN versions v ON"
             " v.id = r.version_id WHERE r.url = ?", (url,))}  # pulled or pushed before
-        paths = [p for p in source.records.list("versions")
-                 if p.endswith(".json") and p not in known]
-        runs = [p.rsplit("/", 1)[-1].removesuffix(".json")
-                for p in source.records.list("runs") if p.endswith(".json")]
+        listed = source.records.list("versions")
+        run_paths = source.records.list("runs")
+        if not listed and not run_paths:  # a mistyped URL must not look like "up to date"
+            raise ArtifactNotFoundError(
+                f"{source.where} holds no version or run records: check the URL (a typo "
+                "in the bucket, prefix or path?), or push to it first", key=url)
+        paths = [p for p in listed if p.endswith(".json") and p not in known]
+        runs = [p.rsplit("/", 1)[-1].removesuffix(".json") for p in run_paths
+                if p.endswith(".json")]
     puller = Puller(registry, store, source, report, lambda _: None)
     puller.everything = key is None and run is None
     puller.bar = lambda total: _bar(total, f"pull ← {name}", show_progress)
@@ -262,10 +291,24 @@ def _bar(total: int | None, description: str, show: bool
     return _progress.progress(total, description, min_total=0)
 
 
+def _remote_project(source: Remote, name: str, key: str) -> str:
+    """The project a bare name means on a remote: ``default``, else the one project that
+    has it (as the CLI resolves a bare name in a store)."""
+    projects = sorted({p.split("/")[1] for p in source.records.list("versions")
+                       if p.count("/") >= 3 and p.split("/")[2] == name})
+    if not projects or DEFAULT_PROJECT in projects:
+        return DEFAULT_PROJECT
+    if len(projects) == 1:
+        return projects[0]
+    raise ArtifactNotFoundError(f"{key!r} is ambiguous on {source.where}: {name!r} is in "
+                                f"projects {', '.join(projects)}; write <project>/{key}",
+                                key=key)
+
+
 def _resolve_remote(source: Remote, key: str) -> str:
     """The record path a key names on a remote (``name:vN``, ``:alias``, ``:latest``)."""
     parsed = parse_key(key)
-    project = parsed.project or DEFAULT_PROJECT
+    project = parsed.project or _remote_project(source, parsed.name, key)
     if parsed.version is not None:
         path = version_path(project, parsed.name, parsed.version)
         if source.records.get(path) is None:

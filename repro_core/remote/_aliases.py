@@ -42,15 +42,17 @@ def _agree(conn: sqlite3.Connection, url: str, key: _Key, uid: str) -> None:
 
 def push_aliases(registry: Registry, remote: Remote, uids: dict[int, str],
                  numbers: dict[int, int], names: Iterable[tuple[str, str]],
-                 report: SyncReport) -> None:
-    """Send the alias moves made here for ``names`` (only to versions the remote holds)."""
+                 report: SyncReport, *, check: bool = False) -> None:
+    """Send the alias moves made here for ``names`` (only to versions the remote holds);
+    ``check``: also the ones sent before (the remote may have lost them)."""
     synced = _synced(registry, remote.url)
     for project, name in sorted(set(names)):
         for alias, vid in registry._read(
                 "SELECT alias, version_id FROM aliases WHERE project = ? AND name = ? AND"
                 " alias != 'latest' ORDER BY alias", (project, name)):
             key, mine = (project, name, str(alias)), uids.get(int(vid))
-            if mine is None or int(vid) not in numbers or synced.get(key) == mine:
+            if mine is None or int(vid) not in numbers or (synced.get(key) == mine
+                                                            and not check):
                 continue  # not on the remote, or not moved here since we last agreed
             path = alias_path(project, name, str(alias))
             data = remote.records.get(path)

@@ -24,6 +24,7 @@ __all__ = ["default_remote", "list_remotes", "normalize_url", "open_backend", "r
            "set_remote"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_LOOKS_LIKE_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(?!//)")
 
 
 def normalize_url(url: object) -> str:
@@ -40,8 +41,27 @@ def normalize_url(url: object) -> str:
 
         return str(WandBStorageBackend.from_url(text).url)  # validated, one canonical form
     if "://" not in text:
+        if _LOOKS_LIKE_SCHEME.match(text):  # s3:/bucket, s3:bucket: a typo, not a directory
+            raise InvalidArgumentError(
+                f"remote URL {text[:100]!r} looks like a URL with a typo (expected "
+                f"SCHEME://…, e.g. s3://bucket/prefix); for a directory whose name has a "
+                f"colon, write ./{text[:100]}", argument="url")
         text = "file://" + str(Path(text).expanduser().absolute())
     return parse_url(text).url
+
+
+def refuse_inside(url: str, root: Path) -> None:
+    """A remote that is the store itself, or a folder inside it, would write ``meta/`` and
+    ``blobs/`` among the store's own files: refused."""
+    if not url.startswith("file://"):
+        return
+    where = Path(url[len("file://"):]).resolve()
+    store = root.resolve()
+    if where == store or store in where.parents:
+        what = "this store" if where == store else "inside this store"
+        raise InvalidArgumentError(
+            f"remote {where} is {what} ({store}): a remote needs a place of its own",
+            argument="url")
 
 
 def check_remote(remote: object) -> str | None:
@@ -87,6 +107,7 @@ def set_remote(registry: Registry, name: str, url: str, *, replace: bool = False
     """Add (or with ``replace`` re-point) a remote; returns the stored URL."""
     check_name(name)
     normal = normalize_url(url)
+    refuse_inside(normal, registry.root)
     with registry.transaction() as conn:
         existing = conn.execute("SELECT url FROM remotes WHERE name = ?", (name,)).fetchone()
         if existing is not None and not replace and existing[0] != normal:
@@ -128,7 +149,9 @@ def default_remote(registry: Registry, name: str | None) -> tuple[str, str]:
     if chosen in remotes:
         return chosen, remotes[chosen]
     if "://" in chosen or chosen.startswith(("/", ".", "~")):
-        return chosen, normalize_url(chosen)
+        normal = normalize_url(chosen)
+        refuse_inside(normal, registry.root)
+        return chosen, normal
     check_name(chosen)
     raise ArtifactNotFoundError(
         f"no remote named {chosen!r}; this store has: {', '.join(remotes) or 'none'} "

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .._metrics_rows import insert_rows
-from ..errors import IntegrityError, InvalidArgumentError
+from ..errors import ArtifactNotFoundError, IntegrityError, InvalidArgumentError
 from ..registry import Registry
 from ..registry.records import RUN_COLUMNS, dumps
 from ..registry.runs import is_alive_here
@@ -216,7 +216,8 @@ class Puller:
                     if revision(conn, run_id) > record.revision:
                         continue  # ours has gone further: only its edges are merged
             target = tmp / f"{run_id}.bundle"
-            self._download(record.bundle, record.bundle_size, target)
+            self._download(record.bundle, record.bundle_size, target,
+                           f"the rows of run {run_id}")
             plan.bundles[run_id] = read_bundle(target, run_id,
                                                f"{self.remote.where} (run {run_id})")
             target.unlink()
@@ -234,17 +235,27 @@ class Puller:
         with self.bar(sum(size for _, size in missing)) as advance:
             for digest, size in missing:
                 target = tmp / "blob"
-                self._download(digest, size, target)
+                needed = sorted(v.key for v in plan.versions.values()
+                                if any(b[0] == digest for b in v.blobs))
+                self._download(digest, size, target,
+                               ", ".join(needed[:3]) or "a TTRL experience payload")
                 self.store.upload(target, digest)
                 target.unlink()
                 self.report.blobs += 1
                 self.report.bytes += size
                 advance(size)
 
-    def _download(self, digest: str, size: int, target: Path) -> None:
+    def _download(self, digest: str, size: int, target: Path, what: str) -> None:
         """Digest-verified, and never more than ``size`` bytes read (a forged huge object
-        is refused before its first byte)."""
-        self.remote.backend.download(digest, target, expected_size=size)  # type: ignore[call-arg]
+        is refused before its first byte). A blob the remote lost names what needs it."""
+        try:
+            self.remote.backend.download(digest, target,
+                                         expected_size=size)  # type: ignore[call-arg]
+        except ArtifactNotFoundError:
+            raise ArtifactNotFoundError(
+                f"blob {digest} ({what}) is missing on {self.remote.where}; nothing was "
+                "imported. Push again from a store that has it with `repro push --check` "
+                "(it re-sends what the remote lost)", key=digest) from None
 
     def _alias_records(self, plan: _Plan) -> list[AliasRecord]:
         """The alias records of the names pulled (of every name, for ``pull --all``: an

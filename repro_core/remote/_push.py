@@ -54,22 +54,29 @@ class Pusher:
 
     def __init__(self, registry: Registry, store: LocalStorageBackend, remote: Remote,
                  report: SyncReport, advance: Callable[[int], None], *,
-                 refresh_runs: bool = True) -> None:
+                 refresh_runs: bool = True, check: bool = False) -> None:
         """``refresh_runs=False`` (background mirroring of each checkpoint) sends a run only
         the first time: its versions need it on the remote, but rewriting its whole bundle
-        for every checkpoint of a long run would not pay; finishing the run sends it."""
+        for every checkpoint of a long run would not pay; finishing the run sends it.
+        ``check``: do not trust what this store recorded of the remote (it lost data, was
+        restored from a backup): every record and blob is looked up there again."""
         self.registry, self.store, self.remote = registry, store, remote
         self.report, self.advance = report, advance
         self.uids = uid_map(registry)
-        self.numbers = pushed_numbers(registry, remote.url)
+        self.numbers = {} if check else pushed_numbers(registry, remote.url)
+        self.check = check
         self.listings: dict[tuple[str, str], dict[int, str]] = {}
-        self.floor: dict[tuple[str, str], int] = {}  # per name: the number claimed last
+        # per name: (number here, number on the remote) of the versions this push moved
+        self.moved: dict[tuple[str, str], list[tuple[int, int]]] = {}
         self.live: dict[str, bool] = {}  # run id -> running in this store right now
         self.refresh_runs = refresh_runs
 
     def push(self, version_ids: list[int], run_ids: list[str]) -> SyncReport:
-        for run_id in run_ids:  # before anything is written there
-            self._same_run(run_id)
+        clashes = {run_id for run_id in run_ids if not self._same_run(run_id)}
+        if clashes:  # left out, with their versions; the rest goes
+            run_ids = [r for r in run_ids if r not in clashes]
+            version_ids = [v for v in version_ids
+                           if self.registry.get_version(v).run_id not in clashes]
         todo = [vid for vid in version_ids if vid not in self.numbers]
         if todo:
             self.remote.records.check_atomic()  # numbering needs create-if-absent
@@ -82,23 +89,26 @@ class Pusher:
             self._run(run_id)
         names = {(r.project, r.name) for r in
                  (self.registry.get_version(v) for v in version_ids)}
-        push_aliases(self.registry, self.remote, self.uids, self.numbers, names, self.report)
+        push_aliases(self.registry, self.remote, self.uids, self.numbers, names, self.report,
+                     check=self.check)
         return self.report
 
-    def _same_run(self, run_id: str) -> None:
-        """A run id the remote holds for another run (ids may be chosen:
-        ``init_run(run_id="baseline")`` in two stores) refuses the push before anything is
-        written: its versions would otherwise be filed under the other run."""
+    def _same_run(self, run_id: str) -> bool:
+        """False when the remote holds this run id for another run (ids may be chosen:
+        ``init_run(run_id="baseline")`` in two stores): that run and its versions are left
+        out (they would be filed under the other run), reported; the rest is pushed."""
         data = self.remote.records.get(run_path(run_id))
         record = decode(data, f"{self.remote.where}/meta/{run_path(run_id)}") \
             if data is not None else None
         mine = self.registry.get_run(run_id).created_at
         if isinstance(record, RunRecord) and record.created_at not in ("", mine):
-            raise StorageError(
-                f"run id {run_id!r} on {self.remote.where} is another run (created "
-                f"{record.created_at}, this store's was created {mine}); nothing was pushed. "
-                "Push to another remote, or log the run again under a new run_id",
-                path=self.remote.where)
+            self.report.problems.append(
+                f"run {run_id} was not pushed, nor its versions: {self.remote.where} holds "
+                f"another run under that id (created {record.created_at}; this store's was "
+                f"created {mine}). Its artifacts can reach that remote re-logged from a run "
+                "with another id")
+            return False
+        return True
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -131,7 +141,10 @@ class Pusher:
         row = self.registry.get_version(row.id)  # an earlier claim may have moved it
         uid, key = self.uids[row.id], (row.project, row.name)
         listing = self._listing(*key)
-        number = max(row.version, self.floor.get(key, 0) + 1)
+        # A version keeps its number unless it is taken there, or an older version of its
+        # name (a lower number here) had to move past it: then it follows, keeping the order.
+        number = max([row.version] + [new + 1 for old, new in self.moved.get(key, [])
+                                      if old < row.version])
         for _ in range(_CLAIM_ATTEMPTS):
             ours = [n for n, held in listing.items() if held == uid]
             if ours:  # already there (an earlier push died before recording it here)
@@ -227,11 +240,12 @@ class Pusher:
             if number != row.version and not self._follow(conn, row, number):
                 self.report.problems.append(
                     f"{row.key} is v{number} on {self.remote.where} (its number was taken "
-                    "there); it keeps v{0} here while its run, or the version holding "
-                    "v{1} here, is in use".format(row.version, number))
+                    f"there); it keeps v{row.version} here while its run, or the version "
+                    f"holding v{number} here, is in use")
             record_numbers(conn, self.remote.url, {row.id: number})
         self.numbers[row.id] = number
-        self.floor[(row.project, row.name)] = number
+        if number != row.version:
+            self.moved.setdefault((row.project, row.name), []).append((row.version, number))
         self.report.versions.append(f"{row.project}/{row.name}:v{number}")
 
     def _moved(self, old: str, new: str) -> None:
@@ -242,6 +256,8 @@ class Pusher:
     def _run(self, run_id: str) -> None:
         known = self.registry._read("SELECT bundle FROM remote_runs WHERE url = ? AND"
                                     " run_id = ?", (self.remote.url, run_id))
+        if self.check:
+            known = []
         if known and not self.refresh_runs:
             self.report.skipped_runs += 1
             return

@@ -47,7 +47,8 @@ class QueueItem:
 
 def push_selection(registry: Registry, store: LocalStorageBackend, remote: Remote,
                    versions: list[int], runs: list[str], report: SyncReport,
-                   advance: Callable[[int], None], *, background: bool = False) -> SyncReport:
+                   advance: Callable[[int], None], *, background: bool = False,
+                   check: bool = False) -> SyncReport:
     """Push versions and runs (with their upstream closure) to a remote of either kind.
     ``background`` (the mirror's per-checkpoint pushes): a run already on the remote is not
     sent again (finishing it does), and the queue is left to the mirror."""
@@ -59,7 +60,7 @@ def push_selection(registry: Registry, store: LocalStorageBackend, remote: Remot
         WandbPusher(registry, store, remote, report, advance).push(ids, run_ids)
     else:
         Pusher(registry, store, remote, report, advance,
-               refresh_runs=not background or bool(runs)).push(ids, run_ids)
+               refresh_runs=not background or bool(runs), check=check).push(ids, run_ids)
     if not background:
         settle(registry, remote.url, run_ids)
     return report
@@ -130,11 +131,13 @@ class Mirror:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
-        left = self._items()
+        left = pending(self._queue, self.url)
         if left:
+            why = (f"did not finish within {timeout:g} s" if self._thread.is_alive()
+                   else "failed again")
             warnings.warn(
                 f"repro: {len(left)} push(es) to remote {self.name!r} "
-                f"({redact_url(self.url)}) did not finish within {timeout:g} s (last error: "
+                f"({redact_url(self.url)}) {why} (last error: "
                 f"{next((i.last_error for i in left if i.last_error), 'none')}); they stay "
                 f"queued: `repro push {self.name}` or the next run with this remote finishes "
                 "them (`repro status` lists them)", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,141 @@
+"""What a new user's trial of remotes found, pinned: each test is one reported problem.
+
+- a store whose numbers are not in creation order (after a pull) pushed to an empty remote
+  must keep every number;
+- a remote that lost data is repaired by ``repro push --check``; a pull that meets a missing
+  blob names the version that needs it;
+- mistyped URLs (``s3:/bucket``), the store as its own remote and an empty remote are refused;
+- a bare name pulls from the one project that has it;
+- one run-id collision leaves the other runs to be pushed;
+- ``repro status`` says what a push would still send.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from repro_core import ArtifactManager, ArtifactNotFoundError, InvalidArgumentError, remote
+from repro_core.cli import main
+from repro_core.hashing import hash_bytes
+
+
+def _log(root: Path, *contents: bytes, project: str = "default", run_id: str | None = None,
+         name: str = "notes") -> None:
+    manager = ArtifactManager.reset_instance()
+    manager.init_run("t", project=project, root=root, run_id=run_id)
+    for content in contents:
+        manager.log_artifact(name, "dataset", data=content)
+    manager.finalize_run()
+    ArtifactManager.reset_instance()
+
+
+def _versions(root: Path, name: str = "notes") -> dict[str, bytes]:
+    manager = ArtifactManager.reset_instance()
+    manager.set_root(root)
+    try:
+        return {m.version: manager.load_artifact(m.key) for m in manager.list_artifacts(name)}
+    finally:
+        ArtifactManager.reset_instance()
+
+
+def _push(url: str, root: Path, **kwargs: object) -> remote.SyncReport:
+    return remote.push(url, root=root, show_progress=False, **kwargs)  # type: ignore[arg-type]
+
+
+def _pull(url: str, root: Path, key: str | None = None) -> remote.SyncReport:
+    return remote.pull(url, key, root=root, show_progress=False)
+
+
+def test_a_pushed_store_keeps_its_numbers_on_an_empty_remote(tmp_path: Path) -> None:
+    a, b, r1, r2 = tmp_path / "a", tmp_path / "b", str(tmp_path / "r1"), str(tmp_path / "r2")
+    _log(a, b"a1")
+    _log(b, b"b1", b"b2")
+    _push(r1, b)
+    assert _push(r1, a).renumbered == [("default/notes:v1", "default/notes:v3")]
+    _pull(r1, a)  # a now holds v1, v2 (b's, created after its own v3 in row order)
+    before = _versions(a)
+    report = _push(r2, a)
+    assert report.renumbered == [] and sorted(report.versions) == [
+        "default/notes:v1", "default/notes:v2", "default/notes:v3"]
+    assert _versions(a) == before == {"v1": b"b1", "v2": b"b2", "v3": b"a1"}
+    assert _versions(_pull(r2, tmp_path / "c") and tmp_path / "c") == before
+
+
+def test_push_check_repairs_a_remote_that_lost_data(tmp_path: Path) -> None:
+    src, url = tmp_path / "src", tmp_path / "remote"
+    _log(src, b"one", b"two")
+    _push(str(url), src)
+    algorithm, hexdigest = hash_bytes(b"one").split(":")
+    (url / "blobs" / algorithm / hexdigest[:2] / hexdigest[2:]).unlink()  # the remote lost it
+    with pytest.raises(ArtifactNotFoundError,
+                       match=r"default/notes:v1\) is missing on .*repro push --check"):
+        _pull(str(url), tmp_path / "first")
+    shutil.rmtree(url / "meta")  # ... and its records
+    assert not _push(str(url), src).transferred  # what this store recorded says "all there"
+    repaired = _push(str(url), src, check=True)
+    assert repaired.blobs == 1 and len(repaired.versions) == 2
+    assert _versions(_pull(str(url), tmp_path / "second") and tmp_path / "second") == {
+        "v1": b"one", "v2": b"two"}
+
+
+def test_mistyped_and_self_pointing_remotes_are_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _log(src, b"x")
+    for url in ("s3:/bucket/prefix", "s3:bucket", "file:relative"):
+        with pytest.raises(InvalidArgumentError, match="typo"):
+            remote.add_remote("bad", url, root=src)
+    for inside in (src, src / "blobs", src / "meta"):
+        with pytest.raises(InvalidArgumentError, match="this store"):
+            remote.add_remote("me", str(inside), root=src)
+        with pytest.raises(InvalidArgumentError, match="this store"):
+            _push(str(inside), src)
+    empty = tmp_path / "empty-remote"
+    empty.mkdir()
+    with pytest.raises(ArtifactNotFoundError, match="no version or run records"):
+        _pull(str(empty), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert remote.remotes(root=src) == {}
+
+
+def test_a_bare_name_pulls_from_the_project_that_has_it(tmp_path: Path) -> None:
+    src, url = tmp_path / "src", str(tmp_path / "remote")
+    _log(src, b"q1", b"q2", project="quickstart", name="checkpoint")
+    _push(url, src)
+    report = _pull(url, tmp_path / "dst", "checkpoint:v1")
+    assert report.versions == ["quickstart/checkpoint:v1"]
+    with pytest.raises(ArtifactNotFoundError, match="not on"):
+        _pull(url, tmp_path / "dst", "checkpoint:v9")
+
+
+def test_one_run_id_collision_leaves_the_other_runs_to_be_pushed(tmp_path: Path) -> None:
+    a, b, url = tmp_path / "a", tmp_path / "b", str(tmp_path / "remote")
+    _log(a, b"a", run_id="baseline")
+    _log(b, b"b", run_id="baseline")
+    _log(b, b"c", name="other")
+    _push(url, a)
+    report = _push(url, b)
+    assert report.versions == ["default/other:v1"]
+    assert any("run baseline was not pushed" in p for p in report.problems)
+    _pull(url, a)
+    assert _versions(a) == {"v1": b"a"}  # a's own run and version, untouched
+
+
+def test_status_says_what_a_push_would_send(tmp_path: Path) -> None:
+    src, url = tmp_path / "src", str(tmp_path / "remote")
+    _log(src, b"one", b"two")
+    remote.add_remote("origin", url, root=src)
+    runner = CliRunner()
+    status = json.loads(runner.invoke(main, ["--root", str(src), "status", "--json"]).output)
+    assert status["origin"]["unpushed"] >= 2 and status["origin"]["pending"] == []
+    _push("origin", src)
+    status = json.loads(runner.invoke(main, ["--root", str(src), "status", "--json"]).output)
+    assert status["origin"]["unpushed"] == 0
+    result = runner.invoke(main, ["--root", str(src), "remote", "remove", "nosuch"])
+    assert result.exit_code == 2 and result.stderr.startswith("repro: error:")
+    result = runner.invoke(main, ["--root", str(src), "push", "orgin"])
+    assert result.exit_code == 2 and "remotes are origin" in result.stderr
