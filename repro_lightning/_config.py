@@ -53,11 +53,23 @@ def _qualname(obj: Any) -> str:
 def _trainer_settings(trainer: Any) -> dict[str, Any]:
     settings = {name: _plain(getattr(trainer, name, None)) for name in _TRAINER_SETTINGS}
     connector = getattr(trainer, "_accelerator_connector", None)
-    settings["deterministic"] = _plain(getattr(connector, "deterministic", None))
+    deterministic = getattr(connector, "deterministic", None)
+    settings["deterministic"] = _plain(deterministic if deterministic is not None
+                                       else _torch_deterministic())
     settings["strategy"] = type(trainer.strategy).__name__
     settings["accelerator"] = type(trainer.accelerator).__name__
     settings["devices"] = _plain(getattr(trainer, "device_ids", None))
     return settings
+
+
+def _torch_deterministic() -> bool | str:
+    """What ``Trainer(deterministic=…)`` set (Lightning 2.6 keeps no attribute for it: it
+    sets torch's flag in ``__init__``): True, ``"warn"`` (warn only) or False."""
+    import torch
+
+    if not torch.are_deterministic_algorithms_enabled():
+        return False
+    return "warn" if torch.is_deterministic_algorithms_warn_only_enabled() else True
 
 
 def _plain(value: Any) -> Any:

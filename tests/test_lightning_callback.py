@@ -614,6 +614,8 @@ def _fit_deterministic(tmp_path: Path) -> tuple[Any, dict[str, Any]]:
     fit(callbacks=[repro(), checkpoint], deterministic=True, max_epochs=2)
     meta = ArtifactManager().identify_file(ckpt / "last.ckpt", f"{PROJECT}/checkpoint")
     assert meta is not None and meta.metadata["global_step"] == 8
+    config = ArtifactManager().load_artifact(f"{PROJECT}/config:latest")
+    assert config["trainer"]["deterministic"] is True  # (Lightning 2.6 keeps no attribute)
     return meta, _skeleton.load(ckpt / "last.ckpt")
 
 

@@ -154,8 +154,9 @@ def _show(report: remote_api.SyncReport, as_json: bool) -> None:
     arrow = "->" if report.direction == "push" else "<-"
     where = f"{report.remote} ({redact_url(report.url)})"
     if not report.transferred:
-        click.echo(f"{report.direction} {arrow} {where}: up to date "
-                   f"({report.skipped} version(s) already there)")
+        click.echo(f"{report.direction} {arrow} {where}: up to date"
+                   + (f" ({report.skipped} version(s) already there)"
+                      if report.direction == "push" else ""))
     else:
         click.echo(f"{report.direction} {arrow} {where}: {len(report.versions)} version(s), "
                    f"{len(report.runs)} run(s), {report.blobs} blob(s), {report.bytes} bytes, "
