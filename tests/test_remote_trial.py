@@ -139,3 +139,96 @@ def test_status_says_what_a_push_would_send(tmp_path: Path) -> None:
     assert result.exit_code == 2 and result.stderr.startswith("repro: error:")
     result = runner.invoke(main, ["--root", str(src), "push", "orgin"])
     assert result.exit_code == 2 and "remotes are origin" in result.stderr
+
+
+# -- a second review's findings -------------------------------------------------------------------
+
+
+def _ids_by_number(root: Path, name: str = "notes") -> list[tuple[int, bytes]]:
+    manager = ArtifactManager.reset_instance()
+    manager.set_root(root)
+    try:
+        metas = manager.list_artifacts(name)
+        return [(int(m.version[1:]), manager.load_artifact(m.key)) for m in metas]
+    finally:
+        ArtifactManager.reset_instance()
+
+
+def test_a_losing_store_keeps_its_versions_in_order(tmp_path: Path) -> None:
+    a, b, url = tmp_path / "a", tmp_path / "b", str(tmp_path / "remote")
+    _log(a, b"a1", b"a2")
+    _log(b, b"b1", b"b2", b"b3", b"b4", b"b5")
+    _push(url, a)
+    _push(url, b)
+    assert _ids_by_number(b) == [(3, b"b1"), (4, b"b2"), (5, b"b3"), (6, b"b4"), (7, b"b5")]
+    manager = ArtifactManager.reset_instance()
+    manager.set_root(b)
+    assert manager.load_artifact("notes:latest") == b"b5"
+    ArtifactManager.reset_instance()
+    _pull(url, b)
+    assert [n for n, _ in _ids_by_number(b)] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_version_held_by_another_remote_keeps_its_number(tmp_path: Path) -> None:
+    x, s, r1, r2 = tmp_path / "x", tmp_path / "s", str(tmp_path / "r1"), str(tmp_path / "r2")
+    _log(x, b"x1", b"x2")
+    _push(r1, x)
+    _pull(r1, s)  # s holds R1's v1, v2
+    other = tmp_path / "other"
+    _log(other, b"o1", b"o2", b"o3")
+    _push(r2, other)  # R2 already has v1..v3
+    report = _push(r2, s)
+    assert report.renumbered == [] and len(report.problems) == 2  # kept here, said why
+    assert _versions(s) == {"v1": b"x1", "v2": b"x2"}  # R1's names still work here
+
+
+def test_an_alias_conflict_is_resolved_by_pulling_then_pushing(tmp_path: Path) -> None:
+    a, b, url = tmp_path / "a", tmp_path / "b", str(tmp_path / "remote")
+
+    def log_best(root: Path, content: bytes) -> None:
+        manager = ArtifactManager.reset_instance()
+        manager.init_run("alias", root=root)
+        manager.log_artifact("notes", "dataset", data=content, aliases=["best"])
+        manager.finalize_run()
+        ArtifactManager.reset_instance()
+
+    _log(a, b"one")
+    log_best(a, b"two")
+    _push(url, a)
+    _pull(url, b)  # both agree: best = "two"
+    log_best(a, b"three")
+    _push(url, a)  # the remote's best moves to "three"
+    log_best(b, b"four")  # ... while b's moves to "four"
+    conflict = _push(url, b)
+    assert any("moved both here and on" in p for p in conflict.problems)
+    seen = _pull(url, b)
+    assert any("this store's is kept" in p for p in seen.problems)
+    assert _push(url, b).aliases == 1  # after the pull, a push sends this store's
+    _pull(url, a)
+    manager = ArtifactManager.reset_instance()
+    manager.set_root(a)
+    assert manager.load_artifact("notes:best") == b"four"
+    ArtifactManager.reset_instance()
+
+
+def test_a_failed_first_pull_leaves_no_trace(tmp_path: Path) -> None:
+    src, url = tmp_path / "src", tmp_path / "remote"
+    _log(src, b"one")
+    _push(str(url), src)
+    algorithm, hexdigest = hash_bytes(b"one").split(":")
+    (url / "blobs" / algorithm / hexdigest[:2] / hexdigest[2:]).unlink()
+    with pytest.raises(ArtifactNotFoundError):
+        _pull(str(url), tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["remote", "src"]  # no hidden work dir
+
+
+def test_a_version_whose_run_record_is_missing_is_not_filed_under_a_same_id_run(
+        tmp_path: Path) -> None:
+    a, b, url = tmp_path / "a", tmp_path / "b", tmp_path / "remote"
+    _log(a, b"from a", run_id="baseline")
+    _push(str(url), a)
+    (url / "meta" / "runs" / "baseline.json").unlink()  # a push cut before its run record
+    _log(b, b"from b", run_id="baseline", name="mine")
+    report = _pull(str(url), b)
+    assert report.versions == [] and any("baseline" in p for p in report.problems)
+    assert _versions(b) == {}  # nothing of a's was filed under b's run "baseline"

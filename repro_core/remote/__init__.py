@@ -16,12 +16,21 @@ collide: see ``_local`` for how a number logged on two machines is reconciled.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from .. import _progress
-from ..errors import ArtifactNotFoundError, IntegrityError, InvalidArgumentError, ReproError
+from ..errors import (
+    ArtifactNotFoundError,
+    IntegrityError,
+    InvalidArgumentError,
+    ReproError,
+    StorageError,
+)
 from ..registry import Registry
 from ..store.local import LocalStorageBackend
 from ..types import DEFAULT_PROJECT, parse_key
@@ -186,18 +195,27 @@ def pull(remote: str | None = None, key: str | None = None, *, run: str | None =
                                    f"characters, got {run!r}", argument="run")
     base = _root(root)
     fresh = not base.exists() or (base.is_dir() and not any(base.iterdir()))
-    named = _fresh_remote(remote, base) if fresh else None  # checked before the store is made
-    created = not base.exists()
-    registry, store = _open(base, create=True if fresh else None)  # a new store: on purpose
-    try:
-        return _pull(registry, store, base, named, remote, key, run, show_progress)
-    except BaseException:
-        if fresh:
+    if not fresh:
+        registry, store = _open(base)
+        try:
+            return _pull(registry, store, base, None, remote, key, run, show_progress)
+        finally:
             registry.close()
-            _remove_new_store(base, created)
-        raise
+    named = _fresh_remote(remote, base)  # checked before anything is made
+    # A new store is pulled into a hidden sibling and renamed into place: a failed pull
+    # leaves nothing, and nothing another process puts at ``base`` meanwhile is touched.
+    base.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{base.name}.pull-", dir=base.parent))
+    try:
+        registry, store = _open(work, create=True)
+        try:
+            report = _pull(registry, store, work, named, remote, key, run, show_progress)
+        finally:
+            registry.close()
+        _move_into_place(work, base)
+        return report
     finally:
-        registry.close()
+        shutil.rmtree(work, ignore_errors=True)  # (gone already when it was moved)
 
 
 def _pull(registry: Registry, store: LocalStorageBackend, base: Path,
@@ -254,18 +272,15 @@ def _resolve_run(source: Remote, prefix: str) -> str:
                                 key=prefix)
 
 
-def _remove_new_store(base: Path, created: bool) -> None:
-    """Undo the store a failed first pull made (a registry is never made by accident)."""
-    import shutil
-
-    if created:
-        shutil.rmtree(base, ignore_errors=True)
-        return
-    for entry in list(base.iterdir()):  # an empty directory the user gave: empty it again
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+def _move_into_place(work: Path, base: Path) -> None:
+    """Rename the new store onto ``base`` (replacing it only while it is an empty
+    directory: ``rename(2)`` refuses a non-empty one)."""
+    try:
+        os.rename(work, base)
+    except OSError as exc:
+        raise StorageError(f"{base} was created by someone else during the pull; nothing of "
+                           f"this pull was kept there: pull again ({exc.strerror})",
+                           path=base, errno=exc.errno) from exc
 
 
 def _fresh_remote(remote: str | None, base: Path) -> tuple[str, str]:

@@ -7,7 +7,9 @@ store remembers, per remote, where each alias pointed when the two last agreed
 
 - **push** writes an alias only when it moved *here* since then; if the remote's moved too
   (someone else's move in between), that is a conflict: reported, nothing overwritten;
-- **pull** applies an alias only when it moved *there*; if it also moved here, a conflict;
+- **pull** applies an alias only when it moved *there*; if it also moved here, a conflict:
+  this store's is kept, the remote's noted as seen — so the next push (a deliberate choice,
+  after the report) sends this store's;
 - never agreed yet (the first push or pull of that alias): the one who writes wins, as the
   last ``log_artifact(aliases=…)`` wins in one store.
 
@@ -62,8 +64,8 @@ def push_aliases(registry: Registry, remote: Remote, uids: dict[int, str],
             if theirs is not None and theirs not in (mine, last) and last is not None:
                 report.problems.append(
                     f"alias {project}/{name}:{alias} moved both here and on "
-                    f"{remote.where} since they last agreed; the remote's is kept (pull, then "
-                    "set it again to override)")
+                    f"{remote.where} since they last agreed; the remote's is kept (pull to "
+                    "see it; a push after that pull sends this store's)")
                 continue
             if theirs != mine:
                 remote.records.put(path, encode(AliasRecord(
@@ -98,8 +100,9 @@ def pull_aliases(conn: sqlite3.Connection, registry: Registry, remote: Remote,
         if mine is not None and last is not None and mine not in (last, record.uid):
             report.problems.append(
                 f"alias {record.project}/{record.name}:{record.alias} moved both here and on "
-                f"{remote.where} since they last agreed; this store's is kept (push it to "
-                "override the remote's)")
+                f"{remote.where} since they last agreed; this store's is kept (push to make "
+                "it the remote's too)")
+            _agree(conn, remote.url, key, record.uid)  # seen: the next push overrides it
             continue
         if mine != record.uid:
             conn.execute("INSERT INTO aliases (project, name, alias, version_id) VALUES (?, ?,"

@@ -19,7 +19,7 @@ from .._safepath import real_dirs
 from ..capture import scrub
 from ..registry import Registry, VersionRow
 
-__all__ = ["export_pulled_run"]
+__all__ = ["export_pulled_run", "logged_here"]
 
 _MARKER = ".pulled"
 
@@ -28,19 +28,28 @@ def export_pulled_run(registry: Registry, root: Path, run_id: str) -> None:
     """Write the export and the derived journal of a pulled run (not of a run logged here)."""
     run_dir = root / "runs" / run_id
     real_dirs(root, "runs", run_id)  # never write through a planted symlink
-    if any((run_dir / n).exists() for n in (JOURNAL_NAME, "run.json")) \
-            and not (run_dir / _MARKER).exists():
-        return  # logged here: its export and journal are the originals
+    if logged_here(root, run_id):
+        return  # its export and journal are the originals
     run_dir.mkdir(parents=True, exist_ok=True)
     row = registry.get_run(run_id)
+    # the marker first: a crash before the export is written must not make the run look
+    # logged here (a run logged here is never updated by a pull)
+    _write(run_dir / _MARKER, "written by repro pull: derived from the registry\n")
     _write(run_dir / "run.json", json.dumps(scrub(run_export(registry, run_id)), indent=2,
                                             sort_keys=True, default=str))
     _write(run_dir / "config.json", json.dumps(scrub(row.config), indent=2, sort_keys=True,
                                                default=str))
-    _write(run_dir / _MARKER, "written by repro pull: derived from the registry\n")
     lines = [json.dumps(e, sort_keys=True, separators=(",", ":"), default=str, allow_nan=False)
              for e in _events(registry, run_id)]
     _write(run_dir / JOURNAL_NAME, "".join(line + "\n" for line in lines))
+
+
+def logged_here(root: Path, run_id: str) -> bool:
+    """Whether run ``run_id`` was logged in the store at ``root``: it has an export or a
+    journal that no pull wrote (``.pulled``, written before them, marks a pulled run)."""
+    run_dir = root / "runs" / run_id
+    return any((run_dir / name).exists() for name in (JOURNAL_NAME, "run.json")) \
+        and not (run_dir / _MARKER).exists()
 
 
 def _events(registry: Registry, run_id: str) -> list[dict[str, Any]]:

@@ -19,15 +19,16 @@ import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from .._journal import append_event
 from ..errors import StorageError
-from ..registry import Registry, VersionRow
+from ..registry import Registry, VersionRow, is_crashed
 from ..types import utc_now
 from ._records import version_uid
 
-__all__ = ["closure", "local_max", "note_move", "pushed_numbers", "renumber", "snapshot",
-           "uid_map"]
+__all__ = ["closure", "journal_moves", "local_max", "note_move", "pinned", "pushed_numbers",
+           "renumber", "snapshot", "uid_map"]
 
 
 def uid_map(registry: Registry) -> dict[int, str]:
@@ -113,23 +114,10 @@ def local_max(conn: sqlite3.Connection, project: str, name: str) -> int:
                             " AND name = ?", (project, name)).fetchone()[0])
 
 
-def renumber(registry: Registry, row: VersionRow, number: int, *,
-             conn: sqlite3.Connection | None = None) -> None:
-    """Move a local version to ``number`` (free locally), journaling the move."""
-    if conn is None:
-        with registry.transaction() as own:
-            _renumber(own, row, number)
-    else:
-        _renumber(conn, row, number)
-    if row.run_id is not None:
-        # the registry is the source of truth; the journal is its backup
-        with contextlib.suppress(StorageError):
-            append_event(registry.root, row.run_id, {
-                "event": "renumber", "at": utc_now(), "project": row.project,
-                "name": row.name, "from": row.version, "to": number, "digest": row.digest})
-
-
-def _renumber(conn: sqlite3.Connection, row: VersionRow, number: int) -> None:
+def renumber(conn: sqlite3.Connection, row: VersionRow, number: int) -> dict[str, Any]:
+    """Move a local version to ``number`` (free locally) inside the caller's transaction;
+    returns the journal line to append once it has committed (``journal_moves``): a line for a
+    move that was rolled back would make ``repro recover`` rebuild a number that never was."""
     taken = conn.execute("SELECT id FROM versions WHERE project = ? AND name = ? AND"
                          " version = ?", (row.project, row.name, number)).fetchone()
     if taken is not None and int(taken[0]) != row.id:
@@ -137,6 +125,38 @@ def _renumber(conn: sqlite3.Connection, row: VersionRow, number: int) -> None:
                            "locally", path=None)
     conn.execute("UPDATE versions SET version = ? WHERE id = ?", (number, row.id))
     reset_latest(conn, row.project, row.name)
+    return {"run_id": row.run_id, "event": "renumber", "at": utc_now(), "project": row.project,
+            "name": row.name, "from": row.version, "to": number, "digest": row.digest}
+
+
+def journal_moves(registry: Registry, moves: list[dict[str, Any]]) -> None:
+    """Append committed renumberings to their runs' journals (the registry is the source of
+    truth; the journal is its backup, so a failed append is not an error)."""
+    for move in moves:
+        run_id = move.pop("run_id")
+        if run_id is not None:
+            with contextlib.suppress(StorageError):
+                append_event(registry.root, run_id, move)
+
+
+def pinned(conn: sqlite3.Connection, row: VersionRow) -> bool:
+    """A version whose number must not change here: it is on a remote already (its number
+    there is recorded beside it), or its run may still be running — on this host or another
+    (a shared store): the program holds ``name:vN`` keys (the previous checkpoint, ``best``)
+    that must keep naming what they named. Only a run provably dead is not running."""
+    if conn.execute("SELECT 1 FROM remote_versions WHERE version_id = ? LIMIT 1",
+                    (row.id,)).fetchone() is not None:
+        return True
+    if row.run_id is None:
+        return False
+    run = conn.execute("SELECT state FROM runs WHERE id = ?", (row.run_id,)).fetchone()
+    if run is None or run[0] != "running":
+        return False
+    from ..registry.records import RUN_COLUMNS, run_row
+
+    full = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?",
+                        (row.run_id,)).fetchone()
+    return not is_crashed(run_row(full))
 
 
 def note_move(moves: list[tuple[str, str]], old: str, new: str) -> None:

@@ -29,9 +29,12 @@ from ..registry.runs import is_alive_here
 from ..store.local import LocalStorageBackend
 from ._aliases import pull_aliases
 from ._bundle import Bundle, read_bundle, revision
+from ._exports import logged_here
 from ._local import (
+    journal_moves,
     local_max,
     note_move,
+    pinned,
     pushed_numbers,
     record_numbers,
     renumber,
@@ -74,6 +77,7 @@ class Puller:
         self.local = {uid: vid for vid, uid in uid_map(registry).items()}
         self.numbers = pushed_numbers(registry, remote.url)
         self.foreign: set[str] = set()  # run ids the remote holds for other runs
+        self.moves: list[dict[str, Any]] = []  # renumberings to journal after the commit
         self.touched: set[str] = set()  # runs whose versions or rows this pull brought
         self.everything = False  # pull --all: every alias record is read
         # the bytes/rate bar of the blob downloads, once their total is known
@@ -89,6 +93,7 @@ class Puller:
         plan.aliases = self._alias_records(plan)
         with self.registry.transaction() as conn:
             self._apply(conn, plan)
+        journal_moves(self.registry, self.moves)  # once committed
         self.report.skipped += len([u for u in plan.versions if u in self.local])
         return self.report
 
@@ -151,10 +156,17 @@ class Puller:
         for uid, record in list(plan.versions.items()):
             if record.run_id in self.foreign or (
                     record.run_id is not None and record.run_id not in plan.runs
-                    and not self.registry.has_run(record.run_id)):
+                    and not self._same_run_known(record.run_id)):
                 del plan.versions[uid]  # reported above: its run is missing, or another
         self._check_acyclic(plan)
         return plan
+
+    def _same_run_known(self, run_id: str) -> bool:
+        """Whether this store's run ``run_id`` is known to be the remote's (it went through
+        this remote before): without the remote's run record, an id alone could be another
+        store's run of the same name."""
+        return bool(self.registry._read("SELECT 1 FROM remote_runs WHERE url = ? AND"
+                                        " run_id = ?", (self.remote.url, run_id)))
 
     def _drop_foreign_runs(self, plan: _Plan) -> None:
         """A remote run whose id this store uses for another run (ids may be chosen:
@@ -223,9 +235,7 @@ class Puller:
             target.unlink()
 
     def _logged_here(self, run_id: str) -> bool:
-        """A run started in this store (its export exists and no pull wrote it)."""
-        run_dir = self.store.root / "runs" / run_id
-        return (run_dir / "run.json").exists() and not (run_dir / ".pulled").exists()
+        return logged_here(self.store.root, run_id)
 
     def _blobs(self, plan: _Plan, tmp: Path) -> None:
         wanted = {b for v in plan.versions.values()
@@ -348,15 +358,14 @@ class Puller:
             return record.number
         row = self.registry_row(conn, int(occupant[0]))
         top = local_max(conn, record.project, record.name)
-        if row.id in self.numbers or (row.run_id is not None and is_alive_here(
-                self.registry.get_run(row.run_id))):
-            # on this remote under another number, or its run is running here (its program
-            # holds ``name:vN`` keys): it stays; the pulled one takes the next number here
+        if pinned(conn, row):
+            # on a remote already, or its run may be running (its program holds ``name:vN``
+            # keys): it stays; the pulled one takes the next number here
             self.report.problems.append(
                 f"{record.key} on {self.remote.where} is v{top + 1} here (v{record.number} "
                 f"is taken by {row.key})")
             return top + 1
-        renumber(self.registry, row, top + 1, conn=conn)
+        self.moves.append(renumber(conn, row, top + 1))
         note_move(self.report.renumbered, row.key, f"{row.project}/{row.name}:v{top + 1}")
         return record.number
 

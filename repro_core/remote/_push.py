@@ -14,17 +14,19 @@ import sqlite3
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..errors import IntegrityError, ReproError, StorageError
 from ..hashing import hash_file
 from ..registry import Registry, VersionRow
-from ..registry.runs import is_alive_here
 from ..store.local import LocalStorageBackend
 from ._aliases import push_aliases
 from ._bundle import revision, write_bundle
 from ._local import (
+    journal_moves,
     local_max,
     note_move,
+    pinned,
     pushed_numbers,
     record_numbers,
     renumber,
@@ -66,9 +68,9 @@ class Pusher:
         self.numbers = {} if check else pushed_numbers(registry, remote.url)
         self.check = check
         self.listings: dict[tuple[str, str], dict[int, str]] = {}
-        # per name: (number here, number on the remote) of the versions this push moved
-        self.moved: dict[tuple[str, str], list[tuple[int, int]]] = {}
-        self.live: dict[str, bool] = {}  # run id -> running in this store right now
+        # per name: (number here when the push began, number on the remote) of what it claimed
+        self.claimed: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        self.start: dict[int, int] = {}  # version id -> its number here when the push began
         self.refresh_runs = refresh_runs
 
     def push(self, version_ids: list[int], run_ids: list[str]) -> SyncReport:
@@ -81,6 +83,7 @@ class Pusher:
         if todo:
             self.remote.records.check_atomic()  # numbering needs create-if-absent
         rows = {vid: self.registry.get_version(vid) for vid in todo}
+        self.start = {vid: row.version for vid, row in rows.items()}
         self.report.skipped += len(version_ids) - len(todo)
         self._blobs([b for vid in todo for b in self._live_blobs(rows[vid])])
         for vid in todo:
@@ -136,57 +139,73 @@ class Pusher:
 
     def _claim(self, row: VersionRow) -> None:
         """Record the version on the remote under its number, or, when another store took
-        that number, under the next one free there; versions of one name keep their order
-        (a version claimed after another of its name gets a higher number)."""
-        row = self.registry.get_version(row.id)  # an earlier claim may have moved it
-        uid, key = self.uids[row.id], (row.project, row.name)
+        that number, under the next one free there. Versions of one name keep their order:
+        one that had a higher number here than another of its name gets a higher number
+        there too (numbers as they were when the push began: the moves it makes do not
+        count)."""
+        uid, key, mine = self.uids[row.id], (row.project, row.name), self.start[row.id]
         listing = self._listing(*key)
-        # A version keeps its number unless it is taken there, or an older version of its
-        # name (a lower number here) had to move past it: then it follows, keeping the order.
-        number = max([row.version] + [new + 1 for old, new in self.moved.get(key, [])
-                                      if old < row.version])
+        number = max([mine] + [n + 1 for was, n in self.claimed.get(key, []) if was < mine])
         for _ in range(_CLAIM_ATTEMPTS):
             ours = [n for n, held in listing.items() if held == uid]
             if ours:  # already there (an earlier push died before recording it here)
-                return self._claimed(row, ours[0])
+                return self._claimed(row.id, ours[0])
             if number in listing:
                 number = max(listing) + 1
                 continue
             if self.remote.records.put(version_path(row.project, row.name, number),
                                        encode(self._record(row, number)), create=True):
-                return self._claimed(row, number)
+                return self._claimed(row.id, number)
             listing = self._listing(*key, refresh=True)  # another store won that number
         raise StorageError(f"could not claim a version number for {row.key} on "
                            f"{self.remote.where} after {_CLAIM_ATTEMPTS} attempts",
                            path=self.remote.where)
 
-    def _follow(self, conn: sqlite3.Connection, row: VersionRow, number: int) -> bool:
-        """Give ``row`` the number the remote gave it, here too, when nothing is in the way:
-        a version that holds that number here and never reached this remote moves to the
-        end (it is claimed in its turn). Not while either one's run is still running here —
-        its program holds ``name:vN`` keys (the previous checkpoint, ``best``) that must keep
-        naming what they named; such a version keeps its number here and the remote's is
-        recorded beside it (``remote_versions``). Returns whether it moved."""
+    def _claimed(self, vid: int, number: int) -> None:
+        """Note the claim here; give the version that number here too when nothing is in the
+        way (``_follow``). Journal lines are written once the transaction has committed."""
+        moves: list[dict[str, Any]] = []
+        with self.registry.transaction() as conn:
+            row = self._row(conn, vid)  # as it is now: another pusher may have moved it
+            if number != row.version and not self._follow(conn, row, number, moves):
+                self.report.problems.append(
+                    f"{row.key} is v{number} on {self.remote.where} (its number was taken "
+                    f"there); it keeps v{row.version} here: it is on another remote already, "
+                    f"or its run (or that of the version holding v{number} here) may still "
+                    "be running")
+            record_numbers(conn, self.remote.url, {vid: number})
+        journal_moves(self.registry, moves)
+        key = (row.project, row.name)
+        self.listings.setdefault(key, {})[number] = self.uids[vid]
+        self.numbers[vid] = number
+        self.claimed.setdefault(key, []).append((self.start.get(vid, row.version), number))
+        self.report.versions.append(f"{row.project}/{row.name}:v{number}")
+
+    def _follow(self, conn: sqlite3.Connection, row: VersionRow, number: int,
+                moves: list[dict[str, Any]]) -> bool:
+        """Move ``row`` to ``number`` here. A version of this push in the way (not yet
+        claimed) steps aside to the end, for now: its own claim places it. Neither moves when
+        it is pinned (``pinned``): then ``row`` keeps its number here and the remote's is
+        recorded beside it. Returns whether it moved."""
         held = conn.execute("SELECT id FROM versions WHERE project = ? AND name = ? AND"
                             " version = ?", (row.project, row.name, number)).fetchone()
-        occupant = self.registry.get_version(int(held[0])) if held is not None else None
-        if self._live(row.run_id) or (occupant is not None and (
-                occupant.id in self.numbers or self._live(occupant.run_id))):
+        occupant = self._row(conn, int(held[0])) if held and int(held[0]) != row.id else None
+        if pinned(conn, row) or (occupant is not None and pinned(conn, occupant)):
             return False
         if occupant is not None:
             top = local_max(conn, row.project, row.name) + 1
-            renumber(self.registry, occupant, top, conn=conn)
+            moves.append(renumber(conn, occupant, top))
             self._moved(occupant.key, f"{row.project}/{row.name}:v{top}")
-        renumber(self.registry, row, number, conn=conn)
+        moves.append(renumber(conn, row, number))
         self._moved(row.key, f"{row.project}/{row.name}:v{number}")
         return True
 
-    def _live(self, run_id: str | None) -> bool:
-        if run_id is None:
-            return False
-        if run_id not in self.live:
-            self.live[run_id] = is_alive_here(self.registry.get_run(run_id))
-        return self.live[run_id]
+    @staticmethod
+    def _row(conn: sqlite3.Connection, vid: int) -> VersionRow:
+        from ..registry.records import VERSION_COLUMNS, VERSION_FROM, version_row
+
+        return version_row(conn.execute(f"SELECT {VERSION_COLUMNS} FROM {VERSION_FROM} WHERE"
+                                        " v.id = ?", (vid,)).fetchone())
 
     def _listing(self, project: str, name: str, *, refresh: bool = False) -> dict[int, str]:
         """Number -> uid of every version the remote holds for a name. Records this store
@@ -233,20 +252,6 @@ class Pusher:
                                 self.numbers[parent.id]))
         return RemoteVersion.from_row(row, number, self.registry.blobs_of(row.id)
                                       or [(row.digest, row.size)], parents)
-
-    def _claimed(self, row: VersionRow, number: int) -> None:
-        self.listings.setdefault((row.project, row.name), {})[number] = self.uids[row.id]
-        with self.registry.transaction() as conn:
-            if number != row.version and not self._follow(conn, row, number):
-                self.report.problems.append(
-                    f"{row.key} is v{number} on {self.remote.where} (its number was taken "
-                    f"there); it keeps v{row.version} here while its run, or the version "
-                    f"holding v{number} here, is in use")
-            record_numbers(conn, self.remote.url, {row.id: number})
-        self.numbers[row.id] = number
-        if number != row.version:
-            self.moved.setdefault((row.project, row.name), []).append((row.version, number))
-        self.report.versions.append(f"{row.project}/{row.name}:v{number}")
 
     def _moved(self, old: str, new: str) -> None:
         note_move(self.report.renumbered, old, new)

@@ -55,6 +55,7 @@ def push_selection(registry: Registry, store: LocalStorageBackend, remote: Remot
     from ._push import Pusher
     from ._wandb_push import WandbPusher
 
+    began = utc_now()
     ids, run_ids = closure(registry, versions, runs)
     if is_wandb(remote.url):
         WandbPusher(registry, store, remote, report, advance).push(ids, run_ids)
@@ -62,14 +63,17 @@ def push_selection(registry: Registry, store: LocalStorageBackend, remote: Remot
         Pusher(registry, store, remote, report, advance,
                refresh_runs=not background or bool(runs), check=check).push(ids, run_ids)
     if not background:
-        settle(registry, remote.url, run_ids)
+        settle(registry, remote.url, run_ids, before=began)
     return report
 
 
 def enqueue(registry: Registry, url: str, kind: str, ref: str) -> None:
     with registry.transaction() as conn:
+        # queued again (a resumed run finishing again): as new, with a fresh count
         conn.execute("INSERT INTO remote_queue (url, kind, ref, enqueued_at) VALUES (?, ?, ?,"
-                     " ?) ON CONFLICT (url, kind, ref) DO NOTHING", (url, kind, ref, utc_now()))
+                     " ?) ON CONFLICT (url, kind, ref) DO UPDATE SET enqueued_at ="
+                     " excluded.enqueued_at, attempts = 0, last_error = NULL",
+                     (url, kind, ref, utc_now()))
 
 
 def pending(registry: Registry, url: str | None = None) -> list[QueueItem]:
@@ -79,11 +83,12 @@ def pending(registry: Registry, url: str | None = None) -> list[QueueItem]:
                               f" FROM remote_queue {where} ORDER BY id", params)]
 
 
-def settle(registry: Registry, url: str, runs: list[str]) -> int:
+def settle(registry: Registry, url: str, runs: list[str], *, before: str) -> int:
     """Drop queued items a push has since covered: versions the remote now holds, and the
     ``runs`` this push sent as they are now (a run pushed earlier with a checkpoint is not
-    covered: its final state was not). Returns how many. (A W&B mirror holds artifacts only:
-    a run's item there has nothing to push.)"""
+    covered: its final state was not) as queued ``before`` this push began (one queued while
+    it ran may hold a newer state). Returns how many. (A W&B mirror holds artifacts only: a
+    run's item there has nothing to push.)"""
     with registry.transaction() as conn:
         if is_wandb(url):
             conn.execute("DELETE FROM remote_queue WHERE url = ? AND kind = 'run'", (url,))
@@ -92,8 +97,8 @@ def settle(registry: Registry, url: str, runs: list[str]) -> int:
             " INTEGER) IN (SELECT version_id FROM remote_versions WHERE url = ?)",
             (url, url)).rowcount
         return dropped + sum(conn.execute(
-            "DELETE FROM remote_queue WHERE url = ? AND kind = 'run' AND ref = ?",
-            (url, run_id)).rowcount for run_id in runs)
+            "DELETE FROM remote_queue WHERE url = ? AND kind = 'run' AND ref = ? AND"
+            " enqueued_at < ?", (url, run_id, before)).rowcount for run_id in runs)
 
 
 class Mirror:
@@ -105,6 +110,9 @@ class Mirror:
         # snapshot for a run's bundle through the other (never waiting on each other).
         self._registry = Registry(root / "registry.sqlite", create=False)
         self._queue = Registry(root / "registry.sqlite", create=False)
+        with contextlib.suppress(ReproError), self._queue.transaction() as conn:
+            # items parked by an earlier run (an outage): this run tries them again
+            conn.execute("UPDATE remote_queue SET attempts = 0 WHERE url = ?", (url,))
         self._store: LocalStorageBackend | None = None
         self._wake = threading.Event()
         self._stop = False
@@ -185,9 +193,17 @@ class Mirror:
             return []
 
     def _push(self, items: list[QueueItem]) -> bool:
-        """Push the queued items one by one (a failing one does not hold up the others);
-        True when all went through."""
-        return all([self._push_one(item) for item in items])
+        """Push the queued items one by one: a failing one does not hold up the others —
+        but when the first fails, the remote is likely down: the round stops there (one
+        attempt counted, not one per item, so an outage does not park every item). True
+        when all went through."""
+        done = 0
+        for item in items:
+            if self._push_one(item):
+                done += 1
+            elif done == 0:
+                return False
+        return done == len(items)
 
     def _push_one(self, item: QueueItem) -> bool:
         try:

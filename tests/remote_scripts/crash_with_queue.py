@@ -33,10 +33,10 @@ def main() -> None:
     deadline = time.monotonic() + DEADLINE
     while True:
         items = manager.pending_pushes()
-        if len(items) == 3 and all(i.last_error for i in items):
+        if len(items) == 3 and items[0].last_error:  # (a round stops at its first failure)
             break
         if time.monotonic() > deadline:
-            print(f"the pushes did not all fail within {DEADLINE:g} s: {items}", flush=True)
+            print(f"the first push did not fail within {DEADLINE:g} s: {items}", flush=True)
             sys.exit(3)
         time.sleep(0.05)
     print(json.dumps({"run": run.id, "keys": [data.key, first.key, second.key]}), flush=True)
