@@ -232,7 +232,7 @@ class Pusher:
         """The uid of another store's version record. A claimed record never changes, so
         each is read once per process (a long run's mirror pushes many times)."""
         cache_key = (self.remote.url, path)
-        if cache_key in _FOREIGN_UIDS:
+        if cache_key in _FOREIGN_UIDS and not self.check:  # (--check trusts nothing noted)
             return _FOREIGN_UIDS[cache_key]
         data = self.remote.records.get(path)
         where = f"{self.remote.where}/meta/{path}"
