@@ -198,6 +198,27 @@ def make_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     return S3Harness(request.getfixturevalue("s3_env"), request.getfixturevalue("s3_bucket"))
 
 
+def upload_from_threads(backend: StorageBackend, src: Path, digest: str,
+                        count: int = 4) -> list[BaseException]:
+    """Upload one file from ``count`` threads released at once; the errors they raised."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(count)
+
+    def upload() -> None:
+        try:
+            barrier.wait()
+            backend.upload(src, digest)
+        except BaseException as exc:  # returned to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upload) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return errors
+
+
 class BackendSuite:
     """The tests; a subclass provides the ``harness`` fixture."""
 
@@ -385,22 +406,7 @@ class BackendSuite:
     def test_concurrent_uploads_from_threads(self, harness: Harness, tmp_path: Path) -> None:
         src = tmp_path / "src.bin"
         digest = write_file(src, 11 * MIB)
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(4)
-
-        def upload() -> None:
-            try:
-                barrier.wait()
-                harness.backend.upload(src, digest)
-            except BaseException as exc:  # reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=upload) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert errors == []
+        assert upload_from_threads(harness.backend, src, digest) == []
         self._one_complete_object(harness, tmp_path, src, digest)
 
     @pytest.mark.slow

@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backend_suite import BAD_DIGESTS, MIB, write_file
+from backend_suite import BAD_DIGESTS, MIB, upload_from_threads, write_file
 
 from repro_core import (
     IntegrityError,
@@ -280,22 +279,7 @@ def test_unreadable_source_is_refused(harness: OfflineHarness, tmp_path: Path) -
 def test_concurrent_uploads_from_threads(harness: OfflineHarness, tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     digest = write_file(src, 11 * MIB)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
-
-    def upload() -> None:
-        try:
-            barrier.wait()
-            harness.backend.upload(src, digest)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=upload) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert errors == []
+    assert upload_from_threads(harness.backend, src, digest) == []
     records = harness.artifacts()
     assert len(records) == 4 and len({r.digest for r in records}) == 1
     _assert_holds(records[0], digest, src.read_bytes())
