@@ -232,3 +232,54 @@ def test_a_version_whose_run_record_is_missing_is_not_filed_under_a_same_id_run(
     report = _pull(str(url), b)
     assert report.versions == [] and any("baseline" in p for p in report.problems)
     assert _versions(b) == {}  # nothing of a's was filed under b's run "baseline"
+
+
+# -- a second trial's findings --------------------------------------------------------------------
+
+
+def test_another_store_is_refused_as_a_remote_and_a_remote_is_not_a_cache(
+        tmp_path: Path) -> None:
+    a, b, url = tmp_path / "a", tmp_path / "b", tmp_path / "remote"
+    _log(a, b"one")
+    _log(b, b"two")
+    with pytest.raises(InvalidArgumentError, match="another repro store"):
+        remote.add_remote("b", str(b), root=a)
+    _push(str(url), a)
+    assert not (url / "CACHEDIR.TAG").exists()  # backup tools must not skip a remote
+
+
+def test_push_check_on_an_intact_remote_reports_nothing_sent(tmp_path: Path) -> None:
+    src, url = tmp_path / "src", str(tmp_path / "remote")
+    _log(src, b"one", b"two")
+    _push(url, src)
+    checked = _push(url, src, check=True)
+    assert not checked.transferred and checked.skipped == 2 and checked.skipped_runs == 1
+
+
+def test_leftovers_of_killed_pushes_and_pulls_are_swept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    src, url = tmp_path / "src", tmp_path / "remote"
+    _log(src, b"one")
+    _push(str(url), src)
+    # a first pull into "dst" killed (SIGKILL) while it holds its work directory's lock
+    script = ("import fcntl, os, sys, tempfile, time; d = tempfile.mkdtemp(prefix='.dst.pull-',"
+              " dir=sys.argv[1]); fd = os.open(d + '.lock', os.O_RDWR | os.O_CREAT);"
+              " fcntl.flock(fd, fcntl.LOCK_EX); print(d, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    left = Path(proc.stdout.readline().strip())
+    (left / "blobs").mkdir()
+    proc.kill()
+    proc.wait(30)
+    # ... and a temp file a killed push left in the remote's tmp/
+    stale = url / "tmp" / "12345-deadbeef.part"
+    stale.write_bytes(b"half an upload")
+    _pull(str(url), tmp_path / "dst")
+    assert not left.exists() and not Path(f"{left}.lock").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "remote", "src"]
+    _log(src, b"two")
+    _push(str(url), src)
+    assert not stale.exists()

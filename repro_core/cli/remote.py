@@ -191,7 +191,11 @@ def status(root: Path | None, as_json: bool) -> None:
     for name, info in state.items():
         items = info["pending"]
         errors = [i.last_error for i in items if i.last_error]  # type: ignore[attr-defined]
+        queued = [f"{remote_api.describe(i, root=base)} ({i.attempts} tries)"  # type: ignore[attr-defined]
+                  for i in items[:3]]  # type: ignore[index]
+        more = len(items) - len(queued)  # type: ignore[arg-type]
         out.add_row(clean(name), clean(redact_url(str(info["url"]))),
-                    f"{info['unpushed']} version(s)", str(len(items)),  # type: ignore[arg-type]
+                    f"{info['unpushed']} version(s)",
+                    clean(", ".join(queued) + (f", +{more} more" if more > 0 else "")) or "0",
                     clean(errors[-1]) if errors else "")
     console().print(out)

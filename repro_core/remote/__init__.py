@@ -16,6 +16,7 @@ collide: see ``_local`` for how a number logged on two machines is reconciled.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -205,7 +206,9 @@ def pull(remote: str | None = None, key: str | None = None, *, run: str | None =
     # A new store is pulled into a hidden sibling and renamed into place: a failed pull
     # leaves nothing, and nothing another process puts at ``base`` meanwhile is touched.
     base.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_dead_pulls(base)
     work = Path(tempfile.mkdtemp(prefix=f".{base.name}.pull-", dir=base.parent))
+    lock = _hold(Path(f"{work}.lock"))  # while held, no other pull sweeps ``work``
     try:
         registry, store = _open(work, create=True)
         try:
@@ -216,6 +219,8 @@ def pull(remote: str | None = None, key: str | None = None, *, run: str | None =
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)  # (gone already when it was moved)
+        Path(f"{work}.lock").unlink(missing_ok=True)
+        os.close(lock)
 
 
 def _pull(registry: Registry, store: LocalStorageBackend, base: Path,
@@ -270,6 +275,36 @@ def _resolve_run(source: Remote, prefix: str) -> str:
     raise ArtifactNotFoundError(f"run prefix {prefix!r} is ambiguous on {source.where} "
                                 f"({', '.join(matches[:5])}…): give more characters",
                                 key=prefix)
+
+
+def _hold(path: Path) -> int:
+    """An exclusive ``flock`` on ``path`` for as long as this process keeps the fd open (a
+    killed process lets go of it: how a later pull tells its leftovers from a live pull)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _sweep_dead_pulls(base: Path) -> None:
+    """Remove what first pulls into ``base`` killed by SIGTERM or ``kill -9`` left: their
+    hidden work directories, whose lock no live process holds."""
+    for work in base.parent.glob(f".{base.name}.pull-*"):
+        if not work.is_dir() or work.is_symlink():
+            continue
+        try:
+            fd = os.open(f"{work}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a pull in progress
+        try:
+            shutil.rmtree(work, ignore_errors=True)
+            Path(f"{work}.lock").unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 def _move_into_place(work: Path, base: Path) -> None:

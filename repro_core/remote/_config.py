@@ -57,6 +57,11 @@ def refuse_inside(url: str, root: Path) -> None:
         return
     where = Path(url[len("file://"):]).resolve()
     store = root.resolve()
+    if where != store and (where / "registry.sqlite").exists():
+        raise InvalidArgumentError(
+            f"remote {where} is another repro store: a remote needs a directory of its own "
+            "(two stores share versions through one remote they both push to and pull from; "
+            "that store's `repro gc` would delete what a push put there)", argument="url")
     if where == store or store in where.parents:
         what = "this store" if where == store else "inside this store"
         raise InvalidArgumentError(

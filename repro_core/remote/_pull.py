@@ -27,6 +27,7 @@ from ..registry import Registry
 from ..registry.records import RUN_COLUMNS, dumps
 from ..registry.runs import is_alive_here
 from ..store.local import LocalStorageBackend
+from ..types import utc_now
 from ._aliases import pull_aliases
 from ._bundle import Bundle, read_bundle, revision
 from ._exports import logged_here
@@ -316,10 +317,9 @@ class Puller:
         for run_id, bundle in plan.bundles.items():
             self._run_rows(conn, run_id, bundle, ids)
             self.touched.add(run_id)
-            conn.execute("INSERT INTO remote_runs (url, run_id, bundle, at) VALUES (?, ?, ?,"
-                         " datetime('now')) ON CONFLICT (url, run_id) DO UPDATE SET bundle ="
-                         " excluded.bundle", (self.remote.url, run_id,
-                                              plan.runs[run_id].bundle))
+            conn.execute("INSERT INTO remote_runs (url, run_id, bundle, at) VALUES (?, ?, ?, ?)"
+                         " ON CONFLICT (url, run_id) DO UPDATE SET bundle = excluded.bundle",
+                         (self.remote.url, run_id, plan.runs[run_id].bundle, utc_now()))
             self.report.runs.append(run_id)
         pull_aliases(conn, self.registry, self.remote, plan.aliases, ids, self.report)
         for project, name in {(v.project, v.name) for v in plan.versions.values()}:

@@ -20,6 +20,7 @@ from ..errors import IntegrityError, ReproError, StorageError
 from ..hashing import hash_file
 from ..registry import Registry, VersionRow
 from ..store.local import LocalStorageBackend
+from ..types import utc_now
 from ._aliases import push_aliases
 from ._bundle import revision, write_bundle
 from ._local import (
@@ -79,6 +80,7 @@ class Pusher:
             run_ids = [r for r in run_ids if r not in clashes]
             version_ids = [v for v in version_ids
                            if self.registry.get_version(v).run_id not in clashes]
+        self._sweep()
         todo = [vid for vid in version_ids if vid not in self.numbers]
         if todo:
             self.remote.records.check_atomic()  # numbering needs create-if-absent
@@ -95,6 +97,17 @@ class Pusher:
         push_aliases(self.registry, self.remote, self.uids, self.numbers, names, self.report,
                      check=self.check)
         return self.report
+
+    def _sweep(self) -> None:
+        """What killed pushes left on the remote: a directory's temp files of dead writers,
+        an object store's multipart uploads abandoned over a day ago (best effort)."""
+        backend: Any = self.remote.backend
+        local = getattr(backend, "_local", None)
+        with contextlib.suppress(ReproError, OSError):
+            if local is not None:
+                local.sweep_tmp()
+            elif hasattr(backend, "sweep_uploads"):
+                backend.sweep_uploads()
 
     def _same_run(self, run_id: str) -> bool:
         """False when the remote holds this run id for another run (ids may be chosen:
@@ -149,7 +162,7 @@ class Pusher:
         for _ in range(_CLAIM_ATTEMPTS):
             ours = [n for n, held in listing.items() if held == uid]
             if ours:  # already there (an earlier push died before recording it here)
-                return self._claimed(row.id, ours[0])
+                return self._claimed(row.id, ours[0], sent=False)
             if number in listing:
                 number = max(listing) + 1
                 continue
@@ -161,7 +174,7 @@ class Pusher:
                            f"{self.remote.where} after {_CLAIM_ATTEMPTS} attempts",
                            path=self.remote.where)
 
-    def _claimed(self, vid: int, number: int) -> None:
+    def _claimed(self, vid: int, number: int, *, sent: bool = True) -> None:
         """Note the claim here; give the version that number here too when nothing is in the
         way (``_follow``). Journal lines are written once the transaction has committed."""
         moves: list[dict[str, Any]] = []
@@ -179,7 +192,10 @@ class Pusher:
         self.listings.setdefault(key, {})[number] = self.uids[vid]
         self.numbers[vid] = number
         self.claimed.setdefault(key, []).append((self.start.get(vid, row.version), number))
-        self.report.versions.append(f"{row.project}/{row.name}:v{number}")
+        if sent:
+            self.report.versions.append(f"{row.project}/{row.name}:v{number}")
+        else:  # found there (--check, or a push cut after its claim): nothing was sent
+            self.report.skipped += 1
 
     def _follow(self, conn: sqlite3.Connection, row: VersionRow, number: int,
                 moves: list[dict[str, Any]]) -> bool:
@@ -285,6 +301,11 @@ class Pusher:
                         f"run {run_id}: the remote holds a newer copy (revision "
                         f"{existing.revision} > {rev}); kept it")
                     return
+                if isinstance(existing, RunRecord) and existing.bundle == digest \
+                        and self.remote.backend.exists(digest):  # (--check: it is all there)
+                    self._ran(run_id, digest)
+                    self.report.skipped_runs += 1
+                    return
             self._blobs(payloads)
             self.remote.backend.upload(path, digest)
             size = path.stat().st_size
@@ -298,11 +319,15 @@ class Pusher:
                 and existing.bundle != digest:  # the superseded bundle: nothing names it now
             with contextlib.suppress(ReproError):
                 self.remote.backend.delete(existing.bundle)
-        with self.registry.transaction() as conn:
-            conn.execute("INSERT INTO remote_runs (url, run_id, bundle, at) VALUES (?, ?, ?,"
-                         " datetime('now')) ON CONFLICT (url, run_id) DO UPDATE SET bundle ="
-                         " excluded.bundle", (self.remote.url, run_id, digest))
+        self._ran(run_id, digest)
         self.report.runs.append(run_id)
+
+    def _ran(self, run_id: str, digest: str) -> None:
+        """Note that the remote holds this bundle of the run."""
+        with self.registry.transaction() as conn:
+            conn.execute("INSERT INTO remote_runs (url, run_id, bundle, at) VALUES (?, ?, ?, ?)"
+                         " ON CONFLICT (url, run_id) DO UPDATE SET bundle = excluded.bundle",
+                         (self.remote.url, run_id, digest, utc_now()))
 
     def _named(self, conn: object, run_id: str) -> list[tuple[int, VersionRef]]:
         """Where the remote holds every version the run's bundle names (by local id)."""

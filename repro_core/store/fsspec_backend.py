@@ -107,7 +107,7 @@ class FsspecStorageBackend(StorageBackend):
         # file:// is a local directory: the local store's primitives (no-follow opens, checked
         # directories, flocked temp files that are swept, fsync + rename) make it safe against
         # planted symlinks and crashes, as fsspec's LocalFileSystem (shutil.move) is not.
-        self._local = LocalStorageBackend(self.location.root) \
+        self._local = LocalStorageBackend(self.location.root, cachedir_tag=False) \
             if self.location.protocol == "file" else None
         self._fs()  # a missing fsspec / s3fs is reported now, not at the first upload
 

@@ -143,14 +143,18 @@ class LocalStorageBackend(StorageBackend):
     """Local filesystem storage; also the cache every remote backend reads through."""
 
     def __init__(
-        self, cache_dir: str | Path = "./artifact_cache", *, algorithm: str | None = None
+        self, cache_dir: str | Path = "./artifact_cache", *, algorithm: str | None = None,
+        cachedir_tag: bool = True,
     ) -> None:
+        """``cachedir_tag=False``: no ``CACHEDIR.TAG`` (a remote's directory is the durable
+        shared copy: backup tools must not skip it)."""
         self.root = Path(cache_dir).expanduser().absolute()
         self.algorithm = algorithm or constants.REPRO_HASH
         new_hasher(self.algorithm)  # validates the name before any I/O
         self.blobs_dir = self.root / "blobs"
         self.tmp_dir = self.root / "tmp"
         self._layout_ready = False
+        self._cachedir_tag = cachedir_tag
 
     # -- primitives -------------------------------------------------------------------------
 
@@ -372,7 +376,8 @@ class LocalStorageBackend(StorageBackend):
                     _fsio.fsync_dir(d)
             self._check_shards()
             tag = self.root / "CACHEDIR.TAG"
-            if not tag.exists():  # temp name outside tmp/, so no sweep can take it
+            if self._cachedir_tag and not tag.exists():
+                # (a temp name outside tmp/, so no sweep can take it)
                 tmp = self.root / f".CACHEDIR.TAG.{os.getpid()}.{secrets.token_hex(4)}"
                 tmp.write_text(_CACHEDIR_TAG)
                 os.replace(tmp, tag)
