@@ -283,3 +283,28 @@ def test_leftovers_of_killed_pushes_and_pulls_are_swept(tmp_path: Path) -> None:
     _log(src, b"two")
     _push(str(url), src)
     assert not stale.exists()
+
+
+def test_a_replaced_run_bundle_outlives_one_push(tmp_path: Path) -> None:
+    """A pull that read a run's record just before a push replaced it can still fetch the
+    bundle that record names: bundles are deleted two pushes after they were replaced."""
+    from repro_core.remote._records import RunRecord, decode
+
+    src, url = tmp_path / "src", tmp_path / "remote"
+    manager = ArtifactManager.reset_instance()
+    run = manager.init_run("long", root=src)
+    assert run.id is not None
+    record_path = url / "meta" / "runs" / f"{run.id}.json"
+    bundles = []
+    for step in range(3):
+        manager.log_artifact("ckpt", "checkpoint", data=f"w{step}".encode())  # a new bundle
+        _push(str(url), src)
+        record = decode(record_path.read_bytes(), str(record_path))
+        assert isinstance(record, RunRecord)
+        bundles.append(record.bundle)
+    manager.finalize_run()
+    ArtifactManager.reset_instance()
+    store = remote.Remote.open("r", remote.normalize_url(str(url))).backend
+    assert len(set(bundles)) == 3
+    assert not store.exists(bundles[0])  # two pushes old: deleted
+    assert store.exists(bundles[1]) and store.exists(bundles[2])  # the replaced one outlives

@@ -312,13 +312,18 @@ class Pusher:
         used = {int(r[0]) for r in self.registry._read(
             "SELECT version_id FROM run_inputs WHERE run_id = ?", (run_id,))}
         inputs = tuple(ref for vid, ref in named if vid in used)
+        replaced = existing if remote_record is not None and isinstance(existing, RunRecord) \
+            else None
         record = RunRecord(run_id, digest, size, rev, tuple(ref for _, ref in named), inputs,
-                           created_at=self.registry.get_run(run_id).created_at)
+                           created_at=self.registry.get_run(run_id).created_at,
+                           previous=replaced.bundle if replaced is not None else None)
         self.remote.records.put(run_path(run_id), encode(record))
-        if remote_record is not None and isinstance(existing, RunRecord) \
-                and existing.bundle != digest:  # the superseded bundle: nothing names it now
+        stale = replaced.previous if replaced is not None else None
+        if stale is not None and stale not in (digest, record.previous):
+            # two pushes old: no record names it, and a pull that read the record before
+            # the last one had a whole push's time to fetch it
             with contextlib.suppress(ReproError):
-                self.remote.backend.delete(existing.bundle)
+                self.remote.backend.delete(stale)
         self._ran(run_id, digest)
         self.report.runs.append(run_id)
 

@@ -146,11 +146,15 @@ class RunRecord:
     #: when the run was created: with the id, what tells two runs apart (ids may be chosen
     #: by users: ``init_run(run_id="baseline")`` in two stores is two runs)
     created_at: str = ""
+    #: the bundle this record replaced: kept one push longer, so that a pull that read the
+    #: previous record just before can still fetch it
+    previous: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {"kind": "run", "format_version": RECORD_FORMAT, "run_id": self.run_id,
                "bundle": self.bundle, "bundle_size": self.bundle_size,
                "revision": list(self.revision), "created_at": self.created_at,
+               "previous": self.previous,
                "versions": [list(v) for v in self.versions]}
         if self.inputs is not None:
             out["inputs"] = [list(v) for v in self.inputs]
@@ -226,7 +230,9 @@ def _run(raw: dict[str, Any]) -> RunRecord:
                      revision=(_size(revision[0]), _size(revision[1]), _size(revision[2])),
                      versions=versions, inputs=inputs,
                      created_at=_text(raw.get("created_at", "")) if raw.get("created_at")
-                     else "")
+                     else "",
+                     previous=None if raw.get("previous") is None
+                     else _digest(raw["previous"]))
 
 
 def _digest(value: object) -> str:
