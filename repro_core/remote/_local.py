@@ -28,7 +28,7 @@ from ..types import utc_now
 from ._records import version_uid
 
 __all__ = ["closure", "journal_moves", "local_max", "note_move", "pinned", "pushed_numbers",
-           "renumber", "snapshot", "uid_map"]
+           "renumber", "snapshot", "uid_map", "version_in"]
 
 
 def uid_map(registry: Registry) -> dict[int, str]:
@@ -107,6 +107,15 @@ def snapshot(registry: Registry) -> Iterator[sqlite3.Connection]:
             yield conn
         finally:
             conn.execute("COMMIT")
+
+
+def version_in(conn: sqlite3.Connection, vid: int) -> VersionRow:
+    """A version as it is inside the caller's transaction (another pusher may have moved it
+    since this process last read it)."""
+    from ..registry.records import VERSION_COLUMNS, VERSION_FROM, version_row
+
+    return version_row(conn.execute(f"SELECT {VERSION_COLUMNS} FROM {VERSION_FROM} WHERE"
+                                    " v.id = ?", (vid,)).fetchone())
 
 
 def local_max(conn: sqlite3.Connection, project: str, name: str) -> int:

@@ -42,6 +42,7 @@ from ._local import (
     reset_latest,
     snapshot,
     uid_map,
+    version_in,
 )
 from ._records import (
     RUN_ID,
@@ -356,7 +357,7 @@ class Puller:
                                                  record.number)).fetchone()
         if occupant is None:
             return record.number
-        row = self.registry_row(conn, int(occupant[0]))
+        row = version_in(conn, int(occupant[0]))
         top = local_max(conn, record.project, record.name)
         if pinned(conn, row):
             # on a remote already, or its run may be running (its program holds ``name:vN``
@@ -369,11 +370,6 @@ class Puller:
         note_move(self.report.renumbered, row.key, f"{row.project}/{row.name}:v{top + 1}")
         return record.number
 
-    def registry_row(self, conn: sqlite3.Connection, vid: int) -> Any:
-        from ..registry.records import VERSION_COLUMNS, VERSION_FROM, version_row
-
-        return version_row(conn.execute(f"SELECT {VERSION_COLUMNS} FROM {VERSION_FROM} WHERE"
-                                        " v.id = ?", (vid,)).fetchone())
 
     def _run_row(self, conn: sqlite3.Connection, run_id: str, bundle: Bundle) -> None:
         values = [bundle.run[c] for c in _RUN_FIELDS]

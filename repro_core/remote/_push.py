@@ -33,6 +33,7 @@ from ._local import (
     renumber,
     snapshot,
     uid_map,
+    version_in,
 )
 from ._records import (
     RemoteVersion,
@@ -179,7 +180,7 @@ class Pusher:
         way (``_follow``). Journal lines are written once the transaction has committed."""
         moves: list[dict[str, Any]] = []
         with self.registry.transaction() as conn:
-            row = self._row(conn, vid)  # as it is now: another pusher may have moved it
+            row = version_in(conn, vid)  # as it is now: another pusher may have moved it
             if number != row.version and not self._follow(conn, row, number, moves):
                 self.report.problems.append(
                     f"{row.key} is v{number} on {self.remote.where} (its number was taken "
@@ -205,7 +206,7 @@ class Pusher:
         recorded beside it. Returns whether it moved."""
         held = conn.execute("SELECT id FROM versions WHERE project = ? AND name = ? AND"
                             " version = ?", (row.project, row.name, number)).fetchone()
-        occupant = self._row(conn, int(held[0])) if held and int(held[0]) != row.id else None
+        occupant = version_in(conn, int(held[0])) if held and int(held[0]) != row.id else None
         if pinned(conn, row) or (occupant is not None and pinned(conn, occupant)):
             return False
         if occupant is not None:
@@ -216,12 +217,6 @@ class Pusher:
         self._moved(row.key, f"{row.project}/{row.name}:v{number}")
         return True
 
-    @staticmethod
-    def _row(conn: sqlite3.Connection, vid: int) -> VersionRow:
-        from ..registry.records import VERSION_COLUMNS, VERSION_FROM, version_row
-
-        return version_row(conn.execute(f"SELECT {VERSION_COLUMNS} FROM {VERSION_FROM} WHERE"
-                                        " v.id = ?", (vid,)).fetchone())
 
     def _listing(self, project: str, name: str, *, refresh: bool = False) -> dict[int, str]:
         """Number -> uid of every version the remote holds for a name. Records this store
