@@ -81,6 +81,10 @@ class Batch:
             self.rows.setdefault(table, []).extend(rows)
 
 
+_CHUNK_COLUMNS = ("series_id", "count", "first_step", "last_step", "steps", "vals", "times",
+                  "segment")
+
+
 def write_part(conn: sqlite3.Connection, run_id: str, part: Batch,
                series: dict[str, int], *, segment: int = 0) -> None:
     """Insert one part inside the caller's transaction. ``series`` caches name -> series id
@@ -88,12 +92,13 @@ def write_part(conn: sqlite3.Connection, run_id: str, part: Batch,
     ``segment``: which stretch of a resumed run logged the points."""
     if part.columns:
         _series_ids(conn, run_id, part.columns, series)
-        conn.executemany(
-            "INSERT INTO metric_chunks (series_id, count, first_step, last_step, steps,"
-            " vals, times, segment) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(series[key], len(steps), min(steps), max(steps), pack(steps), pack(vals),
-              pack(times), segment) for key, (steps, vals, times) in part.columns.items()],
-        )
+        chunks = [(series[key], len(steps), min(steps), max(steps), pack(steps), pack(vals),
+                   pack(times), segment) for key, (steps, vals, times) in part.columns.items()]
+        if getattr(conn, "dialect", "sqlite") == "postgresql":
+            conn.copy_rows("metric_chunks", _CHUNK_COLUMNS, chunks)
+        else:
+            conn.executemany(f"INSERT INTO metric_chunks ({', '.join(_CHUNK_COLUMNS)}) VALUES"
+                             " (?, ?, ?, ?, ?, ?, ?, ?)", chunks)
     for table, rows in part.rows.items():
         if rows:
             insert_rows(conn, table, rows)

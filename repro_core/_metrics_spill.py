@@ -31,7 +31,6 @@ import json
 import os
 import re
 import secrets
-import sqlite3
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from ._metrics_rows import check_key, check_row, pack, unpack
 from ._safepath import read_untrusted, real_dirs
 from .errors import IntegrityError, ReproError, SerializationError
 from .registry import Registry
+from .registry.dialect import DATA_ERRORS, DB_ERRORS
 
 __all__ = ["SpillReport", "import_spills", "write_spill"]
 
@@ -54,10 +54,10 @@ _MAX_SPILL_BYTES = 1 << 30
 _FORMAT, _VERSION = "repro-spill", 1
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SPILL_ID = re.compile(r"[0-9a-f]{1,16}-[0-9]{4,9}-[0-9a-f]{16}")
-# SQLite refusing the data itself (a NULL in a NOT NULL column …): the file is at fault, and
-# retrying it at every open would never succeed. Other sqlite3 errors (full, locked) are kept.
-_DATA_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
-                sqlite3.ProgrammingError)
+# The database refusing the data itself (a NULL in a NOT NULL column …: registry.dialect's
+# DATA_ERRORS): the file is at fault, and retrying it at every open would never succeed.
+# Other driver errors (full, locked, a lost server) are kept.
+
 
 
 @dataclass(frozen=True)
@@ -140,10 +140,10 @@ def _import_all(registry: Registry, spills: list[Path]) -> SpillReport:
         try:
             counts = _import_one(registry, spill)
         except (SerializationError, ValueError, KeyError, TypeError, AttributeError,
-                RecursionError, MemoryError, *_DATA_ERRORS) as exc:
+                RecursionError, MemoryError, *DATA_ERRORS) as exc:
             invalid.append(_quarantine(spill, exc))
             continue
-        except (sqlite3.Error, OSError, ReproError) as exc:  # disk still full, locked, ...
+        except (*DB_ERRORS, OSError, ReproError) as exc:  # disk still full, locked, ...
             warnings.warn(f"could not import metrics spill file {spill} now ({exc}); it is "
                           "kept and retried when the store is next opened", RuntimeWarning,
                           stacklevel=3)

@@ -177,8 +177,9 @@ def _check_root(root: object) -> Path:
 
 
 def _identity(registry: Registry, *, reopen: bool = False) -> tuple[int, int, str | None]:
-    """(device, inode, store id) of the registry file now at the registry's path."""
-    st = os.stat(registry.path)
+    """(device, inode, store id) of the registry file now at the registry's path (for a
+    PostgreSQL registry: of the store's ``registry.url``, which names it)."""
+    st = os.stat(registry.identity_file)
     if not reopen:
         return st.st_dev, st.st_ino, registry.store_id()
     probe = Registry(registry.path, readonly=True)

@@ -230,11 +230,11 @@ class _Rebuild:
                      (key.project, key.name, type_, str(event.get("created_at", ""))))
         cursor = conn.execute(
             "INSERT INTO versions (project, name, version, digest, size, format, run_id,"
-            " created_at, metadata, filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " created_at, metadata, filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (key.project, key.name, key.version, digest, size, fmt, run_id,
              str(event.get("created_at", "")), dumps(metadata),
              filename if isinstance(filename, str) else None))
-        vid = int(cursor.lastrowid)
+        vid = int(cursor.fetchone()[0])
         conn.executemany("INSERT INTO version_blobs (version_id, digest, size) VALUES (?, ?, ?)"
                          " ON CONFLICT DO NOTHING", [(vid, d, s) for d, s in blobs])
         return vid

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pg_support import PgServer, start_server
 from s3_support import moto_s3, s3_bucket, s3_env  # noqa: F401 (fixtures: a moto S3 server)
 
 from repro_core import ArtifactManager
@@ -63,3 +64,54 @@ def store_home(manager: ArtifactManager, store_root: Path, tmp_path: Path,
 def run(manager: ArtifactManager):  # type: ignore[no-untyped-def]
     """An active run on the fresh store."""
     return manager.init_run("test-run", config={"lr": 0.1})
+
+
+# -- registry engines -------------------------------------------------------------------------
+# The modules whose every test runs twice: on SQLite (the default) and on a real PostgreSQL
+# server (tests/pg_support.py). A test that is about SQLite itself (its file, its journal, a
+# forged row written with sqlite3) is marked ``sqlite_only`` with the reason.
+_BOTH_ENGINES = {
+    "test_manager", "test_lineage", "test_metrics", "test_ttrl", "test_cli", "test_projects",
+    "test_prune", "test_diff", "test_resume",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sqlite_only(reason): a test about the SQLite engine itself (not run on "
+        "PostgreSQL in the modules that run on both)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "registry_engine" not in metafunc.fixturenames:
+        return
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    engines = ["sqlite"]
+    if module in _BOTH_ENGINES and metafunc.definition.get_closest_marker("sqlite_only") is None:
+        engines.append("postgresql")
+    metafunc.parametrize("registry_engine", engines, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One real PostgreSQL server for the whole session (skips or fails as pg_support says)."""
+    yield from start_server()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    """A URL (with its password) to a fresh, empty schema of the session's server."""
+    return pg_server.new_schema()
+
+
+@pytest.fixture(autouse=True)
+def registry_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which engine this test's stores use: on ``postgresql``, ``REPRO_REGISTRY`` names a
+    fresh schema, so every store the test opens (and every subprocess) uses the server."""
+    engine = getattr(request, "param", "sqlite")
+    if engine == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        monkeypatch.setenv("REPRO_REGISTRY", url)
+    else:
+        monkeypatch.delenv("REPRO_REGISTRY", raising=False)
+    return str(engine)

@@ -340,7 +340,8 @@ def test_hostile_names_write_nothing(manager: ArtifactManager, run: object, tmp_
     """Nothing is written beside the store (a name like ``../x``) nor inside it (no blob, no
     temp file, no registry change, no journal line) for a name that is refused."""
     before = _tree_state(tmp_path)
-    assert "store/registry.sqlite" in before  # the run's store exists: writes would show
+    # The run's store exists (writes would show): its SQLite file, or its PostgreSQL binding.
+    assert {"store/registry.sqlite", "store/registry.url"} & set(before)
     with pytest.raises(InvalidNameError):
         manager.log_artifact(name, "dataset", data=b"x")  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
@@ -442,6 +443,7 @@ def test_fork_reopens_registry(manager: ArtifactManager, run: object,
     assert verify_store(store_root).ok
 
 
+@pytest.mark.sqlite_only("WAL is SQLite's journal mode")
 def test_registry_schema_and_wal(manager: ArtifactManager, run: object,
                                  store_root: Path) -> None:
     manager.log_artifact("x", "dataset", data=b"x")
@@ -453,6 +455,7 @@ def test_registry_schema_and_wal(manager: ArtifactManager, run: object,
     reg.close()
 
 
+@pytest.mark.sqlite_only("a v1 store was a SQLite file")
 def test_v1_registry_is_migrated_in_place(tmp_path: Path) -> None:
     """A store written by the first release opens, keeps its rows and gains the new tables."""
     import sqlite3

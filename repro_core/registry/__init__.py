@@ -1,11 +1,16 @@
 """The registry: runs, artifact versions, aliases, lineage edges, metrics and TTRL rows.
 
-One SQLite file per store (``registry.sqlite``). The layers, each importing only the ones
-above it::
+One SQLite file per store (``registry.sqlite``, the default), or a PostgreSQL database a team
+shares (``REPRO_REGISTRY=postgresql://…``). The layers, each importing only the ones above
+it::
 
-    schema.py      DDL and migrations (v1 … v4), one per schema version
+    dialect.py     how the two engines' SQL, errors and URLs differ (the only such place)
+    schema.py      DDL and migrations (v1 … v7), one per schema version
+    schema_pg.py   PostgreSQL's base schema (v6, typed); later migrations are shared
+    target.py      which engine a store uses (REPRO_REGISTRY, registry=, registry.url)
+    engine_sqlite.py / engine_postgres.py   opening rules, transactions, locks of each
     records.py     typed rows and the column lists that make them
-    connection.py  opening rules (never invented, read-only opens), transactions, reads
+    connection.py  one face over the engines: transactions, reads
     runs.py        runs, state history, run-id prefixes, CRASHED detection
     versions.py    versions, aliases, key resolution within projects, lineage edges
 
@@ -30,4 +35,5 @@ __all__ = [
 
 
 class Registry(VersionQueries, BulkQueries):
-    """SQLite-backed registry. Thread-safe; reopens itself after ``fork()``."""
+    """The registry of one store (SQLite or PostgreSQL). Thread-safe; reopens itself after
+    ``fork()``."""

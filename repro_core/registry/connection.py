@@ -1,323 +1,189 @@
-"""Opening the registry's SQLite file: when it may be created, read-only opens, migrations.
+"""The registry's connection: one face over two engines (SQLite file, PostgreSQL server).
 
-Why SQLite and how it is used:
+``Connection`` is what the query layers (``runs.py``, ``versions.py``, the bulk readers) build
+on: ``_read`` for one statement, ``_reading()`` for several reads on one connection,
+``transaction()`` / ``_write()`` for a change. The engine decides what those mean:
 
-- **WAL mode** lets readers run while a writer commits; on network filesystems (NFS, Lustre,
-  GPFS, CIFS, FUSE) WAL's shared-memory index does not work, so we warn and use a rollback
-  journal there.
-- **One transaction per logical change**, opened with ``BEGIN IMMEDIATE``: the write lock is
-  taken *before* reading the latest version number, so two processes can never both read
-  ``v7`` and both write ``v8`` (a deferred transaction would read first and lose one).
-- **Fork safety**: a connection must not cross ``fork()``; each call checks the PID and opens a
-  fresh connection in a child (the parent's is abandoned, never closed, in the child).
-- **Never created by accident.** A missing, empty (0-byte) or unreadable ``registry.sqlite``
-  used to become a fresh, empty registry: ``repro runs`` then showed nothing and ``repro gc
-  --delete`` deleted every blob. Now a registry is created only where the store holds no data
-  (no blob, no run export) or when the caller says ``create=True`` (``repro init``); anything
-  else is :class:`~repro_core.errors.RegistryDamagedError` naming ``repro recover``.
-- **Readers open read-only** (``mode=ro``, or ``immutable=1`` when the store's directory cannot
-  be written at all, so WAL's ``-shm`` cannot be created): an archived or shared
-  ``chmod -R a-w`` store is readable. An older schema is migrated in memory for such readers.
+- :class:`~.engine_sqlite.SqliteEngine` (default): ``registry.sqlite`` in the store, WAL,
+  ``BEGIN IMMEDIATE`` (one writer at a time, the lock taken before the first read).
+- :class:`~.engine_postgres.PostgresEngine`: a pooled psycopg connection per operation;
+  ``BEGIN`` then a transaction-scoped advisory lock, which gives writers exactly SQLite's
+  serial order across every process and host sharing the database.
+
+Which one a store uses is decided by :mod:`.target` (``REPRO_REGISTRY``, ``registry=``,
+``<store>/registry.url``). Either way the registry is thread-safe (one lock per object) and
+reopens itself after ``fork()``.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+from typing import Any, Protocol
 
-from .. import constants
-from ..errors import (
-    InvalidArgumentError,
-    RegistryDamagedError,
-    StorageError,
-    StoreNotFoundError,
-)
-from .mounts import detect_network_fs
-from .schema import SCHEMA_VERSION, migrations, retry_busy
+from ..errors import StorageError
+from .dialect import DB_ERRORS, is_postgres_url
+from .engine_sqlite import SqliteEngine
+from .store_data import store_has_data
+from .target import resolve
 
-__all__ = ["Connection", "store_has_data"]
+__all__ = ["Connection", "Engine", "store_has_data", "translated"]
 
 
-def store_has_data(root: Path) -> bool:
-    """Whether ``root`` holds any blob or run export (then a registry must not be invented)."""
-    blobs = root / "blobs"
-    if blobs.is_dir():
-        for algo in blobs.iterdir():
-            if not algo.is_dir():
-                continue
-            for shard in algo.iterdir():
-                if shard.is_dir() and any(True for _ in shard.iterdir()):
-                    return True
-    runs = root / "runs"
-    return runs.is_dir() and any(True for _ in runs.glob("*/run.json"))
+class Engine(Protocol):
+    """What a registry engine provides (see the two implementations)."""
+
+    dialect: str
+    readonly: bool
+
+    @property
+    def identity_file(self) -> Path:
+        """The file whose replacement means "another store now": the SQLite file, or the
+        store's ``registry.url`` (its directory when the URL was given directly)."""
+        if self.engine == "sqlite":
+            return self.path
+        config = self.root / "registry.url"
+        return config if config.exists() else self.root
+
+    @property
+    def location(self) -> str: ...
+    def borrow(self) -> AbstractContextManager[Any]: ...
+    def begin(self, conn: Any) -> None: ...
+    def rollback(self, conn: Any) -> None: ...
+    def close(self) -> None: ...
+    def integrity_check(self) -> str: ...
+    def publish_guard(self, *, exclusive: bool = False) -> AbstractContextManager[None]: ...
 
 
-# SQLite's words for a file that is not (or no longer) a database, and ours.
-_DAMAGE = ("not a database", "malformed", "no repro schema", "schema_version row",
-           "has content but no", "corrupt")
-# What a store directory may hold before its registry exists (anything else: not ours).
-_STORE_ENTRIES = {"registry.sqlite", "registry.sqlite-wal", "registry.sqlite-shm",
-                  "registry.sqlite-journal", "blobs", "tmp", "cache", "runs", "spill",
-                  "CACHEDIR.TAG", ".gc.lock"}
+def _engine(path: str | Path, root: Path | None, *, algorithm: str, create: bool | None,
+            readonly: bool) -> tuple[Engine, Path, Path]:
+    """Pick the engine for ``path`` (a ``registry.sqlite`` path, or a PostgreSQL URL)."""
+    if is_postgres_url(path):
+        url: str | None = str(path)
+        root = root if root is not None else Path.cwd()
+        file = root / "registry.sqlite"
+    else:
+        file = Path(path)
+        root = file.parent
+        url = None
+        if file.name == "registry.sqlite":  # a store's registry: its config may say PostgreSQL
+            explicit = os.environ.get("REPRO_REGISTRY", "").strip() or None
+            url = resolve(root, explicit, bind=not readonly and create is not False)
+    if url is None:
+        return SqliteEngine(file, algorithm=algorithm, create=create, readonly=readonly), \
+            file, root
+    from .engine_postgres import PostgresEngine  # psycopg is imported only when used
 
-
-def _refuse_foreign_directory(root: Path) -> None:
-    """A new store is made in a new or empty directory only: ``init_run(root=".")`` in a
-    project folder would scatter ``blobs/``, ``runs/`` … among the user's files and mark the
-    whole folder ``CACHEDIR.TAG`` (which backup tools skip)."""
-    try:
-        foreign = sorted(e.name for e in root.iterdir() if e.name not in _STORE_ENTRIES
-                         and not e.name.startswith(".CACHEDIR.TAG."))
-    except NotADirectoryError:
-        raise InvalidArgumentError(f"{root} is a file, not a store directory",
-                                   argument="root") from None
-    except OSError:
-        return  # unreadable: opening it will say why
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
-        raise InvalidArgumentError(
-            f"{root} already holds other files ({shown}) and no repro store: a store needs a "
-            f"directory of its own (e.g. {root / 'repro_store'}); to use this one anyway, "
-            "create it explicitly (init_run(..., create=True) or `repro init --force`)",
-            argument="root")
+    engine = PostgresEngine(url, root, algorithm=algorithm, create=create, readonly=readonly)
+    return engine, file, root
 
 
 class Connection:
-    """The SQLite connection of one registry: opening rules, transactions, reads."""
+    """The connection of one registry: opening rules, transactions, reads."""
 
     def __init__(self, path: str | Path, *, algorithm: str = "blake3",
-                 create: bool | None = None, readonly: bool = False) -> None:
-        """``create``: True creates a missing registry, False never does, None (default)
+                 create: bool | None = None, readonly: bool = False,
+                 root: str | Path | None = None) -> None:
+        """``path``: the store's ``registry.sqlite`` (its config may move it to PostgreSQL)
+        or a ``postgresql://`` URL (``root``: the store whose blobs it describes).
+        ``create``: True creates a missing registry, False never does, None (default)
         creates one only in a store that holds no data yet. ``readonly`` opens for reading
-        only (no migration on disk, no write lock, works on read-only media)."""
-        self.path = Path(path)
+        only (no migration, no write lock, works on read-only media)."""
         self.readonly = readonly
-        self._algorithm = algorithm
-        self._create = create
         self._lock = threading.RLock()
-        self._conn_obj: sqlite3.Connection | None = None
-        self._pid = -1
-        self._abandoned: list[sqlite3.Connection] = []
+        self._engine, self.path, self.root = _engine(
+            path, Path(root) if root is not None else None, algorithm=algorithm,
+            create=create, readonly=readonly)
+        self._algorithm = algorithm
 
     @property
-    def root(self) -> Path:
-        return self.path.parent
+    def engine(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._engine.dialect
 
-    # -- connection -------------------------------------------------------------------------
+    @property
+    def identity_file(self) -> Path:
+        """The file whose replacement means "another store now": the SQLite file, or the
+        store's ``registry.url`` (its directory when the URL was given directly)."""
+        if self.engine == "sqlite":
+            return self.path
+        config = self.root / "registry.url"
+        return config if config.exists() else self.root
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._conn_obj is None or self._pid != os.getpid():
-            if self._conn_obj is not None:
-                # Inherited across fork: never use or close it here (SQLite forbids both).
-                self._abandoned.append(self._conn_obj)
-            self._conn_obj = self._open_readonly() if self.readonly else self._open()
-            self._pid = os.getpid()
-        return self._conn_obj
+    @property
+    def location(self) -> str:
+        """Where the registry is, for messages (a URL's password is never shown)."""
+        return self._engine.location
 
     def open(self) -> None:
         """Open now (errors surface here rather than at the first query)."""
-        with self._lock:
-            self._conn()
-
-    def _check_present(self) -> bool:
-        """True if a registry file with content is there; raise when one must not be made."""
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            size = -1
-        except OSError as exc:
-            raise StorageError(f"cannot open registry {self.path}: {exc}",
-                               path=self.path) from exc
-        if size > 0:
-            return True
-        if self._create is True:
-            return False
-        has_data = self.root.exists() and store_has_data(self.root)
-        if not has_data and self._create is None:
-            if self.root.exists():
-                _refuse_foreign_directory(self.root)
-            return False
-        if not has_data:  # create=False: nothing to open, nothing lost
-            raise StoreNotFoundError(f"no repro store at {self.root}", path=self.root)
-        state = "is empty (0 bytes)" if size == 0 else "is missing"
-        raise RegistryDamagedError(
-            f"{self.path} {state}, but the store holds blobs or run exports: the registry was "
-            f"lost. Rebuild it with `repro recover --root {self.root}` (or start an empty one "
-            f"with `repro init --force --root {self.root}`)", path=self.path)
-
-    def _open(self) -> sqlite3.Connection:
-        existed = self._check_present()
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=constants.SQLITE_BUSY_TIMEOUT_MS / 1000,
-                                   isolation_level=None, check_same_thread=False)
-        except (sqlite3.Error, OSError) as exc:
-            raise StorageError(f"cannot open registry {self.path}: {exc}", path=self.path) from exc
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {constants.SQLITE_BUSY_TIMEOUT_MS}")
-            self._configure_journal(conn)
-            self._migrate(conn, existed)
-            conn.execute("PRAGMA foreign_keys = ON")
-        except BaseException as exc:
-            conn.close()
-            if isinstance(exc, sqlite3.DatabaseError):
-                raise self._classify(exc) from exc
-            raise
-        return conn
-
-    def _classify(self, exc: sqlite3.DatabaseError) -> StorageError:
-        """A damaged file (recover it) is not the same as a store we may not write (use it
-        read-only) or a failing disk: say which, so the advice fits."""
-        text = str(exc).lower()
-        if any(word in text for word in _DAMAGE):
-            return self._damaged(exc)
-        if "readonly" in text or "read-only" in text or "unable to open" in text:
-            return StorageError(
-                f"cannot write the store {self.root} ({exc}): it is read-only for this user. "
-                "Reading works without a run (use_artifact, repro runs); to log, use a "
-                "writable store", path=self.path)
-        return StorageError(f"cannot open registry {self.path}: {exc}", path=self.path)
-
-    def _damaged(self, exc: BaseException) -> RegistryDamagedError:
-        return RegistryDamagedError(
-            f"{self.path} is not a readable repro registry ({exc}). Rebuild it from the run "
-            f"exports and blobs with `repro recover --root {self.root}`", path=self.path)
-
-    def _open_readonly(self) -> sqlite3.Connection:
-        if not self.path.is_file() or self.path.stat().st_size == 0:
-            if store_has_data(self.root):
-                self._create = False
-                self._check_present()  # raises RegistryDamagedError with the recovery line
-            raise StoreNotFoundError(
-                f"no repro store at {self.root} (no registry.sqlite); pass --root / root= or "
-                "set REPRO_HOME", path=self.root)
-        uri = f"file:{quote(str(self.path.absolute()))}"
-        try:
-            conn = _connect_ro(uri + "?mode=ro")
-        except sqlite3.OperationalError:
-            # A WAL database in a directory nobody may write cannot get its -shm file; the
-            # store cannot change under us there, so SQLite may treat it as immutable.
-            try:
-                conn = _connect_ro(uri + "?immutable=1")
-            except sqlite3.DatabaseError as exc:
-                raise self._damaged(exc) from exc
-        except sqlite3.DatabaseError as exc:
-            raise self._damaged(exc) from exc
-        try:
-            return self._readonly_schema(conn)
-        except BaseException as exc:
-            conn.close()
-            if isinstance(exc, sqlite3.DatabaseError):
-                raise self._damaged(exc) from exc
-            raise
-
-    def _readonly_schema(self, conn: sqlite3.Connection) -> sqlite3.Connection:
-        """Refuse a newer schema; bring an older one up to date in a private in-memory copy."""
-        current = _schema_version(conn)
-        if current == SCHEMA_VERSION:
-            return conn
-        if current == 0:  # a non-empty SQLite file without our schema: not a registry
-            raise sqlite3.DatabaseError("it has no repro schema_version")
-        if current > SCHEMA_VERSION:
-            raise StorageError(self._too_new(current), path=self.path)
-        memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        conn.backup(memory)
-        conn.close()
-        self._migrate(memory, existed=True)
-        return memory
-
-    def _too_new(self, current: int) -> str:
-        return (f"registry {self.path} has schema v{current}, newer than this repro "
-                f"(v{SCHEMA_VERSION}); upgrade repro-lightning")
-
-    def _configure_journal(self, conn: sqlite3.Connection) -> None:
-        fstype = detect_network_fs(self.root)
-        if fstype:
-            warnings.warn(
-                f"repro store {self.root} is on a network filesystem ({fstype}); SQLite "
-                "WAL does not work there, so the registry uses a rollback journal. Concurrent "
-                "writers from several machines are not safe: keep the store on a local disk "
-                "and sync blobs to object storage instead.",
-                RuntimeWarning,
-                stacklevel=5,
-            )
-            conn.execute("PRAGMA journal_mode = DELETE")
-        else:
-            retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"))
-        sync = "FULL" if constants.REPRO_FSYNC == "full" else "OFF"
-        conn.execute(f"PRAGMA synchronous = {sync}")
-
-    def _migrate(self, conn: sqlite3.Connection, existed: bool) -> None:
-        """Create a new registry at the current schema, or upgrade an older one in place."""
-        conn.execute("PRAGMA foreign_keys = OFF")  # table rebuilds need it off (SQLite docs)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            current = _schema_version(conn)
-            if current == 0 and existed:
-                raise sqlite3.DatabaseError("it has content but no repro schema_version")
-            if current > SCHEMA_VERSION:
-                raise StorageError(self._too_new(current), path=self.path)
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            for step in migrations(current):
-                step(conn)
-            if current == 0:
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-                conn.execute("INSERT INTO store_meta (key, value) VALUES ('hash_algorithm', ?)",
-                             (self._algorithm,))
-            elif current < SCHEMA_VERSION:
-                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        with self._lock, self._engine.borrow():
+            pass
 
     def close(self) -> None:
         with self._lock:
-            if self._conn_obj is not None and self._pid == os.getpid():
-                self._conn_obj.close()
-            self._conn_obj = None
+            self._engine.close()
 
     # -- transactions and reads -------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT``; rolls back on any exception."""
+    def transaction(self) -> Iterator[Any]:
+        """One atomic change: ``BEGIN`` … ``COMMIT`` with the registry's write lock held
+        from the first statement; rolls back on any exception."""
         if self.readonly:
-            raise StorageError(f"registry {self.path} was opened read-only", path=self.path)
-        with self._lock:
-            conn = self._conn()
+            raise StorageError(f"registry {self.location} was opened read-only",
+                               path=self.path)
+        with self._lock, self._engine.borrow() as conn:
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                self._engine.begin(conn)
                 yield conn
                 self._commit(conn)
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                self._engine.rollback(conn)
                 raise
 
-    def _commit(self, conn: sqlite3.Connection) -> None:
+    def _commit(self, conn: Any) -> None:
         """Separate so fault-injection tests can make a commit fail."""
         conn.execute("COMMIT")
 
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock, translated(self.path):
-            return self._conn().execute(sql, params).fetchall()
+    @contextmanager
+    def _reading(self) -> Iterator[Any]:
+        """A connection for several reads (driver errors become ``StorageError``)."""
+        with self._lock, translated(self.path, self.location), self._engine.borrow() as conn:
+            yield conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def snapshot(self) -> Iterator[Any]:
+        """A consistent read of several statements that takes no write lock (SQLite: a
+        deferred transaction, which WAL gives a snapshot; PostgreSQL: REPEATABLE READ)."""
+        with self._reading() as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+                         if conn.dialect == "postgresql" else "BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._reading() as conn:
+            return list(conn.execute(sql, params).fetchall())
+
+    @contextmanager
+    def _write(self) -> Iterator[Any]:
         try:
             with self.transaction() as conn:
                 yield conn
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise StorageError(f"registry write failed: {exc}", path=self.path) from exc
+
+    def publish_guard(self, *, exclusive: bool = False) -> AbstractContextManager[None]:
+        """Held by writers from a blob's publication to its row's commit, by gc exclusively
+        while it deletes: the store's ``.gc.lock`` covers one machine, this covers every
+        host sharing a PostgreSQL registry (an advisory lock there; nothing for SQLite)."""
+        return self._engine.publish_guard(exclusive=exclusive)
 
     # -- store metadata ---------------------------------------------------------------------
 
@@ -331,31 +197,16 @@ class Connection:
         return rows[0][0] if rows else None
 
     def integrity_check(self) -> str:
-        return str(self._read("PRAGMA integrity_check")[0][0])
-
-
-def _connect_ro(uri: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
-                           timeout=constants.SQLITE_BUSY_TIMEOUT_MS / 1000)
-    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # fails now if unreadable
-    return conn
-
-
-def _schema_version(conn: sqlite3.Connection) -> int:
-    has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND"
-                             " name = 'schema_version'").fetchone()
-    if not has_table:
-        return 0
-    row = conn.execute("SELECT version FROM schema_version").fetchone()
-    if row is None or not isinstance(row[0], int):
-        raise sqlite3.DatabaseError("its schema_version row is missing or forged")
-    return row[0]
+        with self._lock, translated(self.path, self.location):
+            return self._engine.integrity_check()
 
 
 @contextmanager
-def translated(path: Path) -> Iterator[None]:
-    """sqlite3 errors (locked past the busy timeout, I/O errors) become ``StorageError``."""
+def translated(path: Path, location: str | None = None) -> Iterator[None]:
+    """Driver errors (locked past the busy timeout, I/O errors, a lost server) become
+    ``StorageError``."""
     try:
         yield
-    except sqlite3.Error as exc:
-        raise StorageError(f"registry query failed: {exc}", path=path) from exc
+    except DB_ERRORS as exc:
+        where = f" ({location})" if location and location != str(path) else ""
+        raise StorageError(f"registry query failed{where}: {exc}", path=path) from exc

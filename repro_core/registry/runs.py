@@ -112,7 +112,7 @@ class RunQueries(Connection):
         now = utc_now()
         with self._write() as conn:
             conn.execute(
-                "UPDATE runs SET state = ?, ended_at = CASE WHEN ? THEN ? ELSE ended_at END "
+                "UPDATE runs SET state = ?, ended_at = CASE WHEN ? = 1 THEN ? ELSE ended_at END "
                 "WHERE id = ?",
                 (state, 1 if ended else 0, now, run_id),
             )
@@ -164,10 +164,10 @@ class RunQueries(Connection):
         continue. The ``hardware/…`` series ``ExperimentContext`` stores are indexed by sample
         number, not by step (``advance=False``): they do not count — ``hardware=True`` asks
         for the next sample number instead (a resumed run's samples continue after it)."""
-        test = "GLOB" if hardware else "NOT GLOB"
+        test = "=" if hardware else "!="
         row = self._read("SELECT MAX(c.last_step) FROM metric_chunks c JOIN metric_series s"
-                         f" ON s.id = c.series_id WHERE s.run_id = ? AND s.key {test}"
-                         " 'hardware/*'", (run_id,))
+                         " ON s.id = c.series_id WHERE s.run_id = ? AND"
+                         f" substr(s.key, 1, 9) {test} 'hardware/'", (run_id,))
         last = row[0][0] if row else None
         return int(last) + 1 if isinstance(last, int) and last >= 0 else 0
 

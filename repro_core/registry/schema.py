@@ -1,5 +1,8 @@
 """The registry's SQL schema, one migration per version, and SQLite helpers for opening it.
 
+Migrations up to v6 exist for SQLite only; from v7 on they are written in SQL both engines
+accept and run on PostgreSQL too (whose registries start at v6: ``schema_pg.py``).
+
 ``migrations(current)`` yields the steps that bring a registry at ``current`` (0 = new) up to
 ``SCHEMA_VERSION``: DDL scripts, or functions of the connection for the migrations that must
 rebuild tables. Each runs inside the opener's ``BEGIN IMMEDIATE`` transaction (with foreign
@@ -20,7 +23,7 @@ from ..types import DEFAULT_PROJECT, validate_project
 
 __all__ = ["SCHEMA_VERSION", "Migration", "migrations", "retry_busy"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 Migration = str | Callable[[sqlite3.Connection], None]
 
 _SCHEMA_V1 = """
@@ -211,8 +214,17 @@ CREATE TABLE IF NOT EXISTS remote_queue (
     UNIQUE (url, kind, ref));
 """
 
+# v7: the first migration shared by both engines (a PostgreSQL registry starts at v6, see
+# ``schema_pg.py``): indexes for reading one run's state history and TTRL updates, which
+# scanned the whole table (slow at team scale: 100k runs in one registry).
+_SCHEMA_V7 = """
+CREATE INDEX IF NOT EXISTS run_states_run ON run_states (run_id);
+CREATE INDEX IF NOT EXISTS online_updates_run ON online_updates (run_id, id);
+"""
+
 _MIGRATIONS: dict[int, Migration] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3,
-                                     4: _migrate_v4, 5: _SCHEMA_V5, 6: _SCHEMA_V6}
+                                     4: _migrate_v4, 5: _SCHEMA_V5, 6: _SCHEMA_V6,
+                                     7: _SCHEMA_V7}
 
 
 def run_script(conn: sqlite3.Connection, script: str) -> None:

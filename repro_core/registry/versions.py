@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ArtifactNotFoundError, IntegrityError, InvalidArgumentError, ReproError
 from ..types import DEFAULT_PROJECT, ParsedKey, utc_now, validate_alias
-from .connection import translated
+from .dialect import DOWNSTREAM
 from .records import (
     ARTIFACT_JOIN,
     VERSION_COLUMNS,
@@ -56,11 +56,11 @@ class VersionQueries(RunQueries):
                 " name = ?", (new.project, new.name)).fetchone()[0]
             cursor = conn.execute(
                 "INSERT INTO versions (project, name, version, digest, size, format, run_id,"
-                " created_at, metadata, filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (new.project, new.name, number, new.digest, new.size, new.format, new.run_id,
+                " created_at, metadata, filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " RETURNING id", (new.project, new.name, number, new.digest, new.size, new.format, new.run_id,
                  utc_now(), dumps(new.metadata), new.filename),
             )
-            version_id = int(cursor.lastrowid or 0)
+            version_id = int(cursor.fetchone()[0])
             conn.executemany(
                 "INSERT INTO version_blobs (version_id, digest, size) VALUES (?, ?, ?)"
                 " ON CONFLICT (version_id, digest) DO NOTHING",
@@ -110,8 +110,7 @@ class VersionQueries(RunQueries):
         """Find the version a parsed key names, or raise ``ArtifactNotFoundError``."""
         tried = [key.project] if key.project else list(dict.fromkeys(
             [p for p in (project, DEFAULT_PROJECT) if p]))
-        with self._lock, translated(self.path):
-            conn = self._conn()
+        with self._reading() as conn:
             for candidate in tried:
                 row = _resolve_in(conn, key, candidate)
                 if row is not None:
@@ -148,8 +147,8 @@ class VersionQueries(RunQueries):
         return f"no artifact named {key.name!r} in {where} of {self.root}"
 
     def get_version(self, version_id: int) -> VersionRow:
-        with self._lock, translated(self.path):
-            row = _fetch(self._conn(), "v.id = ?", (version_id,))
+        with self._reading() as conn:
+            row = _fetch(conn, "v.id = ?", (version_id,))
         if row is None:
             raise ArtifactNotFoundError(f"no version with id {version_id}", key=str(version_id))
         return row
@@ -309,17 +308,7 @@ def _resolve_prefix(conn: sqlite3.Connection, key: ParsedKey, project: str) -> V
 def _downstream(conn: sqlite3.Connection, version_id: int) -> tuple[set[int], set[str]]:
     """Every version and run reachable downstream of a version (itself included), through
     parent edges, runs that used it and what those runs logged."""
-    rows = conn.execute(
-        "WITH RECURSIVE down(kind, id) AS (SELECT 'v', ?"
-        " UNION SELECT 'v', ap.child_id FROM artifact_parents ap JOIN down"
-        " ON down.kind = 'v' AND ap.parent_id = down.id"
-        " UNION SELECT 'r', ri.run_id FROM run_inputs ri JOIN down"
-        " ON down.kind = 'v' AND ri.version_id = down.id"
-        " UNION SELECT 'v', ro.version_id FROM run_outputs ro JOIN down"
-        " ON down.kind = 'r' AND ro.run_id = down.id)"
-        " SELECT kind, id FROM down",
-        (version_id,),
-    ).fetchall()
+    rows = conn.execute(DOWNSTREAM[conn.dialect], (version_id,)).fetchall()
     return ({int(i) for k, i in rows if k == "v"}, {str(i) for k, i in rows if k == "r"})
 
 

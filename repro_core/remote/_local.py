@@ -100,13 +100,8 @@ def _parents_first(registry: Registry, ids: set[int]) -> list[int]:
 def snapshot(registry: Registry) -> Iterator[sqlite3.Connection]:
     """A consistent read of the registry that takes no write lock: writing a run's bundle
     (seconds, for a long run) must never hold up the training thread's next write."""
-    with registry._lock:
-        conn = registry._conn()
-        conn.execute("BEGIN")  # deferred: WAL gives this reader a snapshot
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+    with registry.snapshot() as conn:
+        yield conn
 
 
 def version_in(conn: sqlite3.Connection, vid: int) -> VersionRow:

@@ -342,10 +342,10 @@ class Puller:
         cursor = conn.execute(
             "INSERT INTO versions (project, name, version, digest, size, format, run_id,"
             " created_at, metadata, filename, pruned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " ?)", (record.project, record.name, number, record.digest, record.size,
+            " ?) RETURNING id", (record.project, record.name, number, record.digest, record.size,
                     record.format, record.run_id, record.created_at, dumps(record.metadata),
                     record.filename, record.pruned_at))
-        vid = int(cursor.lastrowid or 0)
+        vid = int(cursor.fetchone()[0])
         conn.executemany("INSERT INTO version_blobs (version_id, digest, size) VALUES (?, ?, ?)"
                          " ON CONFLICT DO NOTHING", [(vid, d, s) for d, s in record.blobs])
         return vid

@@ -93,8 +93,8 @@ def settle(registry: Registry, url: str, runs: list[str], *, before: str) -> int
         if is_wandb(url):
             conn.execute("DELETE FROM remote_queue WHERE url = ? AND kind = 'run'", (url,))
         dropped = conn.execute(
-            "DELETE FROM remote_queue WHERE url = ? AND kind = 'version' AND CAST(ref AS"
-            " INTEGER) IN (SELECT version_id FROM remote_versions WHERE url = ?)",
+            "DELETE FROM remote_queue WHERE url = ? AND kind = 'version' AND ref IN"
+            " (SELECT CAST(version_id AS TEXT) FROM remote_versions WHERE url = ?)",
             (url, url)).rowcount
         return dropped + sum(conn.execute(
             "DELETE FROM remote_queue WHERE url = ? AND kind = 'run' AND ref = ? AND"

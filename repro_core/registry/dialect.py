@@ -1,0 +1,162 @@
+"""The one place that knows how SQLite and PostgreSQL differ for the registry's SQL.
+
+The registry's queries are written once, in the SQL both engines share (``ON CONFLICT``,
+``RETURNING``, ``COALESCE``, ``substr``; no ``GLOB``, ``rowid`` aliases or ``lastrowid``).
+What still differs is handled here:
+
+- **Placeholders.** Queries use SQLite's ``?``; :func:`translate` turns them into psycopg's
+  ``%s`` (and doubles literal ``%``, which psycopg would read as a placeholder). Results are
+  cached: the registry issues a few hundred distinct statements.
+- **Errors.** Code that must tell a constraint violation from a full disk catches the tuples
+  below, which hold both drivers' classes (psycopg's only when it is installed).
+- **URLs.** A registry is named by a path (SQLite) or a ``postgresql://`` URL; a URL's
+  password never leaves memory (:func:`redact_url` for every message, :func:`strip_password`
+  for anything written down).
+- **The few queries that cannot be shared**: a recursive walk with several edge tables (SQLite
+  allows a recursive term per ``UNION``, PostgreSQL only one, which a ``LATERAL`` join splits).
+- **DDL.** PostgreSQL gets its own schema text (``schema_pg.py``: typed columns, identity
+  keys); migrations after it are written in the shared SQL and run on both.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from typing import Any
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+from ..errors import InvalidArgumentError
+
+__all__ = ["DATA_ERRORS", "DB_ERRORS", "INTEGRITY_ERRORS", "POSTGRES_SCHEMES", "is_postgres_url",
+           "redact_url", "strip_password", "translate"]
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def _driver_errors() -> tuple[tuple[type[BaseException], ...], ...]:
+    base: list[type[BaseException]] = [sqlite3.Error]
+    integrity: list[type[BaseException]] = [sqlite3.IntegrityError]
+    data: list[type[BaseException]] = [sqlite3.IntegrityError, sqlite3.DataError,
+                                       sqlite3.InterfaceError, sqlite3.ProgrammingError]
+    try:
+        import psycopg
+    except ImportError:
+        pass
+    else:
+        base.append(psycopg.Error)
+        integrity.append(psycopg.IntegrityError)
+        data += [psycopg.IntegrityError, psycopg.DataError, psycopg.ProgrammingError]
+    return tuple(base), tuple(integrity), tuple(data)
+
+
+# Any driver error; a constraint violation; a row the database can never accept (retrying it
+# would never succeed, unlike a lost connection or a full disk).
+DB_ERRORS, INTEGRITY_ERRORS, DATA_ERRORS = _driver_errors()
+
+
+def is_postgres_url(target: object) -> bool:
+    """Whether ``target`` names a PostgreSQL registry (``postgresql://…``)."""
+    return isinstance(target, str) and target.split("://", 1)[0].lower() in POSTGRES_SCHEMES \
+        and "://" in target
+
+
+def _split(url: str) -> SplitResult:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"invalid registry URL {redact_url(url)!r}: {exc}",
+                                   argument="registry") from None
+    return parts
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) shown as ``***``: the form used in every message."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable registry URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+def strip_password(url: str) -> str:
+    """``url`` without its password: what may be written to a store's config (libpq then
+    finds the password in ``PGPASSWORD`` or ``~/.pgpass``, as for ``psql``)."""
+    parts = _split(url)
+    if parts.password is None:
+        return url
+    user, host = parts.netloc.rsplit("@", 1)
+    return urlunsplit(parts._replace(netloc=f"{user.split(':', 1)[0]}@{host}"))
+
+
+def check_url(url: str) -> str:
+    """Validate a PostgreSQL registry URL's shape (before any connection is tried)."""
+    if not is_postgres_url(url):
+        raise InvalidArgumentError(
+            f"registry {redact_url(str(url))!r} is not a PostgreSQL URL "
+            "(postgresql://[user[:password]@]host[:port]/database)", argument="registry")
+    parts = _split(url)
+    if not parts.path.strip("/"):
+        raise InvalidArgumentError(
+            f"registry URL {redact_url(url)!r} names no database (…/database)",
+            argument="registry")
+    if any(ch in url for ch in "\x00\n\r"):
+        raise InvalidArgumentError("registry URL holds control characters",
+                                   argument="registry")
+    return url
+
+
+@functools.lru_cache(maxsize=2048)
+def translate(sql: str) -> str:
+    """SQLite-style ``?`` placeholders → psycopg's ``%s``; literal ``%`` doubled.
+
+    ``?`` inside a quoted literal is kept (psycopg reads ``%`` everywhere, so it is doubled
+    everywhere)."""
+    out: list[str] = []
+    quoted = False
+    for ch in sql:
+        if ch == "'":
+            quoted = not quoted
+            out.append(ch)
+        elif ch == "%":
+            out.append("%%")
+        elif ch == "?" and not quoted:
+            out.append("%s")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+# Every version and run reachable downstream of a version (itself included): parent edges,
+# runs that used a version, what those runs logged. Rows: (kind 'v'/'r', id).
+DOWNSTREAM = {
+    "sqlite": (
+        "WITH RECURSIVE down(kind, id) AS (SELECT 'v', ?"
+        " UNION SELECT 'v', ap.child_id FROM artifact_parents ap JOIN down"
+        " ON down.kind = 'v' AND ap.parent_id = down.id"
+        " UNION SELECT 'r', ri.run_id FROM run_inputs ri JOIN down"
+        " ON down.kind = 'v' AND ri.version_id = down.id"
+        " UNION SELECT 'v', ro.version_id FROM run_outputs ro JOIN down"
+        " ON down.kind = 'r' AND ro.run_id = down.id)"
+        " SELECT kind, id FROM down"),
+    "postgresql": (
+        "WITH RECURSIVE down(kind, vid, rid) AS ("
+        " SELECT 'v', CAST(? AS BIGINT), CAST(NULL AS TEXT)"
+        " UNION SELECT x.kind, x.vid, x.rid FROM down, LATERAL ("
+        "  SELECT 'v', ap.child_id, CAST(NULL AS TEXT) FROM artifact_parents ap"
+        "  WHERE down.kind = 'v' AND ap.parent_id = down.vid"
+        "  UNION ALL SELECT 'r', CAST(NULL AS BIGINT), ri.run_id FROM run_inputs ri"
+        "  WHERE down.kind = 'v' AND ri.version_id = down.vid"
+        "  UNION ALL SELECT 'v', ro.version_id, CAST(NULL AS TEXT) FROM run_outputs ro"
+        "  WHERE down.kind = 'r' AND ro.run_id = down.rid) x(kind, vid, rid))"
+        " SELECT kind, COALESCE(CAST(vid AS TEXT), rid) FROM down"),
+}
+
+
+def params(values: Any) -> Any:
+    """psycopg formats a query only when it gets parameters: always give it some."""
+    return () if values is None else values

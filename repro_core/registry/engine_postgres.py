@@ -1,0 +1,311 @@
+"""The PostgreSQL engine: one registry shared by every process and host of a team.
+
+- **Connections** come from a psycopg 3 pool per process and URL (checked on checkout, so a
+  server restart costs the next operation one reconnect, not an error); a ``fork()`` child
+  makes its own pool. Statements are bound client-side (``ClientCursor``), as SQLite binds
+  them: the shared SQL leaves some parameter types for the server to infer from context.
+- **Writers are serialized like SQLite's**: every transaction takes a transaction-scoped
+  advisory lock right after ``BEGIN``, so "read the highest version number, insert the next"
+  and every other read-then-write is as safe across hosts as ``BEGIN IMMEDIATE`` is on one
+  machine. The lock is per registry (per schema: several registries may share a database).
+- **gc and other hosts.** Writers hold a *shared* session advisory lock from a blob's
+  publication to its row's commit (:meth:`PostgresEngine.publish_guard`); ``repro gc
+  --delete`` holds it *exclusively* while it reads the references and deletes. A host that is
+  between the two steps therefore blocks gc, on any machine; a host that dies releases its
+  lock with its session.
+- **Schema**: created on first use (``schema_pg.BASE`` + the shared migrations) and upgraded
+  automatically under an advisory lock (two processes never both migrate); a newer schema than
+  this package is refused. ``repro db upgrade`` does the same on demand.
+- **Credentials**: from the URL, ``PGPASSWORD`` / ``~/.pgpass`` or the libpq environment;
+  messages show the URL with ``***`` for the password, and nothing here writes it anywhere.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import StorageError, StoreNotFoundError
+from .dialect import params, redact_url, translate
+from .schema import SCHEMA_VERSION, migrations
+from .schema_pg import BASE, BASE_VERSION
+from .store_data import store_has_data
+
+__all__ = ["PgConn", "PostgresEngine", "upgrade"]
+
+_LOCK_CLASS = 0x52455052  # "REPR": the first key of every advisory lock we take
+_CONNECT_TIMEOUT = 10  # seconds for one connection attempt
+_POOL_TIMEOUT = float(os.environ.get("REPRO_REGISTRY_TIMEOUT", "") or 60.0)
+_POOLS: dict[tuple[int, str], Any] = {}
+_POOLS_LOCK = threading.Lock()
+_INSTALL_HINT = ("a PostgreSQL registry needs psycopg 3: pip install "
+                 "'repro-lightning[postgresql]' (psycopg[binary] and psycopg-pool)")
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        raise StorageError(f"{_INSTALL_HINT} ({exc})") from None
+    return psycopg
+
+
+class PgConn:
+    """A psycopg connection that speaks the registry's shared SQL (``?`` placeholders)."""
+
+    dialect = "postgresql"
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, values: Any = None) -> Any:
+        return self.raw.execute(translate(sql), params(values))
+
+    def executemany(self, sql: str, rows: Any) -> Any:
+        cursor = self.raw.cursor()
+        rows = list(rows)
+        if rows:
+            cursor.executemany(translate(sql), rows)
+        return cursor
+
+    def copy_rows(self, table: str, columns: tuple[str, ...],
+                  rows: list[tuple[Any, ...]]) -> None:
+        """Bulk insert with ``COPY … FROM STDIN`` (the metrics and TTRL writers' path)."""
+        if not rows:
+            return
+        with self.raw.cursor() as cursor, cursor.copy(
+                f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    @property
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
+
+
+def _lock_key(schema: str, purpose: str) -> int:
+    """A signed 32-bit key naming one lock of one registry (its schema in its database)."""
+    value = zlib.crc32(f"{schema}\x00{purpose}".encode())
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _pool(url: str) -> Any:
+    """This process's pool for ``url`` (made on first use; a fork child makes its own)."""
+    key = (os.getpid(), url)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            psycopg = _psycopg()
+            from psycopg_pool import ConnectionPool
+
+            pool = ConnectionPool(
+                url, min_size=1, max_size=6, open=True, timeout=_POOL_TIMEOUT,
+                name=f"repro-registry-{os.getpid()}", check=ConnectionPool.check_connection,
+                kwargs={"autocommit": True, "cursor_factory": psycopg.ClientCursor,
+                        "connect_timeout": _CONNECT_TIMEOUT})
+            _POOLS[key] = pool
+    return pool
+
+
+@atexit.register
+def _close_pools() -> None:
+    for (pid, _), pool in list(_POOLS.items()):
+        if pid == os.getpid():
+            with contextlib.suppress(Exception):
+                pool.close(timeout=1.0)
+
+
+class PostgresEngine:
+    """Opening rules, transactions and locks of one PostgreSQL registry."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, root: Path, *, algorithm: str, create: bool | None,
+                 readonly: bool) -> None:
+        self.url = url
+        self.root = root
+        self.readonly = readonly
+        self._algorithm = algorithm
+        self._create = create
+        self._ready_pid = -1
+        self._keys: dict[str, int] = {}
+
+    @property
+    def location(self) -> str:
+        return redact_url(self.url)
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _error(self, exc: BaseException, doing: str = "cannot connect to") -> StorageError:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        parts = self.url.split("@", 1)[0].split(":")
+        if len(parts) == 3 and parts[2]:  # scheme://user:password: never in a message
+            reason = reason.replace(parts[2], "***")
+        return StorageError(f"{doing} the registry {self.location}: {reason}")
+
+    def _ensure_ready(self) -> None:
+        """First use in this process: connect once directly (a clear error for a wrong
+        password, a missing database, a server that is not there) and check the schema."""
+        if self._ready_pid == os.getpid():
+            return
+        psycopg = _psycopg()
+        try:
+            raw = psycopg.connect(self.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT,
+                                  cursor_factory=psycopg.ClientCursor)
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+        try:
+            conn = PgConn(raw)
+            schema = conn.execute("SELECT current_schema()").fetchone()[0]
+            if schema is None:
+                raise StorageError(f"the registry {self.location} has no schema to create "
+                                   "tables in (check search_path)")
+            self._keys = {p: _lock_key(schema, p) for p in ("write", "schema", "publish")}
+            self._check_schema(conn)
+        except psycopg.Error as exc:
+            raise self._error(exc, "cannot use") from None
+        finally:
+            raw.close()
+        self._ready_pid = os.getpid()
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[PgConn]:
+        self._ensure_ready()
+        psycopg = _psycopg()
+        from psycopg_pool import PoolTimeout
+
+        try:
+            cm = _pool(self.url).connection()
+            raw = cm.__enter__()
+        except PoolTimeout as exc:
+            raise StorageError(f"the registry {self.location} did not answer within "
+                               f"{_POOL_TIMEOUT:g} s (REPRO_REGISTRY_TIMEOUT): {exc}") from None
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+        try:
+            yield PgConn(raw)
+        except BaseException as exc:
+            cm.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        else:
+            cm.__exit__(None, None, None)
+
+    def begin(self, conn: PgConn) -> None:
+        conn.execute("BEGIN")
+        conn.execute("SELECT pg_advisory_xact_lock(?, ?)", (_LOCK_CLASS, self._keys["write"]))
+
+    def rollback(self, conn: PgConn) -> None:
+        with contextlib.suppress(Exception):  # a lost connection has nothing to roll back
+            if conn.in_transaction and not conn.raw.broken:
+                conn.raw.execute("ROLLBACK")
+
+    def close(self) -> None:
+        """Connections belong to the process's pool (closed at exit), not to one registry."""
+
+    def integrity_check(self) -> str:
+        """The server keeps its own pages consistent; what we can check is our schema."""
+        with self.borrow() as conn:
+            version = conn.execute("SELECT version FROM schema_version").fetchone()
+        return "ok" if version and version[0] == SCHEMA_VERSION else f"schema {version}"
+
+    @contextlib.contextmanager
+    def publish_guard(self, *, exclusive: bool = False) -> Iterator[None]:
+        """A session advisory lock on a connection of its own, held for the block."""
+        self._ensure_ready()
+        key = (_LOCK_CLASS, self._keys["publish"])
+        with self.borrow() as conn:
+            if exclusive:
+                conn.execute("SELECT pg_advisory_lock(?, ?)", key)
+            else:
+                conn.execute("SELECT pg_advisory_lock_shared(?, ?)", key)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):
+                    conn.execute("SELECT pg_advisory_unlock_all()")
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def _check_schema(self, conn: PgConn) -> None:
+        current = _schema_version(conn)
+        if current == SCHEMA_VERSION:
+            return
+        if current > SCHEMA_VERSION:
+            raise StorageError(
+                f"the registry {self.location} has schema v{current}, newer than this repro "
+                f"(v{SCHEMA_VERSION}); upgrade repro-lightning on this machine")
+        if current == 0:
+            self._refuse_creation(conn)
+        elif self.readonly:
+            raise StorageError(
+                f"the registry {self.location} has schema v{current}, older than this repro "
+                f"(v{SCHEMA_VERSION}); upgrade it with `repro db upgrade` (any write does too)")
+        upgrade(conn, self._keys["schema"], self._algorithm)
+
+    def _refuse_creation(self, conn: PgConn) -> None:
+        """A registry is created only where nothing would be hidden by an empty one."""
+        if self.readonly or self._create is False:
+            raise StoreNotFoundError(f"no repro registry in {self.location} yet")
+        if self._create is None and store_has_data(self.root):
+            raise StorageError(
+                f"the store {self.root} holds data but the registry {self.location} is empty; "
+                f"copy its registry with `repro migrate --root {self.root} --to URL`",
+                path=self.root)
+        taken = conn.execute("SELECT to_regclass('runs') IS NOT NULL").fetchone()[0]
+        if taken:
+            raise StorageError(
+                f"the database {self.location} already holds a table named runs but no repro "
+                "registry: use a database (or schema, options=-csearch_path=...) of its own")
+
+
+def _schema_version(conn: PgConn) -> int:
+    if not conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]:
+        return 0
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    if row is None or not isinstance(row[0], int):
+        raise StorageError("the registry's schema_version row is missing or forged")
+    return int(row[0])
+
+
+def upgrade(conn: PgConn, lock_key: int, algorithm: str) -> tuple[int, int]:
+    """Create or migrate the schema in one transaction, under the schema advisory lock (a
+    second process waits, then finds it done). Returns (before, after)."""
+    import secrets
+
+    conn.execute("BEGIN")
+    try:
+        conn.execute("SELECT pg_advisory_xact_lock(?, ?)", (_LOCK_CLASS, lock_key))
+        current = _schema_version(conn)
+        if current > SCHEMA_VERSION:
+            raise StorageError(f"the registry has schema v{current}, newer than this repro "
+                               f"(v{SCHEMA_VERSION})")
+        if current == 0:
+            _run(conn, BASE)
+            conn.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (BASE_VERSION,))
+            conn.execute("INSERT INTO store_meta (key, value) VALUES ('hash_algorithm', ?),"
+                         " ('store_id', ?)", (algorithm, secrets.token_hex(8)))
+        for step in migrations(max(current, BASE_VERSION)):
+            step(conn)
+        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.execute("ROLLBACK")
+        raise
+    return current, SCHEMA_VERSION
+
+
+def _run(conn: PgConn, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
