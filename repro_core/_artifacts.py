@@ -84,7 +84,8 @@ class ArtifactWriter:
         # parent names resolve in the project.
         parent_ids = [registry.resolve(p, project=project).id for p in self.parents]
         registry.check_type(project, self.name, self.type.value)
-        with store.publish_guard():  # gc must not see the blob before its row
+        # gc must not see the blob before its row (on any host sharing the registry).
+        with store.publish_guard(), registry.publish_guard():
             digest, size, fmt, blobs = self._store_content(store)
             row, created, linked = registry.add_version(NewVersion(
                 name=self.name, type=self.type.value, digest=digest, size=size, format=fmt,

@@ -10,13 +10,13 @@ process waiting in SQLite's busy handler gets its turn). The spill files of
 
 from __future__ import annotations
 
-import sqlite3
 from array import array
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._metrics_rows import insert_rows, pack
+from .registry.dialect import DBConnection
 
 __all__ = ["Batch", "Columns", "write_part"]
 
@@ -85,7 +85,7 @@ _CHUNK_COLUMNS = ("series_id", "count", "first_step", "last_step", "steps", "val
                   "segment")
 
 
-def write_part(conn: sqlite3.Connection, run_id: str, part: Batch,
+def write_part(conn: DBConnection, run_id: str, part: Batch,
                series: dict[str, int], *, segment: int = 0) -> None:
     """Insert one part inside the caller's transaction. ``series`` caches name -> series id
     and gains the names created here: the caller must clear it if the transaction fails.
@@ -104,7 +104,7 @@ def write_part(conn: sqlite3.Connection, run_id: str, part: Batch,
             insert_rows(conn, table, rows)
 
 
-def _series_ids(conn: sqlite3.Connection, run_id: str, keys: Iterable[str],
+def _series_ids(conn: DBConnection, run_id: str, keys: Iterable[str],
                 series: dict[str, int]) -> None:
     missing = [k for k in keys if k not in series]
     if not missing:

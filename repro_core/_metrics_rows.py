@@ -23,6 +23,7 @@ from array import array
 from typing import Any
 
 from .errors import IntegrityError, InvalidArgumentError, SerializationError
+from .registry.dialect import DBConnection
 
 __all__ = ["MAX_KEY_CHARS", "MAX_STEP", "ROW_TABLES", "check_key", "check_row", "check_step",
            "decode_real", "insert_rows", "is_utf8", "pack", "real", "to_number", "unpack"]
@@ -141,7 +142,7 @@ def _check_scalar(path: str, value: object) -> None:
                              "float, int64, valid UTF-8 str)", path=path)
 
 
-def insert_rows(conn: sqlite3.Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
+def insert_rows(conn: DBConnection, table: str, rows: list[tuple[Any, ...]]) -> None:
     """Insert many rows in ONE statement (``json_each`` over a JSON array of the rows).
 
     ``executemany`` re-acquires the GIL after every row, and while the training loop keeps

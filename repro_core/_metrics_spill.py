@@ -57,6 +57,10 @@ _SPILL_ID = re.compile(r"[0-9a-f]{1,16}-[0-9]{4,9}-[0-9a-f]{16}")
 # The database refusing the data itself (a NULL in a NOT NULL column …: registry.dialect's
 # DATA_ERRORS): the file is at fault, and retrying it at every open would never succeed.
 # Other driver errors (full, locked, a lost server) are kept.
+_INVALID: tuple[type[BaseException], ...] = (
+    SerializationError, ValueError, KeyError, TypeError, AttributeError, RecursionError,
+    MemoryError, *DATA_ERRORS)
+_RETRY: tuple[type[BaseException], ...] = (*DB_ERRORS, OSError, ReproError)
 
 
 
@@ -139,11 +143,10 @@ def _import_all(registry: Registry, spills: list[Path]) -> SpillReport:
     for spill in spills:
         try:
             counts = _import_one(registry, spill)
-        except (SerializationError, ValueError, KeyError, TypeError, AttributeError,
-                RecursionError, MemoryError, *DATA_ERRORS) as exc:
+        except _INVALID as exc:
             invalid.append(_quarantine(spill, exc))
             continue
-        except (*DB_ERRORS, OSError, ReproError) as exc:  # disk still full, locked, ...
+        except _RETRY as exc:  # disk still full, locked, server away ...
             warnings.warn(f"could not import metrics spill file {spill} now ({exc}); it is "
                           "kept and retried when the store is next opened", RuntimeWarning,
                           stacklevel=3)

@@ -6,13 +6,13 @@ A mixin over ``Registry._read`` / ``_write``, kept apart so ``registry/`` stays 
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 from ._metrics_rows import decode_real
 from .errors import InvalidArgumentError
+from .registry.dialect import DBConnection
 from .registry.records import (
     RUN_COLUMNS,
     VERSION_COLUMNS,
@@ -42,7 +42,7 @@ class BulkQueries:
     """Read helpers that need only ``_read`` and ``_write``, which ``Registry`` provides."""
 
     _read: Callable[..., list[tuple[Any, ...]]]
-    _write: Callable[[], AbstractContextManager[sqlite3.Connection]]
+    _write: Callable[[], AbstractContextManager[DBConnection]]
 
     def versions_by_id(self, ids: Sequence[int]) -> list[VersionRow]:
         """The versions with these ids (any order), in chunks small enough for SQLite."""

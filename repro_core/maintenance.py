@@ -199,8 +199,11 @@ def collect_garbage(
         # Exclusive: no writer is between publishing a blob and committing its row, so the
         # registry read inside the lock is the truth for every blob it does not list. A dry
         # run deletes nothing, so it needs no lock (and works on a read-only store).
+        # With a PostgreSQL registry the writers may be on other hosts: the registry's guard
+        # (an advisory lock on the server) covers them as the store's lock file covers this one.
         guard = contextlib.nullcontext() if dry_run else store.publish_guard(exclusive=True)
-        with guard:
+        shared = contextlib.nullcontext() if dry_run else registry.publish_guard(exclusive=True)
+        with guard, shared:
             # A blob a run journal names is kept even if no row names it (see _journal).
             referenced = {d for d, _ in registry.blob_references()} | journal_digests(root_path)
             _collect_blobs(store, referenced, grace_seconds, report)

@@ -51,6 +51,8 @@ from .errors import (
 )
 from .metrics import MetricsWriter
 from .registry import RunRow, VersionRow, process_namespace, process_start_time
+from .registry.dialect import check_url
+from .registry.target import bind as bind_registry
 from .types import (
     ParsedKey,
     Run,
@@ -177,6 +179,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads, Remote
         run_id: str | None = None,
         resume: str = "never",
         remote: str | None = None,
+        registry: str | None = None,
     ) -> Run:
         """Initialize a new experimental run and record it immediately (a crash keeps it).
 
@@ -194,7 +197,9 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads, Remote
         artifacts, records the resume in its state history, and logs metrics in a new segment
         (``get_metrics``: points re-logged at earlier steps win, the old ones stay queryable).
         ``remote`` (default ``$REPRO_REMOTE``): a remote name or URL every logged version is
-        pushed to in the background (``_manager_remote``).
+        pushed to in the background (``_manager_remote``). ``registry`` (default
+        ``$REPRO_REGISTRY``, else the store's own): a ``postgresql://`` URL the store's registry
+        lives in (a team's shared server; ``repro_core.registry.target``).
         """
         if create is not None and not isinstance(create, bool):
             raise InvalidArgumentError(f"create must be True, False or None, got {create!r}",
@@ -203,6 +208,8 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads, Remote
         from .remote._config import check_remote
 
         check_remote(constants.REPRO_REMOTE if remote is None else remote)  # before any I/O
+        if registry is not None:
+            check_url(registry)
         # Names and tags are stored and shown like any other string: scrubbed of credentials.
         name = scrub_text(check_text(name, "name"))
         validate_project(project)
@@ -217,6 +224,8 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads, Remote
             if root is not None:
                 self.set_root(root)
             rank = distributed.global_rank()
+            if registry is not None and rank == 0:
+                bind_registry(self.root, registry)  # the store's registry from now on
             run = Run(id=None, name=name, project=project, tags=tag_list, config=config_dict,
                       root=self.root, rank=rank)
             answer = self._exchange.run_on_zero(

@@ -262,7 +262,7 @@ class TTRLContext(ExperimentContext):
         publish guard (not buffered), so gc can never see the blob without its row."""
         store, registry = self.manager.store(), self.manager.registry()
         body = canonical_json({"input": record["input"], "output": record["output"]})
-        with store.publish_guard():
+        with store.publish_guard(), registry.publish_guard():
             with store.open_writer() as blob:
                 blob.write(body)
                 digest, size = blob.commit()

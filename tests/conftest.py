@@ -86,10 +86,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "registry_engine" not in metafunc.fixturenames:
         return
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
-    engines = ["sqlite"]
     if module in _BOTH_ENGINES and metafunc.definition.get_closest_marker("sqlite_only") is None:
-        engines.append("postgresql")
-    metafunc.parametrize("registry_engine", engines, indirect=True)
+        metafunc.parametrize("registry_engine", ["sqlite", "postgresql"], indirect=True)
 
 
 @pytest.fixture(scope="session")

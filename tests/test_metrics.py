@@ -177,8 +177,18 @@ def test_a_big_flush_is_written_in_bounded_transactions(manager: ArtifactManager
     totals: list[int] = []
     commit = writer._registry._commit
 
-    def counting(conn: sqlite3.Connection) -> None:
-        totals.append(conn.total_changes)  # rows inserted on this connection so far
+    def changes(conn: Any) -> int:
+        """Rows inserted so far (the writer only inserts, into these three tables)."""
+        if conn.dialect == "sqlite":
+            return int(conn.total_changes)  # rows inserted on this connection so far
+        # PostgreSQL has no such counter (pg_stat_xact_* lags behind): count the rows, in the
+        # transaction about to commit (the test's schema holds nothing else).
+        return int(conn.execute(
+            "SELECT (SELECT COUNT(*) FROM metric_series) + (SELECT COUNT(*) FROM metric_chunks)"
+            " + (SELECT COUNT(*) FROM online_updates)").fetchone()[0])
+
+    def counting(conn: Any) -> None:
+        totals.append(changes(conn))
         commit(conn)
 
     monkeypatch.setattr(writer._registry, "_commit", counting)
@@ -285,14 +295,16 @@ _LOOP = textwrap.dedent("""
 
 
 def _count(root: Path, run_id: str) -> tuple[int, int]:
-    conn = sqlite3.connect(root / "registry.sqlite")
+    from repro_core.registry import Registry
+
+    registry = Registry(root / "registry.sqlite", readonly=True)  # or REPRO_REGISTRY's server
     try:
-        count, top = conn.execute(
+        count, top = registry._read(
             "SELECT COALESCE(SUM(count), 0), COALESCE(MAX(last_step), -1) FROM metric_chunks c"
             " JOIN metric_series s ON s.id = c.series_id WHERE s.run_id = ?",
-            (run_id,)).fetchone()
+            (run_id,))[0]
     finally:
-        conn.close()
+        registry.close()
     return int(count), int(top)
 
 

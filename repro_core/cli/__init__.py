@@ -4,6 +4,7 @@
     repro runs | show RUN | artifacts [NAME] | lineage KEY | diff RUN_A RUN_B | updates RUN
     repro verify [KEY | --run RUN] | gc [--delete] | init | recover
     repro remote add|list|remove | push | pull | status
+    repro migrate --to URL|sqlite | db upgrade
 
 One module per command family::
 
@@ -16,6 +17,7 @@ One module per command family::
     store.py       verify, gc
     setup.py       init, recover (the only commands that write a registry)
     remote.py      remote, push, pull, status (write the registry's remote rows and pulls)
+    db.py          migrate (registry SQLite <-> PostgreSQL), db upgrade
 
 ``--root`` is accepted before the command (as ``git -C`` users type it) and after it (the
 command's wins); default ``$REPRO_HOME``, else ``./repro_store``. Only ``init`` and
@@ -33,6 +35,7 @@ import click
 from .. import constants
 from ._common import ReproGroup, RootPath, remember_group_options
 from .artifacts import artifacts
+from .db import db, migrate
 from .diff import diff
 from .lineage import lineage
 from .remote import pull, push, remote, status
@@ -60,5 +63,5 @@ def main(ctx: click.Context, root: Path | None, debug: bool) -> None:
 
 
 for _command in (runs, show, artifacts, lineage, diff, updates, verify, gc, init, recover,
-                 remote, push, pull, status):
+                 remote, push, pull, status, migrate, db):
     main.add_command(_command)

@@ -40,15 +40,6 @@ class Engine(Protocol):
     readonly: bool
 
     @property
-    def identity_file(self) -> Path:
-        """The file whose replacement means "another store now": the SQLite file, or the
-        store's ``registry.url`` (its directory when the URL was given directly)."""
-        if self.engine == "sqlite":
-            return self.path
-        config = self.root / "registry.url"
-        return config if config.exists() else self.root
-
-    @property
     def location(self) -> str: ...
     def borrow(self) -> AbstractContextManager[Any]: ...
     def begin(self, conn: Any) -> None: ...
@@ -59,7 +50,7 @@ class Engine(Protocol):
 
 
 def _engine(path: str | Path, root: Path | None, *, algorithm: str, create: bool | None,
-            readonly: bool) -> tuple[Engine, Path, Path]:
+            readonly: bool, follow_env: bool) -> tuple[Engine, Path, Path]:
     """Pick the engine for ``path`` (a ``registry.sqlite`` path, or a PostgreSQL URL)."""
     if is_postgres_url(path):
         url: str | None = str(path)
@@ -70,7 +61,8 @@ def _engine(path: str | Path, root: Path | None, *, algorithm: str, create: bool
         root = file.parent
         url = None
         if file.name == "registry.sqlite":  # a store's registry: its config may say PostgreSQL
-            explicit = os.environ.get("REPRO_REGISTRY", "").strip() or None
+            explicit = (os.environ.get("REPRO_REGISTRY", "").strip() or None) \
+                if follow_env else None
             url = resolve(root, explicit, bind=not readonly and create is not False)
     if url is None:
         return SqliteEngine(file, algorithm=algorithm, create=create, readonly=readonly), \
@@ -86,17 +78,18 @@ class Connection:
 
     def __init__(self, path: str | Path, *, algorithm: str = "blake3",
                  create: bool | None = None, readonly: bool = False,
-                 root: str | Path | None = None) -> None:
+                 root: str | Path | None = None, follow_env: bool = True) -> None:
         """``path``: the store's ``registry.sqlite`` (its config may move it to PostgreSQL)
         or a ``postgresql://`` URL (``root``: the store whose blobs it describes).
         ``create``: True creates a missing registry, False never does, None (default)
         creates one only in a store that holds no data yet. ``readonly`` opens for reading
-        only (no migration, no write lock, works on read-only media)."""
+        only (no migration, no write lock, works on read-only media). ``follow_env=False``
+        ignores ``REPRO_REGISTRY`` (the store's own binding only: ``repro migrate``)."""
         self.readonly = readonly
         self._lock = threading.RLock()
         self._engine, self.path, self.root = _engine(
             path, Path(root) if root is not None else None, algorithm=algorithm,
-            create=create, readonly=readonly)
+            create=create, readonly=readonly, follow_env=follow_env)
         self._algorithm = algorithm
 
     @property

@@ -22,21 +22,30 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["DATA_ERRORS", "DB_ERRORS", "INTEGRITY_ERRORS", "POSTGRES_SCHEMES", "is_postgres_url",
-           "redact_url", "strip_password", "translate"]
+__all__ = [
+    "DATA_ERRORS",
+    "DB_ERRORS",
+    "INTEGRITY_ERRORS",
+    "POSTGRES_SCHEMES",
+    "DBConnection",
+    "is_postgres_url",
+    "redact_url",
+    "strip_password",
+    "translate",
+]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
-def _driver_errors() -> tuple[tuple[type[BaseException], ...], ...]:
-    base: list[type[BaseException]] = [sqlite3.Error]
-    integrity: list[type[BaseException]] = [sqlite3.IntegrityError]
-    data: list[type[BaseException]] = [sqlite3.IntegrityError, sqlite3.DataError,
+def _driver_errors() -> tuple[tuple[type[Exception], ...], ...]:
+    base: list[type[Exception]] = [sqlite3.Error]
+    integrity: list[type[Exception]] = [sqlite3.IntegrityError]
+    data: list[type[Exception]] = [sqlite3.IntegrityError, sqlite3.DataError,
                                        sqlite3.InterfaceError, sqlite3.ProgrammingError]
     try:
         import psycopg
@@ -51,7 +60,21 @@ def _driver_errors() -> tuple[tuple[type[BaseException], ...], ...]:
 
 # Any driver error; a constraint violation; a row the database can never accept (retrying it
 # would never succeed, unlike a lost connection or a full disk).
-DB_ERRORS, INTEGRITY_ERRORS, DATA_ERRORS = _driver_errors()
+_ERRORS = _driver_errors()
+DB_ERRORS: tuple[type[Exception], ...] = _ERRORS[0]
+INTEGRITY_ERRORS: tuple[type[Exception], ...] = _ERRORS[1]
+DATA_ERRORS: tuple[type[Exception], ...] = _ERRORS[2]
+
+
+class DBConnection(Protocol):
+    """What the registry's code uses of a connection, on either engine."""
+
+    dialect: str
+
+    def execute(self, sql: str, values: Any = ..., /) -> Any: ...
+    def executemany(self, sql: str, rows: Any, /) -> Any: ...
+    def copy_rows(self, table: str, columns: tuple[str, ...],
+                  rows: list[tuple[Any, ...]]) -> None: ...
 
 
 def is_postgres_url(target: object) -> bool:

@@ -26,11 +26,13 @@ import atexit
 import contextlib
 import os
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import constants
 from ..errors import StorageError, StoreNotFoundError
 from .dialect import params, redact_url, translate
 from .schema import SCHEMA_VERSION, migrations
@@ -150,6 +152,9 @@ class PostgresEngine:
         parts = self.url.split("@", 1)[0].split(":")
         if len(parts) == 3 and parts[2]:  # scheme://user:password: never in a message
             reason = reason.replace(parts[2], "***")
+        if "no password supplied" in reason:
+            reason += (" (a store keeps its registry URL without the password: set PGPASSWORD,"
+                       " ~/.pgpass or REPRO_REGISTRY with the password)")
         return StorageError(f"{doing} the registry {self.location}: {reason}")
 
     def _ensure_ready(self) -> None:
@@ -224,7 +229,7 @@ class PostgresEngine:
         key = (_LOCK_CLASS, self._keys["publish"])
         with self.borrow() as conn:
             if exclusive:
-                conn.execute("SELECT pg_advisory_lock(?, ?)", key)
+                self._lock_exclusive(conn, key)
             else:
                 conn.execute("SELECT pg_advisory_lock_shared(?, ?)", key)
             try:
@@ -232,6 +237,17 @@ class PostgresEngine:
             finally:
                 with contextlib.suppress(Exception):
                     conn.execute("SELECT pg_advisory_unlock_all()")
+
+    def _lock_exclusive(self, conn: PgConn, key: tuple[int, int]) -> None:
+        """gc's side: wait for writers on every host, but not for ever (as the lock file)."""
+        deadline = time.monotonic() + constants.SQLITE_BUSY_TIMEOUT_MS / 1000
+        while not conn.execute("SELECT pg_try_advisory_lock(?, ?)", key).fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    f"the store is busy: a writer sharing the registry {self.location} has "
+                    f"held its publish lock for over {constants.SQLITE_BUSY_TIMEOUT_MS // 1000}"
+                    " s; retry gc later")
+            time.sleep(0.05)
 
     # -- schema -----------------------------------------------------------------------------
 

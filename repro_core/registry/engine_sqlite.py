@@ -169,7 +169,8 @@ class SqliteEngine:
         existed = self._check_present()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, factory=SqliteConnection, timeout=constants.SQLITE_BUSY_TIMEOUT_MS / 1000,
+            conn = sqlite3.connect(self.path, factory=SqliteConnection,
+                                   timeout=constants.SQLITE_BUSY_TIMEOUT_MS / 1000,
                                    isolation_level=None, check_same_thread=False)
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open registry {self.path}: {exc}", path=self.path) from exc
@@ -295,7 +296,8 @@ class SqliteEngine:
 
 
 def _connect_ro(uri: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(uri, uri=True, factory=SqliteConnection, isolation_level=None, check_same_thread=False,
+    conn = sqlite3.connect(uri, uri=True, factory=SqliteConnection, isolation_level=None,
+                           check_same_thread=False,
                            timeout=constants.SQLITE_BUSY_TIMEOUT_MS / 1000)
     conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # fails now if unreadable
     return conn

@@ -16,6 +16,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from .. import constants
 from ..errors import InvalidNameError
@@ -24,7 +25,7 @@ from ..types import DEFAULT_PROJECT, validate_project
 __all__ = ["SCHEMA_VERSION", "Migration", "migrations", "retry_busy"]
 
 SCHEMA_VERSION = 7
-Migration = str | Callable[[sqlite3.Connection], None]
+Migration = str | Callable[[Any], None]
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -227,7 +228,7 @@ _MIGRATIONS: dict[int, Migration] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3
                                      7: _SCHEMA_V7}
 
 
-def run_script(conn: sqlite3.Connection, script: str) -> None:
+def run_script(conn: Any, script: str) -> None:
     """Run ``;``-separated DDL inside the caller's transaction (executescript would commit)."""
     for statement in script.split(";"):
         if statement.strip():
@@ -256,7 +257,7 @@ def retry_busy(statement: Callable[[], object]) -> None:
         delay = min(delay * 2, 0.05)
 
 
-def migrations(current: int) -> Iterator[Callable[[sqlite3.Connection], None]]:
+def migrations(current: int) -> Iterator[Callable[[Any], None]]:
     """The steps to run, in order, for a registry at schema ``current``."""
     for version in range(current + 1, SCHEMA_VERSION + 1):
         step = _MIGRATIONS[version]

@@ -16,10 +16,14 @@ from pathlib import Path
 from ..errors import InvalidArgumentError, StorageError
 from .dialect import check_url, is_postgres_url, redact_url, strip_password
 
-__all__ = ["CONFIG_NAME", "configured_url", "resolve", "write_config"]
+__all__ = ["CONFIG_NAME", "bind", "configured_url", "resolve", "write_config"]
 
 CONFIG_NAME = "registry.url"
 _MAX_CONFIG = 4096
+# URLs given with a password in this process (``init_run(registry=...)``), by their written
+# form: a later open of the bound store (the metrics writer, a reader) finds the password here,
+# as it would in PGPASSWORD; it is never written anywhere.
+_GIVEN: dict[str, str] = {}
 
 
 def configured_url(root: Path) -> str | None:
@@ -71,8 +75,9 @@ def resolve(root: Path, explicit: str | None, *, bind: bool) -> str | None:
         check_url(explicit)  # raises the typed error naming the expected form
     configured = configured_url(root)
     if explicit is None:
-        return configured
+        return _GIVEN.get(configured, configured) if configured else None
     explicit = check_url(explicit)
+    _GIVEN[strip_password(explicit)] = explicit
     if configured is not None:
         if not _same(configured, explicit):
             raise InvalidArgumentError(
@@ -88,3 +93,9 @@ def resolve(root: Path, explicit: str | None, *, bind: bool) -> str | None:
     if bind:
         write_config(root, explicit)
     return explicit
+
+
+def bind(root: Path, url: str) -> None:
+    """``init_run(..., registry=url)``: bind the store at ``root`` to ``url`` (or check that
+    it is bound to it already)."""
+    resolve(root, url, bind=True)

@@ -13,13 +13,12 @@ a version, deduplicated ones included), *used-by* is ``run_inputs``, *parent-of*
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ArtifactNotFoundError, IntegrityError, InvalidArgumentError, ReproError
 from ..types import DEFAULT_PROJECT, ParsedKey, utc_now, validate_alias
-from .dialect import DOWNSTREAM
+from .dialect import DOWNSTREAM, DBConnection
 from .records import (
     ARTIFACT_JOIN,
     VERSION_COLUMNS,
@@ -57,8 +56,9 @@ class VersionQueries(RunQueries):
             cursor = conn.execute(
                 "INSERT INTO versions (project, name, version, digest, size, format, run_id,"
                 " created_at, metadata, filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " RETURNING id", (new.project, new.name, number, new.digest, new.size, new.format, new.run_id,
-                 utc_now(), dumps(new.metadata), new.filename),
+                " RETURNING id", (new.project, new.name, number, new.digest, new.size,
+                                  new.format, new.run_id, utc_now(), dumps(new.metadata),
+                                  new.filename),
             )
             version_id = int(cursor.fetchone()[0])
             conn.executemany(
@@ -73,7 +73,7 @@ class VersionQueries(RunQueries):
         assert row is not None
         return row, True, linked
 
-    def _same_content(self, conn: sqlite3.Connection, latest: VersionRow,
+    def _same_content(self, conn: DBConnection, latest: VersionRow,
                       new: NewVersion) -> bool:
         """Same content as ``latest``: no new version, whatever parents the call names (a
         frozen model checkpointed twice names the first checkpoint as its parent). What the
@@ -94,7 +94,7 @@ class VersionQueries(RunQueries):
                               (project, name))
         _same_type(project, name, existing[0][0] if existing else None, type_)
 
-    def _ensure_artifact(self, conn: sqlite3.Connection, new: NewVersion) -> None:
+    def _ensure_artifact(self, conn: DBConnection, new: NewVersion) -> None:
         existing = conn.execute("SELECT type FROM artifacts WHERE project = ? AND name = ?",
                                 (new.project, new.name)).fetchone()
         if existing is None:
@@ -280,7 +280,7 @@ def _text(value: object) -> str:
     return value
 
 
-def _resolve_in(conn: sqlite3.Connection, key: ParsedKey, project: str) -> VersionRow | None:
+def _resolve_in(conn: DBConnection, key: ParsedKey, project: str) -> VersionRow | None:
     if key.version is not None:
         return _fetch(conn, "v.project = ? AND v.name = ? AND v.version = ?",
                       (project, key.name, key.version))
@@ -290,7 +290,7 @@ def _resolve_in(conn: sqlite3.Connection, key: ParsedKey, project: str) -> Versi
     return _fetch_alias(conn, project, key.name, key.alias)
 
 
-def _resolve_prefix(conn: sqlite3.Connection, key: ParsedKey, project: str) -> VersionRow | None:
+def _resolve_prefix(conn: DBConnection, key: ParsedKey, project: str) -> VersionRow | None:
     assert key.digest_prefix is not None
     rows = conn.execute(
         f"SELECT {VERSION_COLUMNS} FROM {VERSION_FROM} WHERE v.project = ? AND v.name = ? AND"
@@ -305,14 +305,14 @@ def _resolve_prefix(conn: sqlite3.Connection, key: ParsedKey, project: str) -> V
     return version_row(rows[0]) if rows else None
 
 
-def _downstream(conn: sqlite3.Connection, version_id: int) -> tuple[set[int], set[str]]:
+def _downstream(conn: DBConnection, version_id: int) -> tuple[set[int], set[str]]:
     """Every version and run reachable downstream of a version (itself included), through
     parent edges, runs that used it and what those runs logged."""
     rows = conn.execute(DOWNSTREAM[conn.dialect], (version_id,)).fetchall()
     return ({int(i) for k, i in rows if k == "v"}, {str(i) for k, i in rows if k == "r"})
 
 
-def _add_parents(conn: sqlite3.Connection, child_id: int, parent_ids: Sequence[int]) -> None:
+def _add_parents(conn: DBConnection, child_id: int, parent_ids: Sequence[int]) -> None:
     conn.executemany(
         "INSERT INTO artifact_parents (child_id, parent_id) VALUES (?, ?)"
         " ON CONFLICT (child_id, parent_id) DO NOTHING",
@@ -320,7 +320,7 @@ def _add_parents(conn: sqlite3.Connection, child_id: int, parent_ids: Sequence[i
     )
 
 
-def _set_aliases(conn: sqlite3.Connection, project: str, name: str, version_id: int,
+def _set_aliases(conn: DBConnection, project: str, name: str, version_id: int,
                  aliases: Sequence[str]) -> None:
     conn.executemany(
         "INSERT INTO aliases (project, name, alias, version_id) VALUES (?, ?, ?, ?)"
@@ -329,7 +329,7 @@ def _set_aliases(conn: sqlite3.Connection, project: str, name: str, version_id: 
     )
 
 
-def _record_output(conn: sqlite3.Connection, run_id: str | None, version_id: int) -> bool:
+def _record_output(conn: DBConnection, run_id: str | None, version_id: int) -> bool:
     """Link the run to what it logged, unless it used that very version (no cycles); True
     when the run is (now or already) recorded as having logged it."""
     if run_id is None:
@@ -344,7 +344,7 @@ def _record_output(conn: sqlite3.Connection, run_id: str | None, version_id: int
                         (run_id, version_id)).fetchone() is not None
 
 
-def _fetch_alias(conn: sqlite3.Connection, project: str, name: str,
+def _fetch_alias(conn: DBConnection, project: str, name: str,
                  alias: str) -> VersionRow | None:
     row = conn.execute(
         f"SELECT {VERSION_COLUMNS} FROM aliases al JOIN versions v ON v.id = al.version_id"
@@ -354,7 +354,7 @@ def _fetch_alias(conn: sqlite3.Connection, project: str, name: str,
     return version_row(row) if row else None
 
 
-def _fetch(conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> VersionRow | None:
+def _fetch(conn: DBConnection, where: str, params: Sequence[Any]) -> VersionRow | None:
     row = conn.execute(f"SELECT {VERSION_COLUMNS} FROM {VERSION_FROM} WHERE {where}",
                        params).fetchone()
     return version_row(row) if row else None

@@ -18,10 +18,10 @@ store remembers, per remote, where each alias pointed when the two last agreed
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 
 from ..registry import Registry
+from ..registry.dialect import DBConnection
 from ..types import utc_now
 from ._records import AliasRecord, alias_path, decode, encode
 from ._remote import Remote, SyncReport
@@ -36,7 +36,7 @@ def _synced(registry: Registry, url: str) -> dict[_Key, str]:
         "SELECT project, name, alias, uid FROM remote_aliases WHERE url = ?", (url,))}
 
 
-def _agree(conn: sqlite3.Connection, url: str, key: _Key, uid: str) -> None:
+def _agree(conn: DBConnection, url: str, key: _Key, uid: str) -> None:
     conn.execute("INSERT INTO remote_aliases (url, project, name, alias, uid) VALUES (?, ?, ?,"
                  " ?, ?) ON CONFLICT (url, project, name, alias) DO UPDATE SET uid ="
                  " excluded.uid", (url, *key, uid))
@@ -75,7 +75,7 @@ def push_aliases(registry: Registry, remote: Remote, uids: dict[int, str],
                 _agree(conn, remote.url, key, mine)
 
 
-def pull_aliases(conn: sqlite3.Connection, registry: Registry, remote: Remote,
+def pull_aliases(conn: DBConnection, registry: Registry, remote: Remote,
                  records: Iterable[AliasRecord], ids: dict[str, int],
                  report: SyncReport) -> None:
     """Apply the alias moves made on the remote (inside the pull's transaction)."""

@@ -19,7 +19,6 @@ import base64
 import gzip
 import io
 import json
-import sqlite3
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 
 from .._metrics_rows import check_key
 from ..errors import IntegrityError, ReproError
+from ..registry.dialect import DBConnection
 from ..registry.records import RUN_COLUMNS
 from ..types import RunState, validate_project
 from ._records import RUN_ID, _blob, _digest, _size, _text, _uid
@@ -58,7 +58,7 @@ class Bundle:
     updates: list[tuple[Any, ...]] = field(default_factory=list)
 
 
-def revision(conn: sqlite3.Connection, run_id: str) -> tuple[int, int, int]:
+def revision(conn: DBConnection, run_id: str) -> tuple[int, int, int]:
     """``(finished, segment, rows)``: how far a run has got (orders two copies of it)."""
     state, segment = conn.execute("SELECT state, segment FROM runs WHERE id = ?",
                                   (run_id,)).fetchone()
@@ -72,7 +72,7 @@ def revision(conn: sqlite3.Connection, run_id: str) -> tuple[int, int, int]:
     return (int(state in _TERMINAL), int(segment or 0), int(rows))
 
 
-def write_bundle(conn: sqlite3.Connection, run_id: str, uids: dict[int, str],
+def write_bundle(conn: DBConnection, run_id: str, uids: dict[int, str],
                  target: Path, *, models: dict[int, str] | None = None
                  ) -> list[tuple[str, int]]:
     """Write the run's bundle to ``target``; returns the blobs it needs (TTRL payloads).
@@ -117,7 +117,7 @@ def write_bundle(conn: sqlite3.Connection, run_id: str, uids: dict[int, str],
     return blobs
 
 
-def _edges(conn: sqlite3.Connection, table: str, at: str, run_id: str,
+def _edges(conn: DBConnection, table: str, at: str, run_id: str,
            uids: dict[int, str]) -> list[list[str]]:
     return [[uids[vid], when] for vid, when in conn.execute(
         f"SELECT version_id, {at} FROM {table} WHERE run_id = ? ORDER BY {at}, version_id",

@@ -16,7 +16,6 @@ run's journal records the move (``repro recover`` applies it).
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from .._journal import append_event
 from ..errors import StorageError
 from ..registry import Registry, VersionRow, is_crashed
+from ..registry.dialect import DBConnection
 from ..types import utc_now
 from ._records import version_uid
 
@@ -43,7 +43,7 @@ def pushed_numbers(registry: Registry, url: str) -> dict[int, int]:
         "SELECT version_id, number FROM remote_versions WHERE url = ?", (url,))}
 
 
-def record_numbers(conn: sqlite3.Connection, url: str, numbers: dict[int, int]) -> None:
+def record_numbers(conn: DBConnection, url: str, numbers: dict[int, int]) -> None:
     conn.executemany(
         "INSERT INTO remote_versions (url, version_id, number, at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (url, version_id) DO UPDATE SET number = excluded.number",
@@ -97,14 +97,14 @@ def _parents_first(registry: Registry, ids: set[int]) -> list[int]:
 
 
 @contextmanager
-def snapshot(registry: Registry) -> Iterator[sqlite3.Connection]:
+def snapshot(registry: Registry) -> Iterator[DBConnection]:
     """A consistent read of the registry that takes no write lock: writing a run's bundle
     (seconds, for a long run) must never hold up the training thread's next write."""
     with registry.snapshot() as conn:
         yield conn
 
 
-def version_in(conn: sqlite3.Connection, vid: int) -> VersionRow:
+def version_in(conn: DBConnection, vid: int) -> VersionRow:
     """A version as it is inside the caller's transaction (another pusher may have moved it
     since this process last read it)."""
     from ..registry.records import VERSION_COLUMNS, VERSION_FROM, version_row
@@ -113,12 +113,12 @@ def version_in(conn: sqlite3.Connection, vid: int) -> VersionRow:
                                     " v.id = ?", (vid,)).fetchone())
 
 
-def local_max(conn: sqlite3.Connection, project: str, name: str) -> int:
+def local_max(conn: DBConnection, project: str, name: str) -> int:
     return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE project = ?"
                             " AND name = ?", (project, name)).fetchone()[0])
 
 
-def renumber(conn: sqlite3.Connection, row: VersionRow, number: int) -> dict[str, Any]:
+def renumber(conn: DBConnection, row: VersionRow, number: int) -> dict[str, Any]:
     """Move a local version to ``number`` (free locally) inside the caller's transaction;
     returns the journal line to append once it has committed (``journal_moves``): a line for a
     move that was rolled back would make ``repro recover`` rebuild a number that never was."""
@@ -143,7 +143,7 @@ def journal_moves(registry: Registry, moves: list[dict[str, Any]]) -> None:
                 append_event(registry.root, run_id, move)
 
 
-def pinned(conn: sqlite3.Connection, row: VersionRow) -> bool:
+def pinned(conn: DBConnection, row: VersionRow) -> bool:
     """A version whose number must not change here: it is on a remote already (its number
     there is recorded beside it), or its run may still be running — on this host or another
     (a shared store): the program holds ``name:vN`` keys (the previous checkpoint, ``best``)
@@ -177,7 +177,7 @@ def note_move(moves: list[tuple[str, str]], old: str, new: str) -> None:
     moves.append((old, new))
 
 
-def reset_latest(conn: sqlite3.Connection, project: str, name: str) -> None:
+def reset_latest(conn: DBConnection, project: str, name: str) -> None:
     """``latest`` is the newest version left (what ``add_version`` and pruning maintain)."""
     newest = conn.execute("SELECT id FROM versions WHERE project = ? AND name = ? AND"
                           " pruned_at IS NULL ORDER BY version DESC LIMIT 1",

@@ -14,7 +14,6 @@ number (as W&B numbers offline versions when they sync); the report lists every 
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 from .._metrics_rows import insert_rows
 from ..errors import ArtifactNotFoundError, IntegrityError, InvalidArgumentError
 from ..registry import Registry
+from ..registry.dialect import DBConnection
 from ..registry.records import RUN_COLUMNS, dumps
 from ..registry.runs import is_alive_here
 from ..store.local import LocalStorageBackend
@@ -293,7 +293,7 @@ class Puller:
 
     # -- writing the registry (one transaction) ---------------------------------------------
 
-    def _apply(self, conn: sqlite3.Connection, plan: _Plan) -> dict[str, int]:
+    def _apply(self, conn: DBConnection, plan: _Plan) -> dict[str, int]:
         for run_id, bundle in plan.bundles.items():
             self._run_row(conn, run_id, bundle)
         ids = dict(self.local)
@@ -328,7 +328,7 @@ class Puller:
         record_numbers(conn, self.remote.url, pulled)
         return ids
 
-    def _version(self, conn: sqlite3.Connection, record: RemoteVersion) -> int:
+    def _version(self, conn: DBConnection, record: RemoteVersion) -> int:
         existing = conn.execute("SELECT type FROM artifacts WHERE project = ? AND name = ?",
                                 (record.project, record.name)).fetchone()
         if existing is not None and existing[0] != record.type:
@@ -350,7 +350,7 @@ class Puller:
                          " ON CONFLICT DO NOTHING", [(vid, d, s) for d, s in record.blobs])
         return vid
 
-    def _number(self, conn: sqlite3.Connection, record: RemoteVersion) -> int:
+    def _number(self, conn: DBConnection, record: RemoteVersion) -> int:
         """The remote's number, moving aside a local version that never left this store."""
         occupant = conn.execute("SELECT id FROM versions WHERE project = ? AND name = ? AND"
                                 " version = ?", (record.project, record.name,
@@ -371,13 +371,13 @@ class Puller:
         return record.number
 
 
-    def _run_row(self, conn: sqlite3.Connection, run_id: str, bundle: Bundle) -> None:
+    def _run_row(self, conn: DBConnection, run_id: str, bundle: Bundle) -> None:
         values = [bundle.run[c] for c in _RUN_FIELDS]
         conn.execute(f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * len(values))})"
                      f" ON CONFLICT (id) DO UPDATE SET "
                      + ", ".join(f"{c} = excluded.{c}" for c in _RUN_FIELDS[1:]), values)
 
-    def _run_rows(self, conn: sqlite3.Connection, run_id: str, bundle: Bundle,
+    def _run_rows(self, conn: DBConnection, run_id: str, bundle: Bundle,
                   ids: dict[str, int]) -> None:
         """Replace the run's own rows with the bundle's (it is newer), merge its edges."""
         for sql in ("DELETE FROM run_states WHERE run_id = ?",

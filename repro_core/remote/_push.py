@@ -10,7 +10,6 @@ version whose blobs are missing, nor an edge to a version that is not there.
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from ..errors import IntegrityError, ReproError, StorageError
 from ..hashing import hash_file
 from ..registry import Registry, VersionRow
+from ..registry.dialect import DBConnection
 from ..store.local import LocalStorageBackend
 from ..types import utc_now
 from ._aliases import push_aliases
@@ -198,7 +198,7 @@ class Pusher:
         else:  # found there (--check, or a push cut after its claim): nothing was sent
             self.report.skipped += 1
 
-    def _follow(self, conn: sqlite3.Connection, row: VersionRow, number: int,
+    def _follow(self, conn: DBConnection, row: VersionRow, number: int,
                 moves: list[dict[str, Any]]) -> bool:
         """Move ``row`` to ``number`` here. A version of this push in the way (not yet
         claimed) steps aside to the end, for now: its own claim places it. Neither moves when
