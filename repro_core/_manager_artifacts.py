@@ -163,6 +163,10 @@ class ArtifactsAPI:
         if wanted is not None and row.type != wanted.value:
             raise ArtifactNotFoundError(
                 f"{row.key} is a {row.type!r} artifact, not {wanted.value!r}", key=row.key)
+        if registry.engine == "postgresql":  # a shared registry: another host's blobs
+            from .remote._fetch import fetch_missing
+
+            fetch_missing(store, registry, row)
         path = ArtifactWriter.check_content(store, registry, row, full=full, copy=private,
                                             dest=dest)
         # record_use adds no edge for a run reading back what it logged (that would be a

@@ -106,6 +106,7 @@ def _v3_store(path: Path) -> None:
     conn.close()
 
 
+@pytest.mark.sqlite_only("a v3 store was a SQLite file (a PostgreSQL registry starts at v6)")
 def test_v3_store_migrates_to_projects_and_v1_numbering(tmp_path: Path) -> None:
     path = tmp_path / "registry.sqlite"
     _v3_store(path)
@@ -126,6 +127,7 @@ def test_v3_store_migrates_to_projects_and_v1_numbering(tmp_path: Path) -> None:
     registry.close()
 
 
+@pytest.mark.sqlite_only("a v3 store was a SQLite file (a PostgreSQL registry starts at v6)")
 def test_v3_store_is_readable_read_only_without_migrating_it_on_disk(tmp_path: Path) -> None:
     path = tmp_path / "registry.sqlite"
     _v3_store(path)
@@ -138,10 +140,10 @@ def test_v3_store_is_readable_read_only_without_migrating_it_on_disk(tmp_path: P
 
 def test_newer_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     path = tmp_path / "registry.sqlite"
-    Registry(path, create=True).open()
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("UPDATE schema_version SET version = 99")
-    conn.close()
+    registry = Registry(path, create=True)  # SQLite, or REPRO_REGISTRY's server
+    with registry._write() as conn:  # as a newer repro would leave it
+        conn.execute("UPDATE schema_version SET version = 99")
+    registry.close()
     for readonly in (False, True):
         with pytest.raises(Exception, match="newer than this repro"):
             Registry(path, readonly=readonly).open()

@@ -226,10 +226,10 @@ def test_a_run_recorded_on_another_host_may_be_resumed(fresh: None, tmp_path: Pa
     assert run.id is not None
     manager.log_metrics({"loss": 1.0})
     manager = _manager(tmp_path / "s")  # abandon it, then pretend it ran elsewhere
-    conn = sqlite3.connect(tmp_path / "s" / "registry.sqlite")
-    conn.execute("UPDATE runs SET host = 'node-17', pid = 1 WHERE id = ?", (run.id,))
-    conn.commit()
-    conn.close()
+    registry = Registry(tmp_path / "s" / "registry.sqlite")  # or REPRO_REGISTRY's server
+    with registry._write() as conn:
+        conn.execute("UPDATE runs SET host = 'node-17', pid = 1 WHERE id = ?", (run.id,))
+    registry.close()
     again = manager.init_run("moved", run_id=run.id, resume="must")
     assert again.segment == 1
     states = manager.get_run(run.id)["states"]
@@ -572,6 +572,7 @@ def _v4_store(root: Path) -> str:
     return run.id
 
 
+@pytest.mark.sqlite_only("a v4 store was a SQLite file (a PostgreSQL registry starts at v6)")
 def test_a_v4_store_opens_read_only_without_being_migrated(fresh: None, tmp_path: Path) -> None:
     root = tmp_path / "s"
     run_id = _v4_store(root)
@@ -592,6 +593,7 @@ def test_a_v4_store_opens_read_only_without_being_migrated(fresh: None, tmp_path
     conn.close()
 
 
+@pytest.mark.sqlite_only("a v4 store was a SQLite file (a PostgreSQL registry starts at v6)")
 def test_a_v4_store_is_migrated_and_its_runs_resume(fresh: None, tmp_path: Path) -> None:
     root = tmp_path / "s"
     run_id = _v4_store(root)
@@ -614,6 +616,7 @@ def test_a_v4_store_is_migrated_and_its_runs_resume(fresh: None, tmp_path: Path)
 # -- recovery -------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("repro recover rebuilds a lost registry.sqlite file")
 def test_recover_rebuilds_a_resumed_run_with_a_chosen_id(fresh: None, tmp_path: Path) -> None:
     root = tmp_path / "s"
     manager = _manager(root)

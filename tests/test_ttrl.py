@@ -429,16 +429,16 @@ def test_updates_are_durable_while_the_loop_keeps_running(tmp_path: Path) -> Non
     """The writer must make progress beside a loop that never lets go of the GIL: a SIGKILL
     loses only the last seconds. (``executemany`` re-takes the GIL per row and starved here:
     minutes for a batch; one ``json_each`` statement releases it for the whole insert.)"""
-    import sqlite3
-
     from helpers.kill_loop import kill_after
+
+    from repro_core.registry import Registry
 
     root = tmp_path / "s"
     run_id, must_have, _ = kill_after(_BUSY_LOOP, [str(root)], 6.0, slack=3.0)
-    conn = sqlite3.connect(root / "registry.sqlite")
+    registry = Registry(root / "registry.sqlite", readonly=True)  # or REPRO_REGISTRY's server
     try:
-        (stored,) = conn.execute("SELECT COUNT(*) FROM online_updates WHERE run_id = ?",
-                                 (run_id,)).fetchone()
+        ((stored,),) = registry._read("SELECT COUNT(*) FROM online_updates WHERE run_id = ?",
+                                      (run_id,))
     finally:
-        conn.close()
+        registry.close()
     assert stored >= must_have > 0, (stored, must_have)
