@@ -119,6 +119,8 @@ def test_refusals_leave_the_store_as_it_was(filled: Path, pg_url: str,
         migrate(filled, "mysql://x/y")
     with pytest.raises(InvalidArgumentError, match="already uses SQLite"):
         migrate(filled, "sqlite")
+    assert _dump_sqlite(filled / "registry.sqlite") == before
+    assert not (filled / "registry.url").exists()
     migrate(filled, pg_url)
     other = filled.parent / "other"
     _fill(other)
