@@ -1,8 +1,12 @@
 """The two registry engines side by side: SQLite (the store's file) and PostgreSQL (loopback).
 
     python benchmarks/registry_engines.py [--quick] [--repeats 3] [--writers 4]
-        [--artifacts 300] [--metric-calls 50000] [--updates 50000]
-        [--lineage-artifacts 100000] [--queries 50] [--configs sqlite,sqlite-nofsync,postgresql]
+        [--artifacts 100] [--metric-calls 50000] [--updates 25000]
+        [--lineage-artifacts 100000] [--queries 30] [--configs sqlite,sqlite-nofsync,postgresql]
+        [--skip-lineage]
+
+(about 3 minutes on a 2-core machine at the defaults; ``--quick``: under a minute, smaller
+sizes and one pass — a smoke run, not numbers to publish.)
 
 For each configuration:
 
@@ -27,7 +31,7 @@ run opening is outside the timing):
   3 metric points per call), until the exit has returned: updates/s;
 
 first with one writer, then with ``--writers`` processes at once, each its own run in the same
-store and registry, started together on a barrier: aggregate rate = all calls / (last finish −
+store and registry, started together on a barrier: aggregate rate = all calls / (last finish -
 common start). Then a lineage query at ``--lineage-artifacts`` versions: the registry is filled
 through the registry's own transaction and ``copy_rows`` (``COPY`` on PostgreSQL,
 ``executemany`` on SQLite) with the rows ``log_artifact`` writes (runs, artifacts, versions,
@@ -37,10 +41,12 @@ of 1,000 and fan-outs of 100; blobs are not needed for lineage), PostgreSQL's ta
 descendants, parents, children, runs) and ``LineageTracker.from_registry(around=KEY)`` +
 ``get_ancestors`` (README's row) on random keys: p50 per pass.
 
-Every measurement is repeated ``--repeats`` times (a fresh store and schema each time) and the
-median is shown. Row counts are checked after every write pass. Prints one Markdown table with
-each configuration and the ratio postgresql / sqlite (≥ 0.5: within 2× of SQLite; for latency
-rows the ratio is sqlite / postgresql, so ≥ 0.5 means the same).
+Every measurement is repeated ``--repeats`` times (a fresh store and schema each time; the
+configurations interleaved, so drift hits them alike) and the median is shown. Row counts are
+checked after every write pass, and the durability settings each engine actually ran with are
+read back from it and printed. Prints one Markdown table with each configuration and the speed
+ratio postgresql ÷ sqlite per row (rates: pg rate / sqlite rate; latencies: sqlite ms / pg ms),
+so ≥ 0.5 means "within 2x of SQLite" on every row.
 """
 
 from __future__ import annotations
@@ -80,10 +86,11 @@ def _writer(idx: int, root: str, sizes: dict[str, int], barrier: Any, queue: Any
 
 def _writer_body(idx: int, root: Path, sizes: dict[str, int], barrier: Any
                  ) -> dict[str, tuple[float, float, int]]:
+    from ttrl_logging import _log_metrics, _online_updates
+
     from repro_core import ArtifactManager
     from repro_core.capture import EnvironmentCaptureLevel
     from repro_core.ttrl import TTRLContext
-    from ttrl_logging import _log_metrics, _online_updates
 
     if idx == 0:  # the store (and, for PostgreSQL, its schema) exists before anyone else opens
         mgr = ArtifactManager.reset_instance()
@@ -185,12 +192,34 @@ def _copy_insert(conn: Any, table: str, rows: list[dict[str, Any]]) -> None:
         conn.copy_rows(table, columns, [tuple(row[c] for c in columns) for row in rows])
 
 
+def engine_settings(root: Path) -> str:
+    """The durability settings the registry connection of a fresh store really has."""
+    from repro_core.registry import Registry
+
+    registry = Registry(root / "registry.sqlite", create=True)
+    try:
+        with registry._reading() as conn:
+            if registry.engine == "sqlite":
+                sync = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(
+                    conn.execute("PRAGMA synchronous").fetchone()[0], "?")
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                return f"journal_mode={mode}, synchronous={sync}"
+            shown = [f"{name}={conn.execute(f'SHOW {name}').fetchone()[0]}" for name in (
+                "server_version", "fsync", "synchronous_commit", "full_page_writes",
+                "shared_buffers", "default_toast_compression")]
+            return ", ".join(shown)
+    finally:
+        registry.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def lineage_pass(root: Path, artifacts: int, queries: int, repeats: int,
                  postgres: bool) -> tuple[float, list[float], list[float]]:
     """Fill a registry with ``artifacts`` versions; p50 seconds of each query, per pass."""
     import random
 
     import lineage_scale
+
     from repro_core import ArtifactManager
     from repro_core.lineage import LineageTracker
     from repro_core.registry import Registry
@@ -286,7 +315,7 @@ def start_postgres() -> tuple[Any, Any] | str:
 
 # -- table ------------------------------------------------------------------------------------
 
-ROWS = (  # key, label, unit kind ("rate" higher is better, "ms" lower is better)
+ROWS = (  # key, label, unit kind ("rate": higher is better, "ms"/"s": lower is better)
     ("artifacts@1", "`log_artifact` (small bytes), 1 writer — artifacts/s", "rate"),
     ("metrics@1", "`log_metrics` (4 scalars/call), 1 writer — points/s", "rate"),
     ("updates@1", "`log_online_update`, 1 writer — updates/s", "rate"),
@@ -314,7 +343,7 @@ def table(configs: list[str], medians: dict[str, dict[str, float]],
           writers: int, artifacts: int) -> str:
     sqlites = [c for c in configs if c.startswith("sqlite")]
     ratio_cols = [c for c in sqlites if "postgresql" in configs]
-    head = ["what", *configs, *[f"postgresql / {c}" for c in ratio_cols]]
+    head = ["what", *configs, *[f"postgresql ÷ {c} (speed)" for c in ratio_cols]]
     out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for key, label, kind in ROWS:
         if not any(key in medians[c] for c in configs):
@@ -336,91 +365,117 @@ def table(configs: list[str], medians: dict[str, dict[str, float]],
 
 # -- main -------------------------------------------------------------------------------------
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and one repeat (a smoke run, not for the README)")
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--artifacts", type=int, default=None,
-                        help="log_artifact calls per writer (default 300; quick: 50)")
+                        help="log_artifact calls per writer (default 100; quick: 30)")
     parser.add_argument("--metric-calls", type=int, default=None,
                         help="log_metrics calls per writer (default 50000; quick: 5000)")
     parser.add_argument("--updates", type=int, default=None,
-                        help="log_online_update calls per writer (default 50000; quick: 5000)")
+                        help="log_online_update calls per writer (default 25000; quick: 5000)")
     parser.add_argument("--lineage-artifacts", type=int, default=None,
                         help="versions in the lineage registry (default 100000; quick: 10000)")
     parser.add_argument("--queries", type=int, default=None,
-                        help="lineage queries per pass (default 50; quick: 10)")
+                        help="lineage queries per pass (default 30; quick: 10)")
     parser.add_argument("--configs", default="sqlite,sqlite-nofsync,postgresql")
     parser.add_argument("--skip-lineage", action="store_true")
     args = parser.parse_args()
     q = args.quick
-    repeats = args.repeats or (1 if q else 3)
-    sizes = {"artifacts": args.artifacts or (50 if q else 300),
-             "metrics": args.metric_calls or (5_000 if q else 50_000),
-             "updates": args.updates or (5_000 if q else 50_000)}
-    lineage_n = args.lineage_artifacts or (10_000 if q else 100_000)
-    queries = args.queries or (10 if q else 50)
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    if min(repeats, args.writers, *sizes.values(), lineage_n, queries) < 1:
+    args.repeats = args.repeats or (1 if q else 3)
+    args.sizes = {"artifacts": args.artifacts or (30 if q else 100),
+                  "metrics": args.metric_calls or (5_000 if q else 50_000),
+                  "updates": args.updates or (5_000 if q else 25_000)}
+    args.lineage_artifacts = args.lineage_artifacts or (10_000 if q else 100_000)
+    args.queries = args.queries or (10 if q else 30)
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if min(args.repeats, args.writers, *args.sizes.values(), args.lineage_artifacts,
+           args.queries) < 1:
         parser.error("sizes, --repeats and --writers must be >= 1")
+    return args
 
+
+def measure(args: argparse.Namespace, work: Path, server: Any
+            ) -> tuple[dict[str, dict[str, list[float]]], dict[str, str]]:
+    """Every pass of every configuration: {config: {row key: [value per pass]}}, settings."""
+    configs, repeats = args.configs, args.repeats
+    samples: dict[str, dict[str, list[float]]] = {c: {} for c in configs}
+    settings: dict[str, str] = {}
+    for config in configs:
+        env = config_env(config, server)
+        with environment(env):
+            settings[config] = (f"REPRO_FSYNC={env['REPRO_FSYNC']}; "
+                                + engine_settings(work / f"{config}-settings"))
+    for rep in range(repeats):  # configurations interleaved, so drift hits them alike
+        for config in configs:
+            for writers, tag in ((1, "1"), (args.writers, "N")):
+                root = work / f"{config}-{tag}-{rep}"
+                with environment(config_env(config, server)):
+                    rates = write_pass(root, writers, args.sizes)
+                shutil.rmtree(root, ignore_errors=True)
+                for op, rate in rates.items():
+                    samples[config].setdefault(f"{op}@{tag}", []).append(rate)
+                print(f"  pass {rep + 1}/{repeats} {config} x{writers}: " + ", ".join(
+                    f"{op} {rate:,.0f}/s" for op, rate in rates.items()), flush=True)
+    for config in [] if args.skip_lineage else configs:
+        if config == "sqlite-nofsync":
+            continue  # reads only: the same file and queries as sqlite
+        root = work / f"{config}-lineage"
+        with environment(config_env(config, server)):
+            fill, public, focused = lineage_pass(root, args.lineage_artifacts, args.queries,
+                                                 repeats, config == "postgresql")
+        shutil.rmtree(root, ignore_errors=True)
+        samples[config].update(lineage=public, focused=focused, fill=[fill])
+        print(f"  lineage {config}: fill {fill:.1f} s, get_lineage p50 per pass "
+              + ", ".join(f"{s * 1000:.1f}" for s in public) + " ms", flush=True)
+    return samples, settings
+
+
+def report(args: argparse.Namespace, samples: dict[str, dict[str, list[float]]],
+           settings: dict[str, str], seconds: float) -> None:
+    configs, sizes = args.configs, args.sizes
+    medians = {c: {k: statistics.median(v) for k, v in samples[c].items()} for c in configs}
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}; median of {args.repeats} passes; per writer: "
+          f"{sizes['artifacts']:,} log_artifact, {sizes['metrics']:,} log_metrics calls "
+          f"(x4 scalars), {sizes['updates']:,} log_online_update; lineage: {args.queries} "
+          f"random keys per pass; {seconds:.0f} s in all\n")
+    print(table(configs, medians, args.writers, args.lineage_artifacts))
+    print("\nWhat each configuration ran with (read back from the engine):")
+    for config in configs:
+        print(f"- {config}: {settings[config]}")
+    print("\nEvery pass (the table shows the medians):")
+    for config in configs:
+        print(f"{config}: " + "; ".join(
+            f"{k} " + "/".join(_fmt(v, "ms" if k in ("lineage", "focused")
+                                    else "s" if k == "fill" else "rate") for v in vals)
+            for k, vals in samples[config].items()))
+
+
+def main() -> None:
+    args = parse_args()
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="repro-bench-engines-"))
     server = gen = None
-    notes: list[str] = []
-    if "postgresql" in configs:
+    note = None
+    if "postgresql" in args.configs:
         got = start_postgres()
         if isinstance(got, str):
-            notes.append(f"postgresql skipped: {got}")
-            configs.remove("postgresql")
+            note = f"postgresql skipped: {got}"
+            args.configs.remove("postgresql")
         else:
             server, gen = got
-    samples: dict[str, dict[str, list[float]]] = {c: {} for c in configs}
     try:
-        for rep in range(repeats):  # configurations interleaved, so drift hits them alike
-            for config in configs:
-                for writers, tag in ((1, "1"), (args.writers, "N")):
-                    root = work / f"{config}-{tag}-{rep}"
-                    with environment(config_env(config, server)):
-                        rates = write_pass(root, writers, sizes)
-                    shutil.rmtree(root, ignore_errors=True)
-                    for op, rate in rates.items():
-                        samples[config].setdefault(f"{op}@{tag}", []).append(rate)
-                    print(f"  pass {rep + 1}/{repeats} {config} x{writers}: " + ", ".join(
-                        f"{op} {rate:,.0f}/s" for op, rate in rates.items()), flush=True)
-        if not args.skip_lineage:
-            for config in configs:
-                if config == "sqlite-nofsync":
-                    continue  # reads: the same file format as sqlite
-                root = work / f"{config}-lineage"
-                with environment(config_env(config, server)):
-                    fill, public, focused = lineage_pass(root, lineage_n, queries, repeats,
-                                                         config == "postgresql")
-                shutil.rmtree(root, ignore_errors=True)
-                samples[config].update(lineage=public, focused=focused, fill=[fill])
-                print(f"  lineage {config}: fill {fill:.1f} s, get_lineage p50 per pass "
-                      + ", ".join(f"{s * 1000:.1f}" for s in public) + " ms", flush=True)
+        samples, settings = measure(args, work, server)
     finally:
         if gen is not None:
             gen.close()  # stops the server, removes its directory
         shutil.rmtree(work, ignore_errors=True)
-
-    medians = {c: {k: statistics.median(v) for k, v in samples[c].items()} for c in configs}
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; median of {repeats} passes; per writer: "
-          f"{sizes['artifacts']:,} log_artifact, {sizes['metrics']:,} log_metrics calls "
-          f"(x4 scalars), {sizes['updates']:,} log_online_update; lineage: {queries} random "
-          f"keys per pass; {time.monotonic() - started:.0f} s in all\n")
-    print(table(configs, medians, args.writers, lineage_n))
-    print()
-    for config in configs:
-        print(f"{config}: " + "; ".join(
-            f"{k} " + "/".join(_fmt(v, 'ms' if k in ('lineage', 'focused') else 's' if k == 'fill'
-                                    else 'rate') for v in vals)
-            for k, vals in samples[config].items()))
-    for note in notes:
+    report(args, samples, settings, time.monotonic() - started)
+    if note:
         print(note)
 
 

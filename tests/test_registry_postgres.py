@@ -172,9 +172,6 @@ def test_faults_are_one_clear_error_without_the_password(
         assert "\n" not in message and caught.value.__cause__ is None, message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: target.resolve() writes <store>/registry.url before any connection is "
-    "tried, so a URL that never worked binds the store for good"))
 def test_failed_first_open_does_not_bind_the_store(
         pg_server: PgServer, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -54,22 +54,24 @@ def _engine(path: str | Path, root: Path | None, *, algorithm: str, create: bool
     """Pick the engine for ``path`` (a ``registry.sqlite`` path, or a PostgreSQL URL)."""
     if is_postgres_url(path):
         url: str | None = str(path)
+        pending = False
         root = root if root is not None else Path.cwd()
         file = root / "registry.sqlite"
     else:
         file = Path(path)
         root = file.parent
-        url = None
+        url, pending = None, False
         if file.name == "registry.sqlite":  # a store's registry: its config may say PostgreSQL
             explicit = (os.environ.get("REPRO_REGISTRY", "").strip() or None) \
                 if follow_env else None
-            url = resolve(root, explicit, bind=not readonly and create is not False)
+            url, pending = resolve(root, explicit)
     if url is None:
         return SqliteEngine(file, algorithm=algorithm, create=create, readonly=readonly), \
             file, root
     from .engine_postgres import PostgresEngine  # psycopg is imported only when used
 
-    engine = PostgresEngine(url, root, algorithm=algorithm, create=create, readonly=readonly)
+    engine = PostgresEngine(url, root, algorithm=algorithm, create=create, readonly=readonly,
+                            bind=pending and not readonly and create is not False)
     return engine, file, root
 
 

@@ -38,6 +38,7 @@ from .dialect import params, redact_url, translate
 from .schema import SCHEMA_VERSION, migrations
 from .schema_pg import BASE, BASE_VERSION
 from .store_data import store_has_data
+from .target import bound
 
 __all__ = ["PgConn", "PostgresEngine", "upgrade"]
 
@@ -132,8 +133,10 @@ class PostgresEngine:
     dialect = "postgresql"
 
     def __init__(self, url: str, root: Path, *, algorithm: str, create: bool | None,
-                 readonly: bool) -> None:
+                 readonly: bool, bind: bool = False) -> None:
+        """``bind``: write the store's ``registry.url`` once the server has answered."""
         self.url = url
+        self._bind = bind
         self.root = root
         self.readonly = readonly
         self._algorithm = algorithm
@@ -176,6 +179,9 @@ class PostgresEngine:
                                    "tables in (check search_path)")
             self._keys = {p: _lock_key(schema, p) for p in ("write", "schema", "publish")}
             self._check_schema(conn)
+            if self._bind:
+                bound(self.root, self.url)
+                self._bind = False
         except psycopg.Error as exc:
             raise self._error(exc, "cannot use") from None
         finally:
