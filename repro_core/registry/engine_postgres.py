@@ -166,11 +166,7 @@ class PostgresEngine:
         if self._ready_pid == os.getpid():
             return
         psycopg = _psycopg()
-        try:
-            raw = psycopg.connect(self.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT,
-                                  cursor_factory=psycopg.ClientCursor)
-        except psycopg.Error as exc:
-            raise self._error(exc) from None
+        raw = self._connect()
         try:
             conn = PgConn(raw)
             schema = conn.execute("SELECT current_schema()").fetchone()[0]
@@ -230,19 +226,30 @@ class PostgresEngine:
 
     @contextlib.contextmanager
     def publish_guard(self, *, exclusive: bool = False) -> Iterator[None]:
-        """A session advisory lock on a connection of its own, held for the block."""
+        """Writers: the shared lock, taken once per process on a connection kept for it
+        (threads share it, counted: a guard per thread would take a pooled connection each
+        and could exhaust the pool it then needs for the row). gc: the exclusive lock on a
+        connection of its own, for the block."""
         self._ensure_ready()
         key = (_LOCK_CLASS, self._keys["publish"])
-        with self.borrow() as conn:
-            if exclusive:
-                self._lock_exclusive(conn, key)
-            else:
-                conn.execute("SELECT pg_advisory_lock_shared(?, ?)", key)
-            try:
+        if not exclusive:
+            with _shared_guard(self, key):
                 yield
-            finally:
-                with contextlib.suppress(Exception):
-                    conn.execute("SELECT pg_advisory_unlock_all()")
+            return
+        raw = self._connect()
+        try:
+            self._lock_exclusive(PgConn(raw), key)
+            yield
+        finally:
+            raw.close()  # ends the session: its locks go with it
+
+    def _connect(self) -> Any:
+        psycopg = _psycopg()
+        try:
+            return psycopg.connect(self.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT,
+                                   cursor_factory=psycopg.ClientCursor)
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
 
     def _lock_exclusive(self, conn: PgConn, key: tuple[int, int]) -> None:
         """gc's side: wait for writers on every host, but not for ever (as the lock file)."""
@@ -287,6 +294,51 @@ class PostgresEngine:
             raise StorageError(
                 f"the database {self.location} already holds a table named runs but no repro "
                 "registry: use a database (or schema, options=-csearch_path=...) of its own")
+
+
+class _Shared:
+    """This process's hold on one registry's shared publish lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count = 0
+        self.raw: Any = None
+
+
+_SHARED: dict[tuple[int, str, int], _Shared] = {}
+
+
+@contextlib.contextmanager
+def _shared_guard(engine: PostgresEngine, key: tuple[int, int]) -> Iterator[None]:
+    """Take the shared lock when the first holder in this process enters, release it when
+    the last one leaves; the connection stays open for the next (a lost connection loses
+    the lock: the next first holder reconnects and takes it anew)."""
+    with _POOLS_LOCK:
+        hold = _SHARED.setdefault((os.getpid(), engine.url, key[1]), _Shared())
+    with hold.lock:
+        if hold.count == 0:
+            if hold.raw is None or hold.raw.closed or hold.raw.broken:
+                hold.raw = engine._connect()  # kept between holds: one round trip each
+            try:
+                PgConn(hold.raw).execute("SELECT pg_advisory_lock_shared(?, ?)", key)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    hold.raw.close()
+                hold.raw = None
+                raise
+        hold.count += 1
+    try:
+        yield
+    finally:
+        with hold.lock:
+            hold.count -= 1
+            if hold.count == 0 and hold.raw is not None:
+                try:
+                    PgConn(hold.raw).execute("SELECT pg_advisory_unlock_shared(?, ?)", key)
+                except Exception:  # a lost session has released its locks already
+                    with contextlib.suppress(Exception):
+                        hold.raw.close()
+                    hold.raw = None
 
 
 def _schema_version(conn: PgConn) -> int:
