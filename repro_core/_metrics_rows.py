@@ -150,14 +150,16 @@ def insert_rows(conn: DBConnection, table: str, rows: list[tuple[Any, ...]]) -> 
     minutes next to a busy thread, versus 0.45 s here, where the whole insert runs inside
     SQLite with the GIL released. ``executemany`` remains the fallback for rows JSON cannot
     carry faithfully (a NaN or ±inf float, NUL characters) and for SQLite builds without JSON1.
-    On PostgreSQL the rows go through ``COPY`` instead.
+    On PostgreSQL the same holds: ``COPY`` sends a buffer at a time and re-takes the GIL
+    after each (minutes next to a busy loop), so the rows go as one JSON document that
+    ``json_populate_recordset`` types by the table's own columns; ``COPY`` is the fallback.
     """
     global _json1
     columns = ROW_TABLES[table]  # KeyError for anything else: never SQL from data
-    if getattr(conn, "dialect", "sqlite") == "postgresql":
-        conn.copy_rows(table, columns, rows)  # COPY: PostgreSQL's bulk path
-        return
     names, marks = ", ".join(columns), ", ".join("?" * len(columns))
+    if getattr(conn, "dialect", "sqlite") == "postgresql":
+        _insert_rows_postgres(conn, table, columns, rows)
+        return
     try:
         text: str | None = json.dumps(rows, allow_nan=False)  # one C call
     except ValueError:  # a NaN or ±inf float: JSON cannot carry it
@@ -176,6 +178,22 @@ def insert_rows(conn: DBConnection, table: str, rows: list[tuple[Any, ...]]) -> 
 
 
 _json1 = True
+
+
+def _insert_rows_postgres(conn: DBConnection, table: str, columns: tuple[str, ...],
+                          rows: list[tuple[Any, ...]]) -> None:
+    try:
+        text: str | None = json.dumps([dict(zip(columns, row, strict=True)) for row in rows],
+                                      allow_nan=False)
+    except ValueError:  # a NaN or ±inf float: JSON cannot carry it
+        text = None
+    if text is None or "\\u0000" in text:  # NUL: let COPY give PostgreSQL's own error
+        conn.copy_rows(table, columns, rows)  # type: ignore[attr-defined]
+        return
+    names = ", ".join(columns)
+    conn.execute(f"INSERT INTO {table} ({names}) SELECT {names}"
+                 f" FROM json_populate_recordset(CAST(NULL AS {table}), CAST(? AS json))",
+                 (text,))
 
 
 def pack(values: array[Any]) -> bytes:

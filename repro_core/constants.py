@@ -32,9 +32,12 @@ Variables (README's "Settings" table says the same):
   mirrors its artifacts to in the background as they land (unset: no mirroring).
 - ``REPRO_REMOTE_TIMEOUT``: seconds finishing a run waits for its background pushes before it
   leaves the rest queued for the next open or ``repro push`` (default 120).
+- ``REPRO_REGISTRY_TIMEOUT``: seconds an operation waits for a PostgreSQL registry's server
+  (a restart, an outage) before it fails; the metrics writer keeps retrying (default 60).
 
-``REPRO_REDACT_ALLOW`` / ``REPRO_REDACT_DENY`` are the exception: read at every capture
-(``capture/redact.py``), so a program may change them between captures.
+``REPRO_REGISTRY`` (a ``postgresql://`` URL) is read at every registry open, not here (see
+``repro_core.registry.target``), and ``REPRO_REDACT_ALLOW`` / ``REPRO_REDACT_DENY`` at every
+capture (``capture/redact.py``), so a program may change them between captures.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ REPRO_REMOTE_RETRIES: int
 REPRO_REMOTE_BACKOFF: float
 REPRO_REMOTE: str | None
 REPRO_REMOTE_TIMEOUT: float
+REPRO_REGISTRY_TIMEOUT: float
 
 _PARSERS: dict[str, Callable[[], Any]] = {
     "REPRO_HOME": lambda: os.environ.get("REPRO_HOME") or None,
@@ -148,6 +152,7 @@ _PARSERS: dict[str, Callable[[], Any]] = {
     "REPRO_REMOTE_BACKOFF": lambda: _as_seconds("REPRO_REMOTE_BACKOFF", 0.5),
     "REPRO_REMOTE": lambda: os.environ.get("REPRO_REMOTE", "").strip() or None,
     "REPRO_REMOTE_TIMEOUT": lambda: _as_seconds("REPRO_REMOTE_TIMEOUT", 120.0),
+    "REPRO_REGISTRY_TIMEOUT": lambda: _as_seconds("REPRO_REGISTRY_TIMEOUT", 60.0),
 }
 #: Every setting parsed here (the CLI checks them all before running a command).
 SETTINGS = tuple(_PARSERS)

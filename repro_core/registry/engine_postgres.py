@@ -44,7 +44,6 @@ __all__ = ["PgConn", "PostgresEngine", "upgrade"]
 
 _LOCK_CLASS = 0x52455052  # "REPR": the first key of every advisory lock we take
 _CONNECT_TIMEOUT = 10  # seconds for one connection attempt
-_POOL_TIMEOUT = float(os.environ.get("REPRO_REGISTRY_TIMEOUT", "") or 60.0)
 _POOLS: dict[tuple[int, str], Any] = {}
 _POOLS_LOCK = threading.Lock()
 _INSTALL_HINT = ("a PostgreSQL registry needs psycopg 3: pip install "
@@ -111,7 +110,7 @@ def _pool(url: str) -> Any:
             from psycopg_pool import ConnectionPool
 
             pool = ConnectionPool(
-                url, min_size=1, max_size=6, open=True, timeout=_POOL_TIMEOUT,
+                url, min_size=1, max_size=6, open=True, timeout=constants.REPRO_REGISTRY_TIMEOUT,
                 name=f"repro-registry-{os.getpid()}", check=ConnectionPool.check_connection,
                 kwargs={"autocommit": True, "cursor_factory": psycopg.ClientCursor,
                         "connect_timeout": _CONNECT_TIMEOUT})
@@ -195,7 +194,8 @@ class PostgresEngine:
             raw = cm.__enter__()
         except PoolTimeout as exc:
             raise StorageError(f"the registry {self.location} did not answer within "
-                               f"{_POOL_TIMEOUT:g} s (REPRO_REGISTRY_TIMEOUT): {exc}") from None
+                               f"{constants.REPRO_REGISTRY_TIMEOUT:g} s (REPRO_REGISTRY_TIMEOUT):"
+                               f" {exc}") from None
         except psycopg.Error as exc:
             raise self._error(exc) from None
         try:
