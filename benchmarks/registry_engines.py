@@ -37,9 +37,10 @@ through the registry's own transaction and ``copy_rows`` (``COPY`` on PostgreSQL
 ``executemany`` on SQLite) with the rows ``log_artifact`` writes (runs, artifacts, versions,
 run_outputs, parent edges, run_inputs) in the graph of ``benchmarks/lineage_scale.py`` (chains
 of 1,000 and fan-outs of 100; blobs are not needed for lineage), PostgreSQL's tables
-``VACUUM ANALYZE``d after the load (as autovacuum would, but before the queries); then ``ArtifactManager.get_lineage(KEY)`` (public API: ancestors,
-descendants, parents, children, runs) and ``LineageTracker.from_registry(around=KEY)`` +
-``get_ancestors`` (README's row) on random keys: p50 per pass.
+``VACUUM ANALYZE``d after the load (as autovacuum would, but before the queries); then
+``ArtifactManager.get_lineage(KEY)`` (public API: ancestors, descendants, parents, children,
+runs) and ``LineageTracker.from_registry(around=KEY)`` + ``get_ancestors`` (README's row) on
+random keys: p50 per pass (the same keys each pass).
 
 Every measurement is repeated ``--repeats`` times (a fresh store and schema each time; the
 configurations interleaved, so drift hits them alike) and the median is shown. Row counts are

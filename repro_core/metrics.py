@@ -380,7 +380,7 @@ class MetricsWriter:
             if index:
                 time.sleep(_TXN_GAP_S)
             try:
-                with self._registry.transaction() as conn:
+                with self._registry.transaction(exclusive=False) as conn:
                     write_part(conn, self._run_id, part, self._series,
                                segment=self._segment)
             except Exception as exc:  # keep the data; retry later, report on the next call

@@ -6,6 +6,10 @@ its private Unix socket for the fixture's own administration. PostgreSQL refuses
 root, so when the tests run as root (CI) the server runs as an unprivileged user through
 ``setpriv``.
 
+``fsync=off`` (no power failure to survive here; a killed server loses nothing the OS has)
+but ``synchronous_commit`` stays on: asynchronous commit loses the last transactions when the
+server is killed, which the restart test would rightly report as lost metrics.
+
 Each test gets a schema of its own (``options=-csearch_path=t_<n>`` in its URL): creating one
 takes milliseconds, where a database per test would take a checkpoint each.
 
@@ -87,7 +91,7 @@ class PgServer:
         self.proc = subprocess.Popen(
             [*self._as, postgres, "-D", str(self.data), "-p", str(self.port),
              "-k", str(self.sock), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
-             "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+             "-c", "full_page_writes=off",
              "-c", "max_connections=300", "-c", "shared_buffers=64MB"],
             stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 60

@@ -42,7 +42,8 @@ class Engine(Protocol):
     @property
     def location(self) -> str: ...
     def borrow(self) -> AbstractContextManager[Any]: ...
-    def begin(self, conn: Any) -> None: ...
+    def begun(self, *, exclusive: bool = True) -> AbstractContextManager[Any]: ...
+    def lost(self, exc: BaseException | None) -> bool: ...
     def rollback(self, conn: Any) -> None: ...
     def close(self) -> None: ...
     def integrity_check(self) -> str: ...
@@ -125,15 +126,16 @@ class Connection:
     # -- transactions and reads -------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def transaction(self, *, exclusive: bool = True) -> Iterator[Any]:
         """One atomic change: ``BEGIN`` … ``COMMIT`` with the registry's write lock held
-        from the first statement; rolls back on any exception."""
+        from the first statement; rolls back on any exception. ``exclusive=False`` is for
+        appends that need no order against other writers (metrics, TTRL rows): PostgreSQL
+        then lets them run beside other transactions; SQLite has one writer anyway."""
         if self.readonly:
             raise StorageError(f"registry {self.location} was opened read-only",
                                path=self.path)
-        with self._lock, self._engine.borrow() as conn:
+        with self._lock, self._engine.begun(exclusive=exclusive) as conn:
             try:
-                self._engine.begin(conn)
                 yield conn
                 self._commit(conn)
             except BaseException:
@@ -163,7 +165,13 @@ class Connection:
                 conn.execute("COMMIT")
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._reading() as conn:
+        try:
+            with self._reading() as conn:
+                return list(conn.execute(sql, params).fetchall())
+        except StorageError as exc:
+            if not self._engine.lost(exc.__cause__):
+                raise
+        with self._reading() as conn:  # once more, on a fresh connection (a server restart)
             return list(conn.execute(sql, params).fetchall())
 
     @contextmanager

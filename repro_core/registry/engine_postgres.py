@@ -27,6 +27,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,19 @@ class PgConn:
         return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
 
 
+# When each pooled connection was last handed back: one idle for less than this is not
+# checked again on checkout (a check is a round trip; a lost one fails at BEGIN, retried).
+_LAST_USED: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+_IDLE_CHECK_S = 2.0
+
+
+def _check(conn: Any) -> None:
+    if time.monotonic() - _LAST_USED.get(conn, 0.0) > _IDLE_CHECK_S:
+        from psycopg_pool import ConnectionPool
+
+        ConnectionPool.check_connection(conn)
+
+
 def _lock_key(schema: str, purpose: str) -> int:
     """A signed 32-bit key naming one lock of one registry (its schema in its database)."""
     value = zlib.crc32(f"{schema}\x00{purpose}".encode())
@@ -111,7 +125,7 @@ def _pool(url: str) -> Any:
 
             pool = ConnectionPool(
                 url, min_size=1, max_size=6, open=True, timeout=constants.REPRO_REGISTRY_TIMEOUT,
-                name=f"repro-registry-{os.getpid()}", check=ConnectionPool.check_connection,
+                name=f"repro-registry-{os.getpid()}", check=_check,
                 kwargs={"autocommit": True, "cursor_factory": psycopg.ClientCursor,
                         "connect_timeout": _CONNECT_TIMEOUT})
             _POOLS[key] = pool
@@ -201,14 +215,38 @@ class PostgresEngine:
         try:
             yield PgConn(raw)
         except BaseException as exc:
+            _LAST_USED[raw] = time.monotonic()
             cm.__exit__(type(exc), exc, exc.__traceback__)
             raise
         else:
+            _LAST_USED[raw] = time.monotonic()
             cm.__exit__(None, None, None)
 
-    def begin(self, conn: PgConn) -> None:
-        conn.execute("BEGIN")
-        conn.execute("SELECT pg_advisory_xact_lock(?, ?)", (_LOCK_CLASS, self._keys["write"]))
+    @contextlib.contextmanager
+    def begun(self, *, exclusive: bool = True) -> Iterator[PgConn]:
+        """A connection inside ``BEGIN`` (+ the write lock when ``exclusive``). A pooled
+        connection the server dropped (a restart) fails at ``BEGIN``, before anything was
+        done: the pool discards it and the transaction starts again on a fresh one."""
+        psycopg = _psycopg()
+        for attempt in (0, 1):
+            with self.borrow() as conn:
+                try:
+                    conn.execute("BEGIN")
+                    if exclusive:
+                        conn.execute("SELECT pg_advisory_xact_lock(?, ?)",
+                                     (_LOCK_CLASS, self._keys["write"]))
+                except psycopg.OperationalError:
+                    if attempt == 0 and conn.raw.broken:
+                        continue
+                    raise
+                yield conn
+                return
+
+    @staticmethod
+    def lost(exc: BaseException | None) -> bool:
+        """Whether ``exc`` is a lost connection (worth one retry of a read)."""
+        psycopg = _psycopg()
+        return isinstance(exc, psycopg.OperationalError)
 
     def rollback(self, conn: PgConn) -> None:
         with contextlib.suppress(Exception):  # a lost connection has nothing to roll back

@@ -119,8 +119,16 @@ class SqliteEngine:
     def borrow(self) -> Iterator[sqlite3.Connection]:
         yield self.connection()
 
-    def begin(self, conn: sqlite3.Connection) -> None:
+    @contextlib.contextmanager
+    def begun(self, *, exclusive: bool = True) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` always: SQLite has one writer at a time whatever is asked."""
+        conn = self.connection()
         conn.execute("BEGIN IMMEDIATE")
+        yield conn
+
+    @staticmethod
+    def lost(exc: BaseException | None) -> bool:
+        return False  # a file does not go away between two statements
 
     def rollback(self, conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
