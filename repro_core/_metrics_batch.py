@@ -83,6 +83,7 @@ class Batch:
 
 _CHUNK_COLUMNS = ("series_id", "count", "first_step", "last_step", "steps", "vals", "times",
                   "segment")
+_CHUNK_TYPES = ("int8", "int8", "int8", "int8", "bytea", "bytea", "bytea", "int8")
 
 
 def write_part(conn: DBConnection, run_id: str, part: Batch,
@@ -95,7 +96,7 @@ def write_part(conn: DBConnection, run_id: str, part: Batch,
         chunks = [(series[key], len(steps), min(steps), max(steps), pack(steps), pack(vals),
                    pack(times), segment) for key, (steps, vals, times) in part.columns.items()]
         if getattr(conn, "dialect", "sqlite") == "postgresql":
-            conn.copy_rows("metric_chunks", _CHUNK_COLUMNS, chunks)
+            conn.copy_rows("metric_chunks", _CHUNK_COLUMNS, chunks, _CHUNK_TYPES)
         else:
             conn.executemany(f"INSERT INTO metric_chunks ({', '.join(_CHUNK_COLUMNS)}) VALUES"
                              " (?, ?, ?, ?, ?, ?, ?, ?)", chunks)

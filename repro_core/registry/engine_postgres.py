@@ -78,13 +78,18 @@ class PgConn:
             cursor.executemany(translate(sql), rows)
         return cursor
 
-    def copy_rows(self, table: str, columns: tuple[str, ...],
-                  rows: list[tuple[Any, ...]]) -> None:
-        """Bulk insert with ``COPY … FROM STDIN`` (the metrics and TTRL writers' path)."""
+    def copy_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]],
+                  types: tuple[str, ...] | None = None) -> None:
+        """Bulk insert with ``COPY … FROM STDIN`` (the metrics and TTRL writers' path).
+        With ``types`` (PostgreSQL type names, one per column) the rows go in COPY's binary
+        format: packed metric arrays travel as bytes, not as hex text twice their size."""
         if not rows:
             return
+        binary = " (FORMAT BINARY)" if types else ""
         with self.raw.cursor() as cursor, cursor.copy(
-                f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                f"COPY {table} ({', '.join(columns)}) FROM STDIN{binary}") as copy:
+            if types:
+                copy.set_types(list(types))
             for row in rows:
                 copy.write_row(row)
 
@@ -402,6 +407,7 @@ def upgrade(conn: PgConn, lock_key: int, algorithm: str) -> tuple[int, int]:
                                f"(v{SCHEMA_VERSION})")
         if current == 0:
             _run(conn, BASE)
+            _compress_lz4(conn)
             conn.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (BASE_VERSION,))
             conn.execute("INSERT INTO store_meta (key, value) VALUES ('hash_algorithm', ?),"
@@ -415,6 +421,19 @@ def upgrade(conn: PgConn, lock_key: int, algorithm: str) -> tuple[int, int]:
             conn.execute("ROLLBACK")
         raise
     return current, SCHEMA_VERSION
+
+
+def _compress_lz4(conn: PgConn) -> None:
+    """Metric chunks compressed with LZ4 where the server has it (PostgreSQL 14+ built with
+    lz4): the default pglz made flushing 200k points ~3x slower, holding the writer."""
+    conn.execute("SAVEPOINT lz4")
+    try:
+        for column in ("steps", "vals", "times"):
+            conn.execute(f"ALTER TABLE metric_chunks ALTER COLUMN {column} SET COMPRESSION lz4")
+    except Exception:  # an older server, or one built without lz4: pglz it is
+        conn.execute("ROLLBACK TO SAVEPOINT lz4")
+    else:
+        conn.execute("RELEASE SAVEPOINT lz4")
 
 
 def _run(conn: PgConn, script: str) -> None:

@@ -49,8 +49,8 @@ class SqliteConnection(sqlite3.Connection):
 
     dialect = "sqlite"
 
-    def copy_rows(self, table: str, columns: tuple[str, ...],
-                  rows: list[tuple[object, ...]]) -> None:
+    def copy_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple[object, ...]],
+                  types: tuple[str, ...] | None = None) -> None:
         """PostgreSQL's bulk path; SQLite callers use ``insert_rows``' JSON path instead."""
         names, marks = ", ".join(columns), ", ".join("?" * len(columns))
         self.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
