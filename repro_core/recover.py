@@ -34,6 +34,8 @@ from .capture.scrub import scrub, scrub_text
 from .errors import InvalidArgumentError, ReproError
 from .hashing import parse_digest
 from .registry import Registry, dumps
+from .registry.dialect import redact_url
+from .registry.target import configured_url
 from .store.local import LocalStorageBackend, stored_algorithm
 from .types import (
     ArtifactType,
@@ -71,6 +73,13 @@ def recover_store(root: str | Path) -> RecoverReport:
     """Rebuild ``root/registry.sqlite`` from ``root/runs/*`` and ``root/blobs``."""
     root_path = Path(root).expanduser().absolute()
     final = root_path / "registry.sqlite"
+    bound = configured_url(root_path)
+    if bound is not None:  # a shared server's database: not ours to rebuild from one host
+        raise InvalidArgumentError(
+            f"the store {root_path} keeps its registry on PostgreSQL ({redact_url(bound)}): "
+            "restore that database from the server's backups. repro recover rebuilds a "
+            "SQLite registry (remove registry.url first to rebuild one from this host's "
+            "journals)", argument="root")
     if final.exists() and final.stat().st_size > 0:
         raise InvalidArgumentError(
             f"{final} exists; move it aside first (repro recover --force does) so nothing "

@@ -103,7 +103,8 @@ def pg_url(pg_server: PgServer) -> str:
 
 
 @pytest.fixture(autouse=True)
-def registry_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def registry_engine(request: pytest.FixtureRequest,
+                    monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Which engine this test's stores use: on ``postgresql``, ``REPRO_REGISTRY`` names a
     fresh schema, so every store the test opens (and every subprocess) uses the server."""
     engine = getattr(request, "param", "sqlite")
@@ -112,4 +113,10 @@ def registry_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv("REPRO_REGISTRY", url)
     else:
         monkeypatch.delenv("REPRO_REGISTRY", raising=False)
-    return str(engine)
+    yield str(engine)
+    if engine == "postgresql":
+        # Each test's schema is a new URL with its own pool: close them, or a few hundred
+        # tests exhaust the server's max_connections.
+        from repro_core.registry.engine_postgres import close_connections
+
+        close_connections()

@@ -77,6 +77,7 @@ def test_project_names_follow_the_key_grammar(manager: ArtifactManager, project:
     with pytest.raises(InvalidNameError):
         manager.init_run("r", project=project)
     assert not (manager.root / "registry.sqlite").exists()
+    assert not (manager.root / "registry.url").exists()  # nor bound to a PostgreSQL one
 
 
 def _v3_store(path: Path) -> None:

@@ -196,3 +196,15 @@ def test_init_run_registry_binds_the_store(tmp_path: Path, pg_url: str) -> None:
         assert [p[:2] for p in mgr.get_metrics(run.id)["loss"]] == [(0, 1.0)]
     finally:
         ArtifactManager.reset_instance()
+
+
+def test_recover_refuses_a_store_bound_to_postgresql(filled: Path, pg_url: str) -> None:
+    """``repro recover`` rebuilds SQLite registries; a store whose registry is a shared
+    server's database is refused (one host's journals are not the team's registry)."""
+    from repro_core import recover_store
+
+    migrate(filled, pg_url)
+    with pytest.raises(InvalidArgumentError, match="PostgreSQL") as info:
+        recover_store(filled)
+    assert PASSWORD not in str(info.value)
+    assert not (filled / "registry.sqlite").exists()

@@ -92,6 +92,7 @@ def test_must_with_an_unknown_id_is_not_found_and_makes_no_store(fresh: None,
     with pytest.raises(ArtifactNotFoundError, match="resume"):
         manager.init_run("r", run_id="nosuchrun", resume="must")
     assert not (tmp_path / "s" / "registry.sqlite").exists()  # a typo'd root stays empty
+    assert not (tmp_path / "s" / "registry.url").exists()  # (not bound to a server either)
     assert manager.run is None
     manager.init_run("other")  # a store now exists
     manager.finalize_run()

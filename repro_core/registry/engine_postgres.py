@@ -41,7 +41,7 @@ from .schema_pg import BASE, BASE_VERSION
 from .store_data import store_has_data
 from .target import bound
 
-__all__ = ["PgConn", "PostgresEngine", "upgrade"]
+__all__ = ["PgConn", "PostgresEngine", "close_connections", "upgrade"]
 
 _LOCK_CLASS = 0x52455052  # "REPR": the first key of every advisory lock we take
 _CONNECT_TIMEOUT = 10  # seconds for one connection attempt
@@ -138,11 +138,20 @@ def _pool(url: str) -> Any:
 
 
 @atexit.register
-def _close_pools() -> None:
-    for (pid, _), pool in list(_POOLS.items()):
-        if pid == os.getpid():
+def close_connections() -> None:
+    """Close this process's pools and shared-lock connections (at exit; tests that open
+    many registries call it between them, so the server's connection limit is not reached).
+    The next use of a registry opens new ones."""
+    with _POOLS_LOCK:
+        pools = [_POOLS.pop(k) for k in [k for k in _POOLS if k[0] == os.getpid()]]
+        holds = [_SHARED.pop(k) for k in [k for k in _SHARED if k[0] == os.getpid()]]
+    for pool in pools:
+        with contextlib.suppress(Exception):
+            pool.close(timeout=1.0)
+    for hold in holds:
+        if hold.raw is not None:
             with contextlib.suppress(Exception):
-                pool.close(timeout=1.0)
+                hold.raw.close()
 
 
 class PostgresEngine:
@@ -183,6 +192,11 @@ class PostgresEngine:
         password, a missing database, a server that is not there) and check the schema."""
         if self._ready_pid == os.getpid():
             return
+        if self.readonly and not self.root.is_dir():
+            # As for SQLite: reading a store that is not there (a mistyped --root) is an
+            # error, not a view of the shared registry.
+            raise StoreNotFoundError(f"no repro store at {self.root}; pass --root / root= or "
+                                     "set REPRO_HOME", path=self.root)
         psycopg = _psycopg()
         raw = self._connect()
         try:
