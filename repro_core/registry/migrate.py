@@ -127,12 +127,21 @@ def _flat(batches: Iterator[list[tuple]]) -> Iterator[tuple]:
 
 
 def _lock_source(conn: Any) -> None:
-    """Hold the source's write lock for the whole copy (writers wait, none is missed)."""
+    """Hold the source's write lock for the whole copy (writers wait, none is missed). On
+    PostgreSQL the lock is taken first, as a session lock (it conflicts with the writers'
+    transaction locks on the same key), and only then the snapshot: a snapshot taken while
+    waiting for the lock would miss what the last writer committed."""
     if conn.dialect == "postgresql":
+        conn.execute("SELECT pg_advisory_lock(?, ?)", _write_key(conn))
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-        conn.execute("SELECT pg_advisory_xact_lock(?, ?)", _write_key(conn))
     else:
         conn.execute("BEGIN IMMEDIATE")
+
+
+def _unlock_source(conn: Any) -> None:
+    conn.execute("ROLLBACK")  # nothing was written through it
+    if conn.dialect == "postgresql":
+        conn.execute("SELECT pg_advisory_unlock_all()")
 
 
 def _write_key(conn: Any) -> tuple[int, int]:
@@ -198,7 +207,7 @@ def _migrate(root: Path, source: Any, to: str, target_sqlite: bool,
                 report.moved_aside = _switch(root, to, target_sqlite, building
                                              if target_sqlite else None)
             finally:
-                src.execute("ROLLBACK")
+                _unlock_source(src)
     except BaseException:
         dest.close()
         if target_sqlite:
