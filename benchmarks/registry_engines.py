@@ -16,7 +16,7 @@ For each configuration:
   the closest SQLite gets to the PostgreSQL server below;
 - ``postgresql``: ``REPRO_REGISTRY=postgresql://…127.0.0.1…?options=-csearch_path%3D<schema>``
   (a fresh schema per store), a server started exactly as the test suite starts it
-  (``tests/pg_support.py``: ``fsync=off``, ``synchronous_commit=off``,
+  (``tests/pg_support.py``: ``fsync=off``, ``synchronous_commit=on``,
   ``full_page_writes=off``, ``shared_buffers=64MB``); repro itself keeps ``REPRO_FSYNC=full``
   (blobs are files in the store either way, fsynced).
 

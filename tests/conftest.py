@@ -103,20 +103,26 @@ def pg_url(pg_server: PgServer) -> str:
 
 
 @pytest.fixture(autouse=True)
-def registry_engine(request: pytest.FixtureRequest,
-                    monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def registry_engine(request: pytest.FixtureRequest) -> Iterator[str]:
     """Which engine this test's stores use: on ``postgresql``, ``REPRO_REGISTRY`` names a
-    fresh schema, so every store the test opens (and every subprocess) uses the server."""
-    engine = getattr(request, "param", "sqlite")
-    if engine == "postgresql":
-        url = request.getfixturevalue("pg_url")
-        monkeypatch.setenv("REPRO_REGISTRY", url)
-    else:
-        monkeypatch.delenv("REPRO_REGISTRY", raising=False)
-    yield str(engine)
-    if engine == "postgresql":
-        # Each test's schema is a new URL with its own pool: close them, or a few hundred
-        # tests exhaust the server's max_connections.
-        from repro_core.registry.engine_postgres import close_connections
+    fresh schema, so every store the test opens (and every subprocess) uses the server.
 
-        close_connections()
+    ``os.environ`` is set and restored here by hand, not with ``monkeypatch``: requesting
+    monkeypatch in an autouse fixture would make it outlive the fixtures of Lightning's
+    vendored tests, whose environment-leak check would then see their own variables."""
+    engine = getattr(request, "param", "sqlite")
+    saved = os.environ.pop("REPRO_REGISTRY", None)
+    if engine == "postgresql":
+        os.environ["REPRO_REGISTRY"] = request.getfixturevalue("pg_url")
+    try:
+        yield str(engine)
+    finally:
+        os.environ.pop("REPRO_REGISTRY", None)
+        if saved is not None:
+            os.environ["REPRO_REGISTRY"] = saved
+        if engine == "postgresql":
+            # Each test's schema is a new URL with its own pool: close them, or a few hundred
+            # tests exhaust the server's max_connections.
+            from repro_core.registry.engine_postgres import close_connections
+
+            close_connections()
