@@ -103,7 +103,8 @@ READERS = [("runs",), ("show", "{run}"), ("artifacts",), ("lineage", "model"),
            ("verify", "model"), ("verify", "--run", "{run}"), ("gc",),
            ("gc", "--delete", "--grace", "0"), ("remote", "list"),
            ("remote", "add", "origin", "s3://bucket/prefix"), ("push",), ("push", "model"),
-           ("pull",), ("pull", "origin"), ("status",)]
+           ("pull",), ("pull", "origin"), ("status",), ("migrate", "--to", "sqlite"),
+           ("migrate", "--to", "postgresql://u@127.0.0.1:1/db"), ("db", "upgrade")]
 
 
 @pytest.mark.parametrize("args", [*READERS, ("recover",), ("recover", "--force")],

@@ -254,6 +254,8 @@ def _lose_registry(root: Path) -> None:
         Path(f"{root / 'registry.sqlite'}{suffix}").unlink(missing_ok=True)
 
 
+@pytest.mark.sqlite_only("repro recover rebuilds a SQLite registry (a PostgreSQL-bound store "
+                         "is refused: test_registry_migrate)")
 @pytest.mark.parametrize("collect", [False, True])
 def test_recover_rebuilds_pruned_versions_and_aliases(root: Path, collect: bool) -> None:
     manager = _manager(root)

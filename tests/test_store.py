@@ -147,9 +147,9 @@ def test_detect_network_fs(path: str, expected: str | None) -> None:
 
 def test_network_fs_warns_and_avoids_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from repro_core import registry as registry_module
-    from repro_core.registry import connection
+    from repro_core.registry import engine_sqlite
 
-    monkeypatch.setattr(connection, "detect_network_fs", lambda path: "nfs4")
+    monkeypatch.setattr(engine_sqlite, "detect_network_fs", lambda path: "nfs4")
     reg = registry_module.Registry(tmp_path / "registry.sqlite")
     with pytest.warns(RuntimeWarning, match="network filesystem"):
         mode = reg._read("PRAGMA journal_mode")[0][0]

@@ -72,7 +72,8 @@ def _engine(path: str | Path, root: Path | None, *, algorithm: str, create: bool
     from .engine_postgres import PostgresEngine  # psycopg is imported only when used
 
     engine = PostgresEngine(url, root, algorithm=algorithm, create=create, readonly=readonly,
-                            bind=pending and not readonly and create is not False)
+                            bind=pending and not readonly and create is not False,
+                            store_bound=not is_postgres_url(path))
     return engine, file, root
 
 

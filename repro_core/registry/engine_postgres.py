@@ -160,10 +160,13 @@ class PostgresEngine:
     dialect = "postgresql"
 
     def __init__(self, url: str, root: Path, *, algorithm: str, create: bool | None,
-                 readonly: bool, bind: bool = False) -> None:
-        """``bind``: write the store's ``registry.url`` once the server has answered."""
+                 readonly: bool, bind: bool = False, store_bound: bool = False) -> None:
+        """``bind``: write the store's ``registry.url`` once the server has answered.
+        ``store_bound``: opened as a store's registry (not by URL): reading a store that is
+        not there is then an error."""
         self.url = url
         self._bind = bind
+        self._store_bound = store_bound
         self.root = root
         self.readonly = readonly
         self._algorithm = algorithm
@@ -192,7 +195,7 @@ class PostgresEngine:
         password, a missing database, a server that is not there) and check the schema."""
         if self._ready_pid == os.getpid():
             return
-        if self.readonly and not self.root.is_dir():
+        if self.readonly and self._store_bound and not self.root.is_dir():
             # As for SQLite: reading a store that is not there (a mistyped --root) is an
             # error, not a view of the shared registry.
             raise StoreNotFoundError(f"no repro store at {self.root}; pass --root / root= or "
@@ -409,31 +412,40 @@ def _schema_version(conn: PgConn) -> int:
 
 def upgrade(conn: PgConn, lock_key: int, algorithm: str) -> tuple[int, int]:
     """Create or migrate the schema in one transaction, under the schema advisory lock (a
-    second process waits, then finds it done). Returns (before, after)."""
+    second process waits, then finds it done). Returns (before, after).
+
+    The lock is a session lock taken *before* ``BEGIN``: a transaction that began first and
+    then waited would look the tables up in a catalog snapshot from before the other process
+    created them ("relation already exists")."""
     import secrets
 
-    conn.execute("BEGIN")
+    conn.execute("SELECT pg_advisory_lock(?, ?)", (_LOCK_CLASS, lock_key))
     try:
-        conn.execute("SELECT pg_advisory_xact_lock(?, ?)", (_LOCK_CLASS, lock_key))
-        current = _schema_version(conn)
-        if current > SCHEMA_VERSION:
-            raise StorageError(f"the registry has schema v{current}, newer than this repro "
-                               f"(v{SCHEMA_VERSION})")
-        if current == 0:
-            _run(conn, BASE)
-            _compress_lz4(conn)
-            conn.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (BASE_VERSION,))
-            conn.execute("INSERT INTO store_meta (key, value) VALUES ('hash_algorithm', ?),"
-                         " ('store_id', ?)", (algorithm, secrets.token_hex(8)))
-        for step in migrations(max(current, BASE_VERSION)):
-            step(conn)
-        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-        conn.execute("COMMIT")
-    except BaseException:
+        conn.execute("BEGIN")
+        try:
+            current = _schema_version(conn)
+            if current > SCHEMA_VERSION:
+                raise StorageError(f"the registry has schema v{current}, newer than this "
+                                   f"repro (v{SCHEMA_VERSION})")
+            if current == 0:
+                _run(conn, BASE)
+                _compress_lz4(conn)
+                conn.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)",
+                             (BASE_VERSION,))
+                conn.execute("INSERT INTO store_meta (key, value) VALUES ('hash_algorithm', ?),"
+                             " ('store_id', ?)", (algorithm, secrets.token_hex(8)))
+            for step in migrations(max(current, BASE_VERSION)):
+                step(conn)
+            conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            raise
+    finally:
         with contextlib.suppress(Exception):
-            conn.execute("ROLLBACK")
-        raise
+            conn.execute("SELECT pg_advisory_unlock(?, ?)", (_LOCK_CLASS, lock_key))
     return current, SCHEMA_VERSION
 
 
