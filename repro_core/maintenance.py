@@ -46,6 +46,9 @@ class VerifyReport:
     unreferenced: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     registry_integrity: str = "ok"
+    # A shared (PostgreSQL) registry names blobs other hosts logged: those this host does not
+    # hold but a remote does are not missing (``use_artifact`` fetches them), only elsewhere.
+    elsewhere: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -81,8 +84,12 @@ def verify_store(
         else:
             referenced = dict(registry.blob_references())
             candidates = set(store.iter_digests()) | referenced.keys()
+        remote_held = _held_by_remotes(registry)
         for digest in sorted(candidates):
             size = referenced.get(digest)
+            if digest in remote_held and not store.exists(digest):
+                report.elsewhere.append(digest)
+                continue
             if digest not in referenced:
                 report.unreferenced.append(digest)
             if size is None:  # unreferenced, or a payload row written before sizes were kept
@@ -99,6 +106,16 @@ def verify_store(
         return report
     finally:
         registry.close()
+
+
+def _held_by_remotes(registry: Registry) -> set[str]:
+    """Digests a remote holds, for a shared registry (empty for SQLite: its rows only name
+    what this store holds or pulled)."""
+    if registry.engine != "postgresql":
+        return set()
+    return {str(r[0]) for r in registry._read(
+        "SELECT DISTINCT vb.digest FROM version_blobs vb JOIN remote_versions rv"
+        " ON rv.version_id = vb.version_id")}
 
 
 def total_referenced_bytes(root: str | Path | None = None) -> int:

@@ -224,7 +224,7 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads, Remote
             if root is not None:
                 self.set_root(root)
             rank = distributed.global_rank()
-            if registry is not None and rank == 0:
+            if registry is not None:  # every rank: each may open the store itself
                 bind_registry(self.root, registry)  # the store's registry from now on
             run = Run(id=None, name=name, project=project, tags=tag_list, config=config_dict,
                       root=self.root, rank=rank)

@@ -20,6 +20,7 @@ from pg_support import PgServer
 
 from repro_core import ArtifactManager
 from repro_core.lineage import LineageTracker
+from repro_core.maintenance import verify_store
 
 _HOST = textwrap.dedent("""
     import sys
@@ -70,7 +71,11 @@ def test_two_hosts_share_a_registry_and_a_bucket(tmp_path: Path, pg_url: str, s3
         upstream = LineageTracker.from_store(host_b).get_ancestors("default/model:v1")
         assert {"default/clean:v1", "default/raw:v1", f"run:{runs['host-a'].id}",
                 f"run:{runs['host-b'].id}", f"run:{runs['host-a-train'].id}"} <= upstream
+        # B does not hold A's model yet: not missing, on the bucket (verify says so).
+        report = verify_store(host_b)
+        assert report.ok and report.problems == [] and len(report.elsewhere) == 1
         model = mgr.use_artifact("model:latest")  # B fetches A's last output too
+        assert verify_store(host_b).elsewhere == []
         assert model.path is not None and b"trained_on" in model.path.read_bytes()
         assert (host_a / "blobs").is_dir() and (host_b / "blobs").is_dir()
     finally:

@@ -30,6 +30,7 @@ from repro_core.ttrl import TTRLContext
 m = ArtifactManager.reset_instance(); m.set_root(sys.argv[1])
 m.init_run("first", config={"lr": 0.1}, tags=["a"])
 m.log_artifact("data", "dataset", data=b"rows", aliases=["gold"])
+m.log_artifact("Zeta", "dataset", data=b"upper case sorts first in bytes")
 for i in range(300):
     v = math.nan if i == 7 else (math.inf if i == 8 else -math.inf if i == 9 else 1 / (i + 1))
     m.log_metrics({"loss": v, "acc": i / 300}, step=i)
@@ -43,7 +44,8 @@ with TTRLContext(name="third", root=sys.argv[1], monitor_hardware=False,
                  capture_level=1) as ctx:
     for i in range(20):
         ctx.log_experience(f"e{i}", f"q{i}", f"a{i}")
-        ctx.log_online_update(f"e{i}", reward=i / 10, confidence=0.5, kl_divergence=0.01)
+        reward = math.nan if i == 3 else (math.inf if i == 4 else i / 10)
+        ctx.log_online_update(f"e{i}", reward=reward, confidence=0.5, kl_divergence=0.01)
 """
 
 
@@ -78,7 +80,9 @@ def _answers(root: Path) -> dict[str, Any]:
             "runs": [(r.id, r.name, r.state) for r in runs],
             "artifacts": sorted((a.name, a.version, a.hash) for a in mgr.list_artifacts()),
             "loss": [(s, "nan" if math.isnan(v) else v, t) for s, v, t in loss],
-            "updates": registry.online_updates(runs[2].id, None),
+            "updates": [{k: "nan" if isinstance(v, float) and math.isnan(v) else v
+                         for k, v in u.items()}
+                        for u in registry.online_updates(runs[2].id, None)],
             "gold": mgr.use_artifact("data:gold").hash,
         }
     finally:
@@ -208,3 +212,21 @@ def test_recover_refuses_a_store_bound_to_postgresql(filled: Path, pg_url: str) 
         recover_store(filled)
     assert PASSWORD not in str(info.value)
     assert not (filled / "registry.sqlite").exists()
+
+
+def test_a_forged_source_schema_is_refused_before_any_sql(filled: Path, pg_url: str,
+                                                          pg_server: PgServer) -> None:
+    """Column names come from the store's file: one that is not this package's is refused,
+    never pasted into the server's SQL."""
+    conn = sqlite3.connect(filled / "registry.sqlite")
+    conn.execute('ALTER TABLE runs ADD COLUMN "x) FROM runs; DROP TABLE runs; --" TEXT')
+    conn.commit()
+    conn.close()
+    from repro_core.errors import IntegrityError
+
+    with pytest.raises(IntegrityError, match="columns"):
+        migrate(filled, pg_url)
+    schema = pg_url.rsplit("%3D", 1)[1]
+    assert pg_server.psql(f"SELECT to_regclass('{schema}.runs') IS NOT NULL").stdout.strip() \
+        == "t"
+    assert (filled / "registry.sqlite").exists() and not (filled / "registry.url").exists()

@@ -433,3 +433,37 @@ def test_cli_reads_a_postgresql_registry(pg_url: str, bound: Path) -> None:
     assert verified["ok"] is True and verified["blobs_checked"] >= 3
     gc = json.loads(_cli("gc", *root, "--json", env=env))
     assert gc["dry_run"] is True and gc["blobs"] == []
+
+
+# -- URLs that may come from a store's config: only what repro passes on ----------------------
+
+@pytest.mark.parametrize("query", ["password=hunter2", "sslpassword=hunter2",
+                                   "host=/tmp/evil", "passfile=/root/.pgpass",
+                                   "sslkey=/root/.ssh/id_rsa", "service=prod"])
+def test_registry_urls_may_not_steer_libpq(query: str) -> None:
+    """A password belongs in PGPASSWORD / ~/.pgpass (never in a URL a store keeps), and a
+    store's config must not point libpq at local files or services."""
+    from repro_core.registry.dialect import check_url, redact_url
+
+    url = f"postgresql://u@db.example/repro?{query}"
+    with pytest.raises(InvalidArgumentError, match=query.split("=")[0]) as info:
+        check_url(url)
+    assert "hunter2" not in str(info.value) and "hunter2" not in redact_url(url)
+    assert check_url("postgresql://u@db.example/repro?options=-csearch_path%3Dx&sslmode=require")
+
+
+def test_a_config_file_that_is_no_plain_file_is_refused_at_once(tmp_path: Path) -> None:
+    """``registry.url`` is store input: a FIFO is refused (never waited on), as is a URL in
+    it that sets what repro does not pass on."""
+    from repro_core.registry.target import CONFIG_NAME
+
+    fifo = tmp_path / "fifo-store"
+    fifo.mkdir()
+    os.mkfifo(fifo / CONFIG_NAME)
+    with pytest.raises(StorageError, match="not a plain file"):
+        Registry(fifo / "registry.sqlite", readonly=True)
+    steered = tmp_path / "steered"
+    steered.mkdir()
+    (steered / CONFIG_NAME).write_text("postgresql://u@db.example/r?sslkey=/root/.ssh/id\n")
+    with pytest.raises(StorageError, match="sslkey"):
+        Registry(steered / "registry.sqlite", readonly=True)

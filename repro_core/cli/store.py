@@ -56,6 +56,7 @@ def verify(key: str | None, run_id: str | None, check_all: bool, size_only: bool
     if as_json:
         emit_json({"ok": report.ok, "blobs_checked": report.blobs_checked,
                    "bytes_checked": report.bytes_checked, "unreferenced": report.unreferenced,
+                   "elsewhere": report.elsewhere,
                    "registry_integrity": report.registry_integrity,
                    "problems": [p.__dict__ for p in report.problems]})
     else:
@@ -67,6 +68,9 @@ def verify(key: str | None, run_id: str | None, check_all: bool, size_only: bool
         status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
         out.print(f"{report.blobs_checked} blobs, {fmt_size(report.bytes_checked)} verified: "
                   f"{status}")
+        if report.elsewhere:
+            out.print(f"{len(report.elsewhere)} blob(s) other hosts logged are on a remote, "
+                      "not here (fetched when used)")
     if not report.ok:
         raise SystemExit(1)
 

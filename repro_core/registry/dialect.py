@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 from typing import Any, Protocol
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import InvalidArgumentError
 
@@ -54,7 +54,8 @@ def _driver_errors() -> tuple[tuple[type[Exception], ...], ...]:
     else:
         base.append(psycopg.Error)
         integrity.append(psycopg.IntegrityError)
-        data += [psycopg.IntegrityError, psycopg.DataError, psycopg.ProgrammingError]
+        # Not ProgrammingError: it covers a missing privilege or table too (retry those).
+        data += [psycopg.IntegrityError, psycopg.DataError]
     return tuple(base), tuple(integrity), tuple(data)
 
 
@@ -93,17 +94,39 @@ def _split(url: str) -> SplitResult:
     return parts
 
 
+# What a registry URL's query may set: anything else (``host=/path``, ``passfile``,
+# ``sslkey``, ``service``, a ``password``) is refused — the URL may come from a store's
+# ``registry.url``, which is untrusted input, and must not steer libpq to local files.
+ALLOWED_PARAMS = frozenset({"options", "sslmode", "application_name", "connect_timeout",
+                            "target_session_attrs", "channel_binding", "require_auth",
+                            "sslrootcert"})
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its password (if any) shown as ``***``: the form used in every message."""
+    """``url`` with its password (if any, in the authority or the query) shown as ``***``:
+    the form used in every message."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable registry URL>"
+    if parts.query:
+        query = [(k, "***" if k.lower() in _SECRET_PARAMS else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="=-_.,"))
     if parts.password is None:
-        return url
+        return urlunsplit(parts)
     netloc = parts.netloc.rsplit("@", 1)
     user = netloc[0].split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+def password_of(url: str) -> str | None:
+    """The password in ``url``'s authority, if any (to scrub it from a driver's message)."""
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 def strip_password(url: str) -> str:
@@ -122,14 +145,26 @@ def check_url(url: str) -> str:
         raise InvalidArgumentError(
             f"registry {redact_url(str(url))!r} is not a PostgreSQL URL "
             "(postgresql://[user[:password]@]host[:port]/database)", argument="registry")
+    if any(ch in url for ch in "\x00\n\r"):
+        raise InvalidArgumentError("registry URL holds control characters",
+                                   argument="registry")
     parts = _split(url)
     if not parts.path.strip("/"):
         raise InvalidArgumentError(
             f"registry URL {redact_url(url)!r} names no database (…/database)",
             argument="registry")
-    if any(ch in url for ch in "\x00\n\r"):
-        raise InvalidArgumentError("registry URL holds control characters",
-                                   argument="registry")
+    if not parts.hostname:
+        raise InvalidArgumentError(
+            f"registry URL {redact_url(url)!r} names no host (a Unix socket directory is "
+            "not accepted: the URL may come from a store's config file)", argument="registry")
+    names = {k.lower() for k, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    refused = sorted(names - ALLOWED_PARAMS)
+    if refused:
+        hint = (" (give the password in PGPASSWORD or ~/.pgpass)"
+                if set(refused) & _SECRET_PARAMS else "")
+        raise InvalidArgumentError(
+            f"registry URL {redact_url(url)!r} sets {', '.join(refused)}, which repro does not "
+            f"pass on{hint}; allowed: {', '.join(sorted(ALLOWED_PARAMS))}", argument="registry")
     return url
 
 

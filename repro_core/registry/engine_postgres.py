@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import threading
@@ -35,7 +34,7 @@ from typing import Any
 
 from .. import constants
 from ..errors import StorageError, StoreNotFoundError
-from .dialect import params, redact_url, translate
+from .dialect import params, password_of, redact_url, translate
 from .schema import SCHEMA_VERSION, migrations
 from .schema_pg import BASE, BASE_VERSION
 from .store_data import store_has_data
@@ -113,6 +112,29 @@ def _check(conn: Any) -> None:
         ConnectionPool.check_connection(conn)
 
 
+def _connect_kwargs(url: str) -> dict[str, Any]:
+    """How every connection is made: autocommit (transactions are explicit), client-side
+    binding, and the limits that keep one stopped host from stalling the team —
+    ``lock_timeout`` (a lock wait fails after ``REPRO_REGISTRY_TIMEOUT``), an idle
+    transaction ended by the server after 5 minutes (its locks released), TCP keepalives (a
+    vanished peer noticed in about a minute), and never a cleartext password (``require_auth``:
+    the URL may come from a store's config file)."""
+    psycopg = _psycopg()
+    from psycopg.conninfo import conninfo_to_dict
+
+    given = conninfo_to_dict(url)
+    timeout_ms = int(constants.REPRO_REGISTRY_TIMEOUT * 1000)
+    options = f"{given.get('options') or ''} -c lock_timeout={timeout_ms}" \
+              " -c idle_in_transaction_session_timeout=300000"
+    kwargs: dict[str, Any] = {
+        "autocommit": True, "cursor_factory": psycopg.ClientCursor,
+        "connect_timeout": _CONNECT_TIMEOUT, "options": options.strip(), "keepalives": 1,
+        "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+    if "require_auth" not in given and psycopg.pq.version() >= 160000:
+        kwargs["require_auth"] = "!password"
+    return kwargs
+
+
 def _lock_key(schema: str, purpose: str) -> int:
     """A signed 32-bit key naming one lock of one registry (its schema in its database)."""
     value = zlib.crc32(f"{schema}\x00{purpose}".encode())
@@ -125,23 +147,22 @@ def _pool(url: str) -> Any:
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is None:
-            psycopg = _psycopg()
+            _psycopg()
             from psycopg_pool import ConnectionPool
 
             pool = ConnectionPool(
                 url, min_size=1, max_size=6, open=True, timeout=constants.REPRO_REGISTRY_TIMEOUT,
                 name=f"repro-registry-{os.getpid()}", check=_check,
-                kwargs={"autocommit": True, "cursor_factory": psycopg.ClientCursor,
-                        "connect_timeout": _CONNECT_TIMEOUT})
+                kwargs=_connect_kwargs(url))
             _POOLS[key] = pool
     return pool
 
 
-@atexit.register
 def close_connections() -> None:
-    """Close this process's pools and shared-lock connections (at exit; tests that open
-    many registries call it between them, so the server's connection limit is not reached).
-    The next use of a registry opens new ones."""
+    """Close this process's pools and shared-lock connections (tests that open many
+    registries call it between them, so the server's connection limit is not reached). The
+    next use of a registry opens new ones. Not needed at exit: the pools' threads are
+    daemons, and closing them there could run before the final metrics flush."""
     with _POOLS_LOCK:
         pools = [_POOLS.pop(k) for k in [k for k in _POOLS if k[0] == os.getpid()]]
         holds = [_SHARED.pop(k) for k in [k for k in _SHARED if k[0] == os.getpid()]]
@@ -182,9 +203,9 @@ class PostgresEngine:
 
     def _error(self, exc: BaseException, doing: str = "cannot connect to") -> StorageError:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        parts = self.url.split("@", 1)[0].split(":")
-        if len(parts) == 3 and parts[2]:  # scheme://user:password: never in a message
-            reason = reason.replace(parts[2], "***")
+        secret = password_of(self.url)
+        if secret:  # libpq never echoes it; be sure anyway
+            reason = reason.replace(secret, "***")
         if "no password supplied" in reason:
             reason += (" (a store keeps its registry URL without the password: set PGPASSWORD,"
                        " ~/.pgpass or REPRO_REGISTRY with the password)")
@@ -208,7 +229,8 @@ class PostgresEngine:
             if schema is None:
                 raise StorageError(f"the registry {self.location} has no schema to create "
                                    "tables in (check search_path)")
-            self._keys = {p: _lock_key(schema, p) for p in ("write", "schema", "publish")}
+            self._keys = {p: _lock_key(schema, p)
+                          for p in ("write", "append", "schema", "publish")}
             self._check_schema(conn)
             if self._bind:
                 bound(self.root, self.url)
@@ -257,12 +279,22 @@ class PostgresEngine:
                     if exclusive:
                         conn.execute("SELECT pg_advisory_xact_lock(?, ?)",
                                      (_LOCK_CLASS, self._keys["write"]))
+                    else:  # appenders run beside each other; only `repro migrate` stops them
+                        conn.execute("SELECT pg_advisory_xact_lock_shared(?, ?)",
+                                     (_LOCK_CLASS, self._keys["append"]))
+                except psycopg.errors.LockNotAvailable:
+                    raise self._busy() from None
                 except psycopg.OperationalError:
                     if attempt == 0 and conn.raw.broken:
                         continue
                     raise
                 yield conn
                 return
+
+    def _busy(self) -> StorageError:
+        return StorageError(
+            f"the registry {self.location} is busy: another writer held its lock for over "
+            f"{constants.REPRO_REGISTRY_TIMEOUT:g} s (REPRO_REGISTRY_TIMEOUT)")
 
     @staticmethod
     def lost(exc: BaseException | None) -> bool:
@@ -306,8 +338,7 @@ class PostgresEngine:
     def _connect(self) -> Any:
         psycopg = _psycopg()
         try:
-            return psycopg.connect(self.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT,
-                                   cursor_factory=psycopg.ClientCursor)
+            return psycopg.connect(self.url, **_connect_kwargs(self.url))
         except psycopg.Error as exc:
             raise self._error(exc) from None
 
@@ -349,11 +380,6 @@ class PostgresEngine:
                 f"the store {self.root} holds data but the registry {self.location} is empty; "
                 f"copy its registry with `repro migrate --root {self.root} --to URL`",
                 path=self.root)
-        taken = conn.execute("SELECT to_regclass('runs') IS NOT NULL").fetchone()[0]
-        if taken:
-            raise StorageError(
-                f"the database {self.location} already holds a table named runs but no repro "
-                "registry: use a database (or schema, options=-csearch_path=...) of its own")
 
 
 class _Shared:
@@ -381,10 +407,12 @@ def _shared_guard(engine: PostgresEngine, key: tuple[int, int]) -> Iterator[None
                 hold.raw = engine._connect()  # kept between holds: one round trip each
             try:
                 PgConn(hold.raw).execute("SELECT pg_advisory_lock_shared(?, ?)", key)
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(Exception):
                     hold.raw.close()
                 hold.raw = None
+                if isinstance(exc, _psycopg().Error):  # gc held it past lock_timeout, …
+                    raise engine._error(exc, "cannot take the publish lock of") from None
                 raise
         hold.count += 1
     try:
@@ -428,6 +456,10 @@ def upgrade(conn: PgConn, lock_key: int, algorithm: str) -> tuple[int, int]:
                 raise StorageError(f"the registry has schema v{current}, newer than this "
                                    f"repro (v{SCHEMA_VERSION})")
             if current == 0:
+                if conn.execute("SELECT to_regclass('runs') IS NOT NULL").fetchone()[0]:
+                    raise StorageError(
+                        "the database already holds a table named runs but no repro registry:"
+                        " use a database (or schema, options=-csearch_path=...) of its own")
                 _run(conn, BASE)
                 _compress_lz4(conn)
                 conn.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")

@@ -15,6 +15,7 @@ row (in key order, NaN equal to NaN, bytes to bytes); only then is the store swi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -24,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._metrics_rows import real
 from ..errors import IntegrityError, InvalidArgumentError, RunStateError, StorageError
-from .dialect import is_postgres_url, redact_url
+from .dialect import DB_ERRORS, is_postgres_url, redact_url
 from .target import CONFIG_NAME, write_config
 
 __all__ = ["TABLES", "MigrateReport", "migrate"]
@@ -57,19 +59,53 @@ class MigrateReport:
     seconds: float = 0.0
 
 
-def _columns(conn: Any, table: str) -> list[str]:
+def _columns(conn: Any, table: str) -> dict[str, bool]:
+    """A table's columns in order, each with whether it holds text (for the sort order)."""
     if conn.dialect == "postgresql":
-        rows = conn.execute("SELECT column_name FROM information_schema.columns WHERE"
-                            " table_schema = current_schema() AND table_name = ?"
-                            " ORDER BY ordinal_position", (table,)).fetchall()
+        rows = conn.execute("SELECT column_name, data_type = 'text' FROM"
+                            " information_schema.columns WHERE table_schema ="
+                            " current_schema() AND table_name = ? ORDER BY ordinal_position",
+                            (table,)).fetchall()
     else:
-        rows = [(r[1],) for r in conn.execute(f"PRAGMA table_info({table})").fetchall()]
-    return [r[0] for r in rows if r[0] != "rowid"]
+        rows = [(r[1], str(r[2]).upper() == "TEXT")
+                for r in conn.execute(f"PRAGMA table_info({table})").fetchall()]
+    return {str(name): bool(text) for name, text in rows if name != "rowid"}
 
 
-def _rows(conn: Any, table: str, columns: list[str], order: str) -> Iterator[list[tuple]]:
-    """A table's rows in key order, a batch at a time."""
-    cursor = conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}")
+def _shared_columns(src: Any, dst: Any, table: str) -> tuple[list[str], dict[str, bool]]:
+    """The columns to copy: the destination's (made by this package's own DDL, so trusted),
+    which the source must have exactly — a source's schema is store input, and its column
+    names are never put into SQL unless they are known ones."""
+    wanted, found = _columns(dst, table), _columns(src, table)
+    if set(found) != set(wanted):
+        raise IntegrityError(f"the source registry's table {table} has columns "
+                             f"{sorted(found)!r:.300}, not this repro's {sorted(wanted)!r}; "
+                             "nothing was copied")
+    return list(wanted), wanted
+
+
+def _order(conn: Any, order: str, text: dict[str, bool]) -> str:
+    """``order`` with text keys in byte order on PostgreSQL (``COLLATE "C"``), as SQLite
+    sorts them: a server's locale collation would pair different rows in the check."""
+    if conn.dialect != "postgresql":
+        return order
+    return ", ".join(f'{c} COLLATE "C"' if text.get(c) else c
+                     for c in (part.strip() for part in order.split(",")))
+
+
+def _rows(conn: Any, table: str, columns: list[str], order: str,
+          text: dict[str, bool]) -> Iterator[list[tuple[Any, ...]]]:
+    """A table's rows in key order, a batch at a time (a server-side cursor on PostgreSQL:
+    a big metrics table is never held in memory at once)."""
+    sql = f"SELECT {', '.join(columns)} FROM {table} ORDER BY {_order(conn, order, text)}"
+    if conn.dialect == "postgresql":
+        with conn.raw.cursor(name=f"migrate_{table}") as cursor:
+            cursor.itersize = _BATCH
+            cursor.execute(sql)
+            while batch := cursor.fetchmany(_BATCH):
+                yield [tuple(r) for r in batch]
+        return
+    cursor = conn.execute(sql)
     while batch := cursor.fetchmany(_BATCH):
         yield [tuple(r) for r in batch]
 
@@ -78,25 +114,39 @@ def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     if len(a) != len(b):
         return False
     for x, y in zip(a, b, strict=True):
+        x, y = _plain(x), _plain(y)
         if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
             continue
-        if isinstance(x, memoryview):
-            x = bytes(x)
-        if isinstance(y, memoryview):
-            y = bytes(y)
         if x != y:
             return False
     return True
 
 
+def _plain(value: Any) -> Any:
+    """One form for a value either engine may return: bytes, and NaN/±inf as floats (SQLite
+    keeps them as the text ``real()`` writes)."""
+    if isinstance(value, memoryview):
+        return bytes(value)
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    return value
+
+
+def _for_sqlite(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """NaN/±inf floats as ``real()`` writes them (SQLite would store a NaN as NULL)."""
+    return [tuple(real(v) if isinstance(v, float) else v for v in row) for row in rows]
+
+
 def _copy(src: Any, dst: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     for table, order in TABLES:
-        columns = _columns(src, table)
+        columns, text = _shared_columns(src, dst, table)
         if table == "store_meta":  # the new registry wrote its own: the source's win
             dst.execute("DELETE FROM store_meta")
         counts[table] = 0
-        for batch in _rows(src, table, columns, order):
+        for batch in _rows(src, table, columns, order, text):
+            if dst.dialect == "sqlite":
+                batch = _for_sqlite(batch)
             dst.copy_rows(table, tuple(columns), batch)
             counts[table] += len(batch)
     if dst.dialect == "postgresql":
@@ -109,9 +159,10 @@ def _copy(src: Any, dst: Any) -> dict[str, int]:
 def _verify(src: Any, dst: Any) -> None:
     end = object()
     for table, order in TABLES:
-        columns = _columns(src, table)
-        pairs = itertools.zip_longest(_flat(_rows(src, table, columns, order)),
-                                      _flat(_rows(dst, table, columns, order)), fillvalue=end)
+        columns, text = _shared_columns(src, dst, table)
+        pairs = itertools.zip_longest(_flat(_rows(src, table, columns, order, text)),
+                                      _flat(_rows(dst, table, columns, order, text)),
+                                      fillvalue=end)
         for index, (a, b) in enumerate(pairs):
             if a is end or b is end:
                 raise IntegrityError(f"migration check failed: {table} has a different number "
@@ -132,23 +183,36 @@ def _lock_source(conn: Any) -> None:
     transaction locks on the same key), and only then the snapshot: a snapshot taken while
     waiting for the lock would miss what the last writer committed."""
     if conn.dialect == "postgresql":
-        conn.execute("SELECT pg_advisory_lock(?, ?)", _write_key(conn))
+        conn.execute("SELECT pg_advisory_lock(?, ?)", _key(conn, "write"))
+        conn.execute("SELECT pg_advisory_lock(?, ?)", _key(conn, "append"))  # appenders too
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
     else:
         conn.execute("BEGIN IMMEDIATE")
 
 
 def _unlock_source(conn: Any) -> None:
-    conn.execute("ROLLBACK")  # nothing was written through it
+    with contextlib.suppress(*DB_ERRORS):
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")  # nothing was written through it
     if conn.dialect == "postgresql":
-        conn.execute("SELECT pg_advisory_unlock_all()")
+        with contextlib.suppress(*DB_ERRORS):
+            conn.execute("SELECT pg_advisory_unlock_all()")
 
 
-def _write_key(conn: Any) -> tuple[int, int]:
+def _key(conn: Any, purpose: str) -> tuple[int, int]:
     from .engine_postgres import _LOCK_CLASS, _lock_key
 
     schema = conn.execute("SELECT current_schema()").fetchone()[0]
-    return _LOCK_CLASS, _lock_key(schema, "write")
+    return _LOCK_CLASS, _lock_key(schema, purpose)
+
+
+def _refuse_running(conn: Any, root: Path) -> None:
+    """Checked under the lock: a run starting meanwhile could write where the copy misses."""
+    running = [r[0] for r in conn.execute(
+        "SELECT id FROM runs WHERE state = 'running' ORDER BY id").fetchall()]
+    if running:
+        raise RunStateError(f"run(s) {', '.join(running[:5])} are still running on {root}: "
+                            "finish them before moving the registry")
 
 
 def migrate(root: str | Path, to: str) -> MigrateReport:
@@ -169,11 +233,10 @@ def migrate(root: str | Path, to: str) -> MigrateReport:
         if not target_sqlite and source.engine == "postgresql":
             raise InvalidArgumentError(f"the store {root} already uses PostgreSQL "
                                        f"({source.location})", argument="to")
-        running = [r.id for r in source.list_runs() if r.state == "running"]
-        if running:
-            raise RunStateError(f"run(s) {', '.join(running[:5])} are still running on "
-                                f"{root}: finish them before moving the registry")
+        source.mark_crashed_runs()  # a dead process's run does not count as running
         return _migrate(root, source, to, target_sqlite, start)
+    except DB_ERRORS as exc:
+        raise StorageError(f"migrating the registry failed: {exc}", path=root) from exc
     finally:
         source.close()
 
@@ -197,11 +260,12 @@ def _migrate(root: Path, source: Any, to: str, target_sqlite: bool,
     report = MigrateReport(source=source.location, destination=dest.location)
     try:
         with source._reading() as src:
-            _lock_source(src)
             try:
+                _lock_source(src)
+                _refuse_running(src, root)
                 with dest.transaction() as dst:
                     report.rows = _copy(src, dst)
-                with dest._reading() as dst:
+                with dest.snapshot() as dst:
                     _verify(src, dst)
                 dest.close()  # a SQLite file is complete (WAL checkpointed) once closed
                 report.moved_aside = _switch(root, to, target_sqlite, building
@@ -227,11 +291,11 @@ def _switch(root: Path, to: str, target_sqlite: bool, building: Path | None) -> 
         os.replace(building, root / "registry.sqlite")
         (root / CONFIG_NAME).unlink(missing_ok=True)
         return None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    write_config(root, to)  # first: from here on the store opens PostgreSQL (a crash next
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())  # leaves the old file unused)
     aside = root / f"registry.sqlite.migrated-{stamp}"
     for suffix in ("", "-wal", "-shm"):
         old = root / f"registry.sqlite{suffix}"
         if old.exists():
             os.replace(old, root / f"{aside.name}{suffix}")
-    write_config(root, to)
     return str(aside)

@@ -11,7 +11,10 @@ only after the server answered a write open: a mistyped URL never binds a store.
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
+import stat
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, StorageError
@@ -30,43 +33,65 @@ _PENDING: dict[Path, str] = {}
 
 
 def configured_url(root: Path) -> str | None:
-    """The URL in ``root/registry.url``, validated (the file is read like any store input)."""
+    """The URL in ``root/registry.url``, validated (the file is read like any store input:
+    a plain file only — a symlink, FIFO or device is refused, never followed or waited on)."""
     path = root / CONFIG_NAME
     try:
-        if path.is_symlink():
-            raise StorageError(f"{path} is a symbolic link; a store's registry config must be "
-                               "a plain file", path=path)
-        with open(path, "rb") as fh:
-            raw = fh.read(_MAX_CONFIG + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StorageError(f"{path} is a symbolic link; a store's registry config must "
+                               "be a plain file", path=path) from None
         raise StorageError(f"cannot read {path}: {exc}", path=path) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StorageError(f"{path} is not a plain file", path=path)
+        raw = os.read(fd, _MAX_CONFIG + 1)
+    finally:
+        os.close(fd)
     try:
         text = raw.decode("utf-8").strip()
         if len(raw) > _MAX_CONFIG or not text:
             raise ValueError("empty or too long")
         return check_url(text)
     except (ValueError, InvalidArgumentError) as exc:
-        raise StorageError(f"{path} does not hold a PostgreSQL URL ({exc}); fix or remove it",
-                           path=path) from None
+        raise StorageError(f"{path} does not hold a usable PostgreSQL URL ({exc}); fix or "
+                           "remove it", path=path) from None
 
 
-def write_config(root: Path, url: str) -> None:
-    """Bind ``root`` to ``url`` (written without its password, atomically)."""
+def write_config(root: Path, url: str, *, exclusive: bool = False) -> bool:
+    """Bind ``root`` to ``url`` (written without its password). ``exclusive``: only if no
+    binding exists (two processes binding at once: the first wins, the other is told).
+    Returns whether this call wrote it."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / CONFIG_NAME
-    tmp = root / f".{CONFIG_NAME}.{os.getpid()}.tmp"
+    tmp = root / f".{CONFIG_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        tmp.write_text(strip_password(url) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(strip_password(url) + "\n")
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # fails if a binding appeared meanwhile
+            return True
+        except FileExistsError:
+            return False
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise StorageError(f"cannot write {path}: {exc}", path=path) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _same(a: str, b: str) -> bool:
-    return strip_password(a).rstrip("/") == strip_password(b).rstrip("/")
+    return _key(a) == _key(b)
+
+
+def _key(url: str) -> str:
+    return strip_password(url).rstrip("/")
 
 
 def resolve(root: Path, explicit: str | None) -> tuple[str | None, bool]:
@@ -80,11 +105,11 @@ def resolve(root: Path, explicit: str | None) -> tuple[str | None, bool]:
     configured = configured_url(root)
     if explicit is None:
         if configured:
-            return _GIVEN.get(configured, configured), False
+            return _GIVEN.get(_key(configured), configured), False
         pending = _PENDING.get(root)
         return (pending, True) if pending else (None, False)
     explicit = check_url(explicit)
-    _GIVEN[strip_password(explicit)] = explicit
+    _GIVEN[_key(explicit)] = explicit
     if configured is not None:
         if not _same(configured, explicit):
             raise InvalidArgumentError(
@@ -108,7 +133,12 @@ def bind(root: Path, url: str) -> None:
 
 
 def bound(root: Path, url: str) -> None:
-    """The engine reached ``url`` for a write: record the binding (if no one did meanwhile)."""
-    if configured_url(root) is None:
-        write_config(root, url)
+    """The engine reached ``url`` for a write: record the binding (if no one did meanwhile;
+    a different binding made meanwhile by another process is refused, not overwritten)."""
+    if not write_config(root, url, exclusive=True):
+        configured = configured_url(root)
+        if configured is None or not _same(configured, url):
+            raise InvalidArgumentError(
+                f"the store {root} was just bound to another registry "
+                f"({redact_url(configured or '?')}) by another process", argument="registry")
     _PENDING.pop(root, None)

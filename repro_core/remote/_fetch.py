@@ -12,6 +12,7 @@ never needs this: its rows only name blobs it holds, or that ``repro pull`` brou
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 from .. import constants
@@ -43,7 +44,7 @@ def fetch_missing(store: LocalStorageBackend, registry: Registry, row: VersionRo
     if not urls:
         return 0
     store.ensure_layout()
-    fetched = 0
+    fetched, failures = 0, []
     with tempfile.TemporaryDirectory(dir=store.root / "tmp", prefix="fetch-") as scratch:
         target = Path(scratch) / "blob"
         for digest, size in missing:
@@ -51,11 +52,16 @@ def fetch_missing(store: LocalStorageBackend, registry: Registry, row: VersionRo
                 try:
                     open_backend(url).download(digest, target,  # type: ignore[call-arg]
                                                expected_size=size)
-                except (ArtifactNotFoundError, ReproError, OSError):
+                except (ArtifactNotFoundError, ReproError, OSError) as exc:
                     target.unlink(missing_ok=True)
+                    failures.append(f"{url}: {exc}")
                     continue  # not there (or unreachable): the next remote
                 store.upload(target, digest)
                 target.unlink(missing_ok=True)
                 fetched += 1
                 break
+    if fetched < len(missing):  # the caller's check names the blob; say why it is not here
+        warnings.warn(f"{row.key}: {len(missing) - fetched} blob(s) logged on another host "
+                      f"could not be fetched ({'; '.join(failures[:3])})", RuntimeWarning,
+                      stacklevel=3)
     return fetched
