@@ -127,3 +127,46 @@ def test_server_killed_and_restarted_mid_run(tmp_path: Path, pg_url: str, pg_ser
         assert mgr.use_artifact("after-restart").path.read_bytes() == b"still here"
     finally:
         ArtifactManager.reset_instance()
+
+
+def test_the_first_write_after_a_server_restart_succeeds(tmp_path: Path, pg_url: str,
+                                                        pg_server: PgServer,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections kept from before a restart (the pool's, the publish lock's) are replaced
+    on first use: the next ``log_artifact`` works, it does not fail once first."""
+    monkeypatch.setenv("REPRO_REGISTRY", pg_url)
+    mgr = ArtifactManager.reset_instance()
+    mgr.set_root(tmp_path / "store")
+    try:
+        mgr.init_run("across-a-restart")
+        mgr.log_artifact("before", "dataset", data=b"before")
+        pg_server.stop()
+        pg_server.start()
+        mgr.log_artifact("after", "dataset", data=b"after")
+        assert mgr.use_artifact("before").path.read_bytes() == b"before"
+        mgr.finalize_run()
+        assert {a.name for a in mgr.list_artifacts()} == {"before", "after"}
+    finally:
+        ArtifactManager.reset_instance()
+
+
+def test_another_hosts_version_with_no_remote_says_so(tmp_path: Path, pg_url: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logged on host C without a remote: host B is told where the content is (nowhere it
+    can reach) and what the logging host must do — not that its own store is corrupt."""
+    from repro_core.errors import ArtifactNotFoundError
+
+    monkeypatch.setenv("REPRO_REGISTRY", pg_url)
+    mgr = ArtifactManager.reset_instance()
+    try:
+        mgr.set_root(tmp_path / "host-c")
+        mgr.init_run("no-remote")
+        mgr.log_artifact("local-only", "dataset", data=b"stays on host c")
+        mgr.finalize_run()
+        mgr.set_root(tmp_path / "host-b")
+        mgr.init_run("reader")
+        with pytest.raises(ArtifactNotFoundError, match="another host.*REPRO_REMOTE"):
+            mgr.use_artifact("local-only")
+        mgr.finalize_run()
+    finally:
+        ArtifactManager.reset_instance()

@@ -160,7 +160,7 @@ def check_url(url: str) -> str:
     names = {k.lower() for k, _ in parse_qsl(parts.query, keep_blank_values=True)}
     refused = sorted(names - ALLOWED_PARAMS)
     if refused:
-        hint = (" (give the password in PGPASSWORD or ~/.pgpass)"
+        hint = (" (give the password as user:password@ in the URL, PGPASSWORD or ~/.pgpass)"
                 if set(refused) & _SECRET_PARAMS else "")
         raise InvalidArgumentError(
             f"registry URL {redact_url(url)!r} sets {', '.join(refused)}, which repro does not "

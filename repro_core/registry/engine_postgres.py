@@ -23,7 +23,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import select
 import threading
 import time
 import weakref
@@ -106,10 +108,20 @@ _IDLE_CHECK_S = 2.0
 
 
 def _check(conn: Any) -> None:
-    if time.monotonic() - _LAST_USED.get(conn, 0.0) > _IDLE_CHECK_S:
-        from psycopg_pool import ConnectionPool
+    """Checked with a round trip when idle for a while, or when the server has sent
+    something to an idle connection (a restart's termination notice): a readable socket
+    costs nothing to notice."""
+    from psycopg_pool import ConnectionPool
 
+    if time.monotonic() - _LAST_USED.get(conn, 0.0) > _IDLE_CHECK_S or _readable(conn):
         ConnectionPool.check_connection(conn)
+
+
+def _readable(conn: Any) -> bool:
+    try:
+        return bool(select.select([conn.fileno()], [], [], 0)[0])
+    except (OSError, ValueError):  # closed: let the check say so
+        return True
 
 
 def _connect_kwargs(url: str) -> dict[str, Any]:
@@ -150,6 +162,10 @@ def _pool(url: str) -> Any:
             _psycopg()
             from psycopg_pool import ConnectionPool
 
+            # The pool logs each failed reconnect; repro reports the outage itself (one
+            # error, or the metrics writer's one warning): no stderr lines unless the
+            # application configured logging.
+            logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
             pool = ConnectionPool(
                 url, min_size=1, max_size=6, open=True, timeout=constants.REPRO_REGISTRY_TIMEOUT,
                 name=f"repro-registry-{os.getpid()}", check=_check,
@@ -403,17 +419,7 @@ def _shared_guard(engine: PostgresEngine, key: tuple[int, int]) -> Iterator[None
         hold = _SHARED.setdefault((os.getpid(), engine.url, key[1]), _Shared())
     with hold.lock:
         if hold.count == 0:
-            if hold.raw is None or hold.raw.closed or hold.raw.broken:
-                hold.raw = engine._connect()  # kept between holds: one round trip each
-            try:
-                PgConn(hold.raw).execute("SELECT pg_advisory_lock_shared(?, ?)", key)
-            except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    hold.raw.close()
-                hold.raw = None
-                if isinstance(exc, _psycopg().Error):  # gc held it past lock_timeout, …
-                    raise engine._error(exc, "cannot take the publish lock of") from None
-                raise
+            _take_shared(engine, hold, key)
         hold.count += 1
     try:
         yield
@@ -427,6 +433,33 @@ def _shared_guard(engine: PostgresEngine, key: tuple[int, int]) -> Iterator[None
                     with contextlib.suppress(Exception):
                         hold.raw.close()
                     hold.raw = None
+
+
+def _take_shared(engine: PostgresEngine, hold: _Shared, key: tuple[int, int]) -> None:
+    """Take the shared lock on the kept connection; one the server dropped since (a restart)
+    is replaced once, as a pooled one would be."""
+    psycopg = _psycopg()
+    for attempt in (0, 1):
+        if hold.raw is not None and not hold.raw.closed and _readable(hold.raw):
+            with contextlib.suppress(Exception):  # the server spoke first: a termination
+                hold.raw.close()
+        if hold.raw is None or hold.raw.closed or hold.raw.broken:
+            hold.raw = engine._connect()  # kept between holds: one round trip each
+        try:
+            PgConn(hold.raw).execute("SELECT pg_advisory_lock_shared(?, ?)", key)
+            return
+        except BaseException as exc:
+            lost = isinstance(exc, psycopg.OperationalError) and hold.raw.broken
+            with contextlib.suppress(Exception):
+                hold.raw.close()
+            hold.raw = None
+            if lost and attempt == 0:
+                continue
+            if isinstance(exc, psycopg.errors.LockNotAvailable):
+                raise engine._busy() from None
+            if isinstance(exc, psycopg.Error):
+                raise engine._error(exc, "cannot take the publish lock of") from None
+            raise
 
 
 def _schema_version(conn: PgConn) -> int:

@@ -57,8 +57,9 @@ def configured_url(root: Path) -> str | None:
             raise ValueError("empty or too long")
         return check_url(text)
     except (ValueError, InvalidArgumentError) as exc:
-        raise StorageError(f"{path} does not hold a usable PostgreSQL URL ({exc}); fix or "
-                           "remove it", path=path) from None
+        raise StorageError(f"{path} does not hold a usable PostgreSQL URL ({exc}); fix it "
+                           "(it names the store's registry: removing it would leave the store "
+                           "without one)", path=path) from None
 
 
 def write_config(root: Path, url: str, *, exclusive: bool = False) -> bool:
@@ -114,14 +115,16 @@ def resolve(root: Path, explicit: str | None) -> tuple[str | None, bool]:
         if not _same(configured, explicit):
             raise InvalidArgumentError(
                 f"the store {root} keeps its registry at {redact_url(configured)}, not "
-                f"{redact_url(explicit)}; unset REPRO_REGISTRY / registry= or copy the registry "
-                f"with `repro migrate --root {root} --to URL`", argument="registry")
+                f"{redact_url(explicit)}; unset REPRO_REGISTRY / registry= (a store keeps one "
+                "registry; to move it: `repro migrate --to sqlite`, then `--to` the new URL)",
+                argument="registry")
         return explicit, False  # the caller's copy may carry the password
     sqlite_file = root / "registry.sqlite"
     if sqlite_file.is_file() and sqlite_file.stat().st_size > 0:
         raise InvalidArgumentError(
             f"the store {root} has a SQLite registry; copy it into PostgreSQL first with "
-            f"`repro migrate --root {root} --to {redact_url(explicit)}`", argument="registry")
+            f"`repro migrate --root {root} --to {strip_password(explicit)}` (the password "
+            "from PGPASSWORD or ~/.pgpass)", argument="registry")
     return explicit, True
 
 

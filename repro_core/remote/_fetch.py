@@ -24,6 +24,11 @@ from ._config import is_wandb, list_remotes, normalize_url, open_backend
 __all__ = ["fetch_missing"]
 
 
+def _logged_here(store: LocalStorageBackend, row: VersionRow) -> bool:
+    """Whether the run that logged ``row`` wrote its journal in this store (this host)."""
+    return row.run_id is not None and (store.root / "runs" / row.run_id).is_dir()
+
+
 def _candidates(registry: Registry, row: VersionRow) -> list[str]:
     """Remotes that hold the version first (as recorded), then every other one known."""
     holding = [str(r[0]) for r in registry._read(
@@ -36,13 +41,19 @@ def _candidates(registry: Registry, row: VersionRow) -> list[str]:
 
 def fetch_missing(store: LocalStorageBackend, registry: Registry, row: VersionRow) -> int:
     """Download the blobs of ``row`` this store lacks from a remote holding them. Returns how
-    many were fetched; what no remote has is left for the caller's check to report."""
+    many were fetched. A version logged elsewhere whose blobs no remote has is an
+    ``ArtifactNotFoundError`` saying so (not a "corrupt store": nothing here is damaged)."""
     missing = [(d, s) for d, s in registry.blobs_of(row.id) if not store.exists(d)]
     if not missing:
         return 0
     urls = _candidates(registry, row)
     if not urls:
-        return 0
+        if _logged_here(store, row):
+            return 0  # this host's own blob is gone: the caller's check reports the damage
+        raise ArtifactNotFoundError(
+            f"{row.key} was logged on another host (run {row.run_id}) and no remote holds "
+            "its content: the host that logs must mirror to a remote every host can read "
+            "(REPRO_REMOTE or init_run(..., remote=...))", key=row.key)
     store.ensure_layout()
     fetched, failures = 0, []
     with tempfile.TemporaryDirectory(dir=store.root / "tmp", prefix="fetch-") as scratch:
