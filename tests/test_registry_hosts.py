@@ -165,7 +165,7 @@ def test_another_hosts_version_with_no_remote_says_so(tmp_path: Path, pg_url: st
         mgr.finalize_run()
         mgr.set_root(tmp_path / "host-b")
         mgr.init_run("reader")
-        with pytest.raises(ArtifactNotFoundError, match="another host.*REPRO_REMOTE"):
+        with pytest.raises(ArtifactNotFoundError, match=r"another host.*REPRO_REMOTE"):
             mgr.use_artifact("local-only")
         mgr.finalize_run()
     finally:
