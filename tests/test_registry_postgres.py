@@ -284,7 +284,8 @@ def test_concurrent_first_opens_create_the_schema_once(
     seen it empty): each must wait, one creates, the others find it made — same store id."""
     import psycopg
 
-    from repro_core.registry.engine_postgres import _LOCK_CLASS, _lock_key
+    from repro_core.registry.pg_connect import LOCK_CLASS as _LOCK_CLASS
+    from repro_core.registry.pg_connect import lock_key as _lock_key
 
     key = _lock_key(_schema(pg_url), "schema")
     with psycopg.connect(pg_url, autocommit=True) as holder:

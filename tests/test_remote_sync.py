@@ -483,7 +483,10 @@ def open_(cls, name, url, **options):
     target = opened(cls, name, url, **options)
     put = target.records.put
     def claim(path, data, *, create=False):
-        if create:
+        # Version claims only: the remote's one-time conditional-write probe (locks/probe-*)
+        # is a create-if-absent put too, and syncing on it let the processes drift apart
+        # again before their first real claim.
+        if create and path.startswith("versions/"):
             here.touch()
             deadline = time.monotonic() + 60
             while not other.exists() and time.monotonic() < deadline:

@@ -9,6 +9,8 @@ it::
     schema_pg.py   PostgreSQL's base schema (v6, typed); later migrations are shared
     target.py      which engine a store uses (REPRO_REGISTRY, registry=, registry.url)
     engine_sqlite.py / engine_postgres.py   opening rules, transactions, locks of each
+    pg_connect.py  how PostgreSQL connections are made and checked, lock keys
+    migrate.py     ``repro migrate``: copy a registry between the engines, verified
     records.py     typed rows and the column lists that make them
     connection.py  one face over the engines: transactions, reads
     runs.py        runs, state history, run-id prefixes, CRASHED detection

@@ -25,132 +25,34 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import threading
 import time
-import weakref
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .. import constants
 from ..errors import StorageError, StoreNotFoundError
-from .dialect import params, password_of, redact_url, translate
+from .dialect import password_of, redact_url
+from .pg_connect import (
+    LAST_USED,
+    LOCK_CLASS,
+    PgConn,
+    check,
+    connect_kwargs,
+    driver,
+    lock_key,
+    readable,
+)
 from .schema import SCHEMA_VERSION, migrations
 from .schema_pg import BASE, BASE_VERSION
 from .store_data import store_has_data
 from .target import bound
 
-__all__ = ["PgConn", "PostgresEngine", "close_connections", "upgrade"]
+__all__ = ["PostgresEngine", "close_connections", "upgrade"]
 
-_LOCK_CLASS = 0x52455052  # "REPR": the first key of every advisory lock we take
-_CONNECT_TIMEOUT = 10  # seconds for one connection attempt
 _POOLS: dict[tuple[int, str], Any] = {}
 _POOLS_LOCK = threading.Lock()
-_INSTALL_HINT = ("a PostgreSQL registry needs psycopg 3: pip install "
-                 "'repro-lightning[postgresql]' (psycopg[binary] and psycopg-pool)")
-
-
-def _psycopg() -> Any:
-    try:
-        import psycopg
-        import psycopg_pool  # noqa: F401
-    except ImportError as exc:
-        raise StorageError(f"{_INSTALL_HINT} ({exc})") from None
-    return psycopg
-
-
-class PgConn:
-    """A psycopg connection that speaks the registry's shared SQL (``?`` placeholders)."""
-
-    dialect = "postgresql"
-
-    def __init__(self, raw: Any) -> None:
-        self.raw = raw
-
-    def execute(self, sql: str, values: Any = None) -> Any:
-        return self.raw.execute(translate(sql), params(values))
-
-    def executemany(self, sql: str, rows: Any) -> Any:
-        cursor = self.raw.cursor()
-        rows = list(rows)
-        if rows:
-            cursor.executemany(translate(sql), rows)
-        return cursor
-
-    def copy_rows(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]],
-                  types: tuple[str, ...] | None = None) -> None:
-        """Bulk insert with ``COPY … FROM STDIN`` (the metrics and TTRL writers' path).
-        With ``types`` (PostgreSQL type names, one per column) the rows go in COPY's binary
-        format: packed metric arrays travel as bytes, not as hex text twice their size."""
-        if not rows:
-            return
-        binary = " (FORMAT BINARY)" if types else ""
-        with self.raw.cursor() as cursor, cursor.copy(
-                f"COPY {table} ({', '.join(columns)}) FROM STDIN{binary}") as copy:
-            if types:
-                copy.set_types(list(types))
-            for row in rows:
-                copy.write_row(row)
-
-    @property
-    def in_transaction(self) -> bool:
-        from psycopg.pq import TransactionStatus
-
-        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
-
-
-# When each pooled connection was last handed back: one idle for less than this is not
-# checked again on checkout (a check is a round trip; a lost one fails at BEGIN, retried).
-_LAST_USED: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-_IDLE_CHECK_S = 2.0
-
-
-def _check(conn: Any) -> None:
-    """Checked with a round trip when idle for a while, or when the server has sent
-    something to an idle connection (a restart's termination notice): a readable socket
-    costs nothing to notice."""
-    from psycopg_pool import ConnectionPool
-
-    if time.monotonic() - _LAST_USED.get(conn, 0.0) > _IDLE_CHECK_S or _readable(conn):
-        ConnectionPool.check_connection(conn)
-
-
-def _readable(conn: Any) -> bool:
-    try:
-        return bool(select.select([conn.fileno()], [], [], 0)[0])
-    except (OSError, ValueError):  # closed: let the check say so
-        return True
-
-
-def _connect_kwargs(url: str) -> dict[str, Any]:
-    """How every connection is made: autocommit (transactions are explicit), client-side
-    binding, and the limits that keep one stopped host from stalling the team —
-    ``lock_timeout`` (a lock wait fails after ``REPRO_REGISTRY_TIMEOUT``), an idle
-    transaction ended by the server after 5 minutes (its locks released), TCP keepalives (a
-    vanished peer noticed in about a minute), and never a cleartext password (``require_auth``:
-    the URL may come from a store's config file)."""
-    psycopg = _psycopg()
-    from psycopg.conninfo import conninfo_to_dict
-
-    given = conninfo_to_dict(url)
-    timeout_ms = int(constants.REPRO_REGISTRY_TIMEOUT * 1000)
-    options = f"{given.get('options') or ''} -c lock_timeout={timeout_ms}" \
-              " -c idle_in_transaction_session_timeout=300000"
-    kwargs: dict[str, Any] = {
-        "autocommit": True, "cursor_factory": psycopg.ClientCursor,
-        "connect_timeout": _CONNECT_TIMEOUT, "options": options.strip(), "keepalives": 1,
-        "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
-    if "require_auth" not in given and psycopg.pq.version() >= 160000:
-        kwargs["require_auth"] = "!password"
-    return kwargs
-
-
-def _lock_key(schema: str, purpose: str) -> int:
-    """A signed 32-bit key naming one lock of one registry (its schema in its database)."""
-    value = zlib.crc32(f"{schema}\x00{purpose}".encode())
-    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def _pool(url: str) -> Any:
@@ -159,7 +61,7 @@ def _pool(url: str) -> Any:
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is None:
-            _psycopg()
+            driver()
             from psycopg_pool import ConnectionPool
 
             # The pool logs each failed reconnect; repro reports the outage itself (one
@@ -168,8 +70,8 @@ def _pool(url: str) -> Any:
             logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
             pool = ConnectionPool(
                 url, min_size=1, max_size=6, open=True, timeout=constants.REPRO_REGISTRY_TIMEOUT,
-                name=f"repro-registry-{os.getpid()}", check=_check,
-                kwargs=_connect_kwargs(url))
+                name=f"repro-registry-{os.getpid()}", check=check,
+                kwargs=connect_kwargs(url))
             _POOLS[key] = pool
     return pool
 
@@ -237,7 +139,7 @@ class PostgresEngine:
             # error, not a view of the shared registry.
             raise StoreNotFoundError(f"no repro store at {self.root}; pass --root / root= or "
                                      "set REPRO_HOME", path=self.root)
-        psycopg = _psycopg()
+        psycopg = driver()
         raw = self._connect()
         try:
             conn = PgConn(raw)
@@ -245,7 +147,7 @@ class PostgresEngine:
             if schema is None:
                 raise StorageError(f"the registry {self.location} has no schema to create "
                                    "tables in (check search_path)")
-            self._keys = {p: _lock_key(schema, p)
+            self._keys = {p: lock_key(schema, p)
                           for p in ("write", "append", "schema", "publish")}
             self._check_schema(conn)
             if self._bind:
@@ -260,7 +162,7 @@ class PostgresEngine:
     @contextlib.contextmanager
     def borrow(self) -> Iterator[PgConn]:
         self._ensure_ready()
-        psycopg = _psycopg()
+        psycopg = driver()
         from psycopg_pool import PoolTimeout
 
         try:
@@ -275,11 +177,11 @@ class PostgresEngine:
         try:
             yield PgConn(raw)
         except BaseException as exc:
-            _LAST_USED[raw] = time.monotonic()
+            LAST_USED[raw] = time.monotonic()
             cm.__exit__(type(exc), exc, exc.__traceback__)
             raise
         else:
-            _LAST_USED[raw] = time.monotonic()
+            LAST_USED[raw] = time.monotonic()
             cm.__exit__(None, None, None)
 
     @contextlib.contextmanager
@@ -287,17 +189,17 @@ class PostgresEngine:
         """A connection inside ``BEGIN`` (+ the write lock when ``exclusive``). A pooled
         connection the server dropped (a restart) fails at ``BEGIN``, before anything was
         done: the pool discards it and the transaction starts again on a fresh one."""
-        psycopg = _psycopg()
+        psycopg = driver()
         for attempt in (0, 1):
             with self.borrow() as conn:
                 try:
                     conn.execute("BEGIN")
                     if exclusive:
                         conn.execute("SELECT pg_advisory_xact_lock(?, ?)",
-                                     (_LOCK_CLASS, self._keys["write"]))
+                                     (LOCK_CLASS, self._keys["write"]))
                     else:  # appenders run beside each other; only `repro migrate` stops them
                         conn.execute("SELECT pg_advisory_xact_lock_shared(?, ?)",
-                                     (_LOCK_CLASS, self._keys["append"]))
+                                     (LOCK_CLASS, self._keys["append"]))
                 except psycopg.errors.LockNotAvailable:
                     raise self._busy() from None
                 except psycopg.OperationalError:
@@ -315,7 +217,7 @@ class PostgresEngine:
     @staticmethod
     def lost(exc: BaseException | None) -> bool:
         """Whether ``exc`` is a lost connection (worth one retry of a read)."""
-        psycopg = _psycopg()
+        psycopg = driver()
         return isinstance(exc, psycopg.OperationalError)
 
     def rollback(self, conn: PgConn) -> None:
@@ -339,7 +241,7 @@ class PostgresEngine:
         and could exhaust the pool it then needs for the row). gc: the exclusive lock on a
         connection of its own, for the block."""
         self._ensure_ready()
-        key = (_LOCK_CLASS, self._keys["publish"])
+        key = (LOCK_CLASS, self._keys["publish"])
         if not exclusive:
             with _shared_guard(self, key):
                 yield
@@ -352,9 +254,9 @@ class PostgresEngine:
             raw.close()  # ends the session: its locks go with it
 
     def _connect(self) -> Any:
-        psycopg = _psycopg()
+        psycopg = driver()
         try:
-            return psycopg.connect(self.url, **_connect_kwargs(self.url))
+            return psycopg.connect(self.url, **connect_kwargs(self.url))
         except psycopg.Error as exc:
             raise self._error(exc) from None
 
@@ -438,9 +340,9 @@ def _shared_guard(engine: PostgresEngine, key: tuple[int, int]) -> Iterator[None
 def _take_shared(engine: PostgresEngine, hold: _Shared, key: tuple[int, int]) -> None:
     """Take the shared lock on the kept connection; one the server dropped since (a restart)
     is replaced once, as a pooled one would be."""
-    psycopg = _psycopg()
+    psycopg = driver()
     for attempt in (0, 1):
-        if hold.raw is not None and not hold.raw.closed and _readable(hold.raw):
+        if hold.raw is not None and not hold.raw.closed and readable(hold.raw):
             with contextlib.suppress(Exception):  # the server spoke first: a termination
                 hold.raw.close()
         if hold.raw is None or hold.raw.closed or hold.raw.broken:
@@ -480,7 +382,7 @@ def upgrade(conn: PgConn, lock_key: int, algorithm: str) -> tuple[int, int]:
     created them ("relation already exists")."""
     import secrets
 
-    conn.execute("SELECT pg_advisory_lock(?, ?)", (_LOCK_CLASS, lock_key))
+    conn.execute("SELECT pg_advisory_lock(?, ?)", (LOCK_CLASS, lock_key))
     try:
         conn.execute("BEGIN")
         try:
@@ -510,7 +412,7 @@ def upgrade(conn: PgConn, lock_key: int, algorithm: str) -> tuple[int, int]:
             raise
     finally:
         with contextlib.suppress(Exception):
-            conn.execute("SELECT pg_advisory_unlock(?, ?)", (_LOCK_CLASS, lock_key))
+            conn.execute("SELECT pg_advisory_unlock(?, ?)", (LOCK_CLASS, lock_key))
     return current, SCHEMA_VERSION
 
 

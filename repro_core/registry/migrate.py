@@ -200,10 +200,10 @@ def _unlock_source(conn: Any) -> None:
 
 
 def _key(conn: Any, purpose: str) -> tuple[int, int]:
-    from .engine_postgres import _LOCK_CLASS, _lock_key
+    from .pg_connect import LOCK_CLASS, lock_key
 
     schema = conn.execute("SELECT current_schema()").fetchone()[0]
-    return _LOCK_CLASS, _lock_key(schema, purpose)
+    return LOCK_CLASS, lock_key(schema, purpose)
 
 
 def _refuse_running(conn: Any, root: Path) -> None:
