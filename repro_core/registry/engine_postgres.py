@@ -44,7 +44,7 @@ from .pg_connect import (
     lock_key,
     readable,
 )
-from .schema import SCHEMA_VERSION, migrations
+from .schema import SCHEMA_VERSION, migrations, run_script
 from .schema_pg import BASE, BASE_VERSION
 from .store_data import store_has_data
 from .target import bound
@@ -395,7 +395,7 @@ def upgrade(conn: PgConn, lock_key: int, algorithm: str) -> tuple[int, int]:
                     raise StorageError(
                         "the database already holds a table named runs but no repro registry:"
                         " use a database (or schema, options=-csearch_path=...) of its own")
-                _run(conn, BASE)
+                run_script(conn, BASE)
                 _compress_lz4(conn)
                 conn.execute("CREATE TABLE schema_version (version BIGINT NOT NULL)")
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)",
@@ -427,9 +427,3 @@ def _compress_lz4(conn: PgConn) -> None:
         conn.execute("ROLLBACK TO SAVEPOINT lz4")
     else:
         conn.execute("RELEASE SAVEPOINT lz4")
-
-
-def _run(conn: PgConn, script: str) -> None:
-    for statement in script.split(";"):
-        if statement.strip():
-            conn.execute(statement)
