@@ -10,11 +10,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from . import _progress
+from . import _progress, constants
 from ._cache import serve_version
 from .capture.scrub import scrub
+from .chunks.ingest import SafetensorsSink
+from .chunks.ingest import ingest_file as chunk_file
 from .directory import ingest_directory, scan_directory
 from .errors import InvalidArgumentError, MissingFileError, SerializationError
 from .registry import NewVersion, Registry, VersionRow
@@ -30,6 +32,16 @@ from .types import (
 )
 
 __all__ = ["ArtifactWriter", "metadata_from_row"]
+
+
+class _Content(NamedTuple):
+    """What one ``log_artifact`` stored: the registry row's content columns."""
+
+    digest: str
+    size: int
+    format: str
+    blobs: list[tuple[str, int]]
+    manifest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,12 +98,13 @@ class ArtifactWriter:
         registry.check_type(project, self.name, self.type.value)
         # gc must not see the blob before its row (on any host sharing the registry).
         with store.publish_guard(), registry.publish_guard():
-            digest, size, fmt, blobs = self._store_content(store)
+            content = self._store_content(store)
             row, created, linked = registry.add_version(NewVersion(
-                name=self.name, type=self.type.value, digest=digest, size=size, format=fmt,
-                run_id=run_id, metadata=self.metadata, parent_ids=parent_ids,
-                aliases=self.aliases, blobs=blobs, project=project,
-                filename=self._filename(fmt),
+                name=self.name, type=self.type.value, digest=content.digest,
+                size=content.size, format=content.format, run_id=run_id,
+                metadata=self.metadata, parent_ids=parent_ids, aliases=self.aliases,
+                blobs=content.blobs, project=project, filename=self._filename(content.format),
+                manifest=content.manifest,
             ))
             path = self.check_content(store, registry, row, full=False)
         return metadata_from_row(registry, row, path), row, created, linked
@@ -105,22 +118,44 @@ class ArtifactWriter:
             return self.payload.filename
         return f"{self.name}{_EXTENSIONS.get(fmt, '')}"
 
-    def _store_content(self, store: LocalStorageBackend
-                       ) -> tuple[str, int, str, list[tuple[str, int]]]:
+    def _store_content(self, store: LocalStorageBackend) -> _Content:
+        """Stream the content into blobs: one, a directory's, or a chunked file's parts and
+        manifest (``chunks``: big safetensors per tensor, other big files by content)."""
+        min_bytes = constants.REPRO_CHUNK_MIN_BYTES
         if self.payload is not None:
+            if self.payload.format == "safetensors":
+                return self._store_tensors(store, self.payload, min_bytes)
             with store.open_writer() as writer:
                 self.payload.write(writer)
                 digest, size = writer.commit()
-            return digest, size, self.payload.format, [(digest, size)]
+            return _Content(digest, size, self.payload.format, [(digest, size)])
         assert self.file_path is not None
         if self.file_path.is_dir():
             total = _tree_size(self.file_path) if _progress.possible() else None
             with _progress.tracked(total, f"logging {self.name}/"):
                 manifest = ingest_directory(store, self.file_path)
-            return manifest.digest, manifest.total_size, "directory", manifest.blobs
+            return _Content(manifest.digest, manifest.total_size, "directory", manifest.blobs)
         with _progress.tracked(_file_size(self.file_path), f"logging {self.file_path.name}"):
+            chunked = chunk_file(store, self.file_path, min_bytes)
+            if chunked is not None:
+                return _Content(chunked.digest, chunked.size, "file", chunked.blobs,
+                                chunked.manifest)
             digest, size = store.ingest_file(self.file_path)
-        return digest, size, "file", [(digest, size)]
+        return _Content(digest, size, "file", [(digest, size)])
+
+    @staticmethod
+    def _store_tensors(store: LocalStorageBackend, payload: Payload,
+                       min_bytes: int | None) -> _Content:
+        sink = SafetensorsSink(store, min_bytes)
+        try:
+            payload.write(sink)
+            digest, size, chunked = sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+        if chunked is None:
+            return _Content(digest, size, payload.format, [(digest, size)])
+        return _Content(digest, size, payload.format, chunked.blobs, chunked.manifest)
 
     @staticmethod
     def check_content(store: LocalStorageBackend, registry: Registry, row: VersionRow,

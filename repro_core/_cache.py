@@ -150,6 +150,9 @@ def serve_version(store: LocalStorageBackend, registry: _BlobIndex, row: Version
     directory) and serve it. Everything read from the row and the store is untrusted: a
     digest, manifest or size that does not add up is an ``IntegrityError`` before any write."""
     digest = check_digest(row.digest, where=f"registry row {row.key}")
+    if row.manifest is not None:
+        return _serve_chunked(store, registry, row, full=full, copy=copy, dest=dest,
+                              progress=progress)
     if row.format != "directory":
         store.check(digest, row.size, full=full)
         return serve_file(store, digest, row.size, file_name(row.filename, digest), copy=copy,
@@ -164,6 +167,32 @@ def serve_version(store: LocalStorageBackend, registry: _BlobIndex, row: Version
         store.check(record.digest, record.size, full=full)
     return serve_tree(store, digest, manifest, copy=copy, name=row.filename, dest=dest,
                       progress=progress)
+
+
+def _serve_chunked(store: LocalStorageBackend, registry: _BlobIndex, row: VersionRow, *,
+                   full: bool, copy: bool, dest: Path | None,
+                   progress: Progress | None) -> Path:
+    """A chunked version (``chunks``) as one file: assembled into the bounded cache, or with
+    ``copy`` straight into a private copy. Parts are checked first (size; digest if
+    ``full``), and the file put together must hash to the version's digest."""
+    from .chunks.assemble import assemble_into, check_parts, serve_assembled
+    from .chunks.read import manifest_of
+
+    manifest = manifest_of(store, registry, row, full=full)
+    check_parts(store, manifest, full=full)
+    name = file_name(row.filename, row.digest)
+
+    def make(parent: int, leaf: str) -> None:
+        with closing_fd(os.open(leaf, _NEW_FILE | os.O_RDWR, 0o644, dir_fd=parent)) as out:
+            assemble_into(store, manifest, out, progress)
+
+    try:
+        if copy:
+            return _copy_out(store, name, dest, make)
+        return serve_assembled(store, manifest, name, full=full, progress=progress)
+    except OSError as exc:
+        raise StorageError(f"putting {row.key} together failed: {exc}{_hint(exc, dest)}",
+                           path=store.root / "cache", errno=exc.errno) from exc
 
 
 # -- single files ------------------------------------------------------------------------------

@@ -151,7 +151,10 @@ class ArtifactsAPI:
         return result  # type: ignore[return-value]
 
     def _use(self, key: ParsedKey, wanted: ArtifactType | None, full: bool, private: bool,
-             run: Run | None, dest: Path | None = None) -> ArtifactMetadata:
+             run: Run | None, dest: Path | None = None, *,
+             serve: bool = True) -> ArtifactMetadata:
+        """``use_artifact`` on rank 0. ``serve=False`` (``load_artifact``): a chunked
+        safetensors version is checked but not put together (its ``path`` is None)."""
         recording = run is not None and run.id is not None
         store, registry = self._open() if recording else (self._read_store(),
                                                             self._read_registry())
@@ -167,8 +170,12 @@ class ArtifactsAPI:
             from .remote._fetch import fetch_missing
 
             fetch_missing(store, registry, row)
-        path = ArtifactWriter.check_content(store, registry, row, full=full, copy=private,
-                                            dest=dest)
+        if not serve and row.manifest is not None and row.format == "safetensors":
+            path = None  # load_artifact maps the parts (checked here, as a use checks)
+            _check_chunked(store, registry, row, full)
+        else:
+            path = ArtifactWriter.check_content(store, registry, row, full=full, copy=private,
+                                                dest=dest)
         # record_use adds no edge for a run reading back what it logged (that would be a
         # lineage cycle); the journal records only an edge that was added.
         if recording and run is not None and run.id is not None \
@@ -207,9 +214,37 @@ class ArtifactsAPI:
     def load_artifact(self, name: str, version: str | None = None) -> Any:
         """``use_artifact`` and load the content back into the object that was logged
         (dict/list, str, bytes, tensor dict, numpy array; a ``Path`` for files/directories)."""
-        meta = self.use_artifact(name, version)
-        assert meta.path is not None and meta.format is not None
-        return load_payload(meta.path, meta.format, digest=meta.hash)
+        key = parse_key(name, version)
+        full = constants.REPRO_VERIFY == "full"
+        with self._lock:
+            run = self._run
+        meta: ArtifactMetadata = self._exchange.run_on_zero(
+            distributed.Call("use_artifact", name, {"version": version, "type": None}),
+            lambda: self._use(key, None, full, constants.REPRO_MATERIALIZE == "copy", run,
+                              serve=False),
+            encode=ArtifactMetadata.to_dict, decode=ArtifactMetadata.from_dict,
+        )  # type: ignore[assignment]
+        if meta.path is not None:
+            assert meta.format is not None
+            return load_payload(meta.path, meta.format, digest=meta.hash)
+        # A chunked safetensors version, checked by ``_use`` on rank 0: each rank maps the
+        # part blobs itself (``chunks.read``), no file is put together.
+        from .chunks.read import load_tensors, manifest_of
+
+        store, registry = self._read_store(), self._read_registry()
+        row = self._resolve(registry, parse_key(meta.key))
+        return load_tensors(store, manifest_of(store, registry, row, full=False), full=False,
+                            key=row.key)
+
+
+def _check_chunked(store: LocalStorageBackend, registry: Registry, row: VersionRow,
+                   full: bool) -> None:
+    from . import _progress
+    from .chunks.assemble import check_parts
+    from .chunks.read import manifest_of
+
+    with _progress.tracked(row.size * int(full), f"checking {row.key}"):
+        check_parts(store, manifest_of(store, registry, row, full=full), full=full)
 
 
 def _journal(root: Path, run_id: str, event: dict[str, Any]) -> None:

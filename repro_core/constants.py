@@ -35,6 +35,13 @@ Variables (README's "Settings" table says the same):
 - ``REPRO_REGISTRY_TIMEOUT``: seconds an operation waits for a PostgreSQL registry's server
   (a restart, an outage) before it fails; the metrics writer keeps retrying (default 60).
 
+- ``REPRO_CHUNK_MIN_BYTES``: files and safetensors payloads at least this big are stored
+  chunked — per-tensor blobs for safetensors, content-defined chunks for other files — so
+  versions share what did not change (default 32 MiB; ``off``: every file as one blob).
+- ``REPRO_ASSEMBLED_CACHE_BYTES``: how much of ``cache/assembled/`` (chunked files put back
+  together for ``use_artifact(...).path``) is kept before the least recently used files go
+  (default 8 GiB; a file served in the last 10 minutes is never removed).
+
 ``REPRO_REGISTRY`` (a ``postgresql://`` URL) is read at every registry open, not here (see
 ``repro_core.registry.target``), and ``REPRO_REDACT_ALLOW`` / ``REPRO_REDACT_DENY`` at every
 capture (``capture/redact.py``), so a program may change them between captures.
@@ -87,6 +94,14 @@ def _count(name: str, default: int) -> int:
     return _int_at_least(name, default, 0, "a whole number >= 0")
 
 
+def _bytes_or_off(name: str, default: int) -> int | None:
+    """A byte count > 0, or ``off`` (None)."""
+    raw = os.environ.get(name, "")
+    if raw.strip().lower() in ("off", "none", "no", "false"):
+        return None
+    return _int_at_least(name, default, 1, "a byte count > 0 or 'off'")
+
+
 def _int_at_least(name: str, default: int, low: int, expected: str) -> int:
     raw = os.environ.get(name, "")
     if not raw.strip():
@@ -128,6 +143,8 @@ REPRO_BARRIER_TIMEOUT: float
 REPRO_STALE_TMP_SECONDS: float
 REPRO_PROGRESS: bool
 REPRO_MATERIALIZE: str
+REPRO_CHUNK_MIN_BYTES: int | None
+REPRO_ASSEMBLED_CACHE_BYTES: int
 REPRO_GIT_TIMEOUT: float
 REPRO_MAX_PATCH_BYTES: int
 REPRO_REMOTE_RETRIES: int
@@ -153,6 +170,8 @@ _PARSERS: dict[str, Callable[[], Any]] = {
     "REPRO_REMOTE": lambda: os.environ.get("REPRO_REMOTE", "").strip() or None,
     "REPRO_REMOTE_TIMEOUT": lambda: _as_seconds("REPRO_REMOTE_TIMEOUT", 120.0),
     "REPRO_REGISTRY_TIMEOUT": lambda: _as_seconds("REPRO_REGISTRY_TIMEOUT", 60.0),
+    "REPRO_CHUNK_MIN_BYTES": lambda: _bytes_or_off("REPRO_CHUNK_MIN_BYTES", 32 << 20),
+    "REPRO_ASSEMBLED_CACHE_BYTES": lambda: _positive_int("REPRO_ASSEMBLED_CACHE_BYTES", 8 << 30),
 }
 #: Every setting parsed here (the CLI checks them all before running a command).
 SETTINGS = tuple(_PARSERS)

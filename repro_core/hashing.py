@@ -162,7 +162,8 @@ def parse_digest(digest: object) -> tuple[str, str]:
     )
 
 
-def copy_and_hash(src_fd: int, dst_fd: int, hasher: _Digester, copy: _CopyFn) -> int:
+def copy_and_hash(src_fd: int, dst_fd: int, hasher: _Digester, copy: _CopyFn, *,
+                  start: int = 0) -> int:
     """Copy ``src_fd`` into ``dst_fd`` and hash exactly the bytes that landed in ``dst_fd``.
 
     The copy runs in the kernel (``copy_file_range``, as ``cp`` does: no trip through user
@@ -170,13 +171,14 @@ def copy_and_hash(src_fd: int, dst_fd: int, hasher: _Digester, copy: _CopyFn) ->
     thread while the next chunk is copied, so the total time is about that of ``cp``. Hashing
     the destination (not the source) means a source file that changes while it is logged can
     never produce a blob that mismatches its digest. ``dst_fd`` must be opened for reading too.
-    Memory: one chunk buffer.
+    Memory: one chunk buffer. ``start``: where ``dst_fd``'s offset is when called (a file
+    written in several calls, as chunked content is put back together).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
     chunk = constants.IO_CHUNK
     view = memoryview(bytearray(chunk))
-    offset = 0
+    offset = start
     pending: Future[None] | None = None
 
     def hash_region(start: int, length: int) -> None:
@@ -198,7 +200,7 @@ def copy_and_hash(src_fd: int, dst_fd: int, hasher: _Digester, copy: _CopyFn) ->
             pending = pool.submit(hash_region, offset, n)
             offset += n
             _progress.report(n)
-    return offset
+    return offset - start
 
 
 class _CopyFn(Protocol):

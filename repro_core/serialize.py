@@ -31,7 +31,7 @@ from ._safepath import component_problem
 from .errors import IntegrityError, SerializationError
 
 __all__ = ["Payload", "canonical_json", "check_npy", "check_safetensors", "load_payload",
-           "prepare"]
+           "prepare", "safetensors_spans"]
 
 
 class _Sink(Protocol):
@@ -307,7 +307,7 @@ def load_payload(path: Path, format: str, *, digest: str | None = None) -> Any:
         raise _corrupt(path, digest, format, f"{type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
-def _corrupt(path: Path, digest: str | None, format: str, problem: str) -> IntegrityError:
+def _corrupt(path: Path | str, digest: str | None, format: str, problem: str) -> IntegrityError:
     return IntegrityError(f"{path} is not valid {format} content ({problem}); the store is "
                           "damaged or was tampered with", digest=digest, path=path)
 
@@ -362,7 +362,16 @@ def check_safetensors(path: Path) -> None:
         if length > _ST_MAX_HEADER or 8 + length > size:
             raise _corrupt(path, None, "safetensors",
                            f"header length {length} exceeds the file ({size} bytes) or 100 MB")
-        header = json.loads(f.read(length))
+        raw = f.read(length)
+    safetensors_spans(raw, size - 8 - length, path)
+
+
+def safetensors_spans(raw: bytes, data_size: int, path: Path | str
+                      ) -> list[tuple[int, int, str]]:
+    """The tensors of a safetensors header as ``(start, stop, name)`` in data-area order,
+    checked as ``check_safetensors`` says (``IntegrityError`` naming ``path`` otherwise); the
+    ``__metadata__`` entry is left out. ``data_size``: the bytes after the header."""
+    header = json.loads(raw)
     if not isinstance(header, dict):
         raise _corrupt(path, None, "safetensors", "the header is not a JSON object")
     spans = sorted(_st_span(path, name, info) for name, info in header.items())
@@ -372,16 +381,17 @@ def check_safetensors(path: Path) -> None:
             raise _corrupt(path, None, "safetensors",
                            f"tensor {name[:100]!r} starts at {start}, expected {end}")
         end = stop
-    if end != size - 8 - length:
+    if end != data_size:
         raise _corrupt(path, None, "safetensors",
-                       f"tensors end at {end}, the data area has {size - 8 - length} bytes")
+                       f"tensors end at {end}, the data area has {data_size} bytes")
+    return [span for span in spans if span[2] != "__metadata__"]
 
 
-def _st_span(path: Path, name: str, info: object) -> tuple[int, int, str]:
+def _st_span(path: Path | str, name: str, info: object) -> tuple[int, int, str]:
     if name == "__metadata__":
         if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
             raise _corrupt(path, None, "safetensors", "__metadata__ is not a str→str object")
-        return 0, 0, ""
+        return 0, 0, "__metadata__"
     bad = f"tensor {name[:100]!r} has an invalid entry {str(info)[:200]}"
     if not isinstance(info, dict):
         raise _corrupt(path, None, "safetensors", bad)

@@ -26,7 +26,7 @@ __all__ = [
 # ``a`` = artifacts, for the type).
 VERSION_COLUMNS = (
     "v.id, v.name, a.type, v.version, v.digest, v.size, v.format, v.run_id, v.created_at, "
-    "v.metadata, v.project, v.filename, v.pruned_at"
+    "v.metadata, v.project, v.filename, v.pruned_at, v.manifest"
 )
 ARTIFACT_JOIN = "JOIN artifacts a ON a.project = v.project AND a.name = v.name"
 VERSION_FROM = f"versions v {ARTIFACT_JOIN}"
@@ -51,6 +51,7 @@ class VersionRow:
     project: str = "default"
     filename: str | None = None
     pruned_at: str | None = None  # pruned (``prune_version``): kept for lineage, content gone
+    manifest: str | None = None  # chunked content: the blob listing its parts (``chunks``)
 
     @property
     def key(self) -> str:
@@ -94,6 +95,7 @@ class NewVersion:
     blobs: Sequence[tuple[str, int]] = ()
     project: str = "default"
     filename: str | None = None
+    manifest: str | None = None  # chunked content (``chunks``): its manifest's digest
 
 
 _TYPES = frozenset(t.value for t in ArtifactType)
@@ -136,7 +138,18 @@ def version_row(r: Sequence[Any]) -> VersionRow:
     return VersionRow(id=r[0], name=r[1], type=r[2], version=r[3], digest=r[4], size=r[5],
                       format=r[6], run_id=r[7], created_at=r[8], metadata=metadata,
                       project=r[10], filename=r[11],
-                      pruned_at=r[12] if isinstance(r[12], str) else None)
+                      pruned_at=r[12] if isinstance(r[12], str) else None,
+                      manifest=_manifest_column(r))
+
+
+def _manifest_column(r: Sequence[Any]) -> str | None:
+    """The chunk manifest's digest, or None; anything but a string or NULL is forged (its
+    form is checked where it is used: ``_safepath.check_digest``)."""
+    value = r[13] if len(r) > 13 else None
+    if value is not None and not isinstance(value, str):
+        raise IntegrityError(f"registry row of version {r[0]} ({r[1]!r}) has a forged "
+                             f"manifest {value!r}")
+    return value
 
 
 def run_row(r: Sequence[Any]) -> RunRow:

@@ -24,7 +24,7 @@ from ..types import DEFAULT_PROJECT, validate_project
 
 __all__ = ["SCHEMA_VERSION", "Migration", "migrations", "retry_busy"]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 Migration = str | Callable[[Any], None]
 
 _SCHEMA_V1 = """
@@ -223,9 +223,16 @@ CREATE INDEX IF NOT EXISTS run_states_run ON run_states (run_id);
 CREATE INDEX IF NOT EXISTS online_updates_run ON online_updates (run_id, id);
 """
 
+# v8: chunked content (``repro_core/chunks``). ``manifest`` names the blob listing a version's
+# parts (per-tensor blobs of a safetensors file, content-defined chunks of another big file);
+# NULL: the content is the one blob named by ``digest`` (every version written before v8).
+_SCHEMA_V8 = """
+ALTER TABLE versions ADD COLUMN manifest TEXT;
+"""
+
 _MIGRATIONS: dict[int, Migration] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3,
                                      4: _migrate_v4, 5: _SCHEMA_V5, 6: _SCHEMA_V6,
-                                     7: _SCHEMA_V7}
+                                     7: _SCHEMA_V7, 8: _SCHEMA_V8}
 
 
 def run_script(conn: Any, script: str) -> None:

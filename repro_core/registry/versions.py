@@ -55,10 +55,10 @@ class VersionQueries(RunQueries):
                 " name = ?", (new.project, new.name)).fetchone()[0]
             cursor = conn.execute(
                 "INSERT INTO versions (project, name, version, digest, size, format, run_id,"
-                " created_at, metadata, filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " RETURNING id", (new.project, new.name, number, new.digest, new.size,
-                                  new.format, new.run_id, utc_now(), dumps(new.metadata),
-                                  new.filename),
+                " created_at, metadata, filename, manifest) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (new.project, new.name, number, new.digest, new.size, new.format, new.run_id,
+                 utc_now(), dumps(new.metadata), new.filename, new.manifest),
             )
             version_id = int(cursor.fetchone()[0])
             conn.executemany(

@@ -260,6 +260,32 @@ class LocalStorageBackend(StorageBackend):
         """A :class:`BlobWriter` for write-once content."""
         return BlobWriter(self)
 
+    def has_blob(self, content_hash: str, size: int) -> bool:
+        """Whether a good copy of this blob is stored (its identity vouches for it: unwritten
+        since last known good), refreshed for gc's grace period as a re-publish would be. A
+        chunk writer skips writing a part that is (``chunks.writer``)."""
+        return _storage_errors("checking a blob", self.blobs_dir, lambda: self._keep_existing(
+            self.blob_path(content_hash), content_hash, size))
+
+    def stage(self, data: memoryview) -> BlobWriter:
+        """A temp file holding ``data``, not hashed here: the caller hashed these very bytes
+        and publishes them with ``publish_staged``. (Hashing first lets a chunk writer skip
+        the write of a part that is already stored.)"""
+        writer = BlobWriter(self)
+        try:
+            _storage_errors("writing a blob", writer.temp_path,
+                            lambda: _fsio.write_all(writer._fd, data))
+        except BaseException:
+            writer.abort()
+            raise
+        writer._size = len(data)
+        return writer
+
+    def publish_staged(self, writer: BlobWriter, digest: str) -> tuple[str, int]:
+        """Publish a ``stage``d temp file as the blob ``digest`` (durably, as ``commit``)."""
+        self._publish(writer, digest, writer._size)
+        return digest, writer._size
+
     def ingest_file(self, file_path: Path) -> tuple[str, int]:
         """Copy a file into the store while hashing it (one read); return ``(digest, size)``."""
         with self.open_writer() as writer:

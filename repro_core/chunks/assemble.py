@@ -1,0 +1,234 @@
+"""A chunked version as one real file: ``use_artifact(...).path`` of chunked content.
+
+Tools want a path (``safetensors.safe_open``, ``torch.load``, Lightning's ``ckpt_path``), so
+the parts are put back together, once, into a bounded cache::
+
+    <root>/cache/assembled/<algo>/<hex>/<name>     the file (0444), named as logged; other
+                                                   names of the same content: hard links
+    <root>/cache/assembled/<algo>/<hex>/.identity  its identity when last known good; mtime:
+                                                   when it was last handed out
+
+The file is written while hashed (one pass, kernel copies from the part blobs) and renamed into
+place only when it hashes to the version's digest — the whole-file check of every part and of
+the manifest at once. A later use checks it like a blob: by its identity (size mode) or by
+hashing it (full mode, with every part checked too, so a rotted part is reported even while
+an assembled copy still exists). The cache is bounded by ``REPRO_ASSEMBLED_CACHE_BYTES``:
+least recently handed out first, never one handed out in the last ``KEEP_SECONDS`` (a reader
+may be about to open it); ``repro gc`` removes the ones not handed out for its grace period.
+A path handed out is replaced only by an atomic rename (a reader with it open keeps its bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import _fsio, constants
+from .._safepath import closing_fd, open_dir, remove_tree, store_dir
+from ..errors import IntegrityError, ReproError
+from ..hashing import copy_and_hash, hash_file, new_hasher, parse_digest
+from ..store._identity import Identity
+from ..store.local import LocalStorageBackend
+from .manifest import ChunkManifest
+
+__all__ = ["KEEP_SECONDS", "assemble_into", "assembled_entries", "check_parts", "serve_assembled"]
+
+KEEP_SECONDS = 600.0
+RECORD = ".identity"
+Progress = Callable[[int], None]
+
+
+def check_parts(store: LocalStorageBackend, manifest: ChunkManifest, *, full: bool) -> None:
+    """Every part blob present, of its size, and (``full``) of its digest; an error names the
+    tensor(s) the part holds."""
+    for digest, size in manifest.blobs():
+        try:
+            store.check(digest, size, full=full)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{manifest.label(digest)} of {manifest.digest}: {exc}",
+                                 digest=digest, path=exc.path, expected=exc.expected,
+                                 actual=exc.actual) from None
+
+
+def serve_assembled(store: LocalStorageBackend, manifest: ChunkManifest, name: str, *,
+                    full: bool, progress: Progress | None = None) -> Path:
+    """The version's bytes as ``cache/assembled/<algo>/<hex>/<name>`` (built if needed)."""
+    if name == RECORD:
+        name = parse_digest(manifest.digest)[1]
+    algorithm, hexdigest = parse_digest(manifest.digest)
+    parts = ("cache", "assembled", algorithm, hexdigest)
+    with store_dir(store.root, parts, create=True) as dfd:
+        served = _existing(manifest, dfd, name, full=full)
+        if served is None:
+            _build(store, manifest, dfd, name, progress)
+        elif served != name:  # same bytes under another name: one more hard link
+            _link_name(dfd, served, name)
+        with contextlib.suppress(OSError):  # when it was last handed out (eviction, gc)
+            os.utime(RECORD, dir_fd=dfd, follow_symlinks=False)
+    path = store.root.joinpath(*parts, name)
+    _evict(store, keep=hexdigest)
+    return path
+
+
+def _existing(manifest: ChunkManifest, dfd: int, name: str, *, full: bool) -> str | None:
+    """The name of a good assembled file in ``dfd`` (``name`` first), or None."""
+    record = _read_identity(dfd)
+    if record is None:
+        return None
+    candidates = [name, *sorted(n for n in os.listdir(dfd) if n not in (name, RECORD)
+                                and not n.startswith(".tmp-"))]
+    for candidate in candidates:
+        try:
+            st = os.stat(candidate, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or not record.vouches_for(st):
+            continue
+        if full and _hash_at(dfd, candidate, manifest.digest) != manifest.digest:
+            return None
+        return candidate
+    return None
+
+
+def _hash_at(dfd: int, name: str, digest: str) -> str:
+    with closing_fd(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)) as fd:
+        return hash_file(f"/proc/self/fd/{fd}", parse_digest(digest)[0])
+
+
+def _build(store: LocalStorageBackend, manifest: ChunkManifest, dfd: int, name: str,
+           progress: Progress | None) -> None:
+    tmp = f".tmp-{secrets.token_hex(8)}"
+    out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  0o600, dir_fd=dfd)
+    try:
+        with closing_fd(out):
+            assemble_into(store, manifest, out, progress)
+            os.fchmod(out, 0o444)
+            when = time.time_ns() - 1_000_000_000  # settled (store/_identity.py)
+            os.utime(out, ns=(when, when))
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
+    for other in os.listdir(dfd):  # other names of an older build: not the same inode now
+        if other not in (name, RECORD) and not other.startswith(".tmp-"):
+            with contextlib.suppress(OSError):
+                os.unlink(other, dir_fd=dfd)
+    _write_identity(dfd, os.stat(name, dir_fd=dfd, follow_symlinks=False))
+
+
+def assemble_into(store: LocalStorageBackend, manifest: ChunkManifest, out: int,
+                  progress: Progress | None = None) -> None:
+    """Write the parts in order into ``out`` (open for reading too), hashing what landed
+    there; the result must hash to the version's digest, else the part at fault is found
+    and named (``IntegrityError``)."""
+    hasher = new_hasher(parse_digest(manifest.digest)[0], parallel=True)
+    for part in manifest.parts:
+        path = store.blob_path(part.digest)
+        try:
+            src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            check_parts(store, manifest, full=False)  # names the missing part
+            raise
+        with closing_fd(src):
+            if not stat.S_ISREG(os.fstat(src).st_mode) or os.fstat(src).st_size != part.size:
+                check_parts(store, manifest, full=False)
+            copied = copy_and_hash(src, out, hasher, _fsio.copy_range,
+                                   start=os.lseek(out, 0, os.SEEK_CUR))
+        if copied != part.size:
+            check_parts(store, manifest, full=False)
+        if progress is not None:
+            progress(part.size)
+    if hasher.digest() != manifest.digest:
+        check_parts(store, manifest, full=True)  # raises for the corrupt part
+        raise IntegrityError(f"the parts of {manifest.digest} put together hash to "
+                             f"{hasher.digest()}: the chunk manifest is wrong",
+                             digest=manifest.digest, expected=manifest.digest,
+                             actual=hasher.digest())
+
+
+def _link_name(dfd: int, served: str, name: str) -> None:
+    """``name`` as one more hard link to the good file ``served`` (swapped in atomically)."""
+    tmp = f".tmp-{secrets.token_hex(8)}"
+    os.link(served, tmp, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+    try:
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
+
+
+def _read_identity(dfd: int) -> Identity | None:
+    try:
+        with closing_fd(os.open(RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                dir_fd=dfd)) as fd:
+            return Identity.parse(json.loads(os.read(fd, 4096)))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _write_identity(dfd: int, st: os.stat_result) -> None:
+    body = json.dumps(Identity.of(st).to_json()).encode()
+    tmp = f".tmp-{secrets.token_hex(8)}"
+    with closing_fd(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                            | os.O_CLOEXEC, 0o644, dir_fd=dfd)) as out:
+        _fsio.write_all(out, body)
+    os.replace(tmp, RECORD, src_dir_fd=dfd, dst_dir_fd=dfd)
+
+
+def assembled_entries(store: LocalStorageBackend) -> list[tuple[tuple[str, ...], float, int]]:
+    """Every ``cache/assembled/<algo>/<hex>`` as ``(parts, last handed out, bytes)``."""
+    out: list[tuple[tuple[str, ...], float, int]] = []
+    try:
+        with store_dir(store.root, ("cache", "assembled"), create=False) as top:
+            for algorithm in os.listdir(top):
+                with contextlib.suppress(OSError), closing_fd(open_dir(
+                        top, algorithm, create=False, where=Path(algorithm))) as afd:
+                    for hexdigest in os.listdir(afd):
+                        entry = _entry(afd, hexdigest)
+                        if entry is not None:
+                            out.append((("cache", "assembled", algorithm, hexdigest), *entry))
+    except (FileNotFoundError, NotADirectoryError, ReproError):
+        return out
+    return out
+
+
+def _entry(afd: int, name: str) -> tuple[float, int] | None:
+    try:
+        with closing_fd(open_dir(afd, name, create=False, where=Path(name))) as dfd:
+            used = os.stat(dfd).st_mtime
+            with contextlib.suppress(FileNotFoundError):
+                used = os.stat(RECORD, dir_fd=dfd, follow_symlinks=False).st_mtime
+            inodes = {}
+            for child in os.listdir(dfd):
+                st = os.stat(child, dir_fd=dfd, follow_symlinks=False)
+                inodes[st.st_ino] = st.st_size
+            return used, sum(inodes.values())
+    except (OSError, ReproError):
+        return None
+
+
+def _evict(store: LocalStorageBackend, *, keep: str) -> None:
+    """Keep the assembled cache under its cap: least recently handed out go first, never one
+    handed out in the last ``KEEP_SECONDS``. Best effort (a cache)."""
+    entries = assembled_entries(store)
+    total = sum(size for _, _, size in entries)
+    cap = constants.REPRO_ASSEMBLED_CACHE_BYTES
+    now = time.time()
+    for parts, used, size in sorted(entries, key=lambda e: e[1]):
+        if total <= cap:
+            return
+        if parts[-1] == keep or now - used < KEEP_SECONDS:
+            continue
+        with contextlib.suppress(OSError, ReproError), \
+                store_dir(store.root, parts[:-1], create=False) as parent:
+            remove_tree(parent, parts[-1])
+            total -= size

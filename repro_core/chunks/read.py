@@ -1,0 +1,148 @@
+"""Reading chunked versions back: the checked manifest, and tensors straight from the parts.
+
+``load_tensors`` is what ``load_artifact`` does for a chunked safetensors version: each part
+blob is memory-mapped copy-on-write (``MAP_PRIVATE``) and every tensor is a view of its part —
+no assembled file, no copy of the bytes into new memory (the page cache is shared with every
+other reader of the same blob; a tensor written to gets private pages, never touching the
+blob). With full verification each part is hashed first, from the same mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import stat
+from pathlib import Path
+from typing import Any, Protocol
+
+from .._safepath import check_digest
+from ..errors import IntegrityError
+from ..registry.records import VersionRow
+from ..serialize import safetensors_spans
+from ..store.local import LocalStorageBackend
+from .assemble import check_parts
+from .manifest import ChunkManifest, check_manifest_row, parse_manifest
+from .split import header_length
+
+__all__ = ["load_tensors", "manifest_of"]
+
+_MAX_MANIFEST = 1 << 30
+
+
+class _BlobIndex(Protocol):
+    def blobs_of(self, version_id: int) -> list[tuple[str, int]]: ...
+
+
+def manifest_of(store: LocalStorageBackend, registry: _BlobIndex, row: VersionRow, *,
+                full: bool) -> ChunkManifest:
+    """The version's manifest, checked against its row and its recorded blobs (untrusted)."""
+    digest = check_digest(row.manifest, where=f"registry row {row.key} manifest")
+    blobs = dict(registry.blobs_of(row.id))
+    size = blobs.get(digest)
+    if size is None or size > _MAX_MANIFEST:
+        raise IntegrityError(f"registry row {row.key} records no usable size for its chunk "
+                             f"manifest {digest}; the registry is damaged", digest=digest)
+    path = store.check(digest, size, full=full)
+    manifest = parse_manifest(path.read_bytes(), digest=digest)
+    check_manifest_row(manifest, row.key, row.digest, row.size, blobs)
+    return manifest
+
+
+def load_tensors(store: LocalStorageBackend, manifest: ChunkManifest, *, full: bool,
+                 key: str) -> dict[str, Any]:
+    """The tensors of a chunked safetensors version, as views of the mapped part blobs."""
+    import torch
+
+    if manifest.method != "tensors":
+        raise IntegrityError(f"{key} is not stored per tensor (method {manifest.method!r})",
+                             digest=manifest.digest)
+    check_parts(store, manifest, full=full)
+    header = _map(store, manifest.parts[0].digest, manifest.parts[0].size)
+    length = header_length(bytes(header[:8]), len(header))
+    if length is None or 8 + length != len(header):
+        raise _bad(key, manifest, "its header part is not a safetensors header")
+    spans = safetensors_spans(bytes(header[8:]), manifest.size - len(header), key)
+    info = json.loads(bytes(header[8:]))
+    starts, maps = _part_starts(manifest, len(header)), {}
+    out: dict[str, Any] = {}
+    for start, stop, name in spans:
+        entry = info[name]
+        dtype = _TORCH_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise _bad(key, manifest, f"tensor {name!r} has dtype {entry['dtype']}, which "
+                       "this torch cannot load")
+        if stop == start:
+            out[name] = torch.empty(entry["shape"], dtype=dtype)
+            continue
+        index, offset = _locate(starts, manifest, len(header) + start, stop - start, name, key)
+        if index not in maps:
+            part = manifest.parts[index]
+            maps[index] = _map(store, part.digest, part.size)
+        raw = torch.frombuffer(maps[index], dtype=torch.uint8, count=stop - start,
+                               offset=offset)
+        out[name] = raw.view(dtype).reshape(entry["shape"])
+    return out
+
+
+def _part_starts(manifest: ChunkManifest, header_size: int) -> list[int]:
+    starts, at = [], 0
+    for part in manifest.parts:
+        starts.append(at)
+        at += part.size
+    return starts
+
+
+def _locate(starts: list[int], manifest: ChunkManifest, begin: int, size: int, name: str,
+            key: str) -> tuple[int, int]:
+    """The part holding bytes ``[begin, begin + size)`` whole, and the offset in it."""
+    import bisect
+
+    index = bisect.bisect_right(starts, begin) - 1
+    offset = begin - starts[index]
+    if offset + size > manifest.parts[index].size or name not in manifest.parts[index].tensors:
+        raise _bad(key, manifest, f"tensor {name!r} does not lie inside the part that names "
+                   "it")
+    return index, offset
+
+
+def _map(store: LocalStorageBackend, digest: str, size: int) -> mmap.mmap:
+    """A copy-on-write mapping of a checked blob (never a link or special file)."""
+    path: Path = store.blob_path(digest)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise IntegrityError(f"blob {digest} changed while it was loaded", digest=digest,
+                                 path=path)
+        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
+def _bad(key: str, manifest: ChunkManifest, problem: str) -> IntegrityError:
+    return IntegrityError(f"{key}: {problem}; the store is damaged or was tampered with",
+                          digest=manifest.digest)
+
+
+def _dtypes() -> dict[str, Any]:
+    import torch
+
+    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+             "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+             "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+             "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64"}
+    return {k: getattr(torch, v) for k, v in names.items() if hasattr(torch, v)}
+
+
+class _LazyDtypes(dict):  # type: ignore[type-arg]
+    """torch's dtypes by safetensors name, read on first use (no torch at import)."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if not self:
+            self.update(_dtypes())
+        return super().get(key, default)
+
+
+_TORCH_DTYPES = _LazyDtypes()
