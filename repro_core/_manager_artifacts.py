@@ -268,7 +268,7 @@ def _version_event(registry: Registry, row: VersionRow, meta: ArtifactMetadata,
             "size": row.size, "format": row.format, "filename": row.filename,
             "metadata": row.metadata, "created_at": row.created_at,
             "parents": list(meta.parent_artifacts), "aliases": list(meta.aliases),
-            "blobs": [list(b) for b in registry.blobs_of(row.id)]}
+            "blobs": [list(b) for b in registry.blobs_of(row.id)], "manifest": row.manifest}
 
 
 def _flag(value: object, name: str) -> bool:

@@ -254,7 +254,7 @@ def test_v2_store_gains_payload_sizes_by_migration(tmp_path: Path) -> None:
     conn.execute("COMMIT")
     conn.close()
     registry = Registry(path)
-    assert registry._read("SELECT version FROM schema_version")[0][0] == SCHEMA_VERSION == 7
+    assert registry._read("SELECT version FROM schema_version")[0][0] == SCHEMA_VERSION == 8
     assert registry.experiences("r1")[0]["payload_size"] is None
     registry.close()
     assert collect_garbage(tmp_path / "s", dry_run=False).blobs == []
