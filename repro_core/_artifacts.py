@@ -42,6 +42,7 @@ class _Content(NamedTuple):
     format: str
     blobs: list[tuple[str, int]]
     manifest: str | None = None
+    chunked: bool = False  # the content, or a file of the directory, is stored chunked
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,10 @@ class ArtifactWriter:
                 blobs=content.blobs, project=project, filename=self._filename(content.format),
                 manifest=content.manifest,
             ))
-            path = self.check_content(store, registry, row, full=False)
+            # Chunked content is put together on first use, not here: logging a checkpoint
+            # must not write it twice (its ``path`` is None until ``use_artifact``).
+            path = None if content.chunked or row.manifest is not None else \
+                self.check_content(store, registry, row, full=False)
         return metadata_from_row(registry, row, path), row, created, linked
 
     def _filename(self, fmt: str) -> str:
@@ -134,12 +138,13 @@ class ArtifactWriter:
             total = _tree_size(self.file_path) if _progress.possible() else None
             with _progress.tracked(total, f"logging {self.name}/"):
                 manifest = ingest_directory(store, self.file_path)
-            return _Content(manifest.digest, manifest.total_size, "directory", manifest.blobs)
+            return _Content(manifest.digest, manifest.total_size, "directory", manifest.blobs,
+                            chunked=manifest.chunked)
         with _progress.tracked(_file_size(self.file_path), f"logging {self.file_path.name}"):
             chunked = chunk_file(store, self.file_path, min_bytes)
             if chunked is not None:
                 return _Content(chunked.digest, chunked.size, "file", chunked.blobs,
-                                chunked.manifest)
+                                chunked.manifest, chunked=True)
             digest, size = store.ingest_file(self.file_path)
         return _Content(digest, size, "file", [(digest, size)])
 
@@ -155,7 +160,8 @@ class ArtifactWriter:
             raise
         if chunked is None:
             return _Content(digest, size, payload.format, [(digest, size)])
-        return _Content(digest, size, payload.format, chunked.blobs, chunked.manifest)
+        return _Content(digest, size, payload.format, chunked.blobs, chunked.manifest,
+                        chunked=True)
 
     @staticmethod
     def check_content(store: LocalStorageBackend, registry: Registry, row: VersionRow,

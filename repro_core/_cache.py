@@ -46,7 +46,7 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import _fsio, constants
 from ._cache_gc import StaleEntry, remove_stale, stale_entries
@@ -64,6 +64,9 @@ from .hashing import parse_digest
 from .registry.records import VersionRow
 from .store._identity import Identity
 from .store.local import LocalStorageBackend
+
+if TYPE_CHECKING:
+    from .chunks.manifest import ChunkManifest
 
 __all__ = ["StaleEntry", "file_name", "remove_stale", "serve_file", "serve_tree",
            "serve_version", "stale_entries"]
@@ -107,21 +110,25 @@ def serve_file(store: LocalStorageBackend, digest: str, size: int, name: str, *,
 
 def serve_tree(store: LocalStorageBackend, digest: str, manifest: DirManifest, *,
                copy: bool = False, name: object = None, dest: Path | None = None,
-               progress: Progress | None = None) -> Path:
+               progress: Progress | None = None,
+               chunked: dict[str, ChunkManifest] | None = None) -> Path:
     """A checked directory artifact: the newest intact generation under ``cache/trees/``
     (built beside the others when there is none), or with ``copy`` a private writable tree at
-    ``dest`` or ``cache/copies/<token>/<name>``."""
+    ``dest`` or ``cache/copies/<token>/<name>``. ``chunked``: the checked chunk manifest of
+    each chunked file, by path (those files are put together, not linked)."""
+    chunked = chunked or {}
     try:
         if copy:
             return _copy_out(store, file_name(name, digest), dest,
-                             lambda fd, leaf: _copy_tree(store, manifest, fd, leaf, progress))
+                             lambda fd, leaf: _copy_tree(store, manifest, fd, leaf, progress,
+                                                         chunked))
         algorithm, hexdigest = parse_digest(digest)
         parts = ("cache", "trees", algorithm, hexdigest)
         with store_dir(store.root, parts, create=True) as hfd:
             base = store.root.joinpath(*parts)
             gen = current_generation(store, hfd, base, manifest)
             if gen is None:
-                gen = _build_generation(store, hfd, base, manifest, progress)
+                gen = _build_generation(store, hfd, base, manifest, progress, chunked)
             else:  # its record's mtime says when it was last handed out (gc's grace period)
                 os.utime(f"{gen}.json", dir_fd=hfd, follow_symlinks=False)
             return base / gen
@@ -151,8 +158,10 @@ def serve_version(store: LocalStorageBackend, registry: _BlobIndex, row: Version
     digest, manifest or size that does not add up is an ``IntegrityError`` before any write."""
     digest = check_digest(row.digest, where=f"registry row {row.key}")
     if row.manifest is not None:
-        return _serve_chunked(store, registry, row, full=full, copy=copy, dest=dest,
-                              progress=progress)
+        from .chunks.serve import serve_chunked
+
+        return serve_chunked(store, registry, row, full=full, copy=copy, dest=dest,
+                             progress=progress)
     if row.format != "directory":
         store.check(digest, row.size, full=full)
         return serve_file(store, digest, row.size, file_name(row.filename, digest), copy=copy,
@@ -163,36 +172,16 @@ def serve_version(store: LocalStorageBackend, registry: _BlobIndex, row: Version
                              f"{digest}; the registry is damaged", digest=digest)
     manifest = read_manifest(store.check(digest, blobs[digest], full=full), digest=digest)
     check_manifest_row(manifest, digest, row.size, blobs)
+    chunked = {}
     for record in manifest.files:
-        store.check(record.digest, record.size, full=full)
+        if record.chunks is None:
+            store.check(record.digest, record.size, full=full)
+            continue
+        from .chunks.serve import checked_chunks
+
+        chunked[record.path] = checked_chunks(store, blobs, record, row.key, full)
     return serve_tree(store, digest, manifest, copy=copy, name=row.filename, dest=dest,
-                      progress=progress)
-
-
-def _serve_chunked(store: LocalStorageBackend, registry: _BlobIndex, row: VersionRow, *,
-                   full: bool, copy: bool, dest: Path | None,
-                   progress: Progress | None) -> Path:
-    """A chunked version (``chunks``) as one file: assembled into the bounded cache, or with
-    ``copy`` straight into a private copy. Parts are checked first (size; digest if
-    ``full``), and the file put together must hash to the version's digest."""
-    from .chunks.assemble import assemble_into, check_parts, serve_assembled
-    from .chunks.read import manifest_of
-
-    manifest = manifest_of(store, registry, row, full=full)
-    check_parts(store, manifest, full=full)
-    name = file_name(row.filename, row.digest)
-
-    def make(parent: int, leaf: str) -> None:
-        with closing_fd(os.open(leaf, _NEW_FILE | os.O_RDWR, 0o644, dir_fd=parent)) as out:
-            assemble_into(store, manifest, out, progress)
-
-    try:
-        if copy:
-            return _copy_out(store, name, dest, make)
-        return serve_assembled(store, manifest, name, full=full, progress=progress)
-    except OSError as exc:
-        raise StorageError(f"putting {row.key} together failed: {exc}{_hint(exc, dest)}",
-                           path=store.root / "cache", errno=exc.errno) from exc
+                      progress=progress, chunked=chunked)
 
 
 # -- single files ------------------------------------------------------------------------------
@@ -290,7 +279,8 @@ def _read_record(hfd: int, name: str) -> dict[str, Identity] | None:
 
 
 def _build_generation(store: LocalStorageBackend, hfd: int, base: Path,
-                      manifest: DirManifest, progress: Progress | None) -> str:
+                      manifest: DirManifest, progress: Progress | None,
+                      chunked: dict[str, ChunkManifest]) -> str:
     """Build in ``.build-<token>`` (flock()ed: live), write the record, rename into place."""
     token = secrets.token_hex(4)
     build = f".build-{token}"
@@ -299,7 +289,7 @@ def _build_generation(store: LocalStorageBackend, hfd: int, base: Path,
     try:
         fcntl.flock(bfd, fcntl.LOCK_EX)
         copies = _fill(store, manifest, bfd, depth=len(base.relative_to(store.root).parts) + 1,
-                       writable=False, progress=progress)
+                       writable=False, progress=progress, chunked=chunked)
         gen = f"g{time.time_ns():016x}-{token}"
         body = json.dumps({"copies": {k: v.to_json() for k, v in copies.items()}}).encode()
         with closing_fd(os.open(f"{gen}.json", _NEW_FILE, 0o644, dir_fd=hfd)) as out:
@@ -316,7 +306,8 @@ def _build_generation(store: LocalStorageBackend, hfd: int, base: Path,
 
 
 def _fill(store: LocalStorageBackend, manifest: DirManifest, into: int, *, depth: int,
-          writable: bool, progress: Progress | None) -> dict[str, Identity]:
+          writable: bool, progress: Progress | None,
+          chunked: dict[str, ChunkManifest]) -> dict[str, Identity]:
     """Create the manifest's tree inside the fresh, empty directory ``into``. Returns the
     identity of each file that had to be copied (executables: a hard link shares the blob's
     0444 mode) so later uses can tell they were not written to."""
@@ -326,7 +317,14 @@ def _fill(store: LocalStorageBackend, manifest: DirManifest, into: int, *, depth
             dirs.fd(parts)
         for record in sorted(manifest.files, key=lambda r: r.parts):
             parent, leaf = dirs.fd(record.parts[:-1]), record.parts[-1]
-            if writable or record.executable:
+            if record.chunks is not None:  # no blob to link: its parts put together
+                from .chunks.serve import assemble_file
+
+                ident = assemble_file(store, chunked[record.path], record, parent, leaf,
+                                      writable, progress)
+                if not writable:
+                    copies[record.path] = ident
+            elif writable or record.executable:
                 ident = _copy_from(blobs, record, parent, leaf, writable, progress)
                 if not writable:
                     copies[record.path] = ident
@@ -423,10 +421,10 @@ def _copy_blob(store: LocalStorageBackend, digest: str, size: int, parent: int, 
 
 
 def _copy_tree(store: LocalStorageBackend, manifest: DirManifest, parent: int, leaf: str,
-               progress: Progress | None) -> None:
+               progress: Progress | None, chunked: dict[str, ChunkManifest]) -> None:
     os.mkdir(leaf, 0o755, dir_fd=parent)
     with closing_fd(open_dir(parent, leaf, create=False, where=Path(leaf))) as fd:
-        _fill(store, manifest, fd, depth=0, writable=True, progress=progress)
+        _fill(store, manifest, fd, depth=0, writable=True, progress=progress, chunked=chunked)
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ DVC); the manifest is canonical JSON, and *its* digest is the artifact's digest:
      "files": [{"path": "train/0.csv", "digest": "blake3:…", "size": 123, "executable": false}],
      "dirs": ["empty/subdir"]}
 
+A big file (``REPRO_CHUNK_MIN_BYTES``: an Accelerate ``model.safetensors``, a sharded
+checkpoint's shards) is stored chunked (``chunks``): its record keeps the whole file's
+``digest`` and adds ``"chunks": "<digest of its chunk manifest>"``; its parts are blobs of the
+version like any file's, so two saved states share the tensors that did not change.
+
 A manifest read back is untrusted input (``parse_manifest``): it drives the creation of one
 file per record, so every path and digest in it is checked before any I/O. ``_cache`` builds the
 tree users get from it.
@@ -48,6 +53,7 @@ class Manifest:
     total_size: int
     blobs: list[tuple[str, int]]
     files: int
+    chunked: bool = False  # some file is stored chunked (put together when served)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class FileRecord:
     digest: str
     size: int
     executable: bool
+    chunks: str | None = None  # chunked (``chunks``): its chunk manifest's digest
 
 
 @dataclass(frozen=True)
@@ -132,19 +139,30 @@ def ingest_directory(store: LocalStorageBackend, root: Path) -> Manifest:
     records: list[dict[str, Any]] = []
     blobs: list[tuple[str, int]] = []
     total = 0
+    from . import constants
+    from .chunks.ingest import ingest_file as chunk_file
+
     for entry in files:
-        digest, size = store.ingest_file(entry.abs)
-        records.append({"path": entry.rel, "digest": digest, "size": size,
-                        "executable": entry.executable})
-        blobs.append((digest, size))
+        chunked = chunk_file(store, entry.abs, constants.REPRO_CHUNK_MIN_BYTES)
+        if chunked is not None:
+            digest, size = chunked.digest, chunked.size
+            records.append({"path": entry.rel, "digest": digest, "size": size,
+                            "executable": entry.executable, "chunks": chunked.manifest})
+            blobs.extend(chunked.blobs)
+        else:
+            digest, size = store.ingest_file(entry.abs)
+            records.append({"path": entry.rel, "digest": digest, "size": size,
+                            "executable": entry.executable})
+            blobs.append((digest, size))
         total += size
+    blobs = list(dict(blobs).items())  # a part shared by two files: recorded once
     body = canonical_json({"format": MANIFEST_FORMAT, "files": records, "dirs": empty_dirs})
     with store.open_writer() as writer:
         writer.write(body)
         digest, size = writer.commit()
     blobs.append((digest, size))
     return Manifest(digest=digest, manifest_size=size, total_size=total, blobs=blobs,
-                    files=len(records))
+                    files=len(records), chunked=any("chunks" in r for r in records))
 
 
 def read_manifest(path: Path, *, digest: str | None = None) -> DirManifest:
@@ -192,6 +210,11 @@ def check_manifest_row(manifest: DirManifest, digest: str, size: int,
         raise _bad(where, f"lists {manifest.total_size} bytes of files, but the registry "
                    f"records {size} for the version", digest)
     for record in manifest.files:
+        if record.chunks is not None:  # its parts are checked with its chunk manifest
+            if record.chunks not in blobs:
+                raise _bad(where, f"lists {record.path!r} as chunked by {record.chunks}, "
+                           "which the registry does not record for this version", digest)
+            continue
         if blobs.get(record.digest) != record.size:
             raise _bad(where, f"lists {record.path!r} as blob {record.digest} "
                        f"({record.size} bytes), which the registry does not record for this "
@@ -216,8 +239,11 @@ def _file_record(value: object, where: str) -> FileRecord:
         raise _bad(where, f"has size {size!r}, not a byte count", None)
     if type(executable) is not bool:
         raise _bad(where, f"has executable {executable!r}, not true/false", None)
+    chunks = value.get("chunks")
+    if chunks is not None:
+        chunks = check_digest(chunks, where=f"{where} chunks")
     return FileRecord(path="/".join(parts), parts=parts, digest=digest, size=size,
-                      executable=executable)
+                      executable=executable, chunks=chunks)
 
 
 def _check_tree(files: tuple[FileRecord, ...], dirs: tuple[tuple[str, ...], ...],

@@ -25,7 +25,7 @@ from .assemble import check_parts
 from .manifest import ChunkManifest, check_manifest_row, parse_manifest
 from .split import header_length
 
-__all__ = ["load_tensors", "manifest_of"]
+__all__ = ["load_tensors", "manifest_of", "read_chunk_manifest"]
 
 _MAX_MANIFEST = 1 << 30
 
@@ -37,16 +37,23 @@ class _BlobIndex(Protocol):
 def manifest_of(store: LocalStorageBackend, registry: _BlobIndex, row: VersionRow, *,
                 full: bool) -> ChunkManifest:
     """The version's manifest, checked against its row and its recorded blobs (untrusted)."""
-    digest = check_digest(row.manifest, where=f"registry row {row.key} manifest")
-    blobs = dict(registry.blobs_of(row.id))
-    size = blobs.get(digest)
-    if size is None or size > _MAX_MANIFEST:
-        raise IntegrityError(f"registry row {row.key} records no usable size for its chunk "
-                             f"manifest {digest}; the registry is damaged", digest=digest)
-    path = store.check(digest, size, full=full)
-    manifest = parse_manifest(path.read_bytes(), digest=digest)
-    check_manifest_row(manifest, row.key, row.digest, row.size, blobs)
-    return manifest
+    return read_chunk_manifest(store, dict(registry.blobs_of(row.id)), row.manifest,
+                               row.digest, row.size, full=full, key=row.key)
+
+
+def read_chunk_manifest(store: LocalStorageBackend, blobs: dict[str, int], manifest: object,
+                        digest: str, size: int, *, full: bool, key: str) -> ChunkManifest:
+    """The chunk manifest ``manifest`` of content ``digest`` (``size`` bytes) — a version's,
+    or one file's of a directory version — checked against the blobs the version records."""
+    mdigest = check_digest(manifest, where=f"{key} chunk manifest")
+    msize = blobs.get(mdigest)
+    if msize is None or msize > _MAX_MANIFEST:
+        raise IntegrityError(f"{key}: the registry records no usable size for its chunk "
+                             f"manifest {mdigest}; the registry is damaged", digest=mdigest)
+    path = store.check(mdigest, msize, full=full)
+    checked = parse_manifest(path.read_bytes(), digest=mdigest)
+    check_manifest_row(checked, key, digest, size, blobs)
+    return checked
 
 
 def load_tensors(store: LocalStorageBackend, manifest: ChunkManifest, *, full: bool,
@@ -64,7 +71,7 @@ def load_tensors(store: LocalStorageBackend, manifest: ChunkManifest, *, full: b
         raise _bad(key, manifest, "its header part is not a safetensors header")
     spans = safetensors_spans(bytes(header[8:]), manifest.size - len(header), key)
     info = json.loads(bytes(header[8:]))
-    starts, maps = _part_starts(manifest, len(header)), {}
+    starts, maps = _part_starts(manifest), {}
     out: dict[str, Any] = {}
     for start, stop, name in spans:
         entry = info[name]
@@ -85,7 +92,7 @@ def load_tensors(store: LocalStorageBackend, manifest: ChunkManifest, *, full: b
     return out
 
 
-def _part_starts(manifest: ChunkManifest, header_size: int) -> list[int]:
+def _part_starts(manifest: ChunkManifest) -> list[int]:
     starts, at = [], 0
     for part in manifest.parts:
         starts.append(at)

@@ -152,7 +152,7 @@ class PartWriter:
         for future in pending:
             try:
                 future.result()
-            except BaseException as exc:  # noqa: BLE001 - the first one is re-raised
+            except BaseException as exc:
                 first = first or exc
         if first is not None and not quiet:
             raise first
@@ -193,6 +193,6 @@ def _submit(kind: str, fn: Callable[..., object],
         future: concurrent.futures.Future = concurrent.futures.Future()  # type: ignore[type-arg]
         try:
             future.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller via the future
+        except BaseException as exc:
             future.set_exception(exc)
         return future

@@ -21,20 +21,39 @@ from contextlib import contextmanager
 from typing import Any
 
 from .._journal import append_event
-from ..errors import StorageError
+from ..errors import IntegrityError, StorageError
 from ..registry import Registry, VersionRow, is_crashed
 from ..registry.dialect import DBConnection
 from ..types import utc_now
 from ._records import version_uid
 
 __all__ = ["closure", "journal_moves", "local_max", "note_move", "pinned", "pushed_numbers",
-           "renumber", "snapshot", "uid_map", "version_in"]
+           "renumber", "snapshot", "uid_map", "version_blobs", "version_in"]
 
 
 def uid_map(registry: Registry) -> dict[int, str]:
     """Local version id -> uid, for every version of the store."""
     return {int(vid): version_uid(p, n, d, c, r) for vid, p, n, d, c, r in registry._read(
         "SELECT id, project, name, digest, created_at, run_id FROM versions")}
+
+
+def version_blobs(registry: Registry, row: VersionRow) -> list[tuple[str, int]]:
+    """Every ``(digest, size)`` blob a version's content needs.
+
+    A file version logged before blobs were recorded per version has none recorded: its
+    content is the one blob named by its digest. A chunked version (``row.manifest``) is its
+    parts and its manifest, all recorded; its digest is the whole file's and is no blob, so
+    that fallback would name a blob that never exists — a chunked row whose manifest is not
+    among its recorded blobs is a damaged registry, said so before anything is sent."""
+    blobs = registry.blobs_of(row.id)
+    if row.manifest is None:
+        return blobs or [(row.digest, row.size)]
+    if row.manifest not in {digest for digest, _ in blobs}:
+        raise IntegrityError(f"registry row {row.key} names the chunk manifest {row.manifest}"
+                             ", which is not among the blobs it records; the registry is "
+                             "damaged (`repro verify` lists what is affected)",
+                             digest=row.manifest)
+    return blobs
 
 
 def pushed_numbers(registry: Registry, url: str) -> dict[int, int]:

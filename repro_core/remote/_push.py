@@ -33,6 +33,7 @@ from ._local import (
     renumber,
     snapshot,
     uid_map,
+    version_blobs,
     version_in,
 )
 from ._records import (
@@ -130,9 +131,15 @@ class Pusher:
     # -- blobs ------------------------------------------------------------------------------
 
     def _live_blobs(self, row: VersionRow) -> list[tuple[str, int]]:
-        blobs = self.registry.blobs_of(row.id) or [(row.digest, row.size)]
+        blobs = version_blobs(self.registry, row)
         if row.pruned_at is not None:  # pruned: its blobs may be gone; the row still travels
             return [b for b in blobs if self.store.exists(b[0])]
+        if row.manifest is not None:
+            # the manifest read back and checked against the row: a push never sends a
+            # chunked version whose parts do not make its file (only the missing parts go)
+            from ..chunks.read import manifest_of
+
+            manifest_of(self.store, self.registry, row, full=False)
         return blobs
 
     def _blobs(self, blobs: list[tuple[str, int]]) -> None:
@@ -261,8 +268,7 @@ class Pusher:
             if parent.id in self.numbers:
                 parents.append((self.uids[parent.id], parent.project, parent.name,
                                 self.numbers[parent.id]))
-        return RemoteVersion.from_row(row, number, self.registry.blobs_of(row.id)
-                                      or [(row.digest, row.size)], parents)
+        return RemoteVersion.from_row(row, number, version_blobs(self.registry, row), parents)
 
     def _moved(self, old: str, new: str) -> None:
         note_move(self.report.renumbered, old, new)

@@ -11,6 +11,12 @@ A version is identified across stores by its **uid**, a hash of what never chang
 two stores logged the same number offline (see ``_numbering``). Whatever is read back is
 untrusted: every field is checked, and a record whose uid does not match its fields, or whose
 path does not match its content, is an ``IntegrityError`` — never a row.
+
+A chunked version (``chunks``) also names its chunk manifest (``"manifest"``), which must be
+one of its blobs; its ``digest`` is the whole file's and is not a blob. Such a record is
+written as ``format_version`` 2, so that a repro without chunked storage refuses it ("from a
+newer repro") instead of importing a row it would serve as a missing blob; every other record
+stays at 1, readable by both.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ __all__ = [
 ]
 
 RECORD_FORMAT = 1
+CHUNKED_FORMAT = 2  # a version record naming a chunk manifest (see the module docstring)
 FORMATS = frozenset({"json", "text", "bytes", "safetensors", "npy", "file", "directory"})
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{3,63}")
 _UID = re.compile(r"[0-9a-f]{32}")
@@ -85,6 +92,7 @@ class RemoteVersion:
     blobs: tuple[tuple[str, int], ...]
     parents: tuple[VersionRef, ...]
     pruned_at: str | None = None
+    manifest: str | None = None  # chunked content: its manifest blob (one of ``blobs``)
 
     @property
     def key(self) -> str:
@@ -99,16 +107,21 @@ class RemoteVersion:
                    digest=row.digest, size=row.size, format=row.format, run_id=row.run_id,
                    created_at=row.created_at, metadata=dict(row.metadata),
                    filename=row.filename, blobs=tuple(sorted(blobs)),
-                   parents=tuple(sorted(set(parents))), pruned_at=row.pruned_at)
+                   parents=tuple(sorted(set(parents))), pruned_at=row.pruned_at,
+                   manifest=row.manifest)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": "version", "format_version": RECORD_FORMAT, "uid": self.uid,
-                "project": self.project, "name": self.name, "number": self.number,
-                "type": self.type, "digest": self.digest, "size": self.size,
-                "format": self.format, "run_id": self.run_id, "created_at": self.created_at,
-                "metadata": self.metadata, "filename": self.filename,
-                "blobs": [list(b) for b in self.blobs], "parents": [list(p) for p in self.parents],
-                "pruned_at": self.pruned_at}
+        out: dict[str, Any] = {
+            "kind": "version", "format_version": RECORD_FORMAT, "uid": self.uid,
+            "project": self.project, "name": self.name, "number": self.number,
+            "type": self.type, "digest": self.digest, "size": self.size,
+            "format": self.format, "run_id": self.run_id, "created_at": self.created_at,
+            "metadata": self.metadata, "filename": self.filename,
+            "blobs": [list(b) for b in self.blobs], "parents": [list(p) for p in self.parents],
+            "pruned_at": self.pruned_at}
+        if self.manifest is not None:
+            out.update(format_version=CHUNKED_FORMAT, manifest=self.manifest)
+        return out
 
 
 @dataclass(frozen=True)
@@ -170,9 +183,12 @@ def decode(data: bytes, where: str) -> RemoteVersion | AliasRecord | RunRecord:
     """A record read from a remote, every field checked (``IntegrityError`` naming ``where``)."""
     try:
         raw = json.loads(data)
-        if not isinstance(raw, dict) or raw.get("format_version") != RECORD_FORMAT:
+        if not isinstance(raw, dict) or type(raw.get("format_version")) is not int \
+                or raw["format_version"] not in (RECORD_FORMAT, CHUNKED_FORMAT):
             raise ValueError("not a repro record (or one from a newer repro)")
         kind = raw.get("kind")
+        if raw["format_version"] == CHUNKED_FORMAT and kind != "version":
+            raise ValueError(f"a {str(kind)[:40]!r} record of format {CHUNKED_FORMAT}")
         if kind == "version":
             return _version(raw)
         if kind == "alias":
@@ -199,12 +215,38 @@ def _version(raw: dict[str, Any]) -> RemoteVersion:
         metadata=_dict(raw["metadata"]), filename=_filename(raw.get("filename")),
         blobs=tuple(_blob(b) for b in _list(raw["blobs"])),
         parents=tuple(_ref(p) for p in _list(raw["parents"])),
-        pruned_at=_optional_text(raw.get("pruned_at")))
+        pruned_at=_optional_text(raw.get("pruned_at")),
+        manifest=_manifest(raw))
     if version.uid != version_uid(project, name, digest, created_at, run_id):
         raise ValueError("its uid does not match its fields")
     if not version.blobs:
         raise ValueError("it names no blob")
+    _check_chunked(version)
     return version
+
+
+def _manifest(raw: dict[str, Any]) -> str | None:
+    """The chunk manifest a version record names (only a format-2 record names one)."""
+    chunked = raw["format_version"] == CHUNKED_FORMAT
+    if not chunked:
+        if raw.get("manifest") is not None:
+            raise ValueError(f"a chunk manifest in a record of format {RECORD_FORMAT}")
+        return None
+    return _digest(raw.get("manifest"))
+
+
+def _check_chunked(version: RemoteVersion) -> None:
+    """A chunked record's manifest is one of its blobs, of the version's digest algorithm;
+    a chunked directory does not exist (a directory's digest is its own manifest's). What
+    the manifest lists is checked once its blob is fetched (``_pull``)."""
+    if version.manifest is None:
+        return
+    if version.format == "directory":
+        raise ValueError("a directory version with a chunk manifest")
+    if version.manifest not in {d for d, _ in version.blobs}:
+        raise ValueError(f"its chunk manifest {version.manifest} is not one of its blobs")
+    if version.manifest.split(":", 1)[0] != version.digest.split(":", 1)[0]:
+        raise ValueError("its chunk manifest uses another digest algorithm than its content")
 
 
 def _alias(raw: dict[str, Any]) -> AliasRecord:
