@@ -12,6 +12,10 @@ has not been handed out for a grace period:
 - ``identity``: the record of a blob that is gone (no grace needed: it is never handed out);
 - ``copy``: a private copy untouched for ``max(grace, COPY_GRACE_SECONDS)``;
 - ``legacy``: a tree of the old layout (``cache/dirs/<algo>/<hex>``), replaced by ``trees/``;
+- ``assembled``: a chunked version put back together (``cache/assembled/<algo>/<hex>``,
+  ``chunks.assemble``) not handed out for the grace period (its ``.identity`` record's mtime,
+  touched at every hand-out), or a build's temp file in one older than
+  ``REPRO_STALE_TMP_SECONDS`` (its builder died);
 - ``foreign``: anything at a level where only our directories belong (a planted link, a stray
   file): removed without following it.
 
@@ -36,7 +40,7 @@ from .directory import DirManifest, read_manifest
 from .errors import ReproError, StorageError
 from .store.local import LocalStorageBackend
 
-__all__ = ["COPY_GRACE_SECONDS", "StaleEntry", "remove_stale", "stale_entries"]
+__all__ = ["COPY_GRACE_SECONDS", "StaleEntry", "entry_bytes", "remove_stale", "stale_entries"]
 
 COPY_GRACE_SECONDS = 7 * 86400.0
 
@@ -64,6 +68,7 @@ def stale_entries(store: LocalStorageBackend, grace_seconds: float, *,
         "files": lambda parts, fd: _files(store, parts, fd, grace_seconds, clock, out),
         "identity": lambda parts, fd: _identity(store, parts, fd, out),
         "dirs": lambda parts, fd: _legacy(parts, fd, grace_seconds, clock, out),
+        "assembled": lambda parts, fd: _assembled(parts, fd, grace_seconds, clock, out),
     }
     for top, walker in walkers.items():
         _walk2(store, ("cache", top), walker, out)
@@ -81,6 +86,25 @@ def remove_stale(store: LocalStorageBackend, entry: StaleEntry) -> None:
     except OSError as exc:
         raise StorageError(f"removing {store.root / entry.path} failed: {exc}",
                            path=store.root / entry.path, errno=exc.errno) from exc
+
+
+def entry_bytes(store: LocalStorageBackend, entry: StaleEntry) -> int:
+    """Bytes a flat entry holds (a file, or a directory of files: each inode once, as hard
+    links of one assembled file are one file); 0 when gone or not ours to measure."""
+    try:
+        with store_dir(store.root, entry.parts[:-1], create=False) as parent:
+            st = os.stat(entry.parts[-1], dir_fd=parent, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                return st.st_size
+            if not stat.S_ISDIR(st.st_mode):
+                return 0
+            with closing_fd(open_dir(parent, entry.parts[-1], create=False,
+                                     where=entry.path)) as fd:
+                inodes = {c.st_ino: c.st_size for _, c in _children(fd)
+                          if stat.S_ISREG(c.st_mode)}
+            return sum(inodes.values())
+    except (OSError, ReproError):
+        return 0
 
 
 # -- walkers -----------------------------------------------------------------------------------
@@ -196,6 +220,26 @@ def _legacy(parts: tuple[str, ...], fd: int, grace: float, now: float,
             out: list[StaleEntry]) -> None:
     if now - os.fstat(fd).st_mtime >= grace:
         out.append(StaleEntry("legacy", parts))
+
+
+def _assembled(parts: tuple[str, ...], dfd: int, grace: float, now: float,
+               out: list[StaleEntry]) -> None:
+    from .chunks.assemble import RECORD
+
+    children = _children(dfd)
+    times = {name: st.st_mtime for name, st in children}
+    building = [t for name, t in times.items() if name.startswith(".tmp-")
+                and now - t <= constants.REPRO_STALE_TMP_SECONDS]
+    # Last handed out: the record's mtime (a dir never served has none: its own mtime); a
+    # build under way (a live temp file) counts as a use, so gc never pulls the directory
+    # from under its builder.
+    used = max([times.get(RECORD, os.fstat(dfd).st_mtime), *building])
+    if now - used >= grace:
+        out.append(StaleEntry("assembled", parts))
+        return
+    for name, t in times.items():
+        if name.startswith(".tmp-") and now - t > constants.REPRO_STALE_TMP_SECONDS:
+            out.append(StaleEntry("assembled", (*parts, name)))
 
 
 def _copies(store: LocalStorageBackend, grace: float, now: float,

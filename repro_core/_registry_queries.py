@@ -1,4 +1,5 @@
-"""Registry reads for graph walks and Test-Time RL: bulk edge lists, id batches, TTRL rows.
+"""Registry reads for graph walks, storage use and Test-Time RL: bulk edge lists, id batches,
+logical against stored bytes (``repro du``, ``repro artifacts``), TTRL rows.
 
 A mixin over ``Registry._read`` / ``_write``, kept apart so ``registry/`` stays the core
 (runs, versions, aliases) and stays small.
@@ -85,6 +86,35 @@ class BulkQueries:
         """Every ``(version_id, digest)`` a version needs, in one read."""
         return [(int(a), str(b)) for a, b in self._read(
             "SELECT version_id, digest FROM version_blobs")]
+
+    def usage_totals(self) -> tuple[int, int, int, int, int]:
+        """``(versions, chunked versions, their bytes, distinct blobs, those blobs' bytes)``
+        over live (unpruned) versions: what was logged against what is stored for it, each
+        blob counted once however many versions (or chunked manifests) share it."""
+        versions = self._read(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN manifest IS NOT NULL THEN 1 ELSE 0 END),"
+            " 0), COALESCE(SUM(size), 0) FROM versions WHERE pruned_at IS NULL")[0]
+        blobs = self._read(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM (SELECT b.digest, MAX(b.size) AS size"
+            " FROM version_blobs b JOIN versions v ON v.id = b.version_id"
+            " WHERE v.pruned_at IS NULL GROUP BY b.digest) AS live")[0]
+        return (int(versions[0]), int(versions[1]), int(versions[2]), int(blobs[0]),
+                int(blobs[1]))
+
+    def new_bytes(self, ids: Sequence[int]) -> dict[int, int]:
+        """For each version id: the bytes of its blobs that no earlier-logged (lower id) live
+        version references — what logging it added to the store. Over the live versions these
+        add up to ``usage_totals``' stored bytes."""
+        out = {int(i): 0 for i in ids}
+        for chunk in _chunks(list(out)):
+            for version_id, size in self._read(
+                    "SELECT b.version_id, COALESCE(SUM(b.size), 0) FROM version_blobs b"
+                    f" WHERE b.version_id IN ({', '.join('?' * len(chunk))}) AND NOT EXISTS"
+                    " (SELECT 1 FROM version_blobs e JOIN versions ev ON ev.id = e.version_id"
+                    " WHERE e.digest = b.digest AND e.version_id < b.version_id"
+                    " AND ev.pruned_at IS NULL) GROUP BY b.version_id", chunk):
+                out[int(version_id)] = int(size)
+        return out
 
     def online_updates(self, run_id: str, model_version_id: int | None
                        ) -> list[dict[str, Any]]:

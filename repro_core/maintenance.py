@@ -1,18 +1,23 @@
-"""Store-wide upkeep: verify (re-hash every blob, cross-check the registry) and gc.
+"""Store-wide upkeep: verify (re-hash every blob, cross-check the registry), gc, and how much
+deduplication saves (``store_usage``, ``repro du``).
 
 ``verify_store`` never repairs anything: a corrupt blob is evidence, and deleting it would hide
-which versions were affected. The report names every bad blob and the versions that need it.
+which versions were affected. The report names every bad blob and the versions that need it —
+for a part of chunked content (``chunks``) also what it holds ("tensor 'layer.0.weight'"), and
+every version whose manifest lists it (a frozen layer's blob is shared by many checkpoints).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _cache, _progress, constants
+from ._cache_gc import entry_bytes
 from ._journal import journal_digests
 from ._safepath import check_digest
 from .directory import check_manifest_row, read_manifest
@@ -21,19 +26,23 @@ from .registry import Registry
 from .store.local import LocalStorageBackend, is_stale_temp
 from .types import parse_key
 
-__all__ = ["GcReport", "Problem", "VerifyReport", "collect_garbage", "verify_store"]
+__all__ = ["GcReport", "Problem", "StoreUsage", "VerifyReport", "collect_garbage",
+           "store_usage", "verify_store"]
 
 
 @dataclass(frozen=True)
 class Problem:
     """One bad blob: ``kind`` is ``missing``, ``size``, ``digest``, ``type`` (not a regular
-    file), ``name`` (not a digest) or ``manifest`` (a directory's manifest that
-    ``use_artifact`` would refuse: malformed, or paths leaving the tree)."""
+    file), ``name`` (not a digest) or ``manifest`` (a directory's or a chunked version's
+    manifest that ``use_artifact`` would refuse: malformed, paths leaving the tree, parts the
+    registry does not record, or not describing the version). ``holds`` says what a part of
+    chunked content holds ("tensor 'layer.0.weight'", "the header", "chunk manifest")."""
 
     digest: str
     kind: str
     message: str
     versions: tuple[str, ...] = ()
+    holds: tuple[str, ...] = ()
 
 
 @dataclass
@@ -103,6 +112,7 @@ def verify_store(
             if progress is not None:
                 progress(size)
         _check_manifests(store, registry, report, only)
+        _check_chunked(store, registry, report, only)
         return report
     finally:
         registry.close()
@@ -171,6 +181,66 @@ def _check_manifests(store: LocalStorageBackend, registry: Registry, report: Ver
             report.problems.append(Problem(row.digest, "manifest", str(exc), (row.key,)))
 
 
+def _check_chunked(store: LocalStorageBackend, registry: Registry, report: VerifyReport,
+                   only: int | None) -> None:
+    """Every chunked version's manifest must be one loading would accept (``manifest_of``:
+    parseable, describing the row, every part a blob the registry records for the version).
+    Its parts were checked with every other blob (size; digest when hashing); a bad one is
+    labelled here with what it holds. Its ``versions`` already name every version that needs
+    it, through ``version_blobs`` — which a manifest that passed here cannot exceed."""
+    from .chunks.read import manifest_of
+
+    reported = {p.digest for p in report.problems}
+    holds: dict[str, set[str]] = {}
+    for row in registry.list_versions():
+        if row.manifest is None or only not in (None, row.id) or row.pruned_at is not None:
+            continue
+        if row.manifest in reported:  # missing or corrupt: reported with its versions
+            holds.setdefault(row.manifest, set()).add("chunk manifest")
+            continue
+        try:
+            manifest = manifest_of(store, registry, row, full=False)
+        except (IntegrityError, StorageError, OSError) as exc:
+            report.problems.append(Problem(row.manifest, "manifest", str(exc), (row.key,)))
+            continue
+        for digest, _ in manifest.blobs():
+            if digest in reported:
+                holds.setdefault(digest, set()).add(manifest.label(digest))
+    report.problems[:] = [dataclasses.replace(p, holds=tuple(sorted(holds[p.digest])))
+                          if p.digest in holds else p for p in report.problems]
+
+
+@dataclass(frozen=True)
+class StoreUsage:
+    """What live (unpruned) versions hold against what the store keeps for them: ``logical``
+    is the sum of their sizes, ``stored`` the distinct blobs they reference, each once (parts
+    of chunked content shared between checkpoints, identical files, manifests)."""
+
+    versions: int
+    chunked_versions: int
+    logical_bytes: int
+    blobs: int
+    stored_bytes: int
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.logical_bytes - self.stored_bytes
+
+    @property
+    def ratio(self) -> float | None:
+        """Logical over stored bytes (2.0: half the bytes kept); None for an empty store."""
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else None
+
+    def to_json(self) -> dict[str, int | float | None]:
+        return {**dataclasses.asdict(self), "saved_bytes": self.saved_bytes,
+                "ratio": self.ratio}
+
+
+def store_usage(registry: Registry) -> StoreUsage:
+    """The store's deduplication figures, from the registry alone (no blob is read)."""
+    return StoreUsage(*registry.usage_totals())
+
+
 def _versions_by_digest(registry: Registry) -> dict[str, tuple[str, ...]]:
     keys = {row.id: row.key for row in registry.list_versions()}
     users: dict[str, list[str]] = {}
@@ -189,8 +259,10 @@ class GcReport:
     blobs: list[str] = field(default_factory=list)
     blob_bytes: int = 0
     temp_files: int = 0
-    materialized_dirs: int = 0
+    materialized_dirs: int = 0  # every stale cache entry (assembled ones included)
     kept_young: int = 0
+    assembled: int = 0  # of those, assembled chunked files (or a dead build's temp file)
+    assembled_bytes: int = 0
 
     @property
     def bytes_freed(self) -> int:
@@ -226,6 +298,9 @@ def collect_garbage(
             _collect_blobs(store, referenced, grace_seconds, report)
             for entry in _cache.stale_entries(store, grace_seconds):
                 report.materialized_dirs += 1
+                if entry.kind == "assembled":
+                    report.assembled += 1
+                    report.assembled_bytes += entry_bytes(store, entry)
                 if not dry_run:
                     _cache.remove_stale(store, entry)
     finally:

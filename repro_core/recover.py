@@ -29,9 +29,10 @@ from typing import Any
 
 from . import _fsio, constants
 from ._journal import JOURNAL_NAME, read_events
-from ._safepath import read_untrusted, safe_component
+from ._safepath import check_digest, read_untrusted, safe_component
 from .capture.scrub import scrub, scrub_text
-from .errors import InvalidArgumentError, ReproError
+from .chunks.manifest import check_manifest_row, parse_manifest
+from .errors import IntegrityError, InvalidArgumentError, ReproError
 from .hashing import parse_digest
 from .registry import Registry, dumps
 from .registry.dialect import redact_url
@@ -232,36 +233,65 @@ class _Rebuild:
         if not isinstance(metadata, dict):
             raise ValueError(f"{key.text()} has forged metadata")
         metadata = scrub(metadata)  # a journal from elsewhere may carry what we never store
-        blobs = self._blobs(key.text(), event.get("blobs", []), digest, size)
+        manifest = _manifest(key.text(), event, digest, fmt)
+        blobs = self._blobs(key.text(), event.get("blobs", []), digest, size, manifest)
         filename = safe_component(event.get("filename"))  # a forged one: named by digest
         conn.execute("INSERT INTO artifacts (project, name, type, created_at) VALUES"
                      " (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                      (key.project, key.name, type_, str(event.get("created_at", ""))))
         cursor = conn.execute(
             "INSERT INTO versions (project, name, version, digest, size, format, run_id,"
-            " created_at, metadata, filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            " created_at, metadata, filename, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?) RETURNING id",
             (key.project, key.name, key.version, digest, size, fmt, run_id,
              str(event.get("created_at", "")), dumps(metadata),
-             filename if isinstance(filename, str) else None))
+             filename if isinstance(filename, str) else None, manifest))
         vid = int(cursor.fetchone()[0])
         conn.executemany("INSERT INTO version_blobs (version_id, digest, size) VALUES (?, ?, ?)"
                          " ON CONFLICT DO NOTHING", [(vid, d, s) for d, s in blobs])
         return vid
 
-    def _blobs(self, key: str, raw: Any, digest: str, size: int) -> list[tuple[str, int]]:
+    def _blobs(self, key: str, raw: Any, digest: str, size: int,
+               manifest: str | None) -> list[tuple[str, int]]:
+        """The blobs a version line lists; a line without (an older journal) means the one
+        blob of its digest — never for chunked content, whose digest is no blob: its line
+        must list the manifest, and the parts the manifest names (checked when it is here)."""
         blobs = []
         for item in raw if isinstance(raw, list) else []:
-            if isinstance(item, list) and len(item) == 2 and isinstance(item[1], int):
-                parse_digest(item[0])
-                blobs.append((item[0], item[1]))
-        if not blobs:
+            if isinstance(item, list) and len(item) == 2 and type(item[1]) is int \
+                    and item[1] >= 0:
+                blobs.append((check_digest(item[0], where=f"{key} blob"), item[1]))
+        if not blobs and manifest is None:
             blobs = [(digest, size)]
+        if manifest is not None:
+            self._check_chunked(key, blobs, digest, size, manifest)
         for blob, blob_size in blobs:
             path = self.store.blob_path(blob)
             if not path.is_file() or path.stat().st_size != blob_size:
                 self.missing.append((key, f"{key}: blob {blob} is missing or damaged (the "
                                           "version is restored; `repro verify` lists it)"))
         return blobs
+
+    def _check_chunked(self, key: str, blobs: list[tuple[str, int]], digest: str, size: int,
+                       manifest: str) -> None:
+        """A chunked version's line names its manifest among its blobs; when the manifest is
+        in the store it must describe this version and list only those blobs (a forged line
+        is skipped, never a row whose parts do not make its file). A missing manifest is
+        reported like any missing blob."""
+        recorded = dict(blobs)
+        if manifest not in recorded:
+            raise ValueError(f"{key} names the chunk manifest {manifest}, which is not among "
+                             "its blobs")
+        path = self.store.blob_path(manifest)
+        try:
+            if not path.is_file() or path.stat().st_size != recorded[manifest]:
+                return  # reported with the missing blobs
+            parsed = parse_manifest(self.store.check(manifest, recorded[manifest],
+                                                     full=True).read_bytes(),
+                                    digest=manifest)
+        except IntegrityError:
+            return  # a damaged manifest blob: restored, reported as a damaged blob
+        check_manifest_row(parsed, key, digest, size, recorded)
 
     # -- edges ------------------------------------------------------------------------------
 
@@ -320,6 +350,20 @@ class _Rebuild:
                          " excluded.version_id", (parsed.project, parsed.name, alias,
                                                   self.ids[key]))
             self.report.aliases += 1
+
+
+def _manifest(key: str, event: dict[str, Any], digest: str, fmt: str) -> str | None:
+    """The chunk manifest a version line names (``chunks``), or None (not chunked, or a line
+    written before chunked storage)."""
+    manifest = event.get("manifest")
+    if manifest is None:
+        return None
+    manifest = check_digest(manifest, where=f"{key} chunk manifest")
+    if fmt == "directory":
+        raise ValueError(f"{key} is a directory with a chunk manifest")
+    if parse_digest(manifest)[0] != parse_digest(digest)[0]:
+        raise ValueError(f"{key} names a chunk manifest of another digest algorithm")
+    return manifest
 
 
 def _renumbered(events: list[tuple[str, str, dict[str, Any]]]

@@ -1,8 +1,9 @@
-"""The ``repro`` command line: look at runs, artifacts and lineage; verify, gc, init, recover.
+"""The ``repro`` command line: look at runs, artifacts and lineage; verify, gc, du, init,
+recover.
 
     repro [--root DIR] COMMAND ...
     repro runs | show RUN | artifacts [NAME] | lineage KEY | diff RUN_A RUN_B | updates RUN
-    repro verify [KEY | --run RUN] | gc [--delete] | init | recover
+    repro verify [KEY | --run RUN] | gc [--delete] | du | init | recover
     repro remote add|list|remove | push | pull | status
     repro migrate --to URL|sqlite | db upgrade
 
@@ -14,7 +15,7 @@ One module per command family::
     lineage.py     lineage
     diff.py        diff
     updates.py     updates (TTRL online updates)
-    store.py       verify, gc
+    store.py       verify, gc, du
     setup.py       init, recover (the only commands that write a registry)
     remote.py      remote, push, pull, status (write the registry's remote rows and pulls)
     db.py          migrate (registry SQLite <-> PostgreSQL), db upgrade
@@ -41,7 +42,7 @@ from .lineage import lineage
 from .remote import pull, push, remote, status
 from .runs import runs, show
 from .setup import init, recover
-from .store import gc, verify
+from .store import du, gc, verify
 from .updates import updates
 
 __all__ = ["main"]
@@ -62,6 +63,6 @@ def main(ctx: click.Context, root: Path | None, debug: bool) -> None:
         getattr(constants, name)  # a bad value raises InvalidArgumentError naming it
 
 
-for _command in (runs, show, artifacts, lineage, diff, updates, verify, gc, init, recover,
+for _command in (runs, show, artifacts, lineage, diff, updates, verify, gc, du, init, recover,
                  remote, push, pull, status, migrate, db):
     main.add_command(_command)

@@ -1,6 +1,7 @@
-"""``repro verify`` and ``repro gc``: check every blob against the registry; drop unreferenced
-ones. Both open the registry read-only first, so a lost or damaged registry is one line (exit
-2) before any work — gc must never see a missing registry as "nothing is referenced"."""
+"""``repro verify``, ``repro gc`` and ``repro du``: check every blob against the registry; drop
+unreferenced ones; say what deduplication saves. All open the registry read-only first, so a
+lost or damaged registry is one line (exit 2) before any work — gc must never see a missing
+registry as "nothing is referenced"."""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
-    from ..maintenance import VerifyReport
+    from ..maintenance import StoreUsage, VerifyReport
 
-__all__ = ["gc", "verify"]
+__all__ = ["du", "gc", "verify"]
 
 
 @click.command(short_help="Re-hash blobs; exit 1 on corruption.")
@@ -45,12 +46,17 @@ __all__ = ["gc", "verify"]
 def verify(key: str | None, run_id: str | None, check_all: bool, size_only: bool,
            root: Path | None, as_json: bool) -> None:
     """Re-hash blobs (all, one version's KEY, or one run's outputs); exit 1 and name every
-    corrupt or missing one. A bar shows bytes and rate on a terminal (REPRO_PROGRESS=0: off)."""
+    corrupt or missing one — for a part of a chunked checkpoint, the tensor(s) it holds and
+    every version that shares it. A bar shows bytes and rate on a terminal (REPRO_PROGRESS=0:
+    off). --json adds the store's deduplication figures ("dedup", as `repro du --json`)."""
+    from ..maintenance import store_usage
+
     if sum((key is not None, run_id is not None, check_all)) > 1:
         raise InvalidArgumentError("give one of KEY, --run or --all", argument="key")
     with open_registry(root) as registry:
         versions = _selected(registry, key, run_id)
         total = _bytes_to_check(registry, versions)
+        usage = store_usage(registry)
     with progress(total, "verify", min_total=0) as advance:
         report = _verify(store_root(root), versions, not size_only, advance)
     if as_json:
@@ -58,12 +64,15 @@ def verify(key: str | None, run_id: str | None, check_all: bool, size_only: bool
                    "bytes_checked": report.bytes_checked, "unreferenced": report.unreferenced,
                    "elsewhere": report.elsewhere,
                    "registry_integrity": report.registry_integrity,
-                   "problems": [p.__dict__ for p in report.problems]})
+                   "problems": [p.__dict__ for p in report.problems],
+                   "dedup": usage.to_json()})
     else:
         out = console()
         for p in report.problems:
-            out.print(f"[red]{markup_safe(p.kind.upper())}[/red] {markup_safe(p.digest)} "
-                      f"(used by {markup_safe(', '.join(p.versions) or 'no version')}): "
+            holds = f" holding {', '.join(p.holds)}" if p.holds else ""
+            out.print(f"[red]{markup_safe(p.kind.upper())}[/red] {markup_safe(p.digest)}"
+                      f"{markup_safe(holds)} (used by "
+                      f"{markup_safe(', '.join(p.versions) or 'no version')}): "
                       f"{markup_safe(p.message)}")
         status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
         out.print(f"{report.blobs_checked} blobs, {fmt_size(report.bytes_checked)} verified: "
@@ -139,12 +148,48 @@ def gc(dry_run: bool, grace: float, root: Path | None, as_json: bool) -> None:
     if as_json:
         emit_json({"dry_run": dry_run, "blobs": report.blobs, "bytes": report.bytes_freed,
                    "temp_files": report.temp_files, "kept_young": report.kept_young,
-                   "materialized_dirs": report.materialized_dirs})
+                   "materialized_dirs": report.materialized_dirs,
+                   "assembled": report.assembled, "assembled_bytes": report.assembled_bytes})
         return
     verb = "would free" if dry_run else "freed"
     out = console()
     out.print(f"{verb} {fmt_size(report.bytes_freed)} in {len(report.blobs)} blob(s); "
               f"{report.temp_files} stale temp file(s); {report.kept_young} young "
               f"unreferenced blob(s) kept")
-    if dry_run and (report.blobs or report.temp_files):
+    if report.assembled:
+        out.print(f"{'would remove' if dry_run else 'removed'} {report.assembled} assembled "
+                  f"file(s) from the cache ({fmt_size(report.assembled_bytes)}), not used for "
+                  f"{grace:g}s")
+    if dry_run and (report.blobs or report.temp_files or report.assembled):
         out.print("run `repro gc --delete` to remove them")
+
+
+@click.command(short_help="Logical vs stored bytes: what deduplication saves.")
+@root_option
+@json_option
+def du(root: Path | None, as_json: bool) -> None:
+    """What the store's live versions hold (logical: the sum of their sizes) against what it
+    keeps for them (stored: every blob they reference, once — parts a chunked checkpoint
+    shares with others, identical files, manifests), and the difference. From the registry
+    alone: no blob is read. Pruned versions are left out (gc may reclaim their blobs)."""
+    from ..maintenance import store_usage
+
+    with open_registry(root) as registry:
+        usage = store_usage(registry)
+    if as_json:
+        emit_json(usage.to_json())
+        return
+    for line in _du_lines(usage):
+        console().print(line, markup=False)
+
+
+def _du_lines(usage: StoreUsage) -> list[str]:
+    """``repro du``'s text: one figure a line, labels aligned."""
+    ratio = "-" if usage.ratio is None else f"{usage.ratio:.2f}x"
+    saved = usage.saved_bytes
+    return [f"versions: {usage.versions} ({usage.chunked_versions} chunked)",
+            f"logical:  {fmt_size(usage.logical_bytes)} ({usage.logical_bytes} bytes)",
+            f"stored:   {fmt_size(usage.stored_bytes)} ({usage.stored_bytes} bytes) in "
+            f"{usage.blobs} blob(s)",
+            f"saved:    {'-' if saved < 0 else ''}{fmt_size(abs(saved))} ({saved} bytes), "
+            f"ratio {ratio}"]

@@ -84,7 +84,7 @@ def _version_event(registry: Registry, row: VersionRow, at: str, *,
             "filename": row.filename, "metadata": row.metadata, "created_at": row.created_at,
             "parents": [p.key for p in registry.parents_of(row.id)],
             "aliases": registry.aliases_of(row.id), "blobs":
-                [list(b) for b in registry.blobs_of(row.id)]}
+                [list(b) for b in registry.blobs_of(row.id)], "manifest": row.manifest}
 
 
 def _write(path: Path, text: str) -> None:

@@ -92,6 +92,7 @@ class Puller:
         with tempfile.TemporaryDirectory(prefix="pull-", dir=self.store.tmp_dir) as tmp:
             self._bundles(plan, Path(tmp))
             self._blobs(plan, Path(tmp))
+        self._check_manifests(plan)
         plan.aliases = self._alias_records(plan)
         with self.registry.transaction() as conn:
             self._apply(conn, plan)
@@ -257,6 +258,27 @@ class Puller:
                 self.report.bytes += size
                 advance(size)
 
+    def _check_manifests(self, plan: _Plan) -> None:
+        """Each new chunked version's manifest, now here, read as untrusted input: it must
+        describe the record (whole-file digest and size) and list only blobs the record
+        names, with their sizes — else the remote is forged and nothing is imported (a row
+        whose parts do not make its file would be served as damage later)."""
+        from ..chunks.manifest import check_manifest_row, parse_manifest
+
+        for record in plan.versions.values():
+            if record.manifest is None or record.uid in self.local or \
+                    record.pruned_at is not None:  # (a pruned version's blobs do not come)
+                continue
+            blobs = dict(record.blobs)
+            try:
+                path = self.store.check(record.manifest, blobs[record.manifest], full=True)
+                manifest = parse_manifest(path.read_bytes(), digest=record.manifest)
+                check_manifest_row(manifest, record.key, record.digest, record.size, blobs)
+            except IntegrityError as exc:
+                raise IntegrityError(f"the record of {record.key} on {self.remote.where} is "
+                                     f"damaged or forged ({exc}); nothing was imported",
+                                     digest=record.manifest, path=self.remote.where) from None
+
     def _download(self, digest: str, size: int, target: Path, what: str) -> None:
         """Digest-verified, and never more than ``size`` bytes read (a forged huge object
         is refused before its first byte). A blob the remote lost names what needs it."""
@@ -341,10 +363,11 @@ class Puller:
         number = self._number(conn, record)
         cursor = conn.execute(
             "INSERT INTO versions (project, name, version, digest, size, format, run_id,"
-            " created_at, metadata, filename, pruned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " ?) RETURNING id", (record.project, record.name, number, record.digest, record.size,
-                    record.format, record.run_id, record.created_at, dumps(record.metadata),
-                    record.filename, record.pruned_at))
+            " created_at, metadata, filename, pruned_at, manifest) VALUES (?, ?, ?, ?, ?, ?,"
+            " ?, ?, ?, ?, ?, ?) RETURNING id",
+            (record.project, record.name, number, record.digest, record.size, record.format,
+             record.run_id, record.created_at, dumps(record.metadata), record.filename,
+             record.pruned_at, record.manifest))
         vid = int(cursor.fetchone()[0])
         conn.executemany("INSERT INTO version_blobs (version_id, digest, size) VALUES (?, ?, ?)"
                          " ON CONFLICT DO NOTHING", [(vid, d, s) for d, s in record.blobs])

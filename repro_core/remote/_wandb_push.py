@@ -58,7 +58,11 @@ class WandbPusher:
         if row.pruned_at is not None:
             self.report.skipped += 1
             return None
-        path = serve_version(self.store, self.registry, row, full=True)
+        # W&B gets the version's real bytes: a chunked one is put together (never its
+        # manifest). A file is hashed against the row's digest by ``mirror_version``, so it
+        # is served with the cheap check only (hashing it twice would buy nothing); a
+        # directory is not re-hashed there, so its files are checked here in full.
+        path = serve_version(self.store, self.registry, row, full=row.format == "directory")
         aliases = [a for a in self.registry.aliases_of(vid) if a != "latest"]
         if self.registry._read("SELECT 1 FROM aliases WHERE version_id = ? AND alias ="
                                " 'latest'", (vid,)):
