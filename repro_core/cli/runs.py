@@ -13,6 +13,7 @@ from ._common import (
     clean,
     console,
     emit_json,
+    fmt_size,
     json_option,
     markup_safe,
     open_registry,
@@ -54,7 +55,8 @@ def runs(project: str | None, root: Path | None, as_json: bool) -> None:
 @json_option
 def show(run_id: str, root: Path | None, as_json: bool) -> None:
     """Show one run (RUN: its id or a unique prefix): project, config, state history, inputs
-    and outputs."""
+    and outputs — each output with its size and the bytes it added to the store ("new": its
+    blobs no earlier version holds; a chunked checkpoint shares unchanged tensors)."""
     with open_registry(root) as registry:
         run = registry.get_run(run_id)
         detail = _detail(registry, run)
@@ -70,15 +72,28 @@ def show(run_id: str, root: Path | None, as_json: bool) -> None:
         reason = f"  ({entry['reason']})" if entry["reason"] else ""
         out.print(clean(f"  {entry['at'][:19]}  {entry['state']}{reason}"), markup=False)
     out.print(clean(f"inputs:  {', '.join(detail['inputs']) or '-'}"), markup=False)
-    out.print(clean(f"outputs: {', '.join(detail['outputs']) or '-'}"), markup=False)
+    outputs = [f"{o['key']} ({_sizes(o)})" for o in detail["output_versions"]]
+    out.print(clean(f"outputs: {', '.join(outputs) or '-'}"), markup=False)
+
+
+def _sizes(version: dict[str, Any]) -> str:
+    if version["stored_bytes"] is None:
+        return f"{fmt_size(version['size'])}, pruned"
+    return f"{fmt_size(version['size'])}, {fmt_size(version['stored_bytes'])} new"
 
 
 def _detail(registry: Registry, run: RunRow) -> dict[str, Any]:
-    """Everything ``show`` prints, by the run's full id (a prefix names no rows here)."""
+    """Everything ``show`` prints, by the run's full id (a prefix names no rows here).
+    ``output_versions``: each output's key, size and ``stored_bytes`` (what it added to the
+    store; None when pruned), as ``repro artifacts --json`` gives them."""
+    outputs = registry.outputs_of(run.id)
+    stored = registry.new_bytes([v.id for v in outputs if v.pruned_at is None])
     return {
         **run.__dict__,
         "states": [{"state": s, "at": at, "reason": why}
                    for s, at, why in registry.run_state_history(run.id)],
         "inputs": [v.key for v in registry.inputs_of(run.id)],
-        "outputs": [v.key for v in registry.outputs_of(run.id)],
+        "outputs": [v.key for v in outputs],
+        "output_versions": [{"key": v.key, "size": v.size, "stored_bytes": stored.get(v.id),
+                             "manifest": v.manifest} for v in outputs],
     }
