@@ -239,11 +239,17 @@ def _indexes(server: PgServer, url: str) -> set[str]:
                             f"'{_schema(url)}'"))
 
 
+def _columns(server: PgServer, url: str, table: str) -> set[str]:
+    return set(_sql(server, "SELECT column_name FROM information_schema.columns WHERE "
+                            f"table_schema = '{_schema(url)}' AND table_name = '{table}'"))
+
+
 def test_fresh_schema_is_created_at_the_current_version(
         pg_server: PgServer, pg_url: str, tmp_path: Path) -> None:
     Registry(pg_url, root=tmp_path / "store").open()
     assert _version(pg_server, pg_url) == SCHEMA_VERSION
     assert {"run_states_run", "online_updates_run"} <= _indexes(pg_server, pg_url)
+    assert "manifest" in _columns(pg_server, pg_url, "versions")
 
 
 def test_newer_schema_is_refused(pg_server: PgServer, pg_url: str, tmp_path: Path) -> None:
@@ -260,17 +266,19 @@ def test_newer_schema_is_refused(pg_server: PgServer, pg_url: str, tmp_path: Pat
 def test_v6_schema_is_upgraded_on_the_next_write_open(
         pg_server: PgServer, pg_url: str, tmp_path: Path) -> None:
     """A registry made by a repro whose PostgreSQL schema was BASE (v6): a read-only open
-    asks for an upgrade, the next write open performs the shared v7 migration."""
+    asks for an upgrade, the next write open performs the shared v7 and v8 migrations."""
     root = tmp_path / "store"
     Registry(pg_url, root=root).open()
     schema = _schema(pg_url)
     pg_server.psql(f"DROP INDEX {schema}.run_states_run, {schema}.online_updates_run; "
+                   f"ALTER TABLE {schema}.versions DROP COLUMN manifest; "
                    f"UPDATE {schema}.schema_version SET version = 6")
     with pytest.raises(StorageError, match="older than this repro"):
         Registry(pg_url, root=root, readonly=True).open()
     Registry(pg_url, root=root).open()
     assert _version(pg_server, pg_url) == SCHEMA_VERSION
     assert {"run_states_run", "online_updates_run"} <= _indexes(pg_server, pg_url)
+    assert "manifest" in _columns(pg_server, pg_url, "versions")
 
 
 def _waiting_on_advisory_locks(server: PgServer) -> int:
