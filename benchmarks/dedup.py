@@ -1,7 +1,7 @@
 """Tensor-level dedup: stored bytes, logging and loading time of N checkpoints, side by side.
 
     python benchmarks/dedup.py [--size-mb 1024] [--checkpoints 10] [--repeat 1]
-                               [--load-repeat 3] [--wandb compute|run] [--dir DIR]
+                               [--load-repeat 5] [--wandb compute|run] [--dir DIR]
                                [--out FILE]
 
 The model: a float32 state dict of ``--size-mb`` (default 1024 MiB) shaped like a small
@@ -40,22 +40,28 @@ first logs (or saves) the full state dict once into a throw-away store (or file)
 so no row pays for the first big write of a process. Stored bytes: the sizes of the distinct
 files (inodes) under ``<store>/blobs`` (the registry's SQLite files are not counted).
 
-Loading: ``load_artifact`` of the last checkpoint with ``REPRO_VERIFY=full`` (default: every
-byte hashed) and ``size``, against ``load_file`` of the anchor's last file. Both map the file
-(or part blobs) lazily, so a bare call reads almost nothing: the "load" columns therefore
-time the call **plus reading every tensor once** (``t.sum()``), the same for every row; the
-call alone is printed below the table. Each load is done once untimed (warm page cache:
-nothing is dropped, which needs root), then ``--load-repeat`` times (median). The loaded
-tensors are compared with the originals.
+Loading, in the (a) and (b) processes after their last checkpoint: ``load_artifact`` of it
+with ``REPRO_VERIFY=full`` (default: every byte hashed) and ``size``, against
+``safetensors.torch.load_file`` of the same tensors written by ``save_file`` (untimed) beside
+the store. Both map the file (or the part blobs) lazily, so a bare call reads almost nothing:
+the "load" columns therefore time the call **plus reading every tensor once** (``t.sum()``,
+one torch thread), the same for every row; the call alone is printed below the table. Each
+loader runs once untimed (warm page cache: nothing is dropped, which needs root; the tensors
+are compared with the originals), then ``--load-repeat`` rounds of the three, interleaved so
+that a busy machine slows them alike; medians, and the ratio to the ``load_file`` of the
+same process.
 
-Stored bytes are exact; times are the median over ``--repeat`` rounds (default 1: at 1 GB a
-round writes ~14 GB and takes a few minutes on 2 cores), rows in an order rotated from round
-to round. Prints Markdown (also written to ``--out``), with the command line.
+Stored bytes are exact; times are the median over ``--repeat`` rounds (default 1: at 1 GB
+and 10 checkpoints a round writes ~35 GB — 20 of them the two anchors' files — with at most
+~13 GB on disk at once, and takes a few minutes on 2 cores; ``--checkpoints`` lowers both),
+rows in an order rotated from round to round. Prints Markdown (also written to ``--out``),
+with the command line. The temp dirs are removed at the end, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -160,31 +166,37 @@ def _touch(tensors: dict[str, Any]) -> None:
         tensor.sum()
 
 
-def _timed_loads(load: Any, repeat: int, expected: dict[str, Any] | None) -> dict[str, float]:
-    """One untimed load (warm cache; checks the tensors), then ``repeat`` timed ones: the
-    call alone and the call + reading every tensor."""
+def _timed_loads(loaders: dict[str, Any], repeat: int, expected: dict[str, Any]
+                 ) -> dict[str, dict[str, float]]:
+    """Each loader once, untimed (warm cache; the tensors checked), then ``repeat`` rounds of
+    each, interleaved (a busy machine slows them alike): the call alone and the call +
+    reading every tensor; medians."""
     import torch
 
-    first = load()
-    _touch(first)
-    if expected is not None:
+    for name, load in loaders.items():
+        first = load()
+        _touch(first)
         bad = [n for n in expected if n not in first or not torch.equal(first[n], expected[n])]
         if bad or len(first) != len(expected):
-            raise SystemExit(f"loaded tensors differ from the originals: {bad[:5]}")
-    del first
-    calls, reads = [], []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        tensors = load()
-        calls.append(time.perf_counter() - start)
-        _touch(tensors)
-        reads.append(time.perf_counter() - start)
-        del tensors
-    return {"call": statistics.median(calls), "read": statistics.median(reads)}
+            raise SystemExit(f"{name}: loaded tensors differ from the originals: {bad[:5]}")
+        del first
+    calls: dict[str, list[float]] = {name: [] for name in loaders}
+    reads: dict[str, list[float]] = {name: [] for name in loaders}
+    names = list(loaders)
+    for i in range(repeat):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            tensors = loaders[name]()
+            calls[name].append(time.perf_counter() - start)
+            _touch(tensors)
+            reads[name].append(time.perf_counter() - start)
+            del tensors
+    return {name: {"call": statistics.median(calls[name]), "read": statistics.median(reads[name])}
+            for name in loaders}
 
 
 def _worker_anchor(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     state, trainable = build_state(args.size_bytes)
     save_file(state, str(scratch / "warmup.safetensors"))  # untimed: the first big write
@@ -205,13 +217,14 @@ def _worker_anchor(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                 last[kind].unlink()
             last[kind] = path
     file_size = last["st"].stat().st_size
-    load = _timed_loads(lambda: load_file(str(last["st"])), args.load_repeat, state)
-    return {"times": times, "file_size": file_size, "load": load,
+    return {"times": times, "file_size": file_size,
             "nbytes": _nbytes(state), "tensors": len(state), "trainable": len(trainable),
-            "trainable_bytes": sum(state[n].numel() * 4 for n in trainable)}
+            "trainable_bytes": _nbytes({n: state[n] for n in trainable})}
 
 
 def _worker_repro(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file, save_file
+
     from repro_core import ArtifactManager, constants
 
     state, trainable = build_state(args.size_bytes)
@@ -237,13 +250,18 @@ def _worker_repro(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     assert meta is not None
     manager.finalize_run()
     logical = meta.size_bytes
-    loads = {}
-    for verify in ("full", "size"):
+    reference = scratch / "reference.safetensors"  # the anchor of the loads, same disk
+    save_file(state, str(reference))
+    reader = ArtifactManager.reset_instance()  # no run: nothing recorded
+
+    def load_artifact(verify: str) -> Any:
         os.environ["REPRO_VERIFY"] = verify
-        constants.reload()
-        reader = ArtifactManager.reset_instance()  # no run: nothing recorded
-        loads[verify] = _timed_loads(lambda r=reader: r.load_artifact(meta.key),
-                                     args.load_repeat, state)
+        constants.reload()  # (microseconds)
+        return reader.load_artifact(meta.key)
+
+    loads = _timed_loads({"load_file": lambda: load_file(str(reference)),
+                          "full": lambda: load_artifact("full"),
+                          "size": lambda: load_artifact("size")}, args.load_repeat, state)
     os.environ.pop("REPRO_VERIFY")
     constants.reload()
     return {"times": times, "digests": digests, "stored": stored_after[-1],
@@ -284,6 +302,9 @@ def _worker_wandb(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
 
 def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # t.sum() in the loads: no straggling OpenMP thread on 2 cores
     scratch = Path(args.scratch)
     kind = args.worker
     if kind == "anchor":
@@ -363,16 +384,23 @@ def report(rounds: list[dict[str, dict[str, Any]]], args: argparse.Namespace, wo
 
     st = first_later(anchor, "st")
     st_fsync = first_later(anchor, "st_fsync")
-    load_file_read = _med([r["load"]["read"] for r in anchor])
-    load_file_call = _med([r["load"]["call"] for r in anchor])
-    import torch
+    load_file_read = _med([r["load"]["load_file"]["read"] for r in whole + tensor])
+    load_file_call = _med([r["load"]["load_file"]["call"] for r in whole + tensor])
+
+    def load(results: list[dict[str, Any]], verify: str, what: str = "read"
+             ) -> tuple[float, float]:
+        """Median seconds, and median ratio to the ``load_file`` timed beside it."""
+        return (_med([r["load"][verify][what] for r in results]),
+                _med([r["load"][verify][what] / r["load"]["load_file"][what] for r in results]))
+
     import safetensors
+    import torch
 
     lines = [
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
         f"safetensors {safetensors.__version__}, {time.strftime('%Y-%m-%d')}; "
-        f"disk {_fs_of(work)}",
+        f"temp stores under {work.parent} on {_fs_of(work)}",
         "",
         f"Command: `{command}`",
         "",
@@ -389,20 +417,20 @@ def report(rounds: list[dict[str, dict[str, Any]]], args: argparse.Namespace, wo
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, times in (("st", st), ("st_fsync", st_fsync)):
-        load = f"{load_file_read:.3f} (`load_file`)" if key == "st" else "—"
+        bare = f"{load_file_read:.3f} (`load_file`)" if key == "st" else "—"
         lines.append(f"| {_LABELS[key]} | {_mb(a0['file_size'])} per file | — | {times[0]:.3f} "
                      f"| {times[1]:.3f} | {times[0] / st[2]:.2f}x | {times[1] / st[2]:.2f}x "
-                     f"| {times[1] / st_fsync[2]:.2f}x | {load} | {load} "
+                     f"| {times[1] / st_fsync[2]:.2f}x | {bare} | {bare} "
                      f"| {'1.00x' if key == 'st' else '—'} | {'1.00x' if key == 'st' else '—'} |")
     for key, results in (("whole", whole), ("tensor", tensor)):
         times = first_later(results)
         stored = results[0]["stored"]
-        full = _med([r["load"]["full"]["read"] for r in results])
-        size = _med([r["load"]["size"]["read"] for r in results])
+        full, full_ratio = load(results, "full")
+        size, size_ratio = load(results, "size")
         lines.append(f"| {_LABELS[key]} | {_mb(stored)} | {stored / one:.2f}x | {times[0]:.3f} "
                      f"| {times[1]:.3f} | {times[0] / st[2]:.2f}x | {times[1] / st[2]:.2f}x "
                      f"| {times[1] / st_fsync[2]:.2f}x | {full:.3f} | {size:.3f} "
-                     f"| {full / load_file_read:.2f}x | {size / load_file_read:.2f}x |")
+                     f"| {full_ratio:.2f}x | {size_ratio:.2f}x |")
     distinct = len(set(whole[0]["digests"]))
     if runs_wandb:
         times = first_later(runs_wandb)
@@ -422,10 +450,10 @@ def report(rounds: list[dict[str, dict[str, Any]]], args: argparse.Namespace, wo
 
     t_first, t_later, _ = first_later(tensor)
     stored_ratio = tensor[0]["stored"] / one
-    load_full = _med([r["load"]["full"]["read"] for r in tensor]) / load_file_read
-    load_size = _med([r["load"]["size"]["read"] for r in tensor]) / load_file_read
+    load_full = load(tensor, "full")[1]
+    load_size = load(tensor, "size")[1]
     after = tensor[0]["stored_after"]
-    new_later = statistics.fmean(b - a for a, b in zip(after, after[1:])) if n > 1 else 0.0
+    new_later = statistics.fmean(b - a for a, b in itertools.pairwise(after)) if n > 1 else 0.0
 
     def verdict(value: float, target: float) -> str:
         return f"{value:.2f}x (target ≤ {target}: {'met' if value <= target else 'NOT met'})"
@@ -449,9 +477,10 @@ def report(rounds: list[dict[str, dict[str, Any]]], args: argparse.Namespace, wo
         "",
         "Load, the call alone (tensors mapped lazily, nothing read yet): "
         f"`load_file` {load_file_call * 1e3:.2f} ms; "
-        + "; ".join(f"{label} verify=full "
-                    f"{_med([r['load']['full']['call'] for r in res]) * 1e3:.1f} ms, verify=size "
-                    f"{_med([r['load']['size']['call'] for r in res]) * 1e3:.1f} ms"
+        + "; ".join(f"{label} verify=full {load(res, 'full', 'call')[0] * 1e3:.1f} ms "
+                    f"({load(res, 'full', 'call')[1]:.1f}x), verify=size "
+                    f"{load(res, 'size', 'call')[0] * 1e3:.1f} ms "
+                    f"({load(res, 'size', 'call')[1]:.1f}x)"
                     for label, res in (("(a)", whole), ("(b)", tensor))),
         "",
         "Per checkpoint, round 1, log s: "
@@ -496,8 +525,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=10, help="checkpoints (default 10)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds, fresh processes each; the median is reported (default 1)")
-    parser.add_argument("--load-repeat", type=int, default=3,
-                        help="timed loads per row, after an untimed one (median; default 3)")
+    parser.add_argument("--load-repeat", type=int, default=5,
+                        help="timed loads per loader, after an untimed one (median; default 5)")
     parser.add_argument("--wandb", choices=["compute", "run"], default="compute",
                         help="W&B row: computed (default) or measured with wandb offline")
     parser.add_argument("--dir", type=_existing_dir, default=None,
@@ -521,6 +550,11 @@ def main() -> None:
     if free < need * 1.1:
         sys.exit(f"{base} has {free / 1e9:.1f} GB free; this run needs about {need / 1e9:.1f} "
                  "GB (fewer --checkpoints, a smaller --size-mb, or another --dir)")
+    if args.wandb == "run":
+        try:
+            import wandb  # noqa: F401
+        except ModuleNotFoundError:
+            sys.exit("--wandb run needs wandb (pip install 'repro-lightning[wandb]')")
     kinds = ["anchor", "whole", "tensor"] + (["wandb"] if args.wandb == "run" else [])
     work = Path(tempfile.mkdtemp(prefix="repro-bench-dedup-", dir=base))
     try:
@@ -534,7 +568,11 @@ def main() -> None:
                 print(f"round {i + 1}/{args.repeat}: {kind} done in "
                       f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
             rounds.append(result)
-        text = report(rounds, args, work, command)
+        try:
+            text = report(rounds, args, work, command)
+        except Exception:
+            print("raw results: " + json.dumps(rounds), file=sys.stderr)
+            raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(text)
