@@ -55,7 +55,8 @@ class PartWriter:
         self._parts: list[Part | tuple[concurrent.futures.Future[tuple[str, int]],
                                        tuple[str, ...]]] = []
         self._publishing: list[concurrent.futures.Future[tuple[str, int]]] = []
-        self._handled: set[str] = set()
+        self._handled: set[str] = set()  # part digests seen (stored or being published)
+        self._written: set[str] = set()  # those this writer publishes (dirs synced at finish)
         self._stream: BlobWriter | None = None
         self._stream_names: tuple[str, ...] = ()
         self._gather: bytearray | None = None
@@ -74,8 +75,13 @@ class PartWriter:
             self._handled.add(digest)
             return
         self._handled.add(digest)
+        self._written.add(digest)
         staged = self._store.stage(view)
-        self._publishing.append(_submit("publish", self._store.publish_staged, staged, digest))
+        self._publishing.append(_submit("publish", self._publish, staged, digest))
+
+    def _publish(self, staged: BlobWriter, digest: str) -> tuple[str, int]:
+        """fsync + rename now; the shard directories are synced once, in ``finish``."""
+        return self._store.publish_staged(staged, digest, sync_dir=False)
 
     def _hash_both(self, view: memoryview) -> str:
         """The part's digest, while the whole-file hash takes the same bytes on another
@@ -128,6 +134,8 @@ class PartWriter:
         self._drain()
         parts = tuple(p if isinstance(p, Part) else Part(*p[0].result(), p[1])
                       for p in self._parts)
+        # every new part's directory entry durable before the manifest can name it
+        self._store.sync_dirs(self._written)
         manifest = ChunkManifest(method=self._method, digest=self._whole.digest(),
                                  size=self._size, parts=parts)
         with self._store.open_writer() as writer:

@@ -34,7 +34,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -261,11 +261,22 @@ class LocalStorageBackend(StorageBackend):
         return BlobWriter(self)
 
     def has_blob(self, content_hash: str, size: int) -> bool:
-        """Whether a good copy of this blob is stored (its identity vouches for it: unwritten
-        since last known good), refreshed for gc's grace period as a re-publish would be. A
-        chunk writer skips writing a part that is (``chunks.writer``)."""
-        return _storage_errors("checking a blob", self.blobs_dir, lambda: self._keep_existing(
-            self.blob_path(content_hash), content_hash, size))
+        """Whether a good copy of this blob is stored: a regular file of ``size`` bytes whose
+        identity vouches for it (unwritten since last known good). Only reads: the caller
+        holds ``publish_guard`` until its row commits, so gc cannot take the blob meanwhile
+        (no mtime refresh needed). A chunk writer skips writing a part that is stored."""
+        path = self.blob_path(content_hash)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"checking blob {content_hash} failed: {exc}", path=path,
+                               errno=exc.errno) from exc
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            return False
+        known = _identity.load(self.root, content_hash)
+        return known is not None and known.vouches_for(st)
 
     def stage(self, data: memoryview) -> BlobWriter:
         """A temp file holding ``data``, not hashed here: the caller hashed these very bytes
@@ -281,10 +292,23 @@ class LocalStorageBackend(StorageBackend):
         writer._size = len(data)
         return writer
 
-    def publish_staged(self, writer: BlobWriter, digest: str) -> tuple[str, int]:
-        """Publish a ``stage``d temp file as the blob ``digest`` (durably, as ``commit``)."""
-        self._publish(writer, digest, writer._size)
+    def publish_staged(self, writer: BlobWriter, digest: str, *,
+                       sync_dir: bool = True) -> tuple[str, int]:
+        """Publish a ``stage``d temp file as the blob ``digest`` (durably, as ``commit``).
+        ``sync_dir=False``: the caller fsyncs the shard directory later (``sync_dirs``), once
+        for many blobs, before anything refers to them."""
+        self._publish(writer, digest, writer._size, sync_dir=sync_dir)
         return digest, writer._size
+
+    def sync_dirs(self, digests: Iterable[str]) -> None:
+        """fsync the shard directory of each blob once (after ``sync_dir=False`` publishes)."""
+        shards = sorted({self.blob_path(d).parent for d in digests})
+
+        def _sync() -> None:
+            for shard in shards:
+                _fsio.fsync_dir(shard)
+
+        _storage_errors("syncing blob directories", self.blobs_dir, _sync)
 
     def ingest_file(self, file_path: Path) -> tuple[str, int]:
         """Copy a file into the store while hashing it (one read); return ``(digest, size)``."""
@@ -441,7 +465,8 @@ class LocalStorageBackend(StorageBackend):
         self.ensure_layout()
         return new_locked_temp(self.tmp_dir, ".part")
 
-    def _publish(self, writer: BlobWriter, digest: str, size: int) -> None:
+    def _publish(self, writer: BlobWriter, digest: str, size: int, *,
+                 sync_dir: bool = True) -> None:
         """fsync → read-only → rename into place → fsync dir; or keep an existing good blob.
 
         Dedup keeps the blob that is there when its identity is still the one recorded when it
@@ -457,7 +482,8 @@ class LocalStorageBackend(StorageBackend):
         def _do() -> None:
             if self._keep_existing(final, digest, size):
                 writer.abort()  # our temp copy is identical and not needed
-                _fsio.fsync_dir(final.parent)  # the kept entry is durable before the row
+                if sync_dir:
+                    _fsio.fsync_dir(final.parent)  # the kept entry is durable before the row
                 return
             _fsio.fsync(writer._fd)
             os.fchmod(writer._fd, 0o444)
@@ -468,7 +494,8 @@ class LocalStorageBackend(StorageBackend):
                 _fsio.fsync_dir(final.parent.parent)
                 _fsio.replace(writer.temp_path, final)
             writer._close_fd()
-            _fsio.fsync_dir(final.parent)
+            if sync_dir:
+                _fsio.fsync_dir(final.parent)
             published = _identity.backdated(final)
             if published is not None:
                 _identity.save(self.root, digest, published)
