@@ -240,11 +240,11 @@ class ArtifactsAPI:
 def _check_chunked(store: LocalStorageBackend, registry: Registry, row: VersionRow,
                    full: bool) -> None:
     from . import _progress
-    from .chunks.assemble import check_parts
+    from .chunks.assemble import check_content
     from .chunks.read import manifest_of
 
     with _progress.tracked(row.size * int(full), f"checking {row.key}"):
-        check_parts(store, manifest_of(store, registry, row, full=full), full=full)
+        check_content(store, manifest_of(store, registry, row, full=full), full=full)
 
 
 def _journal(root: Path, run_id: str, event: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from ._journal import journal_digests
 from ._safepath import check_digest
 from .directory import check_manifest_row, read_manifest
 from .errors import IntegrityError, StorageError
-from .registry import Registry
+from .registry import Registry, VersionRow
 from .store.local import LocalStorageBackend, is_stale_temp
 from .types import parse_key
 
@@ -112,7 +112,6 @@ def verify_store(
             if progress is not None:
                 progress(size)
         _check_manifests(store, registry, report, only)
-        _check_chunked(store, registry, report, only)
         return report
     finally:
         registry.close()
@@ -162,52 +161,71 @@ def _problem_kind(exc: IntegrityError, size: int) -> str:
 
 def _check_manifests(store: LocalStorageBackend, registry: Registry, report: VerifyReport,
                      only: int | None) -> None:
-    """Every directory version's manifest must be one that ``use_artifact`` would accept:
-    parseable, every path relative and inside the tree, sizes adding up to the version's, every
-    file a blob the version records. A forged manifest could otherwise make a directory
-    artifact write outside the store. Manifests already reported (missing, corrupt) are skipped.
-    """
-    reported = {p.digest for p in report.problems}
+    """Every manifest must be one that ``use_artifact`` would accept. A directory's: parseable,
+    every path relative and inside the tree, sizes adding up to the version's, every file a
+    blob the version records (a forged manifest could otherwise make a directory artifact
+    write outside the store). A chunk manifest (a chunked version's, or a chunked file's of a
+    directory): parseable, describing its file, every part a blob the version records.
+    Manifests already reported (missing, corrupt) are skipped; their versions are named.
+
+    Parts were checked with every other blob (size; digest when hashing); a bad one is
+    labelled here with what it holds ("tensor 'layer.0.weight'"). Its ``versions`` already
+    name every version that needs it, through ``version_blobs`` — which every manifest that
+    passes here stays within, so a blob shared by many checkpoints names them all."""
+    check = _ManifestCheck(store, report)
     for row in registry.list_versions():
-        if row.format != "directory" or row.digest in reported or only not in (None, row.id) \
-                or row.pruned_at is not None:  # pruned: its blobs may be gone, on purpose
-            continue
+        if only not in (None, row.id) or row.pruned_at is not None:
+            continue  # pruned: its blobs may be gone, on purpose
+        if row.manifest is not None:
+            check.chunked(dict(registry.blobs_of(row.id)), row.manifest, row.digest, row.size,
+                          row.key)
+        elif row.format == "directory" and row.digest not in check.reported:
+            check.directory(row, dict(registry.blobs_of(row.id)))
+    report.problems[:] = [dataclasses.replace(p, holds=tuple(sorted(check.holds[p.digest])))
+                          if p.digest in check.holds else p for p in report.problems]
+
+
+class _ManifestCheck:
+    """One pass over the manifests (``_check_manifests``): new problems, and what each
+    already reported blob holds."""
+
+    def __init__(self, store: LocalStorageBackend, report: VerifyReport) -> None:
+        self.store, self.report = store, report
+        self.reported = {p.digest for p in report.problems}
+        self.holds: dict[str, set[str]] = {}
+
+    def directory(self, row: VersionRow, blobs: dict[str, int]) -> None:
         try:
             digest = check_digest(row.digest, where=f"registry row {row.key}")
-            blobs = dict(registry.blobs_of(row.id))
-            manifest = read_manifest(store.blob_path(digest), digest=digest)
+            manifest = read_manifest(self.store.blob_path(digest), digest=digest)
             check_manifest_row(manifest, digest, row.size, blobs)
         except (IntegrityError, StorageError) as exc:
-            report.problems.append(Problem(row.digest, "manifest", str(exc), (row.key,)))
+            self.report.problems.append(Problem(row.digest, "manifest", str(exc), (row.key,)))
+            return
+        for record in manifest.files:
+            if record.chunks is not None:
+                self.chunked(blobs, record.chunks, record.digest, record.size, row.key,
+                             file=record.path)
 
+    def chunked(self, blobs: dict[str, int], manifest_digest: str, digest: str, size: int,
+                version: str, *, file: str | None = None) -> None:
+        """A chunk manifest of ``version`` (of its whole content, or of ``file`` in it)."""
+        from .chunks.read import read_chunk_manifest
 
-def _check_chunked(store: LocalStorageBackend, registry: Registry, report: VerifyReport,
-                   only: int | None) -> None:
-    """Every chunked version's manifest must be one loading would accept (``manifest_of``:
-    parseable, describing the row, every part a blob the registry records for the version).
-    Its parts were checked with every other blob (size; digest when hashing); a bad one is
-    labelled here with what it holds. Its ``versions`` already name every version that needs
-    it, through ``version_blobs`` — which a manifest that passed here cannot exceed."""
-    from .chunks.read import manifest_of
-
-    reported = {p.digest for p in report.problems}
-    holds: dict[str, set[str]] = {}
-    for row in registry.list_versions():
-        if row.manifest is None or only not in (None, row.id) or row.pruned_at is not None:
-            continue
-        if row.manifest in reported:  # missing or corrupt: reported with its versions
-            holds.setdefault(row.manifest, set()).add("chunk manifest")
-            continue
+        of = "" if file is None else f" of file {file!r}"
+        if manifest_digest in self.reported:  # missing or corrupt: reported with its versions
+            self.holds.setdefault(manifest_digest, set()).add(f"chunk manifest{of}")
+            return
         try:
-            manifest = manifest_of(store, registry, row, full=False)
+            manifest = read_chunk_manifest(self.store, blobs, manifest_digest, digest, size,
+                                           full=False, key=f"{version}{of}")
         except (IntegrityError, StorageError, OSError) as exc:
-            report.problems.append(Problem(row.manifest, "manifest", str(exc), (row.key,)))
-            continue
-        for digest, _ in manifest.blobs():
-            if digest in reported:
-                holds.setdefault(digest, set()).add(manifest.label(digest))
-    report.problems[:] = [dataclasses.replace(p, holds=tuple(sorted(holds[p.digest])))
-                          if p.digest in holds else p for p in report.problems]
+            self.report.problems.append(Problem(manifest_digest, "manifest", str(exc),
+                                                (version,)))
+            return
+        for part, _ in manifest.blobs():
+            if part in self.reported:
+                self.holds.setdefault(part, set()).add(f"{manifest.label(part)}{of}")
 
 
 @dataclass(frozen=True)

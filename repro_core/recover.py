@@ -286,12 +286,14 @@ class _Rebuild:
         try:
             if not path.is_file() or path.stat().st_size != recorded[manifest]:
                 return  # reported with the missing blobs
-            parsed = parse_manifest(self.store.check(manifest, recorded[manifest],
-                                                     full=True).read_bytes(),
-                                    digest=manifest)
-        except IntegrityError:
+            raw = self.store.check(manifest, recorded[manifest], full=True).read_bytes()
+        except (IntegrityError, OSError):
             return  # a damaged manifest blob: restored, reported as a damaged blob
-        check_manifest_row(parsed, key, digest, size, recorded)
+        try:
+            check_manifest_row(parse_manifest(raw, digest=manifest), key, digest, size,
+                               recorded)
+        except IntegrityError as exc:  # an intact blob, but no manifest of this version
+            raise ValueError(f"{key}: its line is forged ({exc})") from None
 
     # -- edges ------------------------------------------------------------------------------
 

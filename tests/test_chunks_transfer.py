@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from test_wandb_suite import logged_artifacts, manifest, offline_env
 
 from repro_core import ArtifactManager, constants, remote
@@ -37,8 +38,7 @@ from repro_core.chunks import parse_manifest
 from repro_core.errors import IntegrityError
 from repro_core.hashing import hash_bytes, hash_file
 from repro_core.recover import recover_store
-
-torch = pytest.importorskip("torch")
+from repro_core.store.local import LocalStorageBackend
 
 _THRESHOLD = 256 << 10
 
@@ -58,7 +58,7 @@ def _manager(root: Path) -> ArtifactManager:
     return manager
 
 
-def _model() -> torch.nn.Module:
+def _model() -> torch.nn.Sequential:
     """~3 MB of float32: 1 MiB and 2 MiB weights (a part each), a small head."""
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(),
@@ -70,7 +70,7 @@ def _state(model: torch.nn.Module) -> dict[str, Any]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _fine_tune(model: torch.nn.Module, steps: int) -> None:
+def _fine_tune(model: torch.nn.Sequential, steps: int) -> None:
     """A few real optimizer steps on the head only (the rest is frozen)."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -100,12 +100,12 @@ def _log_checkpoints(root: Path) -> list[dict[str, Any]]:
     return states
 
 
-def _rows(root: Path) -> dict[int, tuple[str, int, str | None]]:
-    """version number -> (digest, size, manifest) of ``default/ckpt``-like names, all."""
+def _rows(root: Path) -> dict[tuple[str, int], tuple[str, int, str | None]]:
+    """(name, number) -> (digest, size, manifest) of every version of a SQLite store."""
     conn = sqlite3.connect(root / "registry.sqlite")
     try:
         return {(name, v): (d, s, m) for name, v, d, s, m in conn.execute(
-            "SELECT name, version, digest, size, manifest FROM versions")}  # type: ignore[misc]
+            "SELECT name, version, digest, size, manifest FROM versions")}
     finally:
         conn.close()
 
@@ -183,15 +183,24 @@ def test_a_content_defined_file_round_trips(tmp_path: Path, s3_bucket: str) -> N
     (digest, size, manifest_digest), = _rows(source).values()
     assert (digest, size) == (hash_bytes(data, "blake3"), len(data)) == (meta.hash, len(data))
     assert manifest_digest is not None
-    stored = source / "blobs" / "blake3" / manifest_digest[7:9] / manifest_digest[9:]
+    stored = LocalStorageBackend(source).blob_path(manifest_digest)
     chunks = parse_manifest(stored.read_bytes())
     assert chunks.method == "cdc" and len(chunks.parts) >= 2
     pushed = remote.push(url, root=source, show_progress=False)
     assert pushed.blobs == len(chunks.blobs()) + 1  # every chunk and the manifest, no more
+    edited = data[:-100] + bytes(100)  # cut points before the edit stay where they were
+    path.write_bytes(edited)
+    manager.init_run("export-again")
+    manager.log_artifact("blob", "model", file_path=path)
+    manager.finalize_run()
+    again = remote.push(url, root=source, show_progress=False)
+    assert again.blobs == 2  # the last chunk and the manifest
     remote.pull(url, root=fresh, show_progress=False)
     assert _rows(fresh) == _rows(source)
     _assert_identical(fresh, "blob:v1", data=data)
-    assert _manager(fresh).use_artifact("blob:v1").path.name == "weights.bin"
+    _assert_identical(fresh, "blob:v2", data=edited)
+    served = _manager(fresh).use_artifact("blob:v1").path
+    assert served is not None and served.name == "weights.bin"  # served under its name
 
 
 # -- forged remote records ----------------------------------------------------------------------
@@ -245,7 +254,7 @@ def _journal(root: Path) -> Path:
 def test_recover_gives_back_the_manifest_column(tmp_path: Path) -> None:
     root = tmp_path / "store"
     states = _log_checkpoints(root)
-    data = random.Random(3).randbytes(1 << 20)
+    data = random.Random(3).randbytes(3 << 20)  # FastCDC: a few chunks
     manager = _manager(root)
     manager.init_run("more")
     (tmp_path / "raw.bin").write_bytes(data)
@@ -263,7 +272,8 @@ def test_recover_gives_back_the_manifest_column(tmp_path: Path) -> None:
             assert line.pop("manifest") is None
     raw = next(line for line in lines if line.get("name") == "raw")
     outside = dict(raw, version=7, manifest="blake3:" + "cd" * 32)
-    part = dict(raw, version=8, manifest=raw["blobs"][0][0])  # a chunk, not a manifest
+    part = dict(raw, version=8, manifest=next(  # a chunk, not a manifest
+        d for d, _ in raw["blobs"] if d != raw["manifest"]))
     more.write_text("".join(json.dumps(line) + "\n" for line in [*lines, outside, part]))
     for name in os.listdir(root):
         if name.startswith("registry.sqlite"):
@@ -342,8 +352,15 @@ def test_a_host_sharing_the_registry_fetches_the_parts(tmp_path: Path, pg_url: s
         state = _state(_model())
         manager.log_artifact("ckpt", "checkpoint", data=state)
         manager.finalize_run()  # the mirror has pushed parts and manifest
-        assert not (host_b / "blobs").exists()
-        _assert_identical(host_b, "ckpt:v1", state)  # parts fetched from the remote
+        manager = _manager(host_b)
+        manager.init_run("host-b")  # a store of its own, no blob of A's
+        assert not LocalStorageBackend(host_b).blob_path(
+            manager.registry().get_version(1).manifest or "").exists()
+        loaded = manager.load_artifact("ckpt:v1")  # parts and manifest fetched from the remote
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+        meta = manager.use_artifact("ckpt:v1")
+        assert meta.path is not None and hash_file(meta.path, "blake3") == meta.hash
+        manager.finalize_run()
     finally:
         ArtifactManager.reset_instance()
         close_connections()
@@ -353,8 +370,8 @@ def test_a_host_sharing_the_registry_fetches_the_parts(tmp_path: Path, pg_url: s
 
 
 def test_wandb_gets_the_real_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    wandb_dir = offline_env(tmp_path / "w", monkeypatch) if (tmp_path / "w").mkdir() is None \
-        else tmp_path
+    (tmp_path / "w").mkdir()
+    wandb_dir = offline_env(tmp_path / "w", monkeypatch)
     root = tmp_path / "store"
     data = random.Random(11).randbytes(1 << 20)
     (tmp_path / "model.bin").write_bytes(data)

@@ -87,10 +87,11 @@ def test_runs_and_show_columns(populated: dict[str, str], store_root: Path) -> N
         r"duration=\d+\.\ds", lines[0]), lines[0]
     assert lines[1] == 'config: {"lr": 0.1}'
     assert [line.split()[-1] for line in lines[2:4]] == ["running", "completed"]
-    assert lines[4:] == ["inputs:  -", "outputs: default/dataset:v1, default/model:v1"]
+    assert lines[4:] == ["inputs:  -", "outputs: default/dataset:v1 (16 B, 16 B new), "
+                         "default/model:v1 (700 B, 700 B new)"]
     code, out = invoke("show", populated["b"], *root)
     assert out.splitlines()[4:] == ["inputs:  default/model:v1",
-                                    "outputs: default/evaluation:v1"]
+                                    "outputs: default/evaluation:v1 (11 B, 11 B new)"]
 
 
 def test_runs_counts_deduplicated_outputs(manager: ArtifactManager, store_root: Path) -> None:

@@ -29,6 +29,9 @@ MIB = 1024 * 1024
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("REPRO_REMOTE_RETRIES", "2")
     monkeypatch.setenv("REPRO_REMOTE_BACKOFF", "0.05")
+    # the 96 MiB checkpoint must stay one blob (one multipart upload to kill the server in);
+    # chunked, it would be 8 MiB content-defined chunks, each a single PUT
+    monkeypatch.setenv("REPRO_CHUNK_MIN_BYTES", "off")
     constants.reload()
     yield
     constants.reload()

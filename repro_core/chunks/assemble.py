@@ -38,7 +38,8 @@ from ..store._identity import Identity
 from ..store.local import LocalStorageBackend
 from .manifest import ChunkManifest
 
-__all__ = ["KEEP_SECONDS", "assemble_into", "assembled_entries", "check_parts", "serve_assembled"]
+__all__ = ["KEEP_SECONDS", "assemble_into", "assembled_entries", "check_content", "check_parts",
+           "serve_assembled"]
 
 KEEP_SECONDS = 600.0
 RECORD = ".identity"
@@ -59,14 +60,42 @@ def check_parts(store: LocalStorageBackend, manifest: ChunkManifest, *, full: bo
             future.result()
 
 
+def check_content(store: LocalStorageBackend, manifest: ChunkManifest, *, full: bool) -> None:
+    """What a use checks of chunked content: every part present and of its size (by
+    identity, as for a blob); with ``full``, the parts *in manifest order* must hash to the
+    whole-file digest — one pass that also catches a manifest whose parts are each genuine
+    but wrongly arranged or borrowed from another version. A mismatch is then traced to the
+    part at fault (named by its tensors) or blamed on the manifest."""
+    if not full:
+        check_parts(store, manifest, full=False)
+        return
+    hasher = new_hasher(parse_digest(manifest.digest)[0], parallel=True)
+    for part in manifest.parts:
+        try:
+            path = store.check(part.digest, part.size, full=False, identity=False)
+        except IntegrityError as exc:
+            raise _named(manifest, part.digest, exc) from None
+        hasher.update_file(path)
+    if hasher.digest() != manifest.digest:
+        check_parts(store, manifest, full=True)  # raises for a corrupt part
+        raise IntegrityError(f"the parts of {manifest.digest} put together hash to "
+                             f"{hasher.digest()}: its chunk manifest is wrong (forged?); the "
+                             "store is damaged or was tampered with", digest=manifest.digest,
+                             expected=manifest.digest, actual=hasher.digest())
+
+
+def _named(manifest: ChunkManifest, digest: str, exc: IntegrityError) -> IntegrityError:
+    return IntegrityError(f"{manifest.label(digest)} of {manifest.digest}: {exc}",
+                          digest=digest, path=exc.path, expected=exc.expected,
+                          actual=exc.actual)
+
+
 def _check_part(store: LocalStorageBackend, manifest: ChunkManifest, digest: str, size: int,
                 full: bool) -> None:
     try:
         store.check(digest, size, full=full)
     except IntegrityError as exc:
-        raise IntegrityError(f"{manifest.label(digest)} of {manifest.digest}: {exc}",
-                             digest=digest, path=exc.path, expected=exc.expected,
-                             actual=exc.actual) from None
+        raise _named(manifest, digest, exc) from None
 
 
 def serve_assembled(store: LocalStorageBackend, manifest: ChunkManifest, name: str, *,

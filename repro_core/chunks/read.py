@@ -21,7 +21,7 @@ from ..errors import IntegrityError
 from ..registry.records import VersionRow
 from ..serialize import safetensors_spans
 from ..store.local import LocalStorageBackend
-from .assemble import check_parts
+from .assemble import check_content
 from .manifest import ChunkManifest, check_manifest_row, parse_manifest
 from .split import header_length
 
@@ -67,7 +67,7 @@ def load_tensors(store: LocalStorageBackend, manifest: ChunkManifest, *, full: b
         raise IntegrityError(f"{key} is not stored per tensor (method {manifest.method!r})",
                              digest=manifest.digest)
     if check:
-        check_parts(store, manifest, full=full)
+        check_content(store, manifest, full=full)
     header = _map(store, manifest.parts[0].digest, manifest.parts[0].size)
     length = header_length(bytes(header[:8]), len(header))
     if length is None or 8 + length != len(header):

@@ -15,7 +15,7 @@ from ..errors import IntegrityError, StorageError
 from ..registry.records import VersionRow
 from ..store._identity import Identity
 from ..store.local import LocalStorageBackend
-from .assemble import assemble_into, check_parts, serve_assembled
+from .assemble import assemble_into, check_content, serve_assembled
 from .manifest import ChunkManifest
 from .read import manifest_of, read_chunk_manifest
 
@@ -31,7 +31,7 @@ def serve_chunked(store: LocalStorageBackend, registry: _BlobIndex, row: Version
     ``copy`` straight into a private copy. Parts are checked first (size; digest if
     ``full``), and the file put together must hash to the version's digest."""
     manifest = manifest_of(store, registry, row, full=full)
-    check_parts(store, manifest, full=full)
+    check_content(store, manifest, full=full)
     name = file_name(row.filename, row.digest)
 
     def make(parent: int, leaf: str) -> None:
@@ -53,7 +53,7 @@ def checked_chunks(store: LocalStorageBackend, blobs: dict[str, int], record: Fi
     where = f"{key} file {record.path!r}"
     manifest = read_chunk_manifest(store, blobs, record.chunks, record.digest, record.size,
                                    full=full, key=where)
-    check_parts(store, manifest, full=full)
+    check_content(store, manifest, full=full)
     return manifest
 
 
