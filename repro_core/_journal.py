@@ -14,7 +14,8 @@ Events::
 
     {"event": "version", "at": …, "created": true|false, "project", "name", "version",
      "type", "digest", "size", "format", "filename", "metadata", "parents": [keys],
-     "aliases": [...], "blobs": [[digest, size], …]}
+     "aliases": [...], "blobs": [[digest, size], …], "manifest": digest|null}
+                                                  (manifest: chunked content, ``chunks``)
     {"event": "use", "at": …, "key": "project/name:vN", "digest": …}
     {"event": "prune", "at": …, "key": "project/name:vN", "digest": …, "aliases": [...]}
       (in the pruning run's journal, or the producing run's when no run was active)
