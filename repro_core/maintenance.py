@@ -20,9 +20,9 @@ from . import _cache, _progress, constants
 from ._cache_gc import entry_bytes
 from ._journal import journal_digests
 from ._safepath import check_digest
-from .directory import check_manifest_row, read_manifest
-from .errors import IntegrityError, StorageError
-from .registry import Registry, VersionRow
+from ._verify_chunks import ChunkedFile, Manifests, hash_through_parts, read_manifests
+from .errors import IntegrityError
+from .registry import Registry
 from .store.local import LocalStorageBackend, is_stale_temp
 from .types import parse_key
 
@@ -76,16 +76,16 @@ def verify_store(
     ``full`` re-hashes content (otherwise sizes only); ``progress`` receives bytes checked;
     ``key`` (``name:v3``, an alias…) limits the check to the blobs that version needs.
     Unreferenced blobs (left by a crash between blob and registry row) are listed, not errors.
+    Every manifest must be one ``use_artifact`` accepts; chunked content is hashed as the files
+    its parts make (``_verify_chunks``), and a bad part is reported with what it holds.
     """
     root_path = _store_root(root)
     registry = Registry(root_path / "registry.sqlite", readonly=True)
     try:
         store = LocalStorageBackend(root_path, algorithm=registry.hash_algorithm())
         report = VerifyReport(root=root_path, registry_integrity=registry.integrity_check())
-        users = _versions_by_digest(registry)
-        referenced: dict[str, int | None]
         wanted = registry.resolve(parse_key(key)) if key is not None else None
-        only = wanted.id if wanted is not None else None
+        referenced: dict[str, int | None]
         if wanted is not None:
             # a pruned version's blobs were released on purpose (gc may have taken them)
             referenced = {} if wanted.pruned_at is not None else dict(registry.blobs_of(wanted.id))
@@ -93,25 +93,14 @@ def verify_store(
         else:
             referenced = dict(registry.blob_references())
             candidates = set(store.iter_digests()) | referenced.keys()
-        remote_held = _held_by_remotes(registry)
-        for digest in sorted(candidates):
-            size = referenced.get(digest)
-            if digest in remote_held and not store.exists(digest):
-                report.elsewhere.append(digest)
-                continue
-            if digest not in referenced:
-                report.unreferenced.append(digest)
-            if size is None:  # unreferenced, or a payload row written before sizes were kept
-                try:
-                    size = store.blob_path(digest).stat().st_size
-                except FileNotFoundError:
-                    if digest not in referenced:
-                        continue  # gc'd while we looked: nothing to verify
-                    size = -1  # referenced but gone: reported as missing
-            _check_one(store, digest, size, full, users.get(digest, ()), report)
-            if progress is not None:
-                progress(size)
-        _check_manifests(store, registry, report, only)
+        manifests = read_manifests(store, registry, None if wanted is None else wanted.id)
+        check = _BlobCheck(store, report, _versions_by_digest(registry), full, progress,
+                           manifests.parts() if full else {})
+        check.blobs(sorted(candidates), referenced, _held_by_remotes(registry))
+        _report_manifests(manifests, report)
+        if full:
+            check.whole(manifests)
+        _label(manifests, report)
         return report
     finally:
         registry.close()
@@ -128,7 +117,8 @@ def _held_by_remotes(registry: Registry) -> set[str]:
 
 
 def total_referenced_bytes(root: str | Path | None = None) -> int:
-    """Bytes a full verify will read (for progress bars)."""
+    """Bytes every referenced blob holds (``repro verify``'s bar counts chunked content as
+    the files its parts make: ``cli/store._bytes_to_check``)."""
     registry = Registry(_store_root(root) / "registry.sqlite", readonly=True)
     try:
         return sum(size or 0 for _, size in registry.blob_references())
@@ -136,17 +126,93 @@ def total_referenced_bytes(root: str | Path | None = None) -> int:
         registry.close()
 
 
-def _check_one(store: LocalStorageBackend, digest: str, size: int, full: bool,
-               versions: tuple[str, ...], report: VerifyReport) -> None:
-    report.blobs_checked += 1
-    try:
-        check_digest(digest, where="blob name")
-        # identity=False: a sizes-only verify stays sizes-only, even for blobs never verified
-        store.check(digest, size, full=full, identity=False)
-    except IntegrityError as exc:
-        report.problems.append(Problem(digest, _problem_kind(exc, size), str(exc), versions))
-        return
-    report.bytes_checked += size
+class _BlobCheck:
+    """The blob checks of one ``verify_store``. ``parts``: the parts of chunked files whose
+    manifests read back well (full mode only) — size-checked with the other blobs, their
+    content proven by hashing each file through its parts (``whole``), one by one only where
+    that fails or never ran."""
+
+    def __init__(self, store: LocalStorageBackend, report: VerifyReport,
+                 users: dict[str, tuple[str, ...]], full: bool,
+                 progress: Callable[[int], None] | None, parts: dict[str, int]) -> None:
+        self.store, self.report, self.users, self.full = store, report, users, full
+        self.progress, self.parts = progress, parts
+
+    def blobs(self, digests: list[str], referenced: dict[str, int | None],
+              remote_held: set[str]) -> None:
+        for digest in digests:
+            size = referenced.get(digest)
+            if digest in remote_held and not self.store.exists(digest):
+                self.report.elsewhere.append(digest)
+                continue
+            if digest not in referenced:
+                self.report.unreferenced.append(digest)
+            if size is None:  # unreferenced, or a payload row written before sizes were kept
+                try:
+                    size = self.store.blob_path(digest).stat().st_size
+                except FileNotFoundError:
+                    if digest not in referenced:
+                        continue  # gc'd while we looked: nothing to verify
+                    size = -1  # referenced but gone: reported as missing
+            whole = digest in self.parts  # hashed with its file(s) below
+            self.one(digest, size, hashing=self.full and not whole, count=True)
+            if self.progress is not None and not whole:
+                self.progress(size)
+
+    def one(self, digest: str, size: int, *, hashing: bool, count: bool) -> bool:
+        """One blob's check; False (and a problem naming every version that needs it) when
+        it fails. ``count``: first look at this blob (not a part hashed again)."""
+        self.report.blobs_checked += count
+        try:
+            check_digest(digest, where="blob name")
+            # identity=False: a sizes-only verify stays sizes-only, even for blobs never
+            # verified
+            self.store.check(digest, size, full=hashing, identity=False)
+        except IntegrityError as exc:
+            self.report.problems.append(Problem(digest, _problem_kind(exc, size), str(exc),
+                                                self.users.get(digest, ())))
+            return False
+        if hashing or not self.full:  # a part's bytes count when its file is hashed
+            self.report.bytes_checked += size
+        return True
+
+    def whole(self, manifests: Manifests) -> None:
+        """Each chunked file hashed through its parts against its whole-file digest; on a
+        mismatch its parts are hashed one by one (each at most once) and the bad ones
+        reported, or — every part good — the manifest is wrong. Then every part no file
+        proved (its files were skipped: another part missing, a manifest reported) alone."""
+        reported = {p.digest for p in self.report.problems}
+        done: set[tuple[str, str]] = set()
+        proven: set[str] = set()
+        for item in manifests.files:
+            blobs = [d for d, _ in item.manifest.blobs()]
+            if (item.manifest_digest, item.digest) in done \
+                    or any(d in reported for d in [item.manifest_digest, *blobs]):
+                continue  # shared and hashed already, or a part missing / of another size
+            done.add((item.manifest_digest, item.digest))
+            actual = hash_through_parts(self.store, item)
+            self.report.bytes_checked += item.size
+            if self.progress is not None:
+                self.progress(item.size)
+            if actual != item.digest:
+                bad = self._diagnose(item, actual, proven)
+                reported.update(bad)
+                blobs = [d for d in blobs if d not in bad]
+            proven.update(blobs)
+        for digest in sorted(self.parts.keys() - proven - reported):
+            self.one(digest, self.parts[digest], hashing=True, count=False)
+
+    def _diagnose(self, item: ChunkedFile, actual: str | None, proven: set[str]) -> set[str]:
+        bad = {d for d, n in item.manifest.blobs()
+               if d not in proven and not self.one(d, n, hashing=True, count=False)}
+        if not bad:
+            self.report.problems.append(Problem(
+                item.manifest_digest, "manifest",
+                f"the parts that chunk manifest {item.manifest_digest} lists for "
+                f"{item.version}{item.of} put together hash to {actual}, not to the "
+                f"{item.digest} recorded; the manifest is wrong (forged?)",
+                self.users.get(item.manifest_digest, (item.version,))))
+        return bad
 
 
 def _problem_kind(exc: IntegrityError, size: int) -> str:
@@ -159,73 +225,31 @@ def _problem_kind(exc: IntegrityError, size: int) -> str:
     return "size" if exc.expected == size else "digest"
 
 
-def _check_manifests(store: LocalStorageBackend, registry: Registry, report: VerifyReport,
-                     only: int | None) -> None:
-    """Every manifest must be one that ``use_artifact`` would accept. A directory's: parseable,
-    every path relative and inside the tree, sizes adding up to the version's, every file a
-    blob the version records (a forged manifest could otherwise make a directory artifact
-    write outside the store). A chunk manifest (a chunked version's, or a chunked file's of a
-    directory): parseable, describing its file, every part a blob the version records.
-    Manifests already reported (missing, corrupt) are skipped; their versions are named.
-
-    Parts were checked with every other blob (size; digest when hashing); a bad one is
-    labelled here with what it holds ("tensor 'layer.0.weight'"). Its ``versions`` already
-    name every version that needs it, through ``version_blobs`` — which every manifest that
-    passes here stays within, so a blob shared by many checkpoints names them all."""
-    check = _ManifestCheck(store, report)
-    for row in registry.list_versions():
-        if only not in (None, row.id) or row.pruned_at is not None:
-            continue  # pruned: its blobs may be gone, on purpose
-        if row.manifest is not None:
-            check.chunked(dict(registry.blobs_of(row.id)), row.manifest, row.digest, row.size,
-                          row.key)
-        elif row.format == "directory" and row.digest not in check.reported:
-            check.directory(row, dict(registry.blobs_of(row.id)))
-    report.problems[:] = [dataclasses.replace(p, holds=tuple(sorted(check.holds[p.digest])))
-                          if p.digest in check.holds else p for p in report.problems]
+def _report_manifests(manifests: Manifests, report: VerifyReport) -> None:
+    """Manifests ``use_artifact`` would refuse are problems of their version — unless the
+    manifest's own blob is already reported (missing, corrupt: its versions are named)."""
+    reported = {p.digest for p in report.problems}
+    for error in manifests.errors:
+        if error.digest not in reported:
+            report.problems.append(Problem(error.digest, "manifest", error.message,
+                                           (error.version,)))
 
 
-class _ManifestCheck:
-    """One pass over the manifests (``_check_manifests``): new problems, and what each
-    already reported blob holds."""
-
-    def __init__(self, store: LocalStorageBackend, report: VerifyReport) -> None:
-        self.store, self.report = store, report
-        self.reported = {p.digest for p in report.problems}
-        self.holds: dict[str, set[str]] = {}
-
-    def directory(self, row: VersionRow, blobs: dict[str, int]) -> None:
-        try:
-            digest = check_digest(row.digest, where=f"registry row {row.key}")
-            manifest = read_manifest(self.store.blob_path(digest), digest=digest)
-            check_manifest_row(manifest, digest, row.size, blobs)
-        except (IntegrityError, StorageError) as exc:
-            self.report.problems.append(Problem(row.digest, "manifest", str(exc), (row.key,)))
-            return
-        for record in manifest.files:
-            if record.chunks is not None:
-                self.chunked(blobs, record.chunks, record.digest, record.size, row.key,
-                             file=record.path)
-
-    def chunked(self, blobs: dict[str, int], manifest_digest: str, digest: str, size: int,
-                version: str, *, file: str | None = None) -> None:
-        """A chunk manifest of ``version`` (of its whole content, or of ``file`` in it)."""
-        from .chunks.read import read_chunk_manifest
-
-        of = "" if file is None else f" of file {file!r}"
-        if manifest_digest in self.reported:  # missing or corrupt: reported with its versions
-            self.holds.setdefault(manifest_digest, set()).add(f"chunk manifest{of}")
-            return
-        try:
-            manifest = read_chunk_manifest(self.store, blobs, manifest_digest, digest, size,
-                                           full=False, key=f"{version}{of}")
-        except (IntegrityError, StorageError, OSError) as exc:
-            self.report.problems.append(Problem(manifest_digest, "manifest", str(exc),
-                                                (version,)))
-            return
-        for part, _ in manifest.blobs():
-            if part in self.reported:
-                self.holds.setdefault(part, set()).add(f"{manifest.label(part)}{of}")
+def _label(manifests: Manifests, report: VerifyReport) -> None:
+    """Say what each reported blob of chunked content holds: a part ("tensor 'x'", "the
+    header", with " of file 'y'" in a directory) or a chunk manifest."""
+    holds: dict[str, set[str]] = {}
+    reported = {p.digest for p in report.problems if p.kind != "manifest"}
+    for item in manifests.files:
+        for digest, _ in item.manifest.blobs():
+            if digest in reported:
+                holds.setdefault(digest, set()).add(f"{item.manifest.label(digest)}{item.of}")
+    for error in manifests.errors:
+        if error.label and error.digest in reported:
+            holds.setdefault(error.digest, set()).add(error.label)
+    report.problems[:] = [dataclasses.replace(p, holds=tuple(sorted(holds[p.digest])))
+                          if p.digest in holds and p.kind != "manifest" else p
+                          for p in report.problems]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,11 @@ What each test proves (the failure it would catch):
   verifies and loads.
 - ``test_verify_reports_a_forged_or_missing_chunk_manifest``: damage to a manifest is a problem
   of that version (exit 1), never a traceback (exit 2).
+- ``test_verify_hashes_chunked_files_whole_and_catches_parts_in_the_wrong_order``: a forged
+  manifest listing the version's own intact parts in another order passes every blob's check;
+  verify hashes the parts as the file they make and reports the manifest.
+- ``test_verify_names_the_tensor_and_file_of_a_chunked_file_in_a_directory``: a bad part of a
+  chunked ``model.safetensors`` inside a directory version is named by tensor and file.
 - ``test_du_and_stored_bytes_are_exact``: logical, stored and saved bytes for a constructed
   store (three checkpoints sharing a frozen layer, two artifacts with identical content), in
   `du`, `verify --json`, `artifacts` and `show`; per-version stored bytes add up to du's.
@@ -24,6 +29,7 @@ What each test proves (the failure it would catch):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -32,18 +38,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 from click.testing import CliRunner
 from torch import nn
 
 from repro_core import ArtifactManager, IntegrityError, constants
-from repro_core.chunks.manifest import ChunkManifest
+from repro_core.chunks.manifest import ChunkManifest, encode
 from repro_core.chunks.read import manifest_of
 from repro_core.cli import main
 from repro_core.cli._common import fmt_size
-from repro_core.hashing import hash_file
+from repro_core.hashing import hash_bytes, hash_file
 from repro_core.registry import Registry
 from repro_core.registry.versions import VersionQueries
+from repro_core.store.local import LocalStorageBackend
 from repro_core.types import parse_key
 
 MiB = 1 << 20
@@ -82,7 +90,8 @@ def _manifest(manager: ArtifactManager, key: str) -> ChunkManifest:
     registry = _registry(manager.root)
     try:
         row = registry.resolve(parse_key(key))
-        return manifest_of(manager._read_store(), registry, row, full=True)
+        store = LocalStorageBackend(manager.root, algorithm=registry.hash_algorithm())
+        return manifest_of(store, registry, row, full=True)
     finally:
         registry.close()
 
@@ -230,6 +239,76 @@ def test_verify_reports_a_forged_or_missing_chunk_manifest(
     code, out = invoke("verify", "--root", str(root))
     assert code == 1 and "Traceback" not in out and "MANIFEST" in out and k1 in out
     _same(manager.load_artifact(k2), s2)  # the version whose manifest was borrowed: intact
+
+
+def test_verify_hashes_chunked_files_whole_and_catches_parts_in_the_wrong_order(
+        manager: ArtifactManager, run: Any, chunky: None) -> None:
+    """A manifest naming the version's own, intact parts in another order passes every
+    blob's check; only the parts hashed as the file they make show the forgery."""
+    (key, _), (other, state) = _checkpoints(manager, 2)
+    root = manager.root
+    genuine = _manifest(manager, key)
+    header, first, second = genuine.parts
+    assert (first.size, second.size) == (LAYER, LAYER)
+    forged = dataclasses.replace(genuine, parts=(
+        header, dataclasses.replace(first, digest=second.digest),
+        dataclasses.replace(second, digest=first.digest)))
+    raw = encode(forged)
+    digest = hash_bytes(raw)
+    _blob_path(root, digest).parent.mkdir(parents=True, exist_ok=True)
+    _blob_path(root, digest).write_bytes(raw)
+    row_id = _row_id(root, key)
+    con = sqlite3.connect(root / "registry.sqlite")
+    with con:
+        con.execute("UPDATE version_blobs SET digest = ?, size = ? WHERE version_id = ? AND "
+                    "digest = ?", (digest, len(raw), row_id, _manifest_digest(root, key)))
+        con.execute("UPDATE versions SET manifest = ? WHERE id = ?", (digest, row_id))
+    con.close()
+
+    assert _json(root, "verify", "--size-only")["ok"] is True  # every blob is intact
+    report = _json(root, "verify")
+    assert [(p["digest"], p["kind"], p["versions"]) for p in report["problems"]] == [
+        (digest, "manifest", [key])]
+    assert "put together hash to" in report["problems"][0]["message"]
+    _same(manager.load_artifact(other), state)
+
+
+def test_verify_names_the_tensor_and_file_of_a_chunked_file_in_a_directory(
+        manager: ArtifactManager, run: Any, chunky: None, tmp_path: Path) -> None:
+    model = _model()
+    (tmp_path / "state").mkdir()
+    safetensors.torch.save_file(_state(model), str(tmp_path / "state" / "model.safetensors"))
+    (tmp_path / "state" / "notes.txt").write_text("small, stored whole")
+    key = manager.log_artifact("state", "checkpoint", file_path=tmp_path / "state").key
+    registry = _registry(manager.root)
+    row = registry.resolve(parse_key(key))
+    blobs = dict(registry.blobs_of(row.id))
+    registry.close()
+    big = [d for d, n in blobs.items() if n == LAYER]
+    assert len(big) == 2, "model.safetensors is not stored per tensor"
+    assert _json(manager.root, "verify")["ok"] is True
+    _flip_byte(_blob_path(manager.root, big[0]), 99)
+    (problem,) = _json(manager.root, "verify")["problems"]
+    assert (problem["digest"], problem["kind"], problem["versions"]) == (big[0], "digest", [key])
+    assert len(problem["holds"]) == 1
+    assert problem["holds"][0] in ("tensor '0.weight' of file 'model.safetensors'",
+                                   "tensor '1.weight' of file 'model.safetensors'")
+
+
+def _row_id(root: Path, key: str) -> int:
+    registry = _registry(root)
+    try:
+        return registry.resolve(parse_key(key)).id
+    finally:
+        registry.close()
+
+
+def _manifest_digest(root: Path, key: str) -> str:
+    registry = _registry(root)
+    try:
+        return str(registry.resolve(parse_key(key)).manifest)
+    finally:
+        registry.close()
 
 
 # -- du, artifacts, show ------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def test_bad_input_is_one_line_exit_2(store: dict[str, str], store_root: Path,
 # (command, needs a run id) for every command that reads a store
 READERS = [("runs",), ("show", "{run}"), ("artifacts",), ("lineage", "model"),
            ("diff", "{run}", "{run}"), ("updates", "{run}"), ("verify",),
-           ("verify", "model"), ("verify", "--run", "{run}"), ("gc",),
+           ("verify", "model"), ("verify", "--run", "{run}"), ("gc",), ("du",),
            ("gc", "--delete", "--grace", "0"), ("remote", "list"),
            ("remote", "add", "origin", "s3://bucket/prefix"), ("push",), ("push", "model"),
            ("pull",), ("pull", "origin"), ("status",), ("migrate", "--to", "sqlite"),

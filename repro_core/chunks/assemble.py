@@ -106,6 +106,8 @@ def serve_assembled(store: LocalStorageBackend, manifest: ChunkManifest, name: s
     algorithm, hexdigest = parse_digest(manifest.digest)
     parts = ("cache", "assembled", algorithm, hexdigest)
     with store_dir(store.root, parts, create=True) as dfd:
+        with contextlib.suppress(OSError):  # in use from now: gc's grace starts again
+            os.utime(RECORD, dir_fd=dfd, follow_symlinks=False)
         served = _existing(manifest, dfd, name, full=full)
         if served is None:
             _build(store, manifest, dfd, name, progress)

@@ -47,7 +47,8 @@ def verify(key: str | None, run_id: str | None, check_all: bool, size_only: bool
            root: Path | None, as_json: bool) -> None:
     """Re-hash blobs (all, one version's KEY, or one run's outputs); exit 1 and name every
     corrupt or missing one — for a part of a chunked checkpoint, the tensor(s) it holds and
-    every version that shares it. A bar shows bytes and rate on a terminal (REPRO_PROGRESS=0:
+    every version that shares it; chunked content is hashed as the files its parts make, so a
+    forged manifest is caught too. A bar shows bytes and rate on a terminal (REPRO_PROGRESS=0:
     off). --json adds the store's deduplication figures ("dedup", as `repro du --json`)."""
     from ..maintenance import store_usage
 
@@ -55,7 +56,7 @@ def verify(key: str | None, run_id: str | None, check_all: bool, size_only: bool
         raise InvalidArgumentError("give one of KEY, --run or --all", argument="key")
     with open_registry(root) as registry:
         versions = _selected(registry, key, run_id)
-        total = _bytes_to_check(registry, versions)
+        total = _bytes_to_check(registry, versions, not size_only)
         usage = store_usage(registry)
     with progress(total, "verify", min_total=0) as advance:
         report = _verify(store_root(root), versions, not size_only, advance)
@@ -94,10 +95,23 @@ def _selected(registry: Registry, key: str | None, run_id: str | None
     return None
 
 
-def _bytes_to_check(registry: Registry, versions: list[VersionRow] | None) -> int:
+def _bytes_to_check(registry: Registry, versions: list[VersionRow] | None, full: bool) -> int:
+    """What the bar counts: every blob's bytes; hashing, a chunked version's parts count as
+    the file they make (``verify_store`` hashes them so: a part shared by ten checkpoints is
+    read ten times). Chunked files inside directories are counted as their parts."""
+    rows = registry.list_versions() if versions is None else versions
     if versions is None:
-        return sum(size or 0 for _, size in registry.blob_references())
-    return sum(size for v in versions for _, size in registry.blobs_of(v.id))
+        blobs = {d: size or 0 for d, size in registry.blob_references()}
+    else:
+        blobs = {d: size for v in versions for d, size in registry.blobs_of(v.id)}
+    if not full:
+        return sum(blobs.values())
+    chunked = {(v.manifest, v.digest): v for v in rows
+               if v.manifest is not None and v.pruned_at is None}
+    parts = {d for v in chunked.values() for d, _ in registry.blobs_of(v.id)
+             if d != v.manifest}
+    return (sum(size for d, size in blobs.items() if d not in parts)
+            + sum(v.size for v in chunked.values()))
 
 
 def _verify(root: Path, versions: list[VersionRow] | None, full: bool,

@@ -19,16 +19,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .downsample import gap_markers, minmax_downsample
+from .downsample import MAX_POINTS, gap_markers, minmax_downsample
 from .records import CheckpointMark, RunData, Series
 
-__all__ = ["PALETTE", "Figure", "hardware_figures", "metric_figures", "ttrl_figures"]
+__all__ = ["PALETTE", "Figure", "color", "hardware_figures", "metric_figures", "trace_points",
+           "ttrl_figures"]
 
 # Plotly's / D3's category10: the colours people already read as "run 1, run 2, …".
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")
 _GAP_COLOR = "#d62728"
 _MARKERS_UP_TO = 60  # a series this short is drawn with markers (one point has no line)
+# Points in all traces of a page, shared out evenly: 10 series get 3,000 points each, 1,000
+# series 300 each (never fewer), so a run with thousands of names stays a few MB too.
+_PAGE_POINTS = 600_000
+_MIN_TRACE_POINTS = 300
 _LABELLED_CHECKPOINTS = 25  # more checkpoint names than this overlap: hover shows them
 _GPU = re.compile(r"^gpu(\d+)/(.+)$")
 
@@ -49,9 +54,15 @@ def color(index: int) -> str:
 def metric_figures(runs: list[RunData]) -> list[Figure]:
     """One figure per training metric name (every series), runs overlaid by step."""
     names = sorted({k for data in runs for k in data.metrics})
+    budget = trace_points(sum(len(data.metrics) for data in runs))
     return [_figure(name, "step", [(i, data.label, data.metrics.get(name))
-                                   for i, data in enumerate(runs)])
+                                   for i, data in enumerate(runs)], budget)
             for name in names]
+
+
+def trace_points(traces: int) -> int:
+    """Points one trace may keep when a page has ``traces`` of them (see ``_PAGE_POINTS``)."""
+    return max(_MIN_TRACE_POINTS, min(MAX_POINTS, _PAGE_POINTS // max(traces, 1)))
 
 
 def hardware_figures(runs: list[RunData]) -> list[Figure]:
@@ -70,7 +81,8 @@ def hardware_figures(runs: list[RunData]) -> list[Figure]:
         if title.endswith("_bytes"):  # bytes as MiB: "3.2e9" reads worse than "3052"
             title = f"{title.removesuffix('_bytes')} (MiB)"
             traces = [(i, n, Series(s.x, s.y / 2**20)) for i, n, s in traces if s is not None]
-        figures.append(_figure(title, "seconds since the run started", traces))
+        figures.append(_figure(title, "seconds since the run started", traces,
+                               trace_points(sum(len(data.hardware) for data in runs))))
     return figures
 
 
@@ -93,13 +105,14 @@ def ttrl_figures(runs: list[RunData]) -> list[Figure]:
 # -- building blocks --------------------------------------------------------------------------
 
 
-def _figure(title: str, x_title: str, traces: list[tuple[int, str, Series | None]]) -> Figure:
+def _figure(title: str, x_title: str, traces: list[tuple[int, str, Series | None]],
+            max_points: int = MAX_POINTS) -> Figure:
     data: list[dict[str, object]] = []
     notes = []
     for index, name, series in traces:
         if series is None or len(series.y) == 0:
             continue
-        data.append(_line(index, name, series))
+        data.append(_line(index, name, series, max_points))
         if series.nonfinite:
             gx, gy = gap_markers(series.x, series.y)
             data.append({"type": "scatter", "mode": "markers", "name": _text(f"{name}: NaN/inf"),
@@ -120,8 +133,8 @@ def _figure(title: str, x_title: str, traces: list[tuple[int, str, Series | None
     return Figure(title=title, spec={"data": data, "layout": layout}, caption="; ".join(notes))
 
 
-def _line(index: int, name: str, series: Series) -> dict[str, object]:
-    x, y = minmax_downsample(series.x, series.y)
+def _line(index: int, name: str, series: Series, max_points: int) -> dict[str, object]:
+    x, y = minmax_downsample(series.x, series.y, max_points)
     mode = "lines+markers" if len(series.y) <= _MARKERS_UP_TO else "lines"
     return {"type": "scatter", "mode": mode, "name": _text(name), "legendgroup": _text(name),
             "x": _array(x), "y": _array(y), "connectgaps": False,
@@ -139,11 +152,11 @@ def _add_checkpoints(spec: dict[str, object],
     assert isinstance(data, list)
     shapes = []
     for index, name, checkpoints in marks:
+        labelled = len(checkpoints) <= _LABELLED_CHECKPOINTS
         shapes += [{"type": "line", "xref": "x", "yref": "paper", "x0": m.position,
-                    "x1": m.position, "y0": 0, "y1": 1,
+                    "x1": m.position, "y0": 0, "y1": 1, "opacity": 1.0 if labelled else 0.35,
                     "line": {"color": color(index), "width": 1, "dash": "dot"}}
                    for m in checkpoints]
-        labelled = len(checkpoints) <= _LABELLED_CHECKPOINTS
         data.append({
             "type": "scatter", "mode": "markers+text" if labelled else "markers",
             "name": _text(f"{name}: checkpoints"), "yaxis": "y2", "cliponaxis": False,

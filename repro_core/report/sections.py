@@ -23,6 +23,7 @@ from .units import fmt_duration, fmt_number, fmt_size, seconds_between
 __all__ = ["artifacts_table", "config_and_environment", "esc", "notices", "run_card",
            "summary_table", "table", "ttrl_table"]
 
+_FOLD_ROWS = 20  # a longer table starts folded (<details>), so the plots stay in reach
 _STATE_CLASS = {"running": "st-running", "completed": "st-ok", "failed": "st-bad",
                 "crashed": "st-bad", "interrupted": "st-warn"}
 
@@ -177,11 +178,13 @@ def ttrl_table(data: RunData) -> str:
              esc(fmt_number(r.mean_reward)), esc(fmt_number(r.mean_confidence)),
              esc(fmt_number(r.mean_kl))] for r in ttrl.produced]
     notes = "".join(f'<p class="muted">{esc(n)}</p>' for n in ttrl.notes)
-    total = len(ttrl.reward.y)
-    return (f"<h3>{esc(data.label)}: {total} online update(s), {len(ttrl.checkpoints)} "
-            f"checkpoint(s)</h3>"
-            + table(("checkpoint", "updates", "first update", "last update", "mean reward",
-                     "mean confidence", "mean KL"), rows) + notes)
+    body = table(("checkpoint", "updates", "first update", "last update", "mean reward",
+                  "mean confidence", "mean KL"), rows)
+    if len(rows) > _FOLD_ROWS:
+        body = (f"<details><summary>updates → checkpoint ({len(rows)} rows)</summary>{body}"
+                "</details>")
+    return (f"<h3>{esc(data.label)}: {len(ttrl.reward.y)} online update(s), "
+            f"{len(ttrl.checkpoints)} checkpoint(s)</h3>{body}{notes}")
 
 
 def summary_table(runs: list[RunData]) -> str:
