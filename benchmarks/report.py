@@ -66,7 +66,7 @@ def make_run(root: Path, rows: int, series: int, updates: int, checkpoints: int)
 
 def time_report(root: Path, run_id: str, out: Path) -> dict[str, float]:
     """Seconds for the report in this process (cold, then warm) and in a new one."""
-    from repro_core.report import report
+    from repro_core import report
 
     start = time.perf_counter()
     report(run_id, out, root=root)
@@ -74,7 +74,7 @@ def time_report(root: Path, run_id: str, out: Path) -> dict[str, float]:
     start = time.perf_counter()
     report(run_id, out, root=root)
     warm = time.perf_counter() - start
-    code = ("import sys; from repro_core.report import report; "
+    code = ("import sys; from repro_core import report; "
             "report(sys.argv[1], sys.argv[2], root=sys.argv[3])")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, run_id, str(out), str(root)], check=True)

@@ -38,6 +38,7 @@ from .maintenance import GcReport, VerifyReport, collect_garbage, verify_store
 from .manager import ArtifactManager
 from .monitor import HardwareMonitor
 from .recover import RecoverReport, recover_store
+from .reporting import report
 from .store import LocalStorageBackend, StorageBackend
 from .store.wandb_backend import WandBStorageBackend
 from .ttrl import TTRLContext
@@ -87,6 +88,7 @@ __all__ = [
     "hash_file",
     "rank_zero_only",
     "recover_store",
+    "report",
     "render_svg",
     "reproducible",
     "seed_everything",

@@ -23,7 +23,7 @@ ADDITIONS = {
     "hash_file", "verify_store", "GcReport", "collect_garbage", "render_svg",
     "capture_config", "capture_environment", "diff_runs", "seed_everything", "validate_environment",
     "RankMismatchError", "RegistryDamagedError", "StoreNotFoundError", "rank_zero_only",
-    "RecoverReport", "recover_store",
+    "RecoverReport", "recover_store", "report",
 }
 
 

@@ -30,8 +30,9 @@ from click.testing import CliRunner
 from repro_core import ArtifactManager, ExperimentContext
 from repro_core.cli import main
 from repro_core.errors import ArtifactNotFoundError, InvalidArgumentError
-from repro_core.report import render_report, report
-from repro_core.report.downsample import gap_markers, minmax_downsample
+from repro_core import report
+from repro_core.reporting import render_report
+from repro_core.reporting.downsample import gap_markers, minmax_downsample
 from repro_core.ttrl import TTRLContext
 
 # -- the store ----------------------------------------------------------------------------------
@@ -295,8 +296,8 @@ def test_hardware_samples_are_plotted_over_time(two_runs: str) -> None:
 
 def test_gpus_share_a_figure_and_bytes_read_as_mib() -> None:
     from repro_core.registry import RunRow
-    from repro_core.report.figures import hardware_figures, trace_points
-    from repro_core.report.records import RunData, Series
+    from repro_core.reporting.figures import hardware_figures, trace_points
+    from repro_core.reporting.records import RunData, Series
 
     t = np.arange(4, dtype=np.float64)
     row = RunRow(id="0123456789ab", name="gpu <b>run</b>", project="default", state="completed",
@@ -390,7 +391,7 @@ def test_cli_writes_the_report_and_errors_are_one_line(store: dict[str, Any],
 
 def test_missing_plotly_says_how_to_install(store: dict[str, Any],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro_core.report import plotly_js
+    from repro_core.reporting import plotly_js
 
     monkeypatch.setitem(sys.modules, "plotly.offline", None)  # import fails
     plotly_js.plotly_bundle.cache_clear()
@@ -405,7 +406,7 @@ def test_missing_plotly_says_how_to_install(store: dict[str, Any],
 
 
 def test_import_repro_core_does_not_import_plotly() -> None:
-    code = ("import sys, repro_core, repro_core.report; "
+    code = ("import sys, repro_core, repro_core.reporting; "
             "print(sorted(m for m in ('plotly', 'matplotlib', 'numpy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)

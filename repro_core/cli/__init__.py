@@ -16,6 +16,7 @@ One module per command family::
     diff.py        diff
     updates.py     updates (TTRL online updates)
     store.py       verify, gc, du
+    report.py      report (one self-contained HTML file: plots, TTRL, lineage, diff)
     setup.py       init, recover (the only commands that write a registry)
     remote.py      remote, push, pull, status (write the registry's remote rows and pulls)
     db.py          migrate (registry SQLite <-> PostgreSQL), db upgrade
@@ -40,6 +41,7 @@ from .db import db, migrate
 from .diff import diff
 from .lineage import lineage
 from .remote import pull, push, remote, status
+from .report import report
 from .runs import runs, show
 from .setup import init, recover
 from .store import du, gc, verify
@@ -63,6 +65,6 @@ def main(ctx: click.Context, root: Path | None, debug: bool) -> None:
         getattr(constants, name)  # a bad value raises InvalidArgumentError naming it
 
 
-for _command in (runs, show, artifacts, lineage, diff, updates, verify, gc, du, init, recover,
-                 remote, push, pull, status, migrate, db):
+for _command in (runs, show, artifacts, lineage, diff, updates, verify, gc, du, report, init,
+                 recover, remote, push, pull, status, migrate, db):
     main.add_command(_command)

@@ -1,5 +1,5 @@
 """``repro report RUN [RUN…] [-o report.html]``: one self-contained HTML file about the runs
-(see :mod:`repro_core.report`). Reads the store read-only, like every command but ``init``,
+(see :mod:`repro_core.reporting`). Reads the store read-only, like every command but ``init``,
 ``recover`` and ``pull``."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def report(run_ids: tuple[str, ...], output: Path, root: Path | None) -> None:
     TTRL reward/confidence/KL with checkpoints marked, hardware, the lineage picture,
     artifacts, config and environment. Opening it needs no server and makes no network
     request. Needs the `report` extra (Plotly): pip install 'repro-lightning[report]'."""
-    from ..report.api import report as write_report
+    from ..reporting.api import report as write_report
 
     try:
         written = write_report(list(run_ids), output, root=store_root(root))
