@@ -51,6 +51,7 @@ class StaleEntry:
 
     kind: str
     parts: tuple[str, ...]
+    idle: float = 0.0  # assembled entries: re-checked under their lock before removal
 
     @property
     def path(self) -> Path:
@@ -77,7 +78,13 @@ def stale_entries(store: LocalStorageBackend, grace_seconds: float, *,
 
 
 def remove_stale(store: LocalStorageBackend, entry: StaleEntry) -> None:
-    """Delete one entry without following links (gone already: nothing to do)."""
+    """Delete one entry without following links (gone already: nothing to do). An
+    assembled file's entry goes only if no one is using it now (``remove_entry``)."""
+    if entry.kind == "assembled" and len(entry.parts) == 4:
+        from .chunks.assemble import remove_entry
+
+        remove_entry(store, entry.parts, entry.idle)
+        return
     try:
         with store_dir(store.root, entry.parts[:-1], create=False) as parent:
             remove_tree(parent, entry.parts[-1])
@@ -235,7 +242,7 @@ def _assembled(parts: tuple[str, ...], dfd: int, grace: float, now: float,
     # from under its builder.
     used = max([times.get(RECORD, os.fstat(dfd).st_mtime), *building])
     if now - used >= grace:
-        out.append(StaleEntry("assembled", parts))
+        out.append(StaleEntry("assembled", parts, idle=grace))
         return
     for name, t in times.items():
         if name.startswith(".tmp-") and now - t > constants.REPRO_STALE_TMP_SECONDS:

@@ -19,7 +19,7 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import constants, distributed
 from ._artifacts import ArtifactWriter, metadata_from_row
@@ -30,6 +30,9 @@ from .registry import Registry, VersionRow
 from .serialize import load_payload
 from .store.local import LocalStorageBackend
 from .types import ArtifactMetadata, ArtifactType, ParsedKey, Run, parse_key, utc_now
+
+if TYPE_CHECKING:
+    from .chunks.manifest import ChunkManifest
 
 __all__ = ["ArtifactsAPI"]
 
@@ -152,7 +155,8 @@ class ArtifactsAPI:
 
     def _use(self, key: ParsedKey, wanted: ArtifactType | None, full: bool, private: bool,
              run: Run | None, dest: Path | None = None, *,
-             serve: bool = True) -> ArtifactMetadata:
+             serve: bool = True,
+             found: list[ChunkManifest] | None = None) -> ArtifactMetadata:
         """``use_artifact`` on rank 0. ``serve=False`` (``load_artifact``): a chunked
         safetensors version is checked but not put together (its ``path`` is None)."""
         recording = run is not None and run.id is not None
@@ -172,7 +176,9 @@ class ArtifactsAPI:
             fetch_missing(store, registry, row)
         if not serve and row.manifest is not None and row.format == "safetensors":
             path = None  # load_artifact maps the parts (checked here, as a use checks)
-            _check_chunked(store, registry, row, full)
+            manifest = _check_chunked(store, registry, row, full)
+            if found is not None:
+                found.append(manifest)
         else:
             path = ArtifactWriter.check_content(store, registry, row, full=full, copy=private,
                                                 dest=dest)
@@ -216,35 +222,55 @@ class ArtifactsAPI:
         (dict/list, str, bytes, tensor dict, numpy array; a ``Path`` for files/directories)."""
         key = parse_key(name, version)
         full = constants.REPRO_VERIFY == "full"
+        private = constants.REPRO_MATERIALIZE == "copy"
         with self._lock:
             run = self._run
-        meta: ArtifactMetadata = self._exchange.run_on_zero(
-            distributed.Call("use_artifact", name, {"version": version, "type": None}),
-            lambda: self._use(key, None, full, constants.REPRO_MATERIALIZE == "copy", run,
-                              serve=False),
-            encode=ArtifactMetadata.to_dict, decode=ArtifactMetadata.from_dict,
-        )  # type: ignore[assignment]
-        if meta.path is not None:
-            assert meta.format is not None
-            return load_payload(meta.path, meta.format, digest=meta.hash)
-        # A chunked safetensors version, checked by ``_use`` on rank 0: each rank maps the
-        # part blobs itself (``chunks.read``), no file is put together.
-        from .chunks.read import load_tensors, manifest_of
 
-        store, registry = self._read_store(), self._read_registry()
-        row = self._resolve(registry, parse_key(meta.key))
-        return load_tensors(store, manifest_of(store, registry, row, full=False), full=False,
-                            key=row.key, check=False)
+        def use() -> tuple[ArtifactMetadata, ChunkManifest | None]:
+            found: list[ChunkManifest] = []
+            meta = self._use(key, None, full, private, run, serve=False, found=found)
+            return meta, (found[0] if found else None)
+
+        # Rank 0 resolves, checks and records the use; the other ranks get the checked
+        # manifest with the answer and map the parts themselves (no registry on their side).
+        meta, manifest = self._exchange.run_on_zero(
+            distributed.Call("load_artifact", name, {"version": version}), use,
+            encode=_encode_loaded, decode=_decode_loaded)  # type: ignore[misc]
+        if manifest is None:
+            assert meta.path is not None and meta.format is not None
+            return load_payload(meta.path, meta.format, digest=meta.hash)
+        from .chunks.read import load_tensors
+
+        return load_tensors(self._read_store(), manifest, full=False, key=meta.key,
+                            check=False)
+
+
+def _encode_loaded(answer: tuple[ArtifactMetadata, ChunkManifest | None]) -> dict[str, Any]:
+    from .chunks.manifest import encode
+
+    meta, manifest = answer
+    return {"meta": meta.to_dict(),
+            "manifest": None if manifest is None else encode(manifest).decode("utf-8")}
+
+
+def _decode_loaded(data: dict[str, Any]) -> tuple[ArtifactMetadata, ChunkManifest | None]:
+    from .chunks.manifest import parse_manifest
+
+    raw = data["manifest"]
+    return (ArtifactMetadata.from_dict(data["meta"]),
+            None if raw is None else parse_manifest(raw.encode("utf-8")))
 
 
 def _check_chunked(store: LocalStorageBackend, registry: Registry, row: VersionRow,
-                   full: bool) -> None:
+                   full: bool) -> ChunkManifest:
     from . import _progress
     from .chunks.assemble import check_content
     from .chunks.read import manifest_of
 
     with _progress.tracked(row.size * int(full), f"checking {row.key}"):
-        check_content(store, manifest_of(store, registry, row, full=full), full=full)
+        manifest = manifest_of(store, registry, row, full=full)
+        check_content(store, manifest, full=full)
+    return manifest
 
 
 def _journal(root: Path, run_id: str, event: dict[str, Any]) -> None:

@@ -103,19 +103,19 @@ class LocalReads:
         read-only blob, or a symbolic link to the blob where ``dest`` is on another file
         system. ``dest`` is replaced atomically (a new name is linked, then renamed over it),
         so whatever was at ``dest`` before — another version's link included — is never
-        written into. A chunked version is put together first (``cache/assembled/``) and
-        that file linked. Rank-local, records nothing."""
+        written into. A chunked version has no blob to link: it is put together at ``dest``
+        (one write, read-only, hash-checked). Rank-local, records nothing."""
         store, registry = self._read_store(), self._read_registry()
         row = self._live_row(registry, parse_key(key))
         if row.format == "directory":
             raise InvalidArgumentError(f"{row.key} is a directory; link_version places files",
                                        argument="key")
-        if row.manifest is not None:  # chunked: the file put together (``chunks``), linked
-            from ._cache import serve_version
+        if row.manifest is not None:  # chunked: no blob to link; put together at dest
+            from .chunks.serve import assemble_to
 
-            _place_link(serve_version(store, registry, row, full=False), Path(os.fspath(dest))
-                        .absolute())
-            return Path(os.fspath(dest)).absolute()
+            target = Path(os.fspath(dest)).absolute()
+            assemble_to(store, registry, row, target)
+            return target
         blob = store.blob_path(row.digest)
         try:
             size = os.stat(blob).st_size

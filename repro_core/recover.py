@@ -31,7 +31,7 @@ from . import _fsio, constants
 from ._journal import JOURNAL_NAME, read_events
 from ._safepath import check_digest, read_untrusted, safe_component
 from .capture.scrub import scrub, scrub_text
-from .chunks.manifest import check_manifest_row, parse_manifest
+from .chunks.manifest import MAX_MANIFEST, check_manifest_row, parse_manifest
 from .errors import IntegrityError, InvalidArgumentError, ReproError
 from .hashing import parse_digest
 from .registry import Registry, dumps
@@ -286,6 +286,9 @@ class _Rebuild:
         try:
             if not path.is_file() or path.stat().st_size != recorded[manifest]:
                 return  # reported with the missing blobs
+            if recorded[manifest] > MAX_MANIFEST:
+                raise ValueError(f"{key} names a chunk manifest of {recorded[manifest]} "
+                                 "bytes, more than any repro writes")
             raw = self.store.check(manifest, recorded[manifest], full=True).read_bytes()
         except (IntegrityError, OSError):
             return  # a damaged manifest blob: restored, reported as a damaged blob

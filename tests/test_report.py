@@ -27,10 +27,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from repro_core import ArtifactManager, ExperimentContext
+from repro_core import ArtifactManager, ExperimentContext, report
 from repro_core.cli import main
 from repro_core.errors import ArtifactNotFoundError, InvalidArgumentError
-from repro_core import report
 from repro_core.reporting import render_report
 from repro_core.reporting.downsample import gap_markers, minmax_downsample
 from repro_core.ttrl import TTRLContext

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -32,14 +33,14 @@ from pathlib import Path
 
 from .. import _fsio, constants
 from .._safepath import closing_fd, open_dir, remove_tree, store_dir
-from ..errors import IntegrityError, ReproError
+from ..errors import IntegrityError, ReproError, StorageError
 from ..hashing import copy_and_hash, hash_file, new_hasher, parse_digest
 from ..store._identity import Identity
 from ..store.local import LocalStorageBackend
 from .manifest import ChunkManifest
 
 __all__ = ["KEEP_SECONDS", "assemble_into", "assembled_entries", "check_content", "check_parts",
-           "serve_assembled"]
+           "remove_entry", "serve_assembled"]
 
 KEEP_SECONDS = 600.0
 RECORD = ".identity"
@@ -99,20 +100,31 @@ def _check_part(store: LocalStorageBackend, manifest: ChunkManifest, digest: str
 
 
 def serve_assembled(store: LocalStorageBackend, manifest: ChunkManifest, name: str, *,
-                    full: bool, progress: Progress | None = None) -> Path:
-    """The version's bytes as ``cache/assembled/<algo>/<hex>/<name>`` (built if needed)."""
+                    full: bool, progress: Progress | None = None,
+                    check: Callable[[], None] | None = None) -> Path:
+    """The version's bytes as ``cache/assembled/<algo>/<hex>/<name>`` (built if needed:
+    building hash-checks the whole file and names a bad part). ``check``: with ``full``,
+    run when an existing file is served (the parts' own check)."""
     if name == RECORD:
         name = parse_digest(manifest.digest)[1]
     algorithm, hexdigest = parse_digest(manifest.digest)
     parts = ("cache", "assembled", algorithm, hexdigest)
     with store_dir(store.root, parts, create=True) as dfd:
+        # Shared lock while in use here: eviction and gc take it exclusively (without
+        # waiting) and re-read the last-use time under it, so an entry is never removed
+        # between our check and our hand-out.
+        fcntl.flock(dfd, fcntl.LOCK_SH)
         with contextlib.suppress(OSError):  # in use from now: gc's grace starts again
             os.utime(RECORD, dir_fd=dfd, follow_symlinks=False)
         served = _existing(manifest, dfd, name, full=full)
         if served is None:
+            _check_room(store, manifest)
             _build(store, manifest, dfd, name, progress)
-        elif served != name:  # same bytes under another name: one more hard link
-            _link_name(dfd, served, name)
+        else:
+            if full and check is not None:
+                check()  # the parts too: a rotted part is reported while a copy exists
+            if served != name:  # same bytes under another name: one more hard link
+                _link_name(dfd, served, name)
         with contextlib.suppress(OSError):  # when it was last handed out (eviction, gc)
             os.utime(RECORD, dir_fd=dfd, follow_symlinks=False)
     path = store.root.joinpath(*parts, name)
@@ -140,6 +152,18 @@ def _existing(manifest: ChunkManifest, dfd: int, name: str, *, full: bool) -> st
     return None
 
 
+def _check_room(store: LocalStorageBackend, manifest: ChunkManifest) -> None:
+    """Refuse to put together a file bigger than the free space: a forged manifest that
+    repeats one genuine part millions of times must not fill the disk before its digest
+    is found wrong."""
+    st = os.statvfs(store.root)
+    free = st.f_bavail * st.f_frsize
+    if manifest.size > free:
+        raise StorageError(f"putting {manifest.digest} together needs {manifest.size} bytes, "
+                           f"the store's disk has {free} free; free space, or pass "
+                           "copy_to= on another disk", path=store.root)
+
+
 def _hash_at(dfd: int, name: str, digest: str) -> str:
     with closing_fd(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)) as fd:
         return hash_file(f"/proc/self/fd/{fd}", parse_digest(digest)[0])
@@ -161,10 +185,8 @@ def _build(store: LocalStorageBackend, manifest: ChunkManifest, dfd: int, name: 
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dfd)
         raise
-    for other in os.listdir(dfd):  # other names of an older build: not the same inode now
-        if other not in (name, RECORD) and not other.startswith(".tmp-"):
-            with contextlib.suppress(OSError):
-                os.unlink(other, dir_fd=dfd)
+    # (other names of an older build stay: another process may have just handed one out;
+    # its identity no longer matches the record, so it is never served again here)
     _write_identity(dfd, os.stat(name, dir_fd=dfd, follow_symlinks=False))
 
 
@@ -266,13 +288,46 @@ def _evict(store: LocalStorageBackend, *, keep: str) -> None:
     entries = assembled_entries(store)
     total = sum(size for _, _, size in entries)
     cap = constants.REPRO_ASSEMBLED_CACHE_BYTES
-    now = time.time()
-    for parts, used, size in sorted(entries, key=lambda e: e[1]):
+    for parts, _, size in sorted(entries, key=lambda e: e[1]):
         if total <= cap:
             return
-        if parts[-1] == keep or now - used < KEEP_SECONDS:
-            continue
-        with contextlib.suppress(OSError, ReproError), \
-                store_dir(store.root, parts[:-1], create=False) as parent:
-            remove_tree(parent, parts[-1])
+        if parts[-1] != keep and remove_entry(store, parts, KEEP_SECONDS):
             total -= size
+
+
+def remove_entry(store: LocalStorageBackend, parts: tuple[str, ...], idle: float) -> bool:
+    """Remove one ``cache/assembled/<algo>/<hex>`` entry if it is not in use: its lock can
+    be taken at once (no ``serve_assembled`` inside it), no live build, and — re-read under
+    the lock — not handed out in the last ``idle`` seconds. False: kept."""
+    try:
+        with store_dir(store.root, parts[:-1], create=False) as parent, closing_fd(
+                open_dir(parent, parts[-1], create=False, where=Path(*parts))) as dfd:
+            try:
+                fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if time.time() - _last_use(dfd) < idle:
+                return False
+            remove_tree(parent, parts[-1])
+            return True
+    except FileNotFoundError:
+        return True
+    except (OSError, ReproError):
+        return False
+
+
+def _last_use(dfd: int) -> float:
+    """When an entry was last handed out (its record's mtime; a directory never served has
+    none: its own), or now-ish if a build is under way (a live temp file)."""
+    now, used = time.time(), None
+    building = []
+    for name in os.listdir(dfd):
+        try:
+            mtime = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            continue
+        if name == RECORD:
+            used = mtime
+        elif name.startswith(".tmp-") and now - mtime <= constants.REPRO_STALE_TMP_SECONDS:
+            building.append(mtime)
+    return max([os.fstat(dfd).st_mtime if used is None else used, *building])

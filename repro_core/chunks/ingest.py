@@ -12,7 +12,7 @@ import io
 import os
 from pathlib import Path
 
-from ..errors import StorageError
+from ..errors import SerializationError, StorageError
 from ..store.local import BlobWriter, LocalStorageBackend
 from .split import cdc_chunks, header_length, plan_tensor_parts
 from .writer import _GATHER_MAX, PartWriter, Stored
@@ -44,6 +44,7 @@ def ingest_file(store: LocalStorageBackend, path: Path, min_bytes: int | None) -
                 with io.FileIO(fd, "rb", closefd=False) as stream:
                     for chunk in cdc_chunks(stream):
                         writer.add(chunk)
+                _same_size(fd, path, size)
             return writer.finish()
         except BaseException:
             writer.abort()
@@ -85,7 +86,11 @@ def _copy_planned(fd: int, path: Path, writer: PartWriter,
                 done += len(piece)
             writer.end()
         offset += size
-    if os.fstat(fd).st_size != offset:
+    _same_size(fd, path, offset)
+
+
+def _same_size(fd: int, path: Path, size: int) -> None:
+    if os.fstat(fd).st_size != size:
         raise StorageError(f"{path} changed size while it was logged; log it again once it "
                            "is complete", path=path)
 
@@ -122,6 +127,7 @@ class SafetensorsSink:
         self._plan: list[tuple[int, tuple[str, ...]]] = []
         self._left = 0  # bytes still due in the current part (0: between parts)
         self._in_part = False
+        self._extra = False  # bytes came after the last declared tensor
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
@@ -171,8 +177,9 @@ class SafetensorsSink:
             if not self._in_part:
                 if self._plan:
                     size, names = self._plan.pop()
-                else:  # more bytes than the header declares: kept, as one more part
-                    size, names = len(view), ()
+                else:  # more bytes than the header declares: refused at commit
+                    self._extra = True
+                    return
                 if len(view) >= size:  # the whole part in this write: no copy
                     writer.add(view[:size], names)
                     view = view[size:]
@@ -194,9 +201,12 @@ class SafetensorsSink:
             digest, size = self._plain.commit()
             return digest, size, None
         assert self._parts is not None
-        if self._in_part:  # fewer bytes than declared: store what was written
-            self._parts.end()
-            self._in_part = False
+        if self._in_part or self._plan or self._extra:
+            problem = "fewer bytes than it declares" if self._in_part or self._plan \
+                else "bytes after its last tensor"
+            raise SerializationError(
+                f"the safetensors content written does not match its own header ({problem}); "
+                "the writer of this Payload is broken — nothing was logged", path="data")
         stored = self._parts.finish()
         return stored.digest, stored.size, stored
 

@@ -27,15 +27,15 @@ from .._safepath import check_digest
 from ..errors import IntegrityError
 from ..serialize import canonical_json
 
-__all__ = ["FORMAT", "METHODS", "ChunkManifest", "Part", "check_manifest_row", "encode",
-           "parse_manifest"]
+__all__ = ["FORMAT", "MAX_MANIFEST", "METHODS", "ChunkManifest", "Part", "check_manifest_row",
+           "encode", "parse_manifest"]
 
 FORMAT = "repro.chunks/1"
 METHODS = ("tensors", "cdc")
 _MAX_PARTS = 10_000_000
 _MAX_NAMES = 10_000_000
 _MAX_SIZE = 2**63 - 1
-_MAX_MANIFEST = 1 << 30
+MAX_MANIFEST = 256 << 20  # a 1 TB file in 2 MiB chunks needs ~50 MB of manifest
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def encode(manifest: ChunkManifest) -> bytes:
 def parse_manifest(raw: bytes, *, digest: str | None = None) -> ChunkManifest:
     """Parse a stored manifest as untrusted input; any flaw is an ``IntegrityError``."""
     where = f"chunk manifest {digest}" if digest else "chunk manifest"
-    if len(raw) > _MAX_MANIFEST:
+    if len(raw) > MAX_MANIFEST:
         raise _bad(where, f"has {len(raw)} bytes, more than any manifest repro writes", digest)
     try:
         data = json.loads(raw)

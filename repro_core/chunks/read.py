@@ -17,18 +17,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .._safepath import check_digest
-from ..errors import IntegrityError
+from ..errors import IntegrityError, StorageError
 from ..registry.records import VersionRow
 from ..serialize import safetensors_spans
 from ..store.local import LocalStorageBackend
 from .assemble import check_content
-from .manifest import ChunkManifest, check_manifest_row, parse_manifest
+from .manifest import MAX_MANIFEST, ChunkManifest, check_manifest_row, parse_manifest
 from .split import header_length
 
 __all__ = ["load_tensors", "manifest_of", "read_chunk_manifest"]
-
-_MAX_MANIFEST = 1 << 30
-
 
 class _BlobIndex(Protocol):
     def blobs_of(self, version_id: int) -> list[tuple[str, int]]: ...
@@ -47,7 +44,7 @@ def read_chunk_manifest(store: LocalStorageBackend, blobs: dict[str, int], manif
     or one file's of a directory version — checked against the blobs the version records."""
     mdigest = check_digest(manifest, where=f"{key} chunk manifest")
     msize = blobs.get(mdigest)
-    if msize is None or msize > _MAX_MANIFEST:
+    if msize is None or msize > MAX_MANIFEST:
         raise IntegrityError(f"{key}: the registry records no usable size for its chunk "
                              f"manifest {mdigest}; the registry is damaged", digest=mdigest)
     path = store.check(mdigest, msize, full=full)
@@ -119,14 +116,22 @@ def _locate(starts: list[int], manifest: ChunkManifest, begin: int, size: int, n
 def _map(store: LocalStorageBackend, digest: str, size: int) -> mmap.mmap:
     """A copy-on-write mapping of a checked blob (never a link or special file)."""
     path: Path = store.blob_path(digest)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:  # missing, or a symlink planted in its place (ELOOP)
+        raise IntegrityError(f"blob {digest} cannot be opened ({exc.strerror}): missing or "
+                             "not a file; `repro verify` lists what is affected",
+                             digest=digest, path=path) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-            raise IntegrityError(f"blob {digest} changed while it was loaded", digest=digest,
-                                 path=path)
+            raise IntegrityError(f"blob {digest} is not a file of {size} bytes (changed while "
+                                 "it was loaded?)", digest=digest, path=path)
         return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as exc:  # ENOMEM: past the process's limit of mappings
+        raise StorageError(f"mapping blob {digest} failed: {exc}", path=path,
+                           errno=exc.errno) from exc
     finally:
         os.close(fd)
 

@@ -4,7 +4,9 @@ hash-checked against the whole-file digest the version records."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from .assemble import assemble_into, check_content, serve_assembled
 from .manifest import ChunkManifest
 from .read import manifest_of, read_chunk_manifest
 
-__all__ = ["assemble_file", "checked_chunks", "serve_chunked"]
+__all__ = ["assemble_file", "assemble_to", "checked_chunks", "serve_chunked"]
 
 _READ_WRITE = (_NEW_FILE & ~os.O_WRONLY) | os.O_RDWR  # assembling reads back what it wrote
 
@@ -28,10 +30,10 @@ def serve_chunked(store: LocalStorageBackend, registry: _BlobIndex, row: Version
                   full: bool, copy: bool, dest: Path | None,
                   progress: Progress | None) -> Path:
     """A chunked version (``chunks``) as one file: assembled into the bounded cache, or with
-    ``copy`` straight into a private copy. Parts are checked first (size; digest if
-    ``full``), and the file put together must hash to the version's digest."""
+    ``copy`` straight into a private copy. The parts are checked (size; with ``full``, their
+    digests in order against the version's, once: putting them together does that hash)."""
     manifest = manifest_of(store, registry, row, full=full)
-    check_content(store, manifest, full=full)
+    check_content(store, manifest, full=False)
     name = file_name(row.filename, row.digest)
 
     def make(parent: int, leaf: str) -> None:
@@ -41,10 +43,35 @@ def serve_chunked(store: LocalStorageBackend, registry: _BlobIndex, row: Version
     try:
         if copy:
             return _copy_out(store, name, dest, make)
-        return serve_assembled(store, manifest, name, full=full, progress=progress)
+        return serve_assembled(store, manifest, name, full=full, progress=progress,
+                               check=lambda: check_content(store, manifest, full=True))
     except OSError as exc:
         raise StorageError(f"putting {row.key} together failed: {exc}{_hint(exc, dest)}",
                            path=store.root / "cache", errno=exc.errno) from exc
+
+
+def assemble_to(store: LocalStorageBackend, registry: _BlobIndex, row: VersionRow,
+                target: Path) -> None:
+    """Put a chunked version together at ``target`` (read-only, replacing what is there
+    atomically): ``link_version`` of chunked content. Written once, beside ``target`` (no
+    cache entry that eviction or gc could pull from under a checkpoint path)."""
+    manifest = manifest_of(store, registry, row, full=False)
+    check_content(store, manifest, full=False)
+    temp = target.with_name(f".{target.name[:200]}.repro-{secrets.token_hex(6)}")
+    try:
+        with closing_fd(os.open(temp, _READ_WRITE, 0o644)) as out:
+            assemble_into(store, manifest, out)
+            os.fchmod(out, 0o444)
+        os.replace(temp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise StorageError(f"writing {row.key} to {target} failed: {exc}", path=target,
+                           errno=exc.errno) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
 
 
 def checked_chunks(store: LocalStorageBackend, blobs: dict[str, int], record: FileRecord,

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import StorageError
 from ..hashing import hash_bytes, new_hasher
 from ..store.local import BlobWriter, LocalStorageBackend
 from .manifest import ChunkManifest, Part, encode
@@ -30,6 +31,7 @@ from .manifest import ChunkManifest, Part, encode
 __all__ = ["PartWriter", "Stored"]
 
 _GATHER_MAX = 64 << 20  # a part up to this size arriving in pieces is gathered in memory
+_IN_FLIGHT = 32  # new parts written but not yet published (each holds a temp file open)
 _OVERLAP_MIN = 1 << 20  # smaller parts: both hashes in turn (a thread hop costs more)
 
 
@@ -56,7 +58,7 @@ class PartWriter:
                                        tuple[str, ...]]] = []
         self._publishing: list[concurrent.futures.Future[tuple[str, int]]] = []
         self._handled: set[str] = set()  # part digests seen (stored or being published)
-        self._written: set[str] = set()  # those this writer publishes (dirs synced at finish)
+        self._inflight = threading.BoundedSemaphore(_IN_FLIGHT)
         self._stream: BlobWriter | None = None
         self._stream_names: tuple[str, ...] = ()
         self._gather: bytearray | None = None
@@ -75,13 +77,20 @@ class PartWriter:
             self._handled.add(digest)
             return
         self._handled.add(digest)
-        self._written.add(digest)
-        staged = self._store.stage(view)
+        self._inflight.acquire()  # bounded: open temp files and dirty pages
+        try:
+            staged = self._store.stage(view)
+        except BaseException:
+            self._inflight.release()
+            raise
         self._publishing.append(_submit("publish", self._publish, staged, digest))
 
     def _publish(self, staged: BlobWriter, digest: str) -> tuple[str, int]:
         """fsync + rename now; the shard directories are synced once, in ``finish``."""
-        return self._store.publish_staged(staged, digest, sync_dir=False)
+        try:
+            return self._store.publish_staged(staged, digest, sync_dir=False)
+        finally:
+            self._inflight.release()
 
     def _hash_both(self, view: memoryview) -> str:
         """The part's digest, while the whole-file hash takes the same bytes on another
@@ -134,8 +143,13 @@ class PartWriter:
         self._drain()
         parts = tuple(p if isinstance(p, Part) else Part(*p[0].result(), p[1])
                       for p in self._parts)
-        # every new part's directory entry durable before the manifest can name it
-        self._store.sync_dirs(self._written)
+        if not parts:  # (a file that shrank to nothing while read): never a manifest
+            raise StorageError("the content ended before its first byte was stored; log it "
+                               "again once it is complete")
+        # every part's directory entry durable before the manifest can name it: ours (their
+        # directories were not synced when published) and those found stored (another
+        # writer may have published one the same way, not synced yet)
+        self._store.sync_dirs(self._handled)
         manifest = ChunkManifest(method=self._method, digest=self._whole.digest(),
                                  size=self._size, parts=parts)
         with self._store.open_writer() as writer:
@@ -178,6 +192,17 @@ def _overlap(first: Callable[[], object], second: Callable[[], object]) -> None:
 _pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 _pools_pid = 0
 _pools_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A fork while another thread held the lock would leave it held for ever in the child
+    (an async checkpoint thread forking a data loader worker): make a fresh one."""
+    global _pools_lock
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 _POOL_SIZES = {"hash": 2, "publish": 4}  # fsyncs overlap well (one journal commit serves many)
 
 

@@ -263,7 +263,7 @@ class Puller:
         describe the record (whole-file digest and size) and list only blobs the record
         names, with their sizes — else the remote is forged and nothing is imported (a row
         whose parts do not make its file would be served as damage later)."""
-        from ..chunks.manifest import check_manifest_row, parse_manifest
+        from ..chunks.read import read_chunk_manifest
 
         for record in plan.versions.values():
             if record.manifest is None or record.uid in self.local or \
@@ -271,9 +271,8 @@ class Puller:
                 continue
             blobs = dict(record.blobs)
             try:
-                path = self.store.check(record.manifest, blobs[record.manifest], full=True)
-                manifest = parse_manifest(path.read_bytes(), digest=record.manifest)
-                check_manifest_row(manifest, record.key, record.digest, record.size, blobs)
+                read_chunk_manifest(self.store, blobs, record.manifest, record.digest,
+                                    record.size, full=True, key=record.key)
             except IntegrityError as exc:
                 raise IntegrityError(f"the record of {record.key} on {self.remote.where} is "
                                      f"damaged or forged ({exc}); nothing was imported",
