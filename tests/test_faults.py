@@ -66,7 +66,10 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "WORLD_SIZE", "REPRO_HOME"):
         env.pop(var, None)
-    env.update(REPRO_FSYNC="full", REPRO_VERIFY="full", PYTHONUNBUFFERED="1")
+    # Whole-file blobs: these tests kill writers mid-blob (a chunked log's kill is in
+    # test_chunks.py), which needs one temp file growing to the file's size.
+    env.update(REPRO_FSYNC="full", REPRO_VERIFY="full", PYTHONUNBUFFERED="1",
+               REPRO_CHUNK_MIN_BYTES="off")
     return env
 
 

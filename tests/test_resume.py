@@ -552,6 +552,7 @@ def _downgrade_to_v4(path: Path) -> None:
     conn.execute("ALTER TABLE runs DROP COLUMN segment")
     conn.execute("ALTER TABLE metric_chunks DROP COLUMN segment")
     conn.execute("ALTER TABLE versions DROP COLUMN pruned_at")
+    conn.execute("ALTER TABLE versions DROP COLUMN manifest")
     conn.execute("UPDATE schema_version SET version = 4")
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
