@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from . import constants, distributed
 from ._artifacts import ArtifactWriter, metadata_from_row
 from ._journal import append_event
+from ._safepath import refuse_inside
 from .distributed import Exchange
 from .errors import ArtifactNotFoundError, InvalidArgumentError, StorageError
 from .registry import Registry, VersionRow
@@ -162,6 +163,8 @@ class ArtifactsAPI:
         recording = run is not None and run.id is not None
         store, registry = self._open() if recording else (self._read_store(),
                                                             self._read_registry())
+        if dest is not None:
+            refuse_inside(dest, store.root, argument="copy_to")
         row = self._resolve(registry, key)
         if row.pruned_at is not None:
             raise ArtifactNotFoundError(

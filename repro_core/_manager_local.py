@@ -24,6 +24,7 @@ from typing import Any
 
 from . import constants
 from ._artifacts import ArtifactWriter, metadata_from_row
+from ._safepath import refuse_inside
 from .errors import (
     ArtifactNotFoundError,
     IntegrityError,
@@ -110,6 +111,11 @@ class LocalReads:
         if row.format == "directory":
             raise InvalidArgumentError(f"{row.key} is a directory; link_version places files",
                                        argument="key")
+        place = Path(os.fspath(dest)).absolute()
+        refuse_inside(place, store.root, argument="dest")
+        if place.is_dir() and not place.is_symlink():
+            raise InvalidArgumentError(f"{place} is a directory; link_version replaces a file "
+                                       "(or makes a new one)", argument="dest")
         if row.manifest is not None:  # chunked: no blob to link; put together at dest
             from .chunks.serve import assemble_to
 

@@ -27,7 +27,7 @@ from .errors import IntegrityError, InvalidArgumentError, StorageError
 from .hashing import parse_digest
 
 __all__ = ["MAX_DEPTH", "check_digest", "check_relpath", "closing_fd", "component_problem",
-           "open_dir", "remove_tree", "safe_component", "store_dir"]
+           "open_dir", "refuse_inside", "remove_tree", "safe_component", "store_dir"]
 
 MAX_COMPONENT_BYTES = 255  # NAME_MAX on every filesystem we run on
 MAX_PATH_BYTES = 4096  # PATH_MAX
@@ -213,3 +213,15 @@ def read_untrusted(path: Path, limit: int) -> bytes | None:
             if total > limit:  # grew while we read
                 return None
         return b"".join(chunks)
+
+
+def refuse_inside(path: Path, root: Path, *, argument: str) -> None:
+    """A path of the user's (``copy_to=``, ``link_version``'s ``dest``) must not lie inside
+    the store: written there it would replace the registry, a blob or a journal — what
+    ``repro recover`` cannot rebuild. Symlinks in either are resolved first."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise InvalidArgumentError(f"{path} is inside the store {root}; repro never writes "
+                                   "your files there (it could replace the registry or a "
+                                   "blob): choose a path outside it", argument=argument)

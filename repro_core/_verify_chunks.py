@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ._safepath import check_digest, closing_fd
 from .chunks.manifest import ChunkManifest
-from .chunks.read import read_chunk_manifest
+from .chunks.read import check_layout, read_chunk_manifest
 from .directory import check_manifest_row, read_manifest
 from .errors import IntegrityError, StorageError
 from .hashing import new_hasher, parse_digest
@@ -81,7 +81,7 @@ def read_manifests(store: LocalStorageBackend, registry: Registry,
             continue  # pruned: its blobs may be gone, on purpose
         if row.manifest is not None:
             _chunked(store, dict(registry.blobs_of(row.id)), out, row.key, None,
-                     row.manifest, row.digest, row.size)
+                     row.manifest, row.digest, row.size, row.format)
         elif row.format == "directory":
             _directory(store, dict(registry.blobs_of(row.id)), out, row)
     return out
@@ -105,11 +105,13 @@ def _directory(store: LocalStorageBackend, blobs: dict[str, int], out: Manifests
 
 
 def _chunked(store: LocalStorageBackend, blobs: dict[str, int], out: Manifests, version: str,
-             file: str | None, manifest_digest: str, digest: str, size: int) -> None:
+             file: str | None, manifest_digest: str, digest: str, size: int,
+             fmt: str | None = None) -> None:
     of = "" if file is None else f" of file {file!r}"
     try:
         manifest = read_chunk_manifest(store, blobs, manifest_digest, digest, size,
                                        full=False, key=f"{version}{of}")
+        check_layout(store, manifest, f"{version}{of}", fmt)
     except (IntegrityError, StorageError, OSError) as exc:
         out.errors.append(ManifestError(manifest_digest, version, f"chunk manifest{of}",
                                         str(exc)))

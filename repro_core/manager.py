@@ -66,6 +66,12 @@ from .types import (
 __all__ = ["ArtifactManager"]
 
 
+# Settings a run's writes read later: parsed when the run starts, so a bad value fails
+# ``init_run`` before anything is created (as a bad ``REPRO_HASH`` does).
+_WRITE_SETTINGS = ("REPRO_FSYNC", "REPRO_VERIFY", "REPRO_MATERIALIZE", "REPRO_CHUNK_MIN_BYTES",
+                   "REPRO_ASSEMBLED_CACHE_BYTES")
+
+
 class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads, RemoteMirroring):
     """Singleton manager for all artifact tracking and versioning.
 
@@ -208,6 +214,8 @@ class ArtifactManager(StoreAccess, ArtifactsAPI, ReadQueries, LocalReads, Remote
         from .remote._config import check_remote
 
         check_remote(constants.REPRO_REMOTE if remote is None else remote)  # before any I/O
+        for setting in _WRITE_SETTINGS:  # a typo in one is an error before the store exists
+            getattr(constants, setting)
         if registry is not None:
             check_url(registry)
         # Names and tags are stored and shown like any other string: scrubbed of credentials.

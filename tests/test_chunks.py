@@ -734,6 +734,65 @@ def test_verify_reports_a_forged_chunk_manifest(manager: ArtifactManager, run: A
     assert any(meta.key in p.versions for p in report.problems), report.problems
 
 
+@pytest.mark.parametrize("case", ["weird-tensor-names", "names-moved-between-parts",
+                                  "cdc-method"])
+def test_verify_agrees_with_load_artifact(manager: ArtifactManager, run: Any, chunky: None,
+                                          tmp_path: Path, case: str) -> None:
+    """A manifest whose bytes are right but whose tensor names or method ``load_artifact``
+    cannot use: ``repro verify`` must not say OK for a version that does not load (a new
+    user found it did)."""
+    meta = manager.log_artifact("w", "model", data=_weights(0))
+    other = manager.log_artifact("x", "model", data=_weights(1))
+    raw, extra, sizes, _ = _forgeries(_as_json(_manifest(manager.root, meta.key)),
+                                      _as_json(_manifest(manager.root, other.key)),
+                                      _sentinel(tmp_path))[case]
+    _forge_manifest(manager.root, meta.key, raw, extra, sizes)
+    with pytest.raises(IntegrityError):
+        manager.load_artifact(meta.key)
+    report = verify_store(manager.root)
+    assert not report.ok
+    assert any(meta.key in p.versions for p in report.problems), report.problems
+
+
+def test_user_paths_inside_the_store_are_refused(manager: ArtifactManager, run: Any,
+                                                 chunky: None, tmp_path: Path) -> None:
+    """``link_version`` and ``copy_to=`` write where the user says — never over the
+    registry, a blob or a journal (a new user replaced registry.sqlite with a checkpoint)."""
+    from repro_core import InvalidArgumentError
+
+    meta = manager.log_artifact("w", "model", data=_weights(0))
+    root = manager.root
+    registry = (root / "registry.sqlite").read_bytes()
+    part = _manifest(root, meta.key).parts[1]
+    for dest in (root / "registry.sqlite", _blob_path(root, part.digest), root / "new-file"):
+        with pytest.raises(InvalidArgumentError, match="inside the store"):
+            manager.link_version(meta.key, dest)
+    with pytest.raises(InvalidArgumentError, match="inside the store"):
+        manager.use_artifact(meta.key, copy_to=root / "blobs" / "evil")
+    assert (root / "registry.sqlite").read_bytes()[:16] == registry[:16]
+    assert not (root / "new-file").exists() and not (root / "blobs" / "evil").exists()
+    (tmp_path / "a-dir").mkdir()
+    with pytest.raises(InvalidArgumentError, match="directory"):
+        manager.link_version(meta.key, tmp_path / "a-dir")
+    placed = manager.link_version(meta.key, tmp_path / "w.safetensors")
+    assert hash_file(placed) == meta.hash
+
+
+def test_a_bad_chunk_setting_fails_before_the_store_exists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from repro_core import InvalidArgumentError
+
+    ArtifactManager.reset_instance()
+    for value in ("abc", "-1", "0", "1MiB"):
+        monkeypatch.setenv("REPRO_CHUNK_MIN_BYTES", value)
+        constants.reload()
+        with pytest.raises(InvalidArgumentError, match="REPRO_CHUNK_MIN_BYTES"):
+            ArtifactManager().init_run("bad", root=tmp_path / "s", create=True)
+        assert not (tmp_path / "s").exists()
+    monkeypatch.delenv("REPRO_CHUNK_MIN_BYTES")
+    constants.reload()
+
+
 def test_a_part_blob_replaced_by_a_symlink_is_refused(manager: ArtifactManager, run: Any,
                                                       chunky: None, tmp_path: Path) -> None:
     state = _weights(0)

@@ -25,7 +25,7 @@ from .assemble import check_content
 from .manifest import MAX_MANIFEST, ChunkManifest, check_manifest_row, parse_manifest
 from .split import header_length
 
-__all__ = ["load_tensors", "manifest_of", "read_chunk_manifest"]
+__all__ = ["check_layout", "load_tensors", "manifest_of", "read_chunk_manifest", "tensor_layout"]
 
 class _BlobIndex(Protocol):
     def blobs_of(self, version_id: int) -> list[tuple[str, int]]: ...
@@ -60,36 +60,69 @@ def load_tensors(store: LocalStorageBackend, manifest: ChunkManifest, *, full: b
     still refuses a part that is not a regular file of its size."""
     import torch
 
-    if manifest.method != "tensors":
-        raise IntegrityError(f"{key} is not stored per tensor (method {manifest.method!r})",
-                             digest=manifest.digest)
     if check:
         check_content(store, manifest, full=full)
-    header = _map(store, manifest.parts[0].digest, manifest.parts[0].size)
-    length = header_length(bytes(header[:8]), len(header))
-    if length is None or 8 + length != len(header):
-        raise _bad(key, manifest, "its header part is not a safetensors header")
-    spans = safetensors_spans(bytes(header[8:]), manifest.size - len(header), key)
-    info = json.loads(bytes(header[8:]))
-    starts, maps = _part_starts(manifest), {}
+    header = _map(store, manifest.parts[0].digest, manifest.parts[0].size) \
+        if manifest.method == "tensors" else b""
+    maps: dict[int, mmap.mmap] = {}
     out: dict[str, Any] = {}
-    for start, stop, name in spans:
-        entry = info[name]
+    for name, entry, index, offset, nbytes in tensor_layout(manifest, memoryview(header), key):
         dtype = _TORCH_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise _bad(key, manifest, f"tensor {name!r} has dtype {entry['dtype']}, which "
                        "this torch cannot load")
-        if stop == start:
+        if nbytes == 0:
             out[name] = torch.empty(entry["shape"], dtype=dtype)
             continue
-        index, offset = _locate(starts, manifest, len(header) + start, stop - start, name, key)
         if index not in maps:
             part = manifest.parts[index]
             maps[index] = _map(store, part.digest, part.size)
-        raw = torch.frombuffer(maps[index], dtype=torch.uint8, count=stop - start,
-                               offset=offset)
+        raw = torch.frombuffer(maps[index], dtype=torch.uint8, count=nbytes, offset=offset)
         out[name] = raw.view(dtype).reshape(entry["shape"])
     return out
+
+
+def tensor_layout(manifest: ChunkManifest, header: memoryview, key: str
+                  ) -> list[tuple[str, dict[str, Any], int, int, int]]:
+    """Where each tensor lies: ``(name, header entry, part index, offset in the part,
+    bytes)``, checked as untrusted input — the manifest must be per tensor, its first part a
+    safetensors header for the file's size, and every tensor inside the one part that names
+    it. ``header``: that first part's bytes."""
+    if manifest.method != "tensors":
+        raise IntegrityError(f"{key} is not stored per tensor (method {manifest.method!r})",
+                             digest=manifest.digest)
+    length = header_length(bytes(header[:8]), len(header))
+    if length is None or 8 + length != len(header):
+        raise _bad(key, manifest, "its header part is not a safetensors header")
+    try:
+        spans = safetensors_spans(bytes(header[8:]), manifest.size - len(header), key)
+        info = json.loads(bytes(header[8:]))
+    except (ValueError, RecursionError) as exc:
+        raise _bad(key, manifest, f"its header is not valid JSON ({exc})") from None
+    starts = _part_starts(manifest)
+    out = []
+    for start, stop, name in spans:
+        if stop == start:
+            out.append((name, info[name], 0, 0, 0))
+            continue
+        index, offset = _locate(starts, manifest, len(header) + start, stop - start, name, key)
+        out.append((name, info[name], index, offset, stop - start))
+    return out
+
+
+def check_layout(store: LocalStorageBackend, manifest: ChunkManifest, key: str,
+                 fmt: str | None) -> None:
+    """What ``repro verify`` checks beyond the bytes: a safetensors version must be stored
+    per tensor, and a per-tensor manifest must place every tensor where ``load_artifact``
+    will look for it (``tensor_layout``). Reads the header part only."""
+    if manifest.method != "tensors" and fmt != "safetensors":
+        return
+    header = b""
+    if manifest.method == "tensors":
+        part = manifest.parts[0]
+        with _map(store, part.digest, part.size) as mapped:
+            header = bytes(mapped)
+    tensor_layout(manifest, memoryview(header), key)
 
 
 def _part_starts(manifest: ChunkManifest) -> list[int]:
