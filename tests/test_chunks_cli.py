@@ -41,6 +41,7 @@ import pytest
 import safetensors.torch
 import torch
 from click.testing import CliRunner
+from helpers.damage import flip_byte
 from torch import nn
 
 from repro_core import ArtifactManager, IntegrityError, constants
@@ -111,14 +112,6 @@ def _blobs_on_disk(root: Path) -> set[str]:
             for p in (root / "blobs").glob("*/*/*") if p.is_file()}
 
 
-def _flip_byte(path: Path, offset: int) -> None:
-    path.chmod(0o644)  # blobs are read-only
-    with path.open("r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
-    path.chmod(0o444)
 
 
 def _model() -> nn.Sequential:
@@ -177,7 +170,7 @@ def test_verify_names_the_tensor_and_every_version_sharing_a_flipped_blob(
     assert _part(_manifest(manager, k1), "0.weight") != frozen  # trained before the freeze
     assert _json(root, "verify")["ok"] is True
 
-    _flip_byte(_blob_path(root, frozen), 4321)
+    flip_byte(_blob_path(root, frozen), 4321)
     report = _json(root, "verify")
     assert report["ok"] is False
     assert report["problems"] == [{"digest": frozen, "kind": "digest",
@@ -287,7 +280,7 @@ def test_verify_names_the_tensor_and_file_of_a_chunked_file_in_a_directory(
     big = [d for d, n in blobs.items() if n == LAYER]
     assert len(big) == 2, "model.safetensors is not stored per tensor"
     assert _json(manager.root, "verify")["ok"] is True
-    _flip_byte(_blob_path(manager.root, big[0]), 99)
+    flip_byte(_blob_path(manager.root, big[0]), 99)
     (problem,) = _json(manager.root, "verify")["problems"]
     assert (problem["digest"], problem["kind"], problem["versions"]) == (big[0], "digest", [key])
     assert len(problem["holds"]) == 1
@@ -486,7 +479,7 @@ def test_an_old_store_without_chunks(manager: ArtifactManager, run: Any,
     listed = {r["key"]: r["stored_bytes"] for r in _json(root, "artifacts")}
     assert listed == {"default/old:v1": first.size_bytes, "default/old:v2": first.size_bytes,
                       "default/copy:v1": 0}
-    _flip_byte(_blob_path(root, first.hash), 100)
+    flip_byte(_blob_path(root, first.hash), 100)
     report = _json(root, "verify")
     assert [(p["digest"], p["versions"], p["holds"]) for p in report["problems"]] == [
         (first.hash, ["default/old:v1"], [])]

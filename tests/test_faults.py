@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.damage import flip_byte
 from helpers.kill_loop import seeded_rng
 
 from repro_core import (
@@ -411,14 +412,6 @@ def _blob(mgr: ArtifactManager, digest: str | None) -> Path:
     return store.blob_path(digest)
 
 
-def _flip_byte(path: Path, offset: int) -> None:
-    path.chmod(0o644)  # blobs are read-only
-    with path.open("r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
-    path.chmod(0o444)
 
 
 def _problems(root: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -443,7 +436,7 @@ def test_flipped_byte_is_detected(tmp_path: Path, manager: ArtifactManager, full
         (src / "sub" / "b.bin").write_bytes(os.urandom(10_000))
         meta = manager.log_artifact("blob", "dataset", file_path=src)
         victim = hash_file(src / "sub" / "b.bin")  # one file's blob, not the manifest
-    _flip_byte(_blob(manager, victim), 4321)
+    flip_byte(_blob(manager, victim), 4321)
 
     with pytest.raises(IntegrityError) as info:
         manager.use_artifact("blob", meta.version)
